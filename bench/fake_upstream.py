@@ -1,0 +1,1154 @@
+"""A fast, local, fake OpenAI-compatible upstream for tests and benchmarks.
+
+It speaks just enough HTTP/1.1 (keep-alive, chunked responses, Content-Length or chunked
+request bodies) for the official OpenAI SDK and httpx, on bare ``asyncio`` streams, so that
+a benchmark of a thousand concurrent streams measures the gateway and not this server.
+
+Endpoints: ``POST /v1/chat/completions`` (streamed or not), ``GET /v1/models`` and
+``GET /v1/models/{id}``. The ``/v1`` prefix is optional.
+
+Behaviour, all set by constructor keyword arguments that stay mutable attributes (a request
+reads them once, when it starts, so a test may change them between requests):
+
+- ``tokens`` content tokens per completion, each one delta of ``token_text``; a request's
+  ``max_completion_tokens`` (or ``max_tokens``) caps it and then ``finish_reason`` is "length".
+- ``ttft`` seconds between the response headers and the first chunk; ``inter_token_delay``
+  seconds between content chunks. The first content chunk travels with the role chunk, so a
+  stream of C tokens lasts ``ttft + (C - 1) * inter_token_delay``; a non-streamed completion
+  waits that long before it answers.
+- Prompt tokens are ``prompt_tokens`` when set, else :func:`prompt_tokens_for`: the characters
+  of all message contents // 4, plus 3 per message, plus 3. Completion tokens are the content
+  chunks sent.
+- ``fault``: "429", "500", "401", "400" answer with that status and an OpenAI error body;
+  "stall" sends ``fault_after_tokens`` content chunks and then nothing, holding the connection
+  until the client closes it; "cut" sends them and then closes the connection mid-body (no
+  last chunk, no ``[DONE]``); "error_frame" sends them, then an SSE ``{"error": ...}`` event, and
+  ends the body cleanly; "endless" streams content as fast as the socket takes it, forever,
+  and blocks on ``drain()`` when the reader is slow (the back-pressure probe). Without
+  ``stream`` the faults are: stall holds without answering, cut closes without answering,
+  error_frame answers 500, endless sends an endless JSON body.
+- ``rpm_limit``: the server's own requests-per-minute over a sliding 60 s window, counted on
+  chat completions only; the excess is answered 429 with ``retry-after``. Every 429, fault or
+  limit, counts in ``rejected_429``.
+
+Observability: ``requests`` holds one :class:`UpstreamRequest` per request, appended when the
+request has been read and updated in place by the server's loop. Reading the fields from
+another thread is safe (each is one attribute store); poll them with :meth:`wait_until`
+(blocking) or :meth:`await_until` (from an event loop, which must not be blocked).
+
+Deliberate choices that may look wrong:
+
+- A peer EOF while a response is in flight is taken as "the client went away", and the server
+  aborts the connection at once: HTTP clients do not half-close, and aborting is what makes a
+  drain blocked on a vanished reader return promptly. One reader task per connection watches
+  for it, so a disconnect is seen even while a response is stalled or sleeping.
+- Writes are only awaited (``drain()``) when the transport's buffer is past its high-water
+  mark; below it ``drain()`` would return without suspending anyway. Long bursts yield to the
+  loop every batch so one fast stream does not starve the others.
+- Frames are pre-encoded once per request: every content chunk of a completion is the same
+  bytes, so a burst of k chunks is one ``bytes * k`` and one HTTP chunk.
+- Paced chunks (``inter_token_delay`` > 0) are not sent by each stream sleeping: one shared
+  pacer per delay value writes them from a timer callback, and a stream's coroutine only
+  wakes when its run ends or its transport needs draining. With a thousand streams this
+  cut the server's CPU per chunk by about two thirds.
+- A record is updated before the bytes it counts are handed to the transport, so a client
+  that has seen a chunk finds it counted; only ``finished_at`` lags and should be polled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import http
+import itertools
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal, Self, cast
+
+Fault = Literal["429", "500", "401", "400", "stall", "cut", "error_frame", "endless"]
+FAULTS: tuple[Fault, ...] = ("429", "500", "401", "400", "stall", "cut", "error_frame", "endless")
+_STATUS_FAULTS = frozenset({"429", "500", "401", "400"})
+_MID_STREAM_FAULTS = frozenset({"stall", "cut", "error_frame"})
+
+WRITE_BLOCKED_AFTER = 0.05  # seconds a drain may wait before the record says write_blocked
+RPM_WINDOW = 60.0  # seconds
+DEFAULT_MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "gpt-4.1-nano")
+
+_BATCH = 256  # content chunks per write when there is no inter-token delay
+_READ_LIMIT = 1 << 20  # largest request head, bytes
+_TERMINATOR = b"0\r\n\r\n"
+_DONE = b"data: [DONE]\n\n"
+_STREAM_HEAD = (
+    b"HTTP/1.1 200 OK\r\n"
+    b"content-type: text/event-stream; charset=utf-8\r\n"
+    b"transfer-encoding: chunked\r\n"
+    b"cache-control: no-cache\r\n"
+)
+_KEEP_ALIVE = b"connection: keep-alive\r\n"
+_CLOSE = b"connection: close\r\n"
+
+ERROR_429 = "Rate limit reached for requests. Please try again later."
+ERROR_500 = "The server had an error while processing your request. Sorry about that!"
+ERROR_401 = "Incorrect API key provided. You can find your API key at the fake upstream."
+ERROR_400 = "Invalid request: the fake upstream was told to reject it."
+ERROR_STREAM = "The server had an error while generating the stream."
+ERROR_MODEL = "you must provide a model parameter"
+ERROR_JSON = "We could not parse the JSON body of your request."
+ERROR_NOT_FOUND = "Unknown request URL: {method} {path}."
+ERROR_MODEL_NOT_FOUND = "The model '{model}' does not exist."
+
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def _chunk(payload: bytes) -> bytes:
+    """Frame one non-empty HTTP/1.1 chunk (an empty one would end the body)."""
+    return b"%x\r\n%s\r\n" % (len(payload), payload)
+
+
+def _error_body(message: str, type_: str, param: str | None, code: str | None) -> bytes:
+    error = {"message": message, "type": type_, "param": param, "code": code}
+    return _dumps({"error": error}).encode()
+
+
+_STREAM_ERROR_EVENT = b"data: %s\n\n" % _error_body(ERROR_STREAM, "server_error", None, None)
+
+
+def _reset_text(seconds: float) -> str:
+    """Format a duration as OpenAI's x-ratelimit-reset-* headers do: 120ms, 7.66s, 6m0s."""
+    if seconds < 1:
+        return f"{max(1, round(seconds * 1000))}ms"
+    if seconds < 60:
+        return f"{round(seconds, 3):g}s"
+    minutes, rest = divmod(seconds, 60)
+    return f"{int(minutes)}m{round(rest, 3):g}s"
+
+
+def prompt_tokens_for(body: dict[str, Any], fixed: int | None = None) -> int:
+    """Return the prompt tokens charged for ``body``: ``fixed``, else chars // 4 + 3/message + 3."""
+    if fixed is not None:
+        return fixed
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return 3
+    chars = 0
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):
+            for part in content:
+                text = part.get("text") if isinstance(part, dict) else None
+                if isinstance(text, str):
+                    chars += len(text)
+    return chars // 4 + 3 * len(messages) + 3
+
+
+def wait_until(
+    predicate: Callable[[], object], timeout: float = 5.0, interval: float = 0.005
+) -> bool:
+    """Poll ``predicate`` until it is truthy or ``timeout`` passes; return whether it held."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+
+
+async def await_until(
+    predicate: Callable[[], object],
+    timeout: float = 5.0,  # noqa: ASYNC109 - a deadline that returns False rather than raises
+    interval: float = 0.005,
+) -> bool:
+    """Poll ``predicate`` without blocking the running loop; return whether it held in time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(interval)
+
+
+@dataclass(slots=True, eq=False)
+class UpstreamRequest:
+    """One request as the fake upstream saw and answered it (times are ``time.monotonic()``).
+
+    ``first_byte_at`` is the first response byte (the status line); ``first_chunk_at`` the
+    first SSE event. ``closed_at`` is when the connection carrying this request closed, by
+    either side, if that happened while this was its current or last request; it stays None
+    while the connection is kept alive. ``client_disconnected`` means the peer closed before
+    the response finished. ``completed`` means ``data: [DONE]`` (or the whole non-streamed
+    body) went out. ``bytes_written`` counts bytes handed to the transport, headers included.
+    """
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: Any
+    started_at: float
+    stream: bool = False
+    status: int | None = None
+    fault: str | None = None
+    first_byte_at: float | None = None
+    first_chunk_at: float | None = None
+    finished_at: float | None = None
+    closed_at: float | None = None
+    completed: bool = False
+    client_disconnected: bool = False
+    bytes_written: int = 0
+    content_chunks_sent: int = 0
+    write_blocked: bool = False
+    max_drain_wait: float = 0.0
+
+
+@dataclass(slots=True)
+class _Parsed:
+    method: str
+    path: str
+    headers: dict[str, str]
+    raw_body: bytes
+    keep_alive: bool
+
+
+@dataclass(slots=True)
+class _BadRequest:
+    status: int
+    message: str
+
+
+class _Connection:
+    """One client connection: a reader task feeds ``queue`` and notices the peer leaving."""
+
+    __slots__ = ("reader", "writer", "transport", "high_water", "queue", "closed", "record")
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.transport = cast(asyncio.WriteTransport, writer.transport)
+        self.high_water = self.transport.get_write_buffer_limits()[1]
+        self.queue: asyncio.Queue[_Parsed | _BadRequest | None] = asyncio.Queue()
+        self.closed = asyncio.Event()
+        self.record: UpstreamRequest | None = None
+
+    def mark_peer_closed(self) -> None:
+        """Record that the peer went away and drop our side too, so pending drains return."""
+        if self.closed.is_set():
+            return
+        self.closed.set()
+        record = self.record
+        if record is not None and record.closed_at is None:
+            record.closed_at = time.monotonic()
+            if record.finished_at is None:
+                record.client_disconnected = True
+        self.transport.abort()
+
+    def close_by_server(self) -> None:
+        """Close our side after the buffered bytes are sent (a FIN mid-body for "cut")."""
+        if self.closed.is_set():
+            return
+        self.closed.set()
+        if self.record is not None and self.record.closed_at is None:
+            self.record.closed_at = time.monotonic()
+        self.transport.close()
+
+
+class _Out:
+    """Write one response, keeping its record's byte count, timings and back-pressure."""
+
+    __slots__ = ("conn", "record", "_write", "transport", "high_water")
+
+    def __init__(self, conn: _Connection, record: UpstreamRequest) -> None:
+        self.conn = conn
+        self.record = record
+        self._write = conn.transport.write
+        self.transport = conn.transport
+        self.high_water = conn.high_water
+
+    # The record is updated before the bytes go to the transport, so a client (in another
+    # thread) that has seen them can rely on the record already counting them.
+
+    def write(self, data: bytes) -> None:
+        record = self.record
+        if record.first_byte_at is None:
+            record.first_byte_at = time.monotonic()
+        record.bytes_written += len(data)
+        self._write(data)
+
+    def write_events(self, head: bytes, events: bytes, tail: bytes = b"") -> None:
+        """Write ``head``, the SSE ``events`` as one HTTP chunk, then ``tail``; any may be empty."""
+        if events:
+            if self.record.first_chunk_at is None:
+                self.record.first_chunk_at = time.monotonic()
+            self.write(head + _chunk(events) + tail)
+        elif head or tail:
+            self.write(head + tail)
+
+    async def drain(self) -> None:
+        """Wait for the transport only when it is past its high-water mark."""
+        if self.transport.get_write_buffer_size() <= self.high_water:
+            return
+        record = self.record
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        timer = loop.call_later(WRITE_BLOCKED_AFTER, setattr, record, "write_blocked", True)
+        try:
+            await self.conn.writer.drain()
+        finally:
+            timer.cancel()
+            record.write_blocked = False
+            record.max_drain_wait = max(record.max_drain_wait, loop.time() - started)
+
+    async def drain_or_yield(self) -> None:
+        """Drain if needed, else still give other connections a turn."""
+        if self.transport.get_write_buffer_size() > self.high_water:
+            await self.drain()
+        else:
+            await asyncio.sleep(0)
+
+
+@dataclass(slots=True)
+class _Plan:
+    """Everything a completion needs, fixed when the request starts."""
+
+    id: str
+    created: int
+    model: str
+    stream: bool
+    include_usage: bool
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    token_text: str
+    ttft: float
+    delay: float
+    fault: str | None
+    fault_after: int
+    keep_alive: bool
+    extra_headers: bytes = b""
+
+    def usage(self) -> dict[str, Any]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 0},
+        }
+
+    def frames(self) -> _Frames:
+        """Pre-encode the SSE events of this stream (string templates: no per-frame dumps)."""
+        base = (
+            f'data: {{"id":{_dumps(self.id)},"object":"chat.completion.chunk",'
+            f'"created":{self.created},"model":{_dumps(self.model)},'
+            f'"system_fingerprint":null,"choices":'
+        )
+        tail = ',"usage":null}\n\n' if self.include_usage else "}\n\n"
+        choice = '[{"index":0,"delta":'
+        open_ = ',"logprobs":null,"finish_reason":null}]'
+        p, c = self.prompt_tokens, self.completion_tokens
+        usage = (
+            f'{{"prompt_tokens":{p},"completion_tokens":{c},"total_tokens":{p + c},'
+            f'"prompt_tokens_details":{{"cached_tokens":0}},'
+            f'"completion_tokens_details":{{"reasoning_tokens":0}}}}'
+        )
+        return _Frames(
+            role=f'{base}{choice}{{"role":"assistant","content":""}}{open_}{tail}'.encode(),
+            content=f'{base}{choice}{{"content":{_dumps(self.token_text)}}}{open_}{tail}'.encode(),
+            finish=(
+                f'{base}{choice}{{}},"logprobs":null,'
+                f'"finish_reason":{_dumps(self.finish_reason)}}}]{tail}'
+            ).encode(),
+            usage=f'{base}[],"usage":{usage}}}\n\n'.encode(),
+        )
+
+
+@dataclass(slots=True, frozen=True)
+class _Frames:
+    role: bytes
+    content: bytes
+    finish: bytes
+    usage: bytes
+
+
+class _Paced:
+    """One stream's run of paced content chunks, stepped by a :class:`_Pacer`."""
+
+    __slots__ = ("out", "frame", "remaining", "sent", "active", "done")
+
+    def __init__(self, out: _Out, frame: bytes, remaining: int, done: asyncio.Future[None]) -> None:
+        self.out = out
+        self.frame = frame
+        self.remaining = remaining
+        self.sent = 0
+        self.active = True
+        self.done = done
+
+    def step(self) -> bool:
+        """Send one chunk; return False (and wake the stream) when it must stop being paced."""
+        out = self.out
+        if not self.active:
+            return False
+        transport = out.transport
+        if (
+            out.conn.closed.is_set()
+            or transport.is_closing()
+            or transport.get_write_buffer_size() > out.high_water
+        ):
+            self._finish()
+            return False
+        out.record.content_chunks_sent += 1
+        out.write(self.frame)
+        self.sent += 1
+        self.remaining -= 1
+        if self.remaining <= 0:
+            self._finish()
+            return False
+        return True
+
+    def _finish(self) -> None:
+        self.active = False
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+class _Pacer:
+    """Send the paced content chunks of every stream that shares one inter-token delay.
+
+    A stream is always re-queued at now + delay, so the queue stays sorted by due time and
+    one FIFO with one timer serves every stream: a chunk costs a deque pop, a write and a
+    push, not a task wake-up, a future and a timer handle of its own (a third of the CPU).
+    """
+
+    _SLACK = 0.0005  # seconds; chunks due this close together go out in one tick
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, delay: float) -> None:
+        self._loop = loop
+        self._delay = delay
+        self._queue: deque[tuple[float, _Paced]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+
+    async def pace(self, out: _Out, frame: bytes, count: int) -> int:
+        """Write ``frame`` up to ``count`` times, one per delay; return how many went out.
+
+        Returns early when the peer leaves or the transport needs draining.
+        """
+        paced = _Paced(out, frame, count, self._loop.create_future())
+        due = self._loop.time() + self._delay
+        self._queue.append((due, paced))
+        if self._timer is None:
+            self._timer = self._loop.call_at(due, self._tick)
+        try:
+            await paced.done
+        finally:
+            paced.active = False  # a cancelled stream must not be written to by later ticks
+        return paced.sent
+
+    def _tick(self) -> None:
+        self._timer = None
+        now = self._loop.time()
+        horizon = now + self._SLACK
+        next_due = now + self._delay
+        queue = self._queue
+        while queue and queue[0][0] <= horizon:
+            _, paced = queue.popleft()
+            if paced.step():
+                queue.append((next_due, paced))
+        if queue:
+            self._timer = self._loop.call_at(queue[0][0], self._tick)
+
+
+class FakeUpstream:
+    """A fake OpenAI chat-completions server; see the module docstring for its behaviour."""
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        tokens: int = 16,
+        token_text: str = "tok ",
+        inter_token_delay: float = 0.0,
+        ttft: float = 0.0,
+        prompt_tokens: int | None = None,
+        fault: Fault | None = None,
+        fault_after_tokens: int = 3,
+        retry_after: float = 1.0,
+        rpm_limit: int | None = None,
+        models: tuple[str, ...] = DEFAULT_MODELS,
+        max_records: int | None = 100_000,
+    ) -> None:
+        if fault is not None and fault not in FAULTS:
+            raise ValueError(f"unknown fault {fault!r}; expected one of {FAULTS}")
+        self.host = host
+        self.port = port
+        self.tokens = tokens
+        self.token_text = token_text
+        self.inter_token_delay = inter_token_delay
+        self.ttft = ttft
+        self.prompt_tokens = prompt_tokens
+        self.fault: Fault | None = fault
+        self.fault_after_tokens = fault_after_tokens
+        self.retry_after = retry_after
+        self.rpm_limit = rpm_limit
+        self.models = models
+        # Keep at most this many records (the oldest half is dropped past it); 0 keeps none.
+        self.max_records = max_records
+
+        self.requests: list[UpstreamRequest] = []
+        self.open_connections = 0
+        self.total_connections = 0
+        self.rejected_429 = 0
+
+        self._records_lock = threading.Lock()
+        self._rpm_window: deque[float] = deque()
+        self._ids = itertools.count(1)
+        self._id_prefix = os.urandom(4).hex()
+        self._server: asyncio.Server | None = None
+        self._connections: set[_Connection] = set()
+        self._connection_tasks: set[asyncio.Task[None]] = set()
+        self._pacers: dict[float, _Pacer] = {}
+
+    # -- running -------------------------------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    async def start(self) -> None:
+        """Listen on ``host:port`` (port 0 picks a free one and updates ``port``)."""
+        self._pacers = {}
+        self._server = await asyncio.start_server(
+            self._handle_connection, self.host, self.port, limit=_READ_LIMIT, backlog=4096
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        """Stop listening, drop every connection and wait for their handlers to finish."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.close()
+        for conn in list(self._connections):
+            conn.transport.abort()
+        # An aborted connection ends its handler by itself (its reader sees the loss, its
+        # writes fail); cancelling is only the fallback, because Python 3.12.1's
+        # StreamReaderProtocol logs a spurious error for a cancelled handler task.
+        tasks = list(self._connection_tasks)
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=5.0)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        await server.wait_closed()
+
+    @contextlib.contextmanager
+    def running_in_thread(self) -> Iterator[Self]:
+        """Run the server on its own event loop in a daemon thread for the ``with`` block."""
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, name="fake-upstream", daemon=True)
+        thread.start()
+        try:
+            asyncio.run_coroutine_threadsafe(self.start(), loop).result(timeout=10)
+            yield self
+        finally:
+            try:
+                asyncio.run_coroutine_threadsafe(self.stop(), loop).result(timeout=10)
+            finally:
+                loop.call_soon_threadsafe(loop.stop)
+                thread.join(timeout=10)
+                if not thread.is_alive():
+                    loop.close()
+
+    # -- observing -----------------------------------------------------------------------------
+
+    def wait_until(self, predicate: Callable[[], object], timeout: float = 5.0) -> bool:
+        """Block polling ``predicate``; for tests whose own thread is not the server's loop."""
+        return wait_until(predicate, timeout)
+
+    async def await_until(
+        self,
+        predicate: Callable[[], object],
+        timeout: float = 5.0,  # noqa: ASYNC109 - mirrors wait_until
+    ) -> bool:
+        """Poll ``predicate`` from an event loop without blocking it."""
+        return await await_until(predicate, timeout)
+
+    @property
+    def last_request(self) -> UpstreamRequest:
+        return self.requests[-1]
+
+    def clear_requests(self) -> None:
+        """Forget the records so far (counters are kept)."""
+        with self._records_lock:
+            self.requests = []
+
+    def reset_rate_limit(self) -> None:
+        """Start `rpm_limit`'s window afresh and zero `rejected_429`."""
+        with self._records_lock:
+            self._rpm_window.clear()
+            self.rejected_429 = 0
+
+    def _remember(self, record: UpstreamRequest) -> None:
+        limit = self.max_records
+        if limit == 0:
+            return
+        with self._records_lock:
+            if limit is not None and len(self.requests) >= limit:
+                self.requests = self.requests[len(self.requests) // 2 :]
+            self.requests.append(record)
+
+    # -- connections ---------------------------------------------------------------------------
+
+    async def _handle_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connection_tasks.add(task)
+        conn = _Connection(reader, writer)
+        self._connections.add(conn)
+        self.open_connections += 1
+        self.total_connections += 1
+        reader_task = asyncio.create_task(self._read_requests(conn))
+        try:
+            while True:
+                item = await conn.queue.get()
+                if item is None:
+                    break
+                if isinstance(item, _BadRequest):
+                    self._write_bad_request(conn, item)
+                    break
+                keep_alive = await self._respond(conn, item)
+                if not keep_alive or conn.closed.is_set():
+                    break
+        except ConnectionError:
+            conn.mark_peer_closed()
+        finally:
+            self.open_connections -= 1
+            self._connections.discard(conn)
+            self._connection_tasks.discard(task)
+            if not conn.closed.is_set():
+                conn.closed.set()
+                record = conn.record
+                if record is not None and record.closed_at is None:
+                    record.closed_at = time.monotonic()
+                conn.transport.close()
+            reader_task.cancel()
+            await asyncio.gather(reader_task, return_exceptions=True)
+
+    async def _read_requests(self, conn: _Connection) -> None:
+        """Parse requests into the queue until the peer closes; a peer EOF ends the connection."""
+        reader = conn.reader
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except asyncio.LimitOverrunError:
+                    conn.queue.put_nowait(_BadRequest(431, "request head too large"))
+                    return
+                try:
+                    request = self._parse_head(head)
+                    raw_body = await self._read_body(reader, request.headers)
+                except ValueError as exc:
+                    conn.queue.put_nowait(_BadRequest(400, str(exc)))
+                    return
+                request.raw_body = raw_body
+                conn.queue.put_nowait(request)
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            conn.mark_peer_closed()
+            conn.queue.put_nowait(None)
+
+    @staticmethod
+    def _parse_head(head: bytes) -> _Parsed:
+        lines = head.decode("latin-1").split("\r\n")
+        try:
+            method, target, version = lines[0].split(" ")
+        except ValueError:
+            raise ValueError(f"malformed request line {lines[0]!r}") from None
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            if not line:
+                continue
+            name, sep, value = line.partition(":")
+            if not sep:
+                raise ValueError(f"malformed header line {line!r}")
+            name = name.strip().lower()
+            value = value.strip()
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        connection = headers.get("connection", "").lower()
+        if version == "HTTP/1.1":
+            keep_alive = "close" not in connection
+        else:
+            keep_alive = "keep-alive" in connection
+        return _Parsed(method, target.split("?", 1)[0], headers, b"", keep_alive)
+
+    @staticmethod
+    async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> bytes:
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            parts: list[bytes] = []
+            while True:
+                size_line = await reader.readuntil(b"\r\n")
+                size = int(size_line.split(b";", 1)[0].strip(), 16)
+                if size == 0:
+                    while await reader.readuntil(b"\r\n") != b"\r\n":  # trailers
+                        pass
+                    return b"".join(parts)
+                parts.append((await reader.readexactly(size + 2))[:-2])
+        length = int(headers.get("content-length", "0") or "0")
+        if length < 0:
+            raise ValueError("negative content-length")
+        return await reader.readexactly(length) if length else b""
+
+    # -- responses -----------------------------------------------------------------------------
+
+    async def _respond(self, conn: _Connection, request: _Parsed) -> bool:
+        """Answer one request; return whether the connection may carry another."""
+        body: Any = None
+        body_error = False
+        if request.raw_body:
+            try:
+                body = json.loads(request.raw_body)
+            except ValueError:
+                body_error = True
+        record = UpstreamRequest(
+            method=request.method,
+            path=request.path,
+            headers=request.headers,
+            body=body,
+            started_at=time.monotonic(),
+        )
+        conn.record = record
+        self._remember(record)
+        out = _Out(conn, record)
+        keep_alive = request.keep_alive
+        try:
+            route = request.path.removeprefix("/v1")
+            if route == "/chat/completions":
+                if request.method != "POST":
+                    return self._write_error(out, 405, "Method not allowed.", keep_alive)
+                if body_error or not isinstance(body, dict):
+                    return self._write_error(out, 400, ERROR_JSON, keep_alive)
+                return await self._chat_completion(out, body, keep_alive)
+            if route == "/models" or route.startswith("/models/"):
+                if request.method != "GET":
+                    return self._write_error(out, 405, "Method not allowed.", keep_alive)
+                return self._write_models(out, route.removeprefix("/models").strip("/"), keep_alive)
+            message = ERROR_NOT_FOUND.format(method=request.method, path=request.path)
+            return self._write_error(out, 404, message, keep_alive)
+        finally:
+            record.finished_at = time.monotonic()
+
+    def _write_json(
+        self,
+        out: _Out,
+        status: int,
+        payload: bytes,
+        keep_alive: bool,
+        extra_headers: bytes = b"",
+    ) -> bool:
+        out.record.status = status
+        out.record.completed = True
+        phrase = http.HTTPStatus(status).phrase
+        out.write(
+            b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%s%s\r\n%s"
+            % (
+                status,
+                phrase.encode(),
+                len(payload),
+                extra_headers,
+                _KEEP_ALIVE if keep_alive else _CLOSE,
+                payload,
+            )
+        )
+        return keep_alive
+
+    def _write_error(
+        self,
+        out: _Out,
+        status: int,
+        message: str,
+        keep_alive: bool,
+        *,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        extra_headers: bytes = b"",
+    ) -> bool:
+        body = _error_body(message, type_, param, code)
+        return self._write_json(out, status, body, keep_alive, extra_headers)
+
+    def _write_bad_request(self, conn: _Connection, bad: _BadRequest) -> None:
+        record = UpstreamRequest(
+            method="", path="", headers={}, body=None, started_at=time.monotonic()
+        )
+        conn.record = record
+        self._remember(record)
+        self._write_error(_Out(conn, record), bad.status, bad.message, False)
+        record.finished_at = time.monotonic()
+
+    def _write_models(self, out: _Out, model_id: str, keep_alive: bool) -> bool:
+        def entry(name: str) -> dict[str, Any]:
+            return {
+                "id": name,
+                "object": "model",
+                "created": 1_700_000_000,
+                "owned_by": "fake-upstream",
+            }
+
+        if not model_id:
+            payload = {"object": "list", "data": [entry(name) for name in self.models]}
+            return self._write_json(out, 200, _dumps(payload).encode(), keep_alive)
+        if model_id in self.models:
+            return self._write_json(out, 200, _dumps(entry(model_id)).encode(), keep_alive)
+        message = ERROR_MODEL_NOT_FOUND.format(model=model_id)
+        return self._write_error(
+            out, 404, message, keep_alive, param="model", code="model_not_found"
+        )
+
+    def _rate_limit_headers(self, remaining: int, reset: float) -> bytes:
+        # Without an rpm_limit (a "429" fault) advertise a nominal limit.
+        limit = self.rpm_limit if self.rpm_limit is not None else 60
+        return (
+            f"x-ratelimit-limit-requests: {limit}\r\n"
+            f"x-ratelimit-remaining-requests: {remaining}\r\n"
+            f"x-ratelimit-reset-requests: {_reset_text(reset)}\r\n"
+        ).encode()
+
+    def _check_rpm(self) -> tuple[bool, bytes]:
+        """Admit or reject one request against ``rpm_limit``; return (admitted, headers)."""
+        limit = self.rpm_limit
+        if limit is None:
+            return True, b""
+        now = time.monotonic()
+        window = self._rpm_window
+        while window and window[0] <= now - RPM_WINDOW:
+            window.popleft()
+        if len(window) >= limit:
+            return False, self._retry_headers(window[0] + RPM_WINDOW - now, 0)
+        window.append(now)
+        return True, self._rate_limit_headers(limit - len(window), window[0] + RPM_WINDOW - now)
+
+    def _retry_headers(self, retry_after: float, remaining: int) -> bytes:
+        retry_after = max(retry_after, 0.001)
+        return (
+            f"retry-after: {math.ceil(retry_after)}\r\n"
+            f"retry-after-ms: {round(retry_after * 1000)}\r\n".encode()
+            + self._rate_limit_headers(remaining, retry_after)
+        )
+
+    async def _chat_completion(self, out: _Out, body: dict[str, Any], keep_alive: bool) -> bool:
+        record = out.record
+        record.stream = body.get("stream") is True
+        admitted, rpm_headers = self._check_rpm()
+        if not admitted:
+            self.rejected_429 += 1
+            return self._write_error(
+                out,
+                429,
+                ERROR_429,
+                keep_alive,
+                type_="requests",
+                code="rate_limit_exceeded",
+                extra_headers=rpm_headers,
+            )
+        fault = self.fault
+        record.fault = fault
+        if fault in _STATUS_FAULTS:
+            return self._write_status_fault(out, fault, keep_alive)
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            return self._write_error(out, 400, ERROR_MODEL, keep_alive, param="model")
+
+        tokens = max(self.tokens, 0)
+        cap = body.get("max_completion_tokens")
+        if cap is None:
+            cap = body.get("max_tokens")
+        capped = isinstance(cap, int) and 0 <= cap < tokens
+        stream_options = body.get("stream_options")
+        plan = _Plan(
+            id=f"chatcmpl-{self._id_prefix}{next(self._ids):08d}",
+            created=int(time.time()),
+            model=model,
+            stream=record.stream,
+            include_usage=isinstance(stream_options, dict)
+            and stream_options.get("include_usage") is True,
+            prompt_tokens=prompt_tokens_for(body, self.prompt_tokens),
+            completion_tokens=cast(int, cap) if capped else tokens,
+            finish_reason="length" if capped else "stop",
+            token_text=self.token_text,
+            ttft=self.ttft,
+            delay=self.inter_token_delay,
+            fault=fault,
+            fault_after=max(self.fault_after_tokens, 0),
+            keep_alive=keep_alive,
+            extra_headers=rpm_headers,
+        )
+        if plan.stream:
+            await self._stream(out, plan)
+        else:
+            await self._complete(out, plan)
+        return plan.keep_alive and not out.conn.closed.is_set()
+
+    def _write_status_fault(self, out: _Out, fault: str, keep_alive: bool) -> bool:
+        if fault == "429":
+            self.rejected_429 += 1
+            return self._write_error(
+                out,
+                429,
+                ERROR_429,
+                keep_alive,
+                type_="requests",
+                code="rate_limit_exceeded",
+                extra_headers=self._retry_headers(self.retry_after, 0),
+            )
+        if fault == "500":
+            return self._write_error(out, 500, ERROR_500, keep_alive, type_="server_error")
+        if fault == "401":
+            return self._write_error(out, 401, ERROR_401, keep_alive, code="invalid_api_key")
+        return self._write_error(out, 400, ERROR_400, keep_alive, param="messages")
+
+    @staticmethod
+    def _response_headers(plan: _Plan) -> bytes:
+        """Return the headers every completion carries, bar framing and ``connection``."""
+        return b"x-request-id: req_%s\r\nopenai-processing-ms: 1\r\n%s" % (
+            plan.id.encode(),
+            plan.extra_headers,
+        )
+
+    def _stream_head(self, plan: _Plan, framing: bytes = _STREAM_HEAD) -> bytes:
+        connection = _KEEP_ALIVE if plan.keep_alive else _CLOSE
+        return framing + self._response_headers(plan) + connection + b"\r\n"
+
+    def _pacer(self, delay: float) -> _Pacer:
+        pacer = self._pacers.get(delay)
+        if pacer is None:
+            pacer = self._pacers[delay] = _Pacer(asyncio.get_running_loop(), delay)
+        return pacer
+
+    @staticmethod
+    async def _closed_within(conn: _Connection, seconds: float) -> bool:
+        """Wait ``seconds``; return early, True, if the peer leaves first."""
+        if seconds <= 0:
+            return conn.closed.is_set()
+        try:
+            async with asyncio.timeout(seconds):
+                await conn.closed.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def _stream(self, out: _Out, plan: _Plan) -> None:
+        conn, record = out.conn, out.record
+        closed = conn.closed
+        record.status = 200
+        frames = plan.frames()
+        content = frames.content
+        head = self._stream_head(plan)
+        if plan.ttft > 0:
+            out.write(head)
+            head = b""
+            if await self._closed_within(conn, plan.ttft):
+                return
+
+        if plan.fault == "endless":
+            out.write_events(head, frames.role)
+            burst = _chunk(content * _BATCH)
+            while not closed.is_set():
+                record.content_chunks_sent += _BATCH
+                out.write(burst)
+                await out.drain_or_yield()
+            return
+
+        wanted = plan.completion_tokens
+        if plan.fault in _MID_STREAM_FAULTS:
+            wanted = min(wanted, plan.fault_after)
+        events = frames.role
+        if plan.delay > 0:
+            framed_content = _chunk(content)
+            sent = 1 if wanted > 0 else 0
+            record.content_chunks_sent = sent
+            out.write_events(head, events + content * sent)
+            head = events = b""
+            pacer = self._pacer(plan.delay)
+            while sent < wanted:
+                sent += await pacer.pace(out, framed_content, wanted - sent)
+                if closed.is_set():
+                    return
+                await out.drain()
+        else:
+            sent = 0
+            while wanted - sent > _BATCH:
+                sent += _BATCH
+                record.content_chunks_sent = sent
+                out.write_events(head, events + content * _BATCH)
+                head = events = b""
+                await out.drain_or_yield()
+                if closed.is_set():
+                    return
+            events += content * (wanted - sent)
+            record.content_chunks_sent = wanted
+
+        if plan.fault == "stall":
+            out.write_events(head, events)
+            await closed.wait()
+        elif plan.fault == "cut":
+            out.write_events(head, events)
+            conn.close_by_server()
+        elif plan.fault == "error_frame":
+            out.write_events(head, events + _STREAM_ERROR_EVENT, _TERMINATOR)
+        else:
+            events += frames.finish
+            if plan.include_usage:
+                events += frames.usage
+            record.completed = True
+            out.write_events(head, events + _DONE, _TERMINATOR)
+
+    async def _complete(self, out: _Out, plan: _Plan) -> None:
+        conn, record = out.conn, out.record
+        fault = plan.fault
+        if fault == "stall":
+            await conn.closed.wait()
+            return
+        if fault == "cut":
+            conn.close_by_server()
+            return
+        if fault == "error_frame":
+            self._write_error(out, 500, ERROR_STREAM, plan.keep_alive, type_="server_error")
+            return
+        if fault == "endless":
+            await self._complete_endlessly(out, plan)
+            return
+        thinking = plan.ttft + plan.delay * max(plan.completion_tokens - 1, 0)
+        if await self._closed_within(conn, thinking):
+            return
+        payload = {
+            "id": plan.id,
+            "object": "chat.completion",
+            "created": plan.created,
+            "model": plan.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {
+                        "role": "assistant",
+                        "content": plan.token_text * plan.completion_tokens,
+                        "refusal": None,
+                        "annotations": [],
+                    },
+                    "logprobs": None,
+                    "finish_reason": plan.finish_reason,
+                }
+            ],
+            "usage": plan.usage(),
+            "service_tier": "default",
+            "system_fingerprint": None,
+        }
+        record.content_chunks_sent = plan.completion_tokens
+        headers = self._response_headers(plan)
+        self._write_json(out, 200, _dumps(payload).encode(), plan.keep_alive, headers)
+
+    async def _complete_endlessly(self, out: _Out, plan: _Plan) -> None:
+        """Send a chat.completion whose content never ends (back-pressure without SSE)."""
+        record = out.record
+        record.status = 200
+        prefix = (
+            f'{{"id":{_dumps(plan.id)},"object":"chat.completion","created":{plan.created},'
+            f'"model":{_dumps(plan.model)},"choices":[{{"index":0,"message":'
+            f'{{"role":"assistant","content":"'
+        ).encode()
+        head = self._stream_head(
+            plan,
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n",
+        )
+        out.write(head + _chunk(prefix))
+        burst = _chunk(json.dumps(plan.token_text)[1:-1].encode() * _BATCH)
+        while not out.conn.closed.is_set():
+            record.content_chunks_sent += _BATCH
+            out.write(burst)
+            await out.drain_or_yield()
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.fake_upstream",
+        description="Serve a fake OpenAI-compatible upstream until SIGINT or SIGTERM.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=9100, help="port to bind; 0 picks a free one")
+    parser.add_argument("--tokens", type=int, default=16, help="content tokens per completion")
+    parser.add_argument("--token-text", default="tok ", help="text of each content delta")
+    parser.add_argument("--delay-ms", type=float, default=0.0, help="milliseconds between tokens")
+    parser.add_argument(
+        "--ttft-ms", type=float, default=0.0, help="milliseconds before the first chunk"
+    )
+    parser.add_argument(
+        "--prompt-tokens", type=int, default=None, help="fixed prompt tokens to report"
+    )
+    parser.add_argument(
+        "--fault", choices=FAULTS, default=None, help="misbehave this way on every request"
+    )
+    parser.add_argument(
+        "--fault-after-tokens",
+        type=int,
+        default=3,
+        help="content chunks before stall/cut/error_frame",
+    )
+    parser.add_argument(
+        "--retry-after", type=float, default=1.0, help="seconds advertised by fault 429"
+    )
+    parser.add_argument(
+        "--rpm-limit", type=int, default=None, help="requests per minute before answering 429"
+    )
+    parser.add_argument(
+        "--record", action="store_true", help="keep per-request records (off: saves memory)"
+    )
+    return parser
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    upstream = FakeUpstream(
+        host=args.host,
+        port=args.port,
+        tokens=args.tokens,
+        token_text=args.token_text,
+        inter_token_delay=args.delay_ms / 1000,
+        ttft=args.ttft_ms / 1000,
+        prompt_tokens=args.prompt_tokens,
+        fault=args.fault,
+        fault_after_tokens=args.fault_after_tokens,
+        retry_after=args.retry_after,
+        rpm_limit=args.rpm_limit,
+        max_records=None if args.record else 0,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await upstream.start()
+    try:
+        print(upstream.base_url, flush=True)
+        await stop.wait()
+    finally:
+        await upstream.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    asyncio.run(_serve(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

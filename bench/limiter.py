@@ -1,0 +1,189 @@
+"""Benchmark the rate limiter: decision latency (p50/p99) and decisions per second.
+
+    .venv/bin/python -m bench.limiter [--seconds 5] [--concurrency 50] [--json out.json]
+
+Runs each scenario against the Redis backend (one Lua round trip per decision, default
+timeouts) and the in-process backend for comparison. Limits are set high enough that nothing
+is rejected, so the numbers are the cost of a decision, not of a rejection. Keys are spread
+over ``--groups`` groups (users); every key written is deleted at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import redis.asyncio as aioredis
+
+from llmgateway.limits import InProcessLimiter, Limiter, LimiterError, LimitSpec, RedisLimiter
+
+HUGE = 1_000_000_000
+
+SCENARIOS: dict[str, list[LimitSpec]] = {
+    "token_bucket": [LimitSpec("rpm", "token_bucket", HUGE, 60.0)],
+    "rpm+tpm": [
+        LimitSpec("rpm", "token_bucket", HUGE, 60.0),
+        LimitSpec("tpm", "token_bucket", HUGE, 60.0, cost=750),
+    ],
+    "sliding_window": [LimitSpec("rpw", "sliding_window", HUGE, 60.0)],
+}
+
+
+@dataclass(frozen=True)
+class Result:
+    backend: str
+    scenario: str
+    concurrency: int
+    seconds: float
+    decisions: int
+    errors: int
+    decisions_per_second: float
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+
+
+async def _measure(
+    limiter: Limiter,
+    specs: list[LimitSpec],
+    *,
+    backend: str,
+    scenario: str,
+    seconds: float,
+    concurrency: int,
+    groups: int,
+) -> Result:
+    latencies: list[float] = []
+    errors = 0
+    deadline = time.perf_counter() + seconds
+
+    async def worker(index: int) -> None:
+        nonlocal errors
+        group = f"user{index % groups}"
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            try:
+                await limiter.acquire(specs, group=group)
+            except LimiterError:
+                errors += 1
+                continue
+            latencies.append(time.perf_counter() - started)
+
+    began = time.perf_counter()
+    async with asyncio.TaskGroup() as tasks:
+        for index in range(concurrency):
+            tasks.create_task(worker(index))
+    elapsed = time.perf_counter() - began
+    latencies.sort()
+    quantiles = statistics.quantiles(latencies, n=100, method="inclusive") if latencies else []
+    return Result(
+        backend=backend,
+        scenario=scenario,
+        concurrency=concurrency,
+        seconds=round(elapsed, 3),
+        decisions=len(latencies),
+        errors=errors,
+        decisions_per_second=round(len(latencies) / elapsed, 1),
+        p50_ms=round(quantiles[49] * 1000, 3) if quantiles else 0.0,
+        p99_ms=round(quantiles[98] * 1000, 3) if quantiles else 0.0,
+        max_ms=round(latencies[-1] * 1000, 3) if latencies else 0.0,
+    )
+
+
+async def _delete_prefix(url: str, prefix: str) -> None:
+    client = aioredis.Redis.from_url(url)
+    try:
+        batch: list[bytes] = []
+        async for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                await client.delete(*batch)
+                batch.clear()
+        if batch:
+            await client.delete(*batch)
+    finally:
+        await client.aclose()
+
+
+async def run(args: argparse.Namespace) -> list[Result]:
+    prefix = f"bench:limiter:{uuid.uuid4().hex[:8]}"
+    factories: dict[str, Callable[[], Limiter]] = {
+        "redis": lambda: RedisLimiter.from_url(
+            args.redis_url, prefix=prefix, max_connections=args.concurrency
+        ),
+        "inprocess": InProcessLimiter,
+    }
+    backends = ["redis", "inprocess"] if not args.no_redis else ["inprocess"]
+    results: list[Result] = []
+    try:
+        for backend in backends:
+            for scenario, specs in SCENARIOS.items():
+                limiter = factories[backend]()
+                try:
+                    await limiter.acquire(specs, group="warmup")
+                    results.append(
+                        await _measure(
+                            limiter,
+                            specs,
+                            backend=backend,
+                            scenario=scenario,
+                            seconds=args.seconds,
+                            concurrency=args.concurrency,
+                            groups=args.groups,
+                        )
+                    )
+                finally:
+                    await limiter.aclose()
+                _print_row(results[-1])
+    finally:
+        if "redis" in backends:
+            await _delete_prefix(args.redis_url, prefix)
+    return results
+
+
+HEADER = (
+    f"{'backend':<10} {'scenario':<15} {'conc':>5} {'decisions':>10} {'errors':>7} "
+    f"{'dec/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}"
+)
+
+
+def _print_row(r: Result) -> None:
+    print(
+        f"{r.backend:<10} {r.scenario:<15} {r.concurrency:>5} {r.decisions:>10} {r.errors:>7} "
+        f"{r.decisions_per_second:>10.1f} {r.p50_ms:>8.3f} {r.p99_ms:>8.3f} {r.max_ms:>8.3f}",
+        flush=True,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.limiter", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--seconds", type=float, default=5.0, help="duration of each scenario")
+    parser.add_argument("--concurrency", type=int, default=50, help="concurrent callers")
+    parser.add_argument("--groups", type=int, default=100, help="distinct groups (users)")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis to use")
+    parser.add_argument("--no-redis", action="store_true", help="benchmark in-process only")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+    args = parser.parse_args(argv)
+    if args.seconds <= 0 or args.concurrency < 1 or args.groups < 1:
+        parser.error("--seconds, --concurrency and --groups must be positive")
+
+    print(HEADER, flush=True)
+    results = asyncio.run(run(args))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as out:
+            json.dump([asdict(r) for r in results], out, indent=2)
+            out.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

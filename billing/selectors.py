@@ -1,0 +1,167 @@
+"""Reads: which price a call pays, how much of a budget is used, ledger and rollup totals."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+
+from django.db.models import (
+    BigIntegerField,
+    Count,
+    DecimalField,
+    Expression,
+    F,
+    OuterRef,
+    QuerySet,
+    Subquery,
+    Sum,
+    Value,
+)
+from django.db.models.functions import Coalesce
+
+from billing.models import (
+    TOTAL_DIGITS,
+    Account,
+    AccountPrice,
+    DailyUsage,
+    PlanPrice,
+    Price,
+    Reservation,
+    UsageRecord,
+)
+from billing.money import Rates
+from billing.periods import period_containing
+
+_MONEY = DecimalField(**TOTAL_DIGITS)
+
+
+def _price_names(model: str, upstream_model: str | None) -> list[str]:
+    """The names a model's price is looked up by, most specific first."""
+    return [model] if not upstream_model or upstream_model == model else [model, upstream_model]
+
+
+def _first_by_name[T: (AccountPrice, PlanPrice, Price)](rows: Sequence[T], names: Sequence[str]) -> T | None:
+    for name in names:
+        for row in rows:
+            if row.model == name:
+                return row
+    return None
+
+
+def price_in_effect(*, model: str, at: datetime, upstream_model: str | None = None) -> Price | None:
+    """The catalog price in effect at `at`: the latest `effective_from` not after it."""
+    names = _price_names(model, upstream_model)
+    rows = []
+    for name in names:
+        price = Price.objects.filter(model=name, effective_from__lte=at).order_by("-effective_from").first()
+        if price is not None:
+            rows.append(price)
+    return _first_by_name(rows, names)
+
+
+def rates_for(*, account: Account, model: str, at: datetime, upstream_model: str | None = None) -> Rates | None:
+    """The rates `account` pays for `model` at `at`, by the rule in `billing.models`; None if unpriced.
+
+    Account override > plan override (both final) > catalog price x plan multiplier.
+    """
+    names = _price_names(model, upstream_model)
+    override = _first_by_name(list(AccountPrice.objects.filter(account=account, model__in=names)), names)
+    if override is not None:
+        return override.rates(source="account")
+    plan = account.plan
+    if plan is not None:
+        plan_price = _first_by_name(list(PlanPrice.objects.filter(plan=plan, model__in=names)), names)
+        if plan_price is not None:
+            return plan_price.rates(source="plan")
+    price = price_in_effect(model=model, upstream_model=upstream_model, at=at)
+    if price is None:
+        return None
+    return price.rates(multiplier=plan.multiplier if plan is not None else Decimal(1), source="catalog")
+
+
+@dataclass(frozen=True, slots=True)
+class PeriodUsage:
+    """What counts against an account's budgets at one instant: settled usage plus live holds."""
+
+    day_cost_usd: Decimal
+    month_cost_usd: Decimal
+    day_tokens: int
+    month_tokens: int
+    reserved_usd: Decimal
+    reserved_tokens: int
+
+
+def _total(queryset: QuerySet, group_by: str, expression: str | Expression, output_field: DecimalField | BigIntegerField) -> Coalesce:
+    grouped = queryset.order_by().values(group_by).annotate(total=Sum(expression)).values("total")
+    return Coalesce(Subquery(grouped), Value(0), output_field=output_field)
+
+
+def period_usage(*, account: Account, at: datetime) -> PeriodUsage:
+    """Settled usage in the day and month containing `at`, and the holds still live at `at`.
+
+    One SQL statement, so it reads one snapshot: a ledger write (rollup up, reservation gone)
+    commits atomically and is seen either wholly or not at all, never counted twice or missed.
+    """
+    day = period_containing("day", at)
+    month = period_containing("month", at)
+    month_rows = DailyUsage.objects.filter(user_id=OuterRef("user_id"), day__gte=month.first_day, day__lt=month.end_day)
+    day_rows = month_rows.filter(day=day.first_day)
+    live = Reservation.objects.filter(account_id=OuterRef("pk"), expires_at__gt=at)
+    tokens = F("prompt_tokens") + F("completion_tokens")
+    row = (
+        Account.objects.filter(pk=account.pk)
+        .annotate(
+            day_cost=_total(day_rows, "user_id", "cost_usd", _MONEY),
+            month_cost=_total(month_rows, "user_id", "cost_usd", _MONEY),
+            day_tokens=_total(day_rows, "user_id", tokens, BigIntegerField()),
+            month_tokens=_total(month_rows, "user_id", tokens, BigIntegerField()),
+            reserved_cost=_total(live, "account_id", "cost_usd", _MONEY),
+            reserved_tokens=_total(live, "account_id", "tokens", BigIntegerField()),
+        )
+        .values("day_cost", "month_cost", "day_tokens", "month_tokens", "reserved_cost", "reserved_tokens")
+        .get()
+    )
+    return PeriodUsage(
+        day_cost_usd=Decimal(row["day_cost"]),
+        month_cost_usd=Decimal(row["month_cost"]),
+        day_tokens=int(row["day_tokens"]),
+        month_tokens=int(row["month_tokens"]),
+        reserved_usd=Decimal(row["reserved_cost"]),
+        reserved_tokens=int(row["reserved_tokens"]),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class UsageTotals:
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    cost_usd: Decimal
+
+
+def ledger_totals(*, user_id: int | None = None) -> UsageTotals:
+    """A fresh `SUM()` over the ledger."""
+    rows = UsageRecord.objects.all() if user_id is None else UsageRecord.objects.filter(user_id=user_id)
+    totals = rows.aggregate(
+        requests=Count("id"),
+        prompt_tokens=Coalesce(Sum("prompt_tokens"), 0),
+        completion_tokens=Coalesce(Sum("completion_tokens"), 0),
+        cached_tokens=Coalesce(Sum("cached_tokens"), 0),
+        cost_usd=Coalesce(Sum("cost_usd"), Value(0), output_field=_MONEY),
+    )
+    return UsageTotals(**{**totals, "cost_usd": Decimal(totals["cost_usd"])})
+
+
+def rollup_totals(*, user_id: int | None = None) -> UsageTotals:
+    rows = DailyUsage.objects.all() if user_id is None else DailyUsage.objects.filter(user_id=user_id)
+    totals = rows.aggregate(
+        requests=Coalesce(Sum("requests"), 0),
+        prompt_tokens=Coalesce(Sum("prompt_tokens"), 0),
+        completion_tokens=Coalesce(Sum("completion_tokens"), 0),
+        cached_tokens=Coalesce(Sum("cached_tokens"), 0),
+        cost_usd=Coalesce(Sum("cost_usd"), Value(0), output_field=_MONEY),
+    )
+    return UsageTotals(**{**totals, "cost_usd": Decimal(totals["cost_usd"])})

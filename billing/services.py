@@ -1,0 +1,435 @@
+"""Billing writes: admit a call against its budget (reserve), record it (ledger + rollup + settle).
+
+Reserve, then settle:
+
+- `budget_reserve`, before any upstream call, prices the call (no price: `ConfigurationError`,
+  never a free call) and, when the account has limits, holds its worst-case cost and tokens in a
+  `Reservation` row. Admissions for one account are serialized by a row lock on the `Account`
+  (`SELECT ... FOR UPDATE` on PostgreSQL; on SQLite the transaction is `BEGIN IMMEDIATE`, which
+  serializes all writers). Under the lock, one statement reads settled usage plus live holds; a
+  call that would take them past a limit is refused with 429 `insufficient_quota`.
+- `usage_record_create`, when the call ends, appends the ledger row, adds it to the day's rollup
+  with an atomic upsert, and deletes the reservation, in one transaction. It takes no account
+  lock: the admission's single read statement sees that transaction wholly or not at all.
+
+So at every instant, spend + live holds <= limit for admitted calls; the spend can pass a limit
+only by what calls use beyond their estimate (the upstream's exact counts against ours). A call
+with no max_tokens is held at GATEWAY_DEFAULT_MAX_TOKENS and stopped there by the relay's cap;
+a reasoning model's hidden reasoning tokens are not streamed, so the cap cannot see them.
+
+Holds expire (`BILLING_RESERVATION_TTL`), so a process that dies mid-call frees the budget it held;
+expired rows are ignored at once and deleted by the account's next admission. Accounts without
+limits reserve nothing and take no lock: their calls are only priced.
+
+Every sync service has an async twin (`a` prefix) that runs it in a worker thread and then hands
+the thread's database connection back (`llmgateway.db.release_connections`), so no request holds
+a connection for a stream's lifetime.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from decimal import Decimal
+from enum import Enum
+from typing import Final, Literal
+
+from django.conf import settings
+from django.db import DEFAULT_DB_ALIAS, connections, transaction
+from django.utils import timezone
+
+from billing import pricing_cache
+from billing.models import Account, DailyUsage, Price, PricingPlan, Reservation, UsageRecord
+from billing.money import Rates, money_ratio, money_sum, usd, usd_display
+from billing.periods import billing_day
+from billing.pricefile import PriceRow, read_price_file
+from billing.selectors import PeriodUsage, period_usage, rates_for
+from llmgateway.db import db_task
+from llmgateway.errors import ConfigurationError, InsufficientQuota
+
+logger = logging.getLogger(__name__)
+
+PRICE_MISSING = (
+    "The model `{model}` has no price configured, so the gateway will not serve it. "
+    "An operator must add one (admin, or `manage.py importprices`)."
+)
+SPEND_QUOTA_EXCEEDED = (
+    "You exceeded your current quota: this request may cost up to {needed}, and {remaining} of your "
+    "{period} budget of {limit} is left. Please check your plan and billing details."
+)
+TOKEN_QUOTA_EXCEEDED = (
+    "You exceeded your current quota: this request may use up to {needed} tokens, and {remaining} of "
+    "your {period} budget of {limit} tokens is left. Please check your plan and billing details."
+)
+SPEND_WARNING = "{period} spend at {percent}% of {limit}"
+TOKEN_WARNING = "{period} tokens at {percent}% of {limit}"
+PRICE_CONFLICT = (
+    "{where}: {model} already has a price effective {effective_from} with other rates. "
+    "Prices are history: add a row with a later effective_from instead."
+)
+DEFAULT_PRICES_MISSING = "Default price file %s not found; no prices loaded."
+BAD_LIMIT = "{name} must be a non-negative amount, got {value!r}."
+BAD_THRESHOLD = "soft_threshold must be above 0 and at most 1, got {value!r}."
+
+PERIOD_ADJECTIVES: Final = {"day": "daily", "month": "monthly"}
+
+
+# --- Accounts ---------------------------------------------------------------------------------
+
+
+def account_get_or_create(*, user_id: int) -> Account:
+    """The user's billing account (with its plan), created on first use without limits."""
+    account = Account.objects.select_related("plan").filter(user_id=user_id).first()
+    if account is None:
+        # ON CONFLICT DO NOTHING: concurrent first requests of one user all end up with one row.
+        Account.objects.bulk_create([Account(user_id=user_id)], ignore_conflicts=True)
+        account = Account.objects.select_related("plan").get(user_id=user_id)
+    return account
+
+
+class Unchanged(Enum):
+    """Leave a field as it is (distinct from None, which clears a limit)."""
+
+    UNCHANGED = "unchanged"
+
+
+UNCHANGED: Final = Unchanged.UNCHANGED
+
+
+@transaction.atomic
+def account_quota_set(
+    *,
+    user_id: int,
+    plan: PricingPlan | None | Unchanged = UNCHANGED,
+    daily_spend_limit_usd: Decimal | None | Unchanged = UNCHANGED,
+    monthly_spend_limit_usd: Decimal | None | Unchanged = UNCHANGED,
+    daily_token_limit: int | None | Unchanged = UNCHANGED,
+    monthly_token_limit: int | None | Unchanged = UNCHANGED,
+    soft_threshold: Decimal | Unchanged = UNCHANGED,
+) -> Account:
+    """Set an account's plan and budgets; None clears a limit. Raises ValueError for bad values."""
+    account_get_or_create(user_id=user_id)
+    account = Account.objects.select_for_update().get(user_id=user_id)
+    if not isinstance(plan, Unchanged):
+        account.plan = plan
+    for name, spend in (("daily_spend_limit_usd", daily_spend_limit_usd), ("monthly_spend_limit_usd", monthly_spend_limit_usd)):
+        if isinstance(spend, Unchanged):
+            continue
+        if spend is not None and usd(spend) < 0:
+            raise ValueError(BAD_LIMIT.format(name=name, value=spend))
+        setattr(account, name, spend)
+    for name, tokens in (("daily_token_limit", daily_token_limit), ("monthly_token_limit", monthly_token_limit)):
+        if isinstance(tokens, Unchanged):
+            continue
+        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0):
+            raise ValueError(BAD_LIMIT.format(name=name, value=tokens))
+        setattr(account, name, tokens)
+    if not isinstance(soft_threshold, Unchanged):
+        if not Decimal(0) < usd(soft_threshold) <= Decimal(1):
+            raise ValueError(BAD_THRESHOLD.format(value=soft_threshold))
+        account.soft_threshold = soft_threshold
+    account.full_clean(exclude=["user"])
+    account.save()
+    return Account.objects.select_related("plan", "user").get(pk=account.pk)
+
+
+# --- Admission: price and reserve -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """A call let through: the rates it will be billed at and what was held for it."""
+
+    account_id: int
+    rates: Rates
+    reserved_usd: Decimal | None  # None: the account has no limits, nothing was held
+    reserved_tokens: int | None
+    warning: str = ""  # the x-budget-warning header value once a soft threshold is reached
+
+
+def budget_reserve(
+    *,
+    user_id: int,
+    model: str,
+    upstream_model: str | None,
+    prompt_tokens: int,
+    completion_tokens: int,
+    request_id: uuid.UUID,
+    now: datetime | None = None,
+) -> Admission:
+    """Price a call and hold its worst case (`prompt_tokens` + `completion_tokens`, no cache hit).
+
+    Raises `ConfigurationError` if the model has no price and `InsufficientQuota` if the hold
+    does not fit a budget; either way nothing is held.
+    """
+    now = now or timezone.now()
+    pricing = pricing_cache.get(user_id, model, upstream_model)
+    if pricing is None:
+        account = account_get_or_create(user_id=user_id)
+        pricing = pricing_cache.Pricing(
+            account_id=account.pk,
+            has_limits=account.has_limits,
+            rates=rates_for(account=account, model=model, upstream_model=upstream_model, at=now),
+        )
+        pricing_cache.put(user_id, model, upstream_model, pricing)
+    rates = pricing.rates
+    if rates is None:
+        raise ConfigurationError(PRICE_MISSING.format(model=model), param="model")
+    estimate = rates.cost(prompt_tokens=prompt_tokens, cached_tokens=0, completion_tokens=completion_tokens)
+    tokens = prompt_tokens + completion_tokens
+    unheld = Admission(account_id=pricing.account_id, rates=rates, reserved_usd=None, reserved_tokens=None)
+    if not pricing.has_limits:
+        return unheld  # reads only: no transaction, so no write lock on SQLite
+    with transaction.atomic():
+        # The lock serializes this account's admissions; its limits are re-read under it.
+        account = Account.objects.select_for_update().get(pk=pricing.account_id)
+        if not account.has_limits:
+            return unheld
+        Reservation.objects.filter(account=account, expires_at__lte=now).delete()
+        warning = _check_budgets(account, period_usage(account=account, at=now), cost=estimate, tokens=tokens)
+        Reservation.objects.create(
+            request_id=request_id,
+            account=account,
+            model=model,
+            cost_usd=estimate,
+            tokens=tokens,
+            created_at=now,
+            expires_at=now + timedelta(seconds=settings.BILLING_RESERVATION_TTL),
+        )
+    if warning:
+        logger.warning("budget warning for user %s: %s", user_id, warning)
+    return Admission(account_id=account.pk, rates=rates, reserved_usd=estimate, reserved_tokens=tokens, warning=warning)
+
+
+@dataclass(frozen=True, slots=True)
+class _Budget:
+    """One limit as it stands at admission: `used` is settled usage plus live holds."""
+
+    kind: Literal["spend", "tokens"]
+    period: Literal["day", "month"]
+    limit: Decimal
+    used: Decimal
+    needed: Decimal
+
+    def _show(self, amount: Decimal) -> str:
+        return usd_display(amount) if self.kind == "spend" else str(int(amount))
+
+    def refusal(self) -> str:
+        template = SPEND_QUOTA_EXCEEDED if self.kind == "spend" else TOKEN_QUOTA_EXCEEDED
+        remaining = max(money_sum([self.limit, -self.used]), Decimal(0))
+        return template.format(
+            needed=self._show(self.needed), remaining=self._show(remaining),
+            period=PERIOD_ADJECTIVES[self.period], limit=self._show(self.limit),
+        )
+
+    def warning(self, after: Decimal) -> str:
+        template = SPEND_WARNING if self.kind == "spend" else TOKEN_WARNING
+        percent = int(money_ratio(after, self.limit) * 100)
+        return template.format(period=PERIOD_ADJECTIVES[self.period], percent=percent, limit=self._show(self.limit))
+
+
+def _check_budgets(account: Account, usage: PeriodUsage, *, cost: Decimal, tokens: int) -> str:
+    """Raise InsufficientQuota if the call does not fit a limit; return the soft-threshold warning."""
+    spend_held, tokens_held = usage.reserved_usd, usage.reserved_tokens
+    candidates: list[tuple[Literal["spend", "tokens"], Literal["day", "month"], Decimal | int | None, Decimal, Decimal]] = [
+        ("spend", "day", account.daily_spend_limit_usd, money_sum([usage.day_cost_usd, spend_held]), cost),
+        ("spend", "month", account.monthly_spend_limit_usd, money_sum([usage.month_cost_usd, spend_held]), cost),
+        ("tokens", "day", account.daily_token_limit, Decimal(usage.day_tokens + tokens_held), Decimal(tokens)),
+        ("tokens", "month", account.monthly_token_limit, Decimal(usage.month_tokens + tokens_held), Decimal(tokens)),
+    ]
+    warnings: list[str] = []
+    for kind, period, limit, used, needed in candidates:
+        if limit is None:
+            continue
+        budget = _Budget(kind=kind, period=period, limit=Decimal(limit), used=used, needed=needed)
+        after = money_sum([budget.used, budget.needed])
+        if after > budget.limit:
+            raise InsufficientQuota(budget.refusal())
+        if budget.limit > 0 and money_ratio(after, budget.limit) >= account.soft_threshold:
+            warnings.append(budget.warning(after))
+    return "; ".join(warnings)
+
+
+def budget_release(*, request_id: uuid.UUID) -> None:
+    """Drop a call's hold without a ledger row: for a call refused after admission, before any upstream call."""
+    Reservation.objects.filter(request_id=request_id).delete()
+
+
+# --- The ledger -------------------------------------------------------------------------------
+
+
+def usage_record_create(
+    *,
+    request_id: uuid.UUID,
+    user_id: int,
+    api_key_id: int | None,
+    model: str,
+    upstream_model: str,
+    provider: str,
+    stream: bool,
+    status: str,
+    error_kind: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    cached_tokens: int,
+    reasoning_tokens: int,
+    token_source: str,
+    ttft_us: int | None,
+    duration_us: int,
+    created_at: datetime,
+    rates: Rates,
+    reserved_usd: Decimal | None = None,
+) -> UsageRecord:
+    """Append a finished call's ledger row, add it to its rollup and settle its hold: one transaction.
+
+    `request_id` is unique: a second write for the same call fails and changes nothing.
+    """
+    cached_tokens = min(cached_tokens, prompt_tokens)
+    cost = rates.cost(prompt_tokens=prompt_tokens, cached_tokens=cached_tokens, completion_tokens=completion_tokens)
+    with transaction.atomic():
+        record = UsageRecord.objects.create(
+            request_id=request_id,
+            user_id=user_id,
+            api_key_id=api_key_id,
+            model=model,
+            upstream_model=upstream_model,
+            provider=provider,
+            stream=stream,
+            status=status,
+            error_kind=error_kind,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            cached_tokens=cached_tokens,
+            reasoning_tokens=reasoning_tokens,
+            token_source=token_source,
+            ttft_us=ttft_us,
+            duration_us=duration_us,
+            created_at=created_at,
+            cost_usd=cost,
+            input_usd_per_1m=rates.input,
+            cached_input_usd_per_1m=rates.cached_input,
+            output_usd_per_1m=rates.output,
+            price_multiplier=rates.multiplier,
+            price_source=rates.source,
+            reserved_usd=reserved_usd,
+        )
+        _daily_usage_add(
+            user_id=user_id,
+            model=model,
+            day=billing_day(created_at),
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            cached_tokens=cached_tokens,
+            cost_usd=cost,
+        )
+        Reservation.objects.filter(request_id=request_id).delete()
+    return record
+
+
+_SUMMED = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd")
+
+
+def _daily_usage_add(
+    *,
+    user_id: int,
+    model: str,
+    day: date,
+    prompt_tokens: int,
+    completion_tokens: int,
+    cached_tokens: int,
+    cost_usd: Decimal,
+    using: str = DEFAULT_DB_ALIAS,
+) -> None:
+    """Add one call to its rollup row: `INSERT ... ON CONFLICT DO UPDATE SET x = x + EXCLUDED.x`.
+
+    One statement, atomic on PostgreSQL and SQLite alike: concurrent writers to the same row
+    queue on its lock and each adds its own amounts; there is no read-modify-write.
+    """
+    connection = connections[using]
+    quote = connection.ops.quote_name
+    table = quote(DailyUsage._meta.db_table)
+    values = {
+        "user": user_id,
+        "model": model,
+        "day": day,
+        "requests": 1,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "cached_tokens": cached_tokens,
+        "cost_usd": cost_usd,
+    }
+    concrete = {field.name: field for field in DailyUsage._meta.concrete_fields}
+    column = {name: quote(field.get_attname_column()[1] or name) for name, field in concrete.items()}
+    columns = ", ".join(column[name] for name in values)
+    params = [concrete[name].get_db_prep_save(value, connection) for name, value in values.items()]
+    key = ", ".join(column[name] for name in ("user", "model", "day"))
+    summed = [column[name] for name in _SUMMED]
+    updates = ", ".join(f"{name} = {table}.{name} + EXCLUDED.{name}" for name in summed)
+    placeholders = ", ".join(["%s"] * len(values))
+    sql = f"INSERT INTO {table} ({columns}) VALUES ({placeholders}) ON CONFLICT ({key}) DO UPDATE SET {updates}"
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+
+
+# --- Prices -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PriceImportResult:
+    created: int
+    unchanged: int
+    kept: int  # rows that differ from the database and were left as they are (keep_existing)
+
+
+def price_import(*, rows: Sequence[PriceRow], keep_existing: bool = False, using: str = DEFAULT_DB_ALIAS) -> PriceImportResult:
+    """Add catalog prices; idempotent. A row already present with other rates is an error
+    (`ValueError` naming its line), or left as it is with `keep_existing`."""
+    with transaction.atomic(using=using):
+        prices = Price.objects.using(using)
+        existing = {(price.model, price.effective_from): price for price in prices.filter(model__in={row.model for row in rows})}
+        new: list[Price] = []
+        unchanged = kept = 0
+        for row in rows:
+            current = existing.get((row.model, row.effective_from))
+            if current is None:
+                new.append(
+                    Price(
+                        model=row.model,
+                        input_usd_per_1m=row.input_usd_per_1m,
+                        cached_input_usd_per_1m=row.cached_input_usd_per_1m,
+                        output_usd_per_1m=row.output_usd_per_1m,
+                        effective_from=row.effective_from,
+                        note=row.note,
+                    )
+                )
+            elif (current.input_usd_per_1m, current.cached_input_usd_per_1m, current.output_usd_per_1m) == (
+                row.input_usd_per_1m, row.cached_input_usd_per_1m, row.output_usd_per_1m,
+            ):
+                unchanged += 1
+            elif keep_existing:
+                kept += 1
+            else:
+                raise ValueError(
+                    PRICE_CONFLICT.format(where=row.where, model=row.model, effective_from=row.effective_from.isoformat())
+                )
+        prices.bulk_create(new, ignore_conflicts=True)
+    return PriceImportResult(created=len(new), unchanged=unchanged, kept=kept)
+
+
+def price_defaults_load(*, using: str = DEFAULT_DB_ALIAS) -> PriceImportResult | None:
+    """Load the default catalog (`BILLING_DEFAULT_PRICES_FILE`), keeping rows already present."""
+    path = settings.BILLING_DEFAULT_PRICES_FILE
+    if not path.exists():
+        logger.warning(DEFAULT_PRICES_MISSING, path)
+        return None
+    return price_import(rows=read_price_file(path), keep_existing=True, using=using)
+
+
+# --- Async twins ------------------------------------------------------------------------------
+
+abudget_reserve = db_task(budget_reserve)
+abudget_release = db_task(budget_release)
+ausage_record_create = db_task(usage_record_create)

@@ -1,0 +1,110 @@
+"""The OpenAI-compatible `/v1` API. Views parse, authenticate and hand over to one service."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+import orjson
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
+from django.http import HttpRequest, HttpResponse
+from django.views.decorators.csrf import csrf_exempt
+
+from llmgateway.auth import Principal, aauthenticate
+from llmgateway.errors import ApiError, MethodNotAllowed, NotFound, PayloadTooLarge, error_response
+from llmgateway.middleware import REQUEST_ID_HEADER, stamp_upstream_call
+from streaming.catalog import available_routes
+from streaming.services import SIMULATOR_HEADER_PREFIX, chat_call_prepare, chat_call_respond
+from streaming.validation import parse_json_object, validate_chat_body
+
+logger = logging.getLogger(__name__)
+
+BODY_TOO_LARGE = "The request body is larger than the gateway accepts ({limit} bytes)."
+UNKNOWN_ENDPOINT = "Unknown request URL: {method} {path}."
+INTERNAL_ERROR = "The gateway failed to process the request. It has been logged."
+
+
+def _json(payload: object, status: int = 200) -> HttpResponse:
+    return HttpResponse(orjson.dumps(payload), status=status, content_type="application/json")
+
+
+def _read_body(request: HttpRequest) -> bytes:
+    limit = settings.GATEWAY_MAX_BODY_BYTES
+    try:
+        declared = int(request.headers.get("Content-Length") or 0)
+    except ValueError:
+        declared = 0
+    if declared > limit:
+        raise PayloadTooLarge(BODY_TOO_LARGE.format(limit=limit))
+    try:
+        body = request.body
+    except RequestDataTooBig:
+        raise PayloadTooLarge(BODY_TOO_LARGE.format(limit=limit)) from None
+    if len(body) > limit:
+        raise PayloadTooLarge(BODY_TOO_LARGE.format(limit=limit))
+    return body
+
+
+@csrf_exempt
+async def chat_completions(request: HttpRequest) -> HttpResponse:
+    """`POST /v1/chat/completions`, authenticated by API key."""
+    return await serve_chat_completion(request, lambda: aauthenticate(request.headers.get("Authorization")))
+
+
+async def serve_chat_completion(request: HttpRequest, authenticate: Callable[[], Awaitable[Principal]]) -> HttpResponse:
+    """Authenticate, validate and run one chat completion (shared with the web chat page)."""
+    try:
+        if request.method != "POST":
+            raise MethodNotAllowed(f"{request.method} is not allowed on this endpoint; use POST.")
+        principal = await authenticate()
+        params = validate_chat_body(parse_json_object(_read_body(request)))
+        call = await chat_call_prepare(principal=principal, params=params)
+        simulator_headers = {
+            name[len(SIMULATOR_HEADER_PREFIX) :]: value
+            for name, value in request.headers.items()
+            if name.lower().startswith(SIMULATOR_HEADER_PREFIX)
+        }
+        response = await chat_call_respond(call, simulator_headers=simulator_headers)
+        response[REQUEST_ID_HEADER] = str(call.request_id)
+        for name, value in call.response_headers().items():
+            response[name] = value
+        stamp_upstream_call(request, response, upstream_seconds=call.upstream_wait_seconds())
+        return response
+    except ApiError as error:
+        return error_response(error)
+    except Exception:
+        logger.exception("unhandled error in chat completion")
+        return error_response(ApiError(INTERNAL_ERROR))
+
+
+@csrf_exempt
+async def models_list(request: HttpRequest) -> HttpResponse:
+    try:
+        if request.method != "GET":
+            raise MethodNotAllowed(f"{request.method} is not allowed on this endpoint; use GET.")
+        await aauthenticate(request.headers.get("Authorization"))
+    except ApiError as error:
+        return error_response(error)
+    data = [
+        {"id": route.id, "object": "model", "created": route.created, "owned_by": route.owned_by}
+        for route in available_routes()
+    ]
+    return _json({"object": "list", "data": data})
+
+
+@csrf_exempt
+async def model_detail(request: HttpRequest, model: str) -> HttpResponse:
+    try:
+        await aauthenticate(request.headers.get("Authorization"))
+        for route in available_routes():
+            if route.id == model:
+                return _json({"id": route.id, "object": "model", "created": route.created, "owned_by": route.owned_by})
+        raise NotFound(f"The model `{model}` does not exist or you do not have access to it.", param="model", code="model_not_found")
+    except ApiError as error:
+        return error_response(error)
+
+
+@csrf_exempt
+async def unknown_endpoint(request: HttpRequest, path: str = "") -> HttpResponse:
+    return error_response(NotFound(UNKNOWN_ENDPOINT.format(method=request.method, path=request.path), code="unknown_url"))

@@ -1,0 +1,17 @@
+from django.apps import AppConfig
+
+
+class LlmgatewayConfig(AppConfig):
+    name = "llmgateway"
+    verbose_name = "Gateway"
+
+    def ready(self) -> None:
+        from django.contrib.auth import get_user_model
+        from django.db.models.signals import post_delete, post_save
+
+        from llmgateway.auth import forget_verified_keys
+        from llmgateway.models import ApiKey
+
+        for model in (ApiKey, get_user_model()):
+            for signal in (post_save, post_delete):
+                signal.connect(forget_verified_keys, sender=model, dispatch_uid=f"llmgateway.auth.{model.__name__}.{signal}")

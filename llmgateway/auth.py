@@ -1,0 +1,120 @@
+"""API key authentication for the `/v1` API (`Authorization: Bearer <key>`)."""
+
+from __future__ import annotations
+
+import hmac
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+from django.conf import settings
+from django.http import HttpRequest
+from django.utils import timezone
+
+from llmgateway.db import db_task
+from llmgateway.errors import AuthenticationFailed
+from llmgateway.models import KEY_PREFIX, ApiKey, hash_api_key
+
+MISSING_KEY = "You didn't provide an API key. Provide it in the Authorization header as 'Bearer <key>'."
+INVALID_KEY = "Incorrect API key provided."
+INACTIVE_KEY = "This API key has been revoked or has expired."
+SESSION_REQUIRED = "Log in to use the chat page."
+INACTIVE_USER = "The account that owns this API key is disabled."
+# last_used_at is refreshed at most this often, so authentication stays a read.
+LAST_USED_RESOLUTION = timedelta(minutes=1)
+# Verified keys by hash, trusted for AUTH_CACHE_SECONDS (never past the key's expiry). Revoking
+# a key in this process forgets them at once; other processes within AUTH_CACHE_SECONDS.
+_verified: dict[str, tuple[float, Principal]] = {}
+_MAX_VERIFIED = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: the key and its owner, with the key's own limits."""
+
+    api_key_id: int | None  # None for the web chat page's session
+    user_id: int
+    username: str
+    key_prefix: str
+    rpm_limit: int | None
+    tpm_limit: int | None
+    max_concurrent: int | None
+
+
+def _bearer_token(authorization: str | None) -> str:
+    if not authorization:
+        raise AuthenticationFailed(MISSING_KEY)
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise AuthenticationFailed(MISSING_KEY)
+    return token
+
+
+async def aauthenticate(authorization: str | None) -> Principal:
+    """Resolve an Authorization header to a Principal or raise AuthenticationFailed (401)."""
+    raw_key = _bearer_token(authorization)
+    if not raw_key.startswith(KEY_PREFIX) or len(raw_key) > 200:
+        raise AuthenticationFailed(INVALID_KEY)
+    presented_hash = hash_api_key(raw_key)
+    cached = _verified.get(presented_hash)
+    if cached is not None and cached[0] > time.monotonic():
+        return cached[1]
+    principal, valid_for = await _aprincipal_for(presented_hash)
+    ttl = min(settings.AUTH_CACHE_SECONDS, valid_for)
+    if ttl > 0:
+        if len(_verified) >= _MAX_VERIFIED:
+            _verified.clear()
+        _verified[presented_hash] = (time.monotonic() + ttl, principal)
+    return principal
+
+
+def forget_verified_keys(**_: object) -> None:
+    """Drop every cached verification (on any key or user change in this process)."""
+    _verified.clear()
+
+
+def _principal_for(presented_hash: str) -> tuple[Principal, float]:
+    """The key's Principal and how many seconds it may be trusted without asking again."""
+    api_key = ApiKey.objects.select_related("user").filter(key_hash=presented_hash).first()
+    # The lookup is by hash; comparing again in constant time keeps timing independent of the
+    # stored value whatever the database's index does.
+    if api_key is None or not hmac.compare_digest(api_key.key_hash, presented_hash):
+        raise AuthenticationFailed(INVALID_KEY)
+    now = timezone.now()
+    if not api_key.is_active(now):
+        raise AuthenticationFailed(INACTIVE_KEY)
+    if not api_key.user.is_active:
+        raise AuthenticationFailed(INACTIVE_USER)
+    if api_key.last_used_at is None or now - api_key.last_used_at > LAST_USED_RESOLUTION:
+        ApiKey.objects.filter(pk=api_key.pk).update(last_used_at=now)
+    principal = Principal(
+        api_key_id=api_key.pk,
+        user_id=api_key.user_id,
+        username=api_key.user.get_username(),
+        key_prefix=api_key.prefix,
+        rpm_limit=api_key.rpm_limit,
+        tpm_limit=api_key.tpm_limit,
+        max_concurrent=api_key.max_concurrent,
+    )
+    valid_for = (api_key.expires_at - now).total_seconds() if api_key.expires_at else float("inf")
+    return principal, valid_for
+
+
+async def aprincipal_for_session(request: HttpRequest) -> Principal:
+    """The web chat page's caller: its logged-in user, with no API key."""
+    user = await request.auser()
+    if not user.is_authenticated or not user.is_active:
+        raise AuthenticationFailed(SESSION_REQUIRED, code="session_required")
+    return Principal(
+        api_key_id=None,
+        user_id=user.pk,
+        username=user.get_username(),
+        key_prefix="session",
+        rpm_limit=None,
+        tpm_limit=None,
+        max_concurrent=None,
+    )
+
+
+_aprincipal_for = db_task(_principal_for)

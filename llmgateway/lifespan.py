@@ -1,0 +1,49 @@
+"""ASGI lifespan: warm up at start; close the shared upstream clients at shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def _warm_up() -> None:
+    """Load what the first request would otherwise pay for: tokenizers, provider modules."""
+    from billing.tokens import SUPPORTED_ENCODINGS, get_encoding
+    from streaming.providers import openai, simulator  # noqa: F401
+
+    for name in SUPPORTED_ENCODINGS:
+        get_encoding(name)
+
+
+async def _warm_up_limiter() -> None:
+    """Connect to Redis and load the acquire script before traffic arrives (a free peek)."""
+    from llmgateway.limits import LimitSpec
+    from llmgateway.ratelimits import get_limiter
+
+    try:
+        await get_limiter().acquire([LimitSpec(key="warmup", kind="token_bucket", limit=1, period_seconds=1, cost=0)], group="warmup")
+    except Exception:
+        logger.warning("rate limiter warm-up failed; the failure policy applies until it recovers")
+
+
+async def lifespan(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    from llmgateway.ratelimits import aclose_limiter
+    from streaming.providers import aclose_providers
+
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await asyncio.to_thread(_warm_up)
+            await _warm_up_limiter()
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            try:
+                await aclose_providers()
+                await aclose_limiter()
+            except Exception:
+                logger.exception("closing upstream clients failed")
+            await send({"type": "lifespan.shutdown.complete"})
+            return

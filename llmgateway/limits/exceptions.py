@@ -1,0 +1,29 @@
+"""Exceptions raised by the limiters.
+
+    LimiterError                 base class; never raised itself
+    ├── LimiterBackendError      a backend call failed or overran its timeout (RedisLimiter);
+    │                            ResilientLimiter counts these against its circuit breaker
+    └── LimiterUnavailable       ResilientLimiter in fail-closed mode cannot reach its primary;
+                                 the API answers 503
+
+Invalid arguments raise `ValueError` (see ``_validate``); those are bugs in the caller, not
+outages, and never trip the breaker.
+"""
+
+from __future__ import annotations
+
+MSG_BACKEND_ERROR = "rate-limit backend failed"
+MSG_BACKEND_TIMEOUT = "rate-limit backend timed out"
+MSG_UNAVAILABLE = "rate limiter unavailable"
+
+
+class LimiterError(Exception):
+    """Base class for limiter failures."""
+
+
+class LimiterBackendError(LimiterError):
+    """A backend call failed or timed out; whether it took effect is unknown."""
+
+
+class LimiterUnavailable(LimiterError):
+    """The limiter refuses to decide (fail-closed while its primary is unreachable)."""

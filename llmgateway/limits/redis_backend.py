@@ -1,0 +1,239 @@
+"""The Redis limiter: one atomic Lua script, one round trip, per decision.
+
+Each operation is one script from ``_lua/`` (see the header of each file for KEYS, ARGV, units
+and reply), registered once per client with ``register_script``; redis-py's `Script` reloads it
+when Redis answers NOSCRIPT (after a restart or ``SCRIPT FLUSH``). The clock is Redis ``TIME``,
+read inside the script, so every process and host agrees on time. Keys live under one
+``{group}`` hash tag (see ``_keys``), so the scripts also run on Redis Cluster. Every key has a
+TTL a little past the moment its state stops mattering; TTLs only collect garbage, decisions
+never depend on them.
+
+Memory: a token bucket is one small hash per key. The sliding window is an exact log, one ZSET
+member (about 60-80 bytes with its score) per admission still inside the window, plus one meta
+hash; a 10 000 requests/minute window therefore holds up to ~10 000 members (under 1 MB).
+Use token buckets for limits counted in tokens: a window charged with large costs stays small
+(one member per call), but a window with a very high request rate is large.
+
+Failure policy:
+
+- **Never hang.** Every call runs under ``asyncio.timeout(timeout)`` (default 100 ms) covering
+  the pool wait, connect, send and read; `from_url` also sets socket and connect timeouts to
+  the same value and allows one immediate retry (a stale pooled connection after a Redis restart).
+- **Fail loudly, decide elsewhere.** Any Redis error or timeout raises `LimiterBackendError`;
+  this class never decides on its own without Redis. Wrap it in `ResilientLimiter` to fail
+  open (in-process fallback) or closed (`LimiterUnavailable`).
+- **Races that remain:** a call that times out after Redis ran the script has charged the
+  limit although the caller saw an error (over-counting, never over-admission). A cancelled
+  `acquire()` likewise may or may not have charged; `acquire_waiting` handles that case by
+  refunding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Sequence
+from importlib import resources
+from typing import Any, Self
+
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from . import _keys, _validate
+from ._results import build_decision
+from .clock import Clock
+from .exceptions import MSG_BACKEND_ERROR, MSG_BACKEND_TIMEOUT, LimiterBackendError
+from .specs import Decision, LimitSpec, lease_spec
+
+DEFAULT_PREFIX = "llmgw:rl"
+DEFAULT_TIMEOUT = 0.1  # seconds, for the whole call (pool wait, connect, send, read)
+
+_KIND_CODES = {"token_bucket": "tb", "sliding_window": "sw"}
+
+
+def _load_lua(name: str) -> str:
+    return resources.files(__package__).joinpath("_lua", f"{name}.lua").read_text("utf-8")
+
+
+_SOURCES = {
+    name: _load_lua(name) for name in ("acquire", "refund", "lease_acquire", "lease_renew", "block")
+}
+
+
+class RedisLimiter:
+    """A `Limiter` whose state lives in Redis.
+
+    ``client`` may be a `Redis` or a `RedisCluster` client; it is closed by `aclose` only when
+    ``owns_client`` (as `from_url` arranges). Bring your own client to share a pool, but give it
+    short socket timeouts and at most one retry, as `from_url` does.
+
+    ``clock`` replaces Redis ``TIME`` with a client clock (seconds); meant for tests that move
+    a `ManualClock`. In production leave it ``None``: host clocks disagree, Redis does not.
+    """
+
+    def __init__(
+        self,
+        client: Redis | RedisCluster,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        timeout: float = DEFAULT_TIMEOUT,
+        clock: Clock | None = None,
+        owns_client: bool = False,
+    ) -> None:
+        _keys.check_prefix(prefix)
+        _validate.check_seconds(timeout)
+        self._client = client
+        self._prefix = prefix
+        self._timeout = timeout
+        self._clock = clock
+        self._owns_client = owns_client
+        self._scripts = {name: client.register_script(src) for name, src in _SOURCES.items()}
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_connections: int = 64,
+        clock: Clock | None = None,
+    ) -> Self:
+        """Build a limiter that owns its connection pool (closed by `aclose`)."""
+        pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=timeout,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            # One immediate retry: after a Redis restart every pooled connection is stale, and
+            # its first use fails although the server is back. The deadline still bounds it.
+            retry=Retry(NoBackoff(), 1),
+        )
+        return cls(
+            Redis.from_pool(pool), prefix=prefix, timeout=timeout, clock=clock, owns_client=True
+        )
+
+    @property
+    def prefix(self) -> str:
+        return self._prefix
+
+    # -- Limiter API ---------------------------------------------------------------------------
+
+    async def acquire(self, specs: Sequence[LimitSpec], *, group: str) -> Decision:
+        """Charge every spec or none, in one script run."""
+        _validate.check_acquire(specs, group)
+        keys: list[str] = []
+        args: list[str | int | float] = [self._now_arg(), len(specs)]
+        for spec in specs:
+            keys.extend(_keys.spec_keys(self._prefix, group, spec))
+            args.extend(
+                (_KIND_CODES[spec.kind], spec.limit, spec.period_seconds * 1000.0, spec.cost)
+            )
+        reply = await self._run("acquire", keys, args)
+        states = [(int(reply[i]), float(reply[i + 1])) for i in range(3, 3 + 2 * len(specs), 2)]
+        return build_decision(
+            specs,
+            allowed=int(reply[0]) == 1,
+            violated=int(reply[1]),
+            retry_ms=float(reply[2]),
+            states=states,
+        )
+
+    async def refund(self, spec: LimitSpec, amount: int, *, group: str) -> None:
+        """Give back ``amount`` units (see refund.lua)."""
+        _validate.check_refund(spec, amount, group)
+        if amount == 0:
+            return
+        state, meta, _ = _keys.spec_keys(self._prefix, group, spec)
+        args: list[str | int | float] = [
+            self._now_arg(),
+            _KIND_CODES[spec.kind],
+            spec.limit,
+            spec.period_seconds * 1000.0,
+            amount,
+        ]
+        await self._run("refund", [state, meta], args)
+
+    async def acquire_lease(
+        self, key: str, *, limit: int, lease_id: str, ttl_seconds: float, group: str
+    ) -> Decision:
+        """Take one of ``limit`` slots until ``ttl_seconds`` from now; re-acquiring renews."""
+        _validate.check_lease(key, lease_id, group)
+        _validate.check_limit(limit)
+        _validate.check_seconds(ttl_seconds)
+        keys = [
+            _keys.key_for(self._prefix, group, "lease", key),
+            _keys.key_for(self._prefix, group, "block", key),
+        ]
+        args: list[str | int | float] = [self._now_arg(), limit, ttl_seconds * 1000.0, lease_id]
+        allowed, retry_ms, remaining, reset_ms = await self._run("lease_acquire", keys, args)
+        return build_decision(
+            [lease_spec(key, limit=limit, ttl_seconds=ttl_seconds)],
+            allowed=int(allowed) == 1,
+            violated=1,
+            retry_ms=float(retry_ms),
+            states=[(int(remaining), float(reset_ms))],
+        )
+
+    async def renew_lease(self, key: str, lease_id: str, *, ttl_seconds: float, group: str) -> bool:
+        """Extend a held lease; False if it already expired or was released."""
+        _validate.check_lease(key, lease_id, group)
+        _validate.check_seconds(ttl_seconds)
+        keys = [_keys.key_for(self._prefix, group, "lease", key)]
+        reply = await self._run(
+            "lease_renew", keys, [self._now_arg(), ttl_seconds * 1000.0, lease_id]
+        )
+        return int(reply) == 1
+
+    async def release_lease(self, key: str, lease_id: str, *, group: str) -> None:
+        """Free the slot (a plain ZREM); unknown ids are ignored."""
+        _validate.check_lease(key, lease_id, group)
+        lease_key = _keys.key_for(self._prefix, group, "lease", key)
+        await self._guard(self._client.zrem(lease_key, lease_id))
+
+    async def block(self, key: str, seconds: float, *, group: str) -> None:
+        """Reject specs with this key for ``seconds``, in every process; never shortens."""
+        _validate.check_group(group)
+        _validate.check_key(key)
+        _validate.check_seconds(seconds)
+        keys = [_keys.key_for(self._prefix, group, "block", key)]
+        await self._run("block", keys, [self._now_arg(), seconds * 1000.0])
+
+    async def health(self) -> dict[str, Any]:
+        """PING under the same timeout; ``"down"`` with the error if it fails. Never raises."""
+        started = time.perf_counter()
+        try:
+            await self._guard(self._client.ping())
+        except LimiterBackendError as exc:
+            return {"backend": "redis", "state": "down", "error": str(exc)}
+        latency_ms = (time.perf_counter() - started) * 1000.0
+        return {"backend": "redis", "state": "ok", "latency_ms": round(latency_ms, 3)}
+
+    async def aclose(self) -> None:
+        """Close the client if this limiter created it."""
+        if self._owns_client:
+            await self._client.aclose()
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def _now_arg(self) -> str:
+        return "" if self._clock is None else repr(self._clock() * 1000.0)
+
+    async def _run(self, name: str, keys: list[str], args: Sequence[str | int | float]) -> Any:
+        return await self._guard(self._scripts[name](keys=keys, args=args))
+
+    async def _guard(self, awaitable: Awaitable[Any]) -> Any:
+        """Await a Redis call under the deadline; turn every failure into
+        `LimiterBackendError`."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await awaitable
+        # first: the builtin TimeoutError is an OSError, redis-py's is a RedisError
+        except (TimeoutError, RedisTimeoutError) as exc:
+            raise LimiterBackendError(MSG_BACKEND_TIMEOUT) from exc
+        except (RedisError, OSError) as exc:
+            raise LimiterBackendError(f"{MSG_BACKEND_ERROR}: {exc}") from exc

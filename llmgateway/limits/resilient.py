@@ -1,0 +1,221 @@
+"""`ResilientLimiter`: a primary limiter (Redis) guarded by a circuit breaker, with a policy for
+when the primary is unreachable.
+
+Failure policy (deliberate; change it here, not at call sites):
+
+- Every primary call that raises `LimiterBackendError` (a Redis error, or the backend's own
+  short timeout) counts against the `CircuitBreaker`. While the breaker is open the primary is
+  not called at all, so an outage costs each decision nothing; after ``reset_timeout`` a single
+  trial call goes through and closes the breaker if it succeeds.
+- **fail_open=True** (default): a decision the primary cannot make is made by the in-process
+  ``fallback`` limiter. Limits then hold per process only (N workers admit up to N times the
+  rate) and start from fresh state; we accept that over refusing all traffic because the
+  upstream providers enforce their own limits and the outage is visible (see below).
+- **fail_open=False**: such a call raises `LimiterUnavailable` (the API answers 503).
+- Each call not served by the primary calls ``on_fallback(operation, reason)`` (reason
+  ``"error"`` or ``"breaker_open"``; hook a counter to it) and logs a warning, at most once per
+  ``log_interval`` seconds with the number of events since the last warning.
+- `health()` reports ``"degraded"`` while the breaker is not closed (and when the closed
+  primary's own health check fails); it never touches Redis while the breaker is open.
+
+Races and approximations that remain (fail-open):
+
+- A charge taken by the fallback during an outage is not known to Redis afterwards, and a
+  refund is sent to whichever backend is reachable at refund time (bucket refunds are capped
+  at capacity, so this can only admit a little more, briefly).
+- `block()` and `release_lease()` are always applied to the fallback as well as the primary,
+  so a block is honoured in this process during an outage and no fallback slot leaks.
+- `renew_lease()` served by the fallback returns True even for a lease the fallback never saw
+  (it was taken from Redis): during an outage we do not cut healthy streams.
+- A primary call that times out after Redis ran the script has charged Redis (over-counting).
+
+Invalid arguments (`ValueError`) and cancellation pass straight through and never count as
+failures.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from .breaker import CircuitBreaker
+from .clock import Clock, monotonic_clock
+from .exceptions import MSG_UNAVAILABLE, LimiterBackendError, LimiterUnavailable
+from .specs import Decision, Limiter, LimitSpec
+
+logger = logging.getLogger(__name__)
+
+type FallbackHook = Callable[[str, str], None]
+"""``on_fallback(operation, reason)``; must be cheap and must not raise (errors are logged)."""
+
+MSG_NEED_FALLBACK = "fail_open=True needs a fallback limiter"
+REASON_ERROR = "error"
+REASON_OPEN = "breaker_open"
+
+
+class ResilientLimiter:
+    """A `Limiter` that survives its primary's outages according to ``fail_open``."""
+
+    def __init__(
+        self,
+        primary: Limiter,
+        fallback: Limiter | None,
+        *,
+        fail_open: bool = True,
+        breaker: CircuitBreaker | None = None,
+        on_fallback: FallbackHook | None = None,
+        log_interval: float = 10.0,
+        clock: Clock = monotonic_clock,
+    ) -> None:
+        if fail_open and fallback is None:
+            raise ValueError(MSG_NEED_FALLBACK)
+        self.primary = primary
+        self.fallback = fallback
+        self.fail_open = fail_open
+        self.breaker = breaker if breaker is not None else CircuitBreaker()
+        self._on_fallback = on_fallback
+        self._log_interval = log_interval
+        self._clock = clock
+        self._next_log_at = -float("inf")
+        self._unlogged = 0
+
+    # -- Limiter API ---------------------------------------------------------------------------
+
+    async def acquire(self, specs: Sequence[LimitSpec], *, group: str) -> Decision:
+        return await self._call(
+            "acquire",
+            lambda: self.primary.acquire(specs, group=group),
+            lambda limiter: limiter.acquire(specs, group=group),
+        )
+
+    async def refund(self, spec: LimitSpec, amount: int, *, group: str) -> None:
+        await self._call(
+            "refund",
+            lambda: self.primary.refund(spec, amount, group=group),
+            lambda limiter: limiter.refund(spec, amount, group=group),
+        )
+
+    async def acquire_lease(
+        self, key: str, *, limit: int, lease_id: str, ttl_seconds: float, group: str
+    ) -> Decision:
+        return await self._call(
+            "acquire_lease",
+            lambda: self.primary.acquire_lease(
+                key, limit=limit, lease_id=lease_id, ttl_seconds=ttl_seconds, group=group
+            ),
+            lambda limiter: limiter.acquire_lease(
+                key, limit=limit, lease_id=lease_id, ttl_seconds=ttl_seconds, group=group
+            ),
+        )
+
+    async def renew_lease(self, key: str, lease_id: str, *, ttl_seconds: float, group: str) -> bool:
+        async def on_fallback(limiter: Limiter) -> bool:
+            await limiter.renew_lease(key, lease_id, ttl_seconds=ttl_seconds, group=group)
+            return True  # see the module docstring: do not cut streams during an outage
+
+        return await self._call(
+            "renew_lease",
+            lambda: self.primary.renew_lease(key, lease_id, ttl_seconds=ttl_seconds, group=group),
+            on_fallback,
+        )
+
+    async def release_lease(self, key: str, lease_id: str, *, group: str) -> None:
+        if self.fallback is not None:
+            await self.fallback.release_lease(key, lease_id, group=group)
+        await self._call(
+            "release_lease",
+            lambda: self.primary.release_lease(key, lease_id, group=group),
+            _nothing,
+        )
+
+    async def block(self, key: str, seconds: float, *, group: str) -> None:
+        if self.fallback is not None:
+            await self.fallback.block(key, seconds, group=group)
+        await self._call("block", lambda: self.primary.block(key, seconds, group=group), _nothing)
+
+    async def health(self) -> dict[str, Any]:
+        """Never raises; ``"degraded"`` while the breaker is not closed."""
+        breaker_state = self.breaker.state
+        report: dict[str, Any] = {
+            "backend": "resilient",
+            "state": "ok",
+            "breaker": breaker_state,
+            "consecutive_failures": self.breaker.failures,
+            "fail_open": self.fail_open,
+            "primary": None,
+        }
+        if breaker_state == "closed":
+            report["primary"] = await self.primary.health()
+            if report["primary"].get("state") != "ok":
+                report["state"] = "degraded"
+        else:
+            report["state"] = "degraded"
+        if self.fallback is not None:
+            report["fallback"] = await self.fallback.health()
+        return report
+
+    async def aclose(self) -> None:
+        try:
+            await self.primary.aclose()
+        finally:
+            if self.fallback is not None:
+                await self.fallback.aclose()
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    async def _call[T](
+        self,
+        operation: str,
+        on_primary: Callable[[], Awaitable[T]],
+        on_fallback: Callable[[Limiter], Awaitable[T]],
+    ) -> T:
+        permit = self.breaker.allow()
+        if permit is None:
+            return await self._degrade(operation, REASON_OPEN, None, on_fallback)
+        try:
+            result = await on_primary()
+        except LimiterBackendError as exc:
+            self.breaker.record_failure(permit)
+            return await self._degrade(operation, REASON_ERROR, exc, on_fallback)
+        except BaseException:
+            self.breaker.release(permit)  # cancelled or a caller bug: no verdict on the backend
+            raise
+        self.breaker.record_success(permit)
+        return result
+
+    async def _degrade[T](
+        self,
+        operation: str,
+        reason: str,
+        exc: LimiterBackendError | None,
+        on_fallback: Callable[[Limiter], Awaitable[T]],
+    ) -> T:
+        self._report(operation, reason, exc)
+        if not self.fail_open or self.fallback is None:
+            raise LimiterUnavailable(MSG_UNAVAILABLE) from exc
+        return await on_fallback(self.fallback)
+
+    def _report(self, operation: str, reason: str, exc: LimiterBackendError | None) -> None:
+        if self._on_fallback is not None:
+            try:
+                self._on_fallback(operation, reason)
+            except Exception:
+                logger.exception("on_fallback hook failed")
+        self._unlogged += 1
+        now = self._clock()
+        if now < self._next_log_at:
+            return
+        logger.warning(
+            "rate limiter primary unavailable (%s: %s); %s; %d such calls since the last warning",
+            reason,
+            exc if exc is not None else "breaker open",
+            "deciding in-process" if self.fail_open else "refusing (fail-closed)",
+            self._unlogged,
+        )
+        self._unlogged = 0
+        self._next_log_at = now + self._log_interval
+
+
+async def _nothing(limiter: Limiter) -> None:
+    """Fallback for operations already applied to the fallback limiter."""

@@ -1,0 +1,53 @@
+"""Metrics (Prometheus) and one structured log line per call.
+
+With several Granian workers, set PROMETHEUS_MULTIPROC_DIR to an empty directory shared by the
+workers so `/metrics` aggregates all of them (prometheus_client's multiprocess mode).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+call_log = logging.getLogger("llmgateway.calls")
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+ACTIVE_STREAMS = Gauge("llmgateway_active_streams", "Upstream calls in progress.", multiprocess_mode="livesum")
+TTFT = Histogram("llmgateway_ttft_seconds", "Upstream time to first chunk.", ["model"], buckets=_LATENCY_BUCKETS)
+OVERHEAD = Histogram(
+    "llmgateway_overhead_seconds", "Time the gateway added before the response started.", buckets=_LATENCY_BUCKETS
+)
+TOKENS = Counter("llmgateway_tokens_total", "Tokens billed.", ["model", "direction"])
+COST = Counter("llmgateway_cost_usd_total", "Cost billed in USD (exact values are in the ledger).", ["model"])
+CALLS = Counter("llmgateway_calls_total", "Upstream calls by final status.", ["model", "status"])
+UPSTREAM_ERRORS = Counter("llmgateway_upstream_errors_total", "Upstream failures by kind.", ["kind"])
+REJECTIONS = Counter("llmgateway_rejections_total", "Requests refused before the upstream.", ["reason"])
+BACKPRESSURE_WAITS = Counter(
+    "llmgateway_backpressure_waits_total", "Times a producer found the stream queue full (slow client)."
+)
+REDIS_FALLBACKS = Counter("llmgateway_redis_fallbacks_total", "Limiter decisions taken without Redis.")
+
+
+def metrics_payload() -> bytes:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+    return generate_latest()
+
+
+def log_call(fields: dict[str, Any]) -> None:
+    """One JSON line per call; never the prompt, never a secret."""
+    call_log.info(json.dumps(fields, default=str, separators=(",", ":")))

@@ -1,0 +1,280 @@
+"""Which limits gate a call, and how their decisions become HTTP answers.
+
+Per call, before the upstream is contacted:
+- per API key and per user: requests per minute and tokens per minute, checked together in one
+  all-or-nothing decision (one Lua script, one round trip; the user id is the hash tag), and
+  concurrent streams per key as a lease. A key's own limits win, else the global defaults.
+  Tokens per minute reserve prompt tokens + max_tokens (or GATEWAY_DEFAULT_MAX_TOKENS) and the
+  unused part is refunded when the call ends.
+- per upstream model: a shared bucket sized to the provider's published limits minus a headroom.
+  Here a request *waits* (up to UPSTREAM_MAX_WAIT) instead of being refused, so bursts are
+  smoothed instead of turned into upstream 429s. Its burst is the headroom share and its refill
+  the rest, so no 60-second window ever sends more than the published RPM. An upstream 429
+  blocks the bucket for its retry-after, for every process.
+
+Failure policy: with REDIS_URL the limiter is Redis behind a circuit breaker; when Redis is slow
+or gone (LIMITS_REDIS_TIMEOUT, 2 s by default: never a hang) decisions fall back to the in-process limiter
+(LIMITS_FAIL_OPEN=true, the default; logged and counted in `llmgateway_redis_fallbacks_total`)
+or the call is refused with 503 (LIMITS_FAIL_OPEN=false). Without REDIS_URL limits are
+in-process: exact for one worker, per worker with several.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from dataclasses import dataclass, field
+
+from django.conf import settings
+
+from llmgateway import observability
+from llmgateway.auth import Principal
+from llmgateway.errors import RateLimited, ServiceUnavailable
+from llmgateway.limits import (
+    CircuitBreaker,
+    Decision,
+    InProcessLimiter,
+    Limiter,
+    LimiterUnavailable,
+    LimitSpec,
+    LimitState,
+    RedisLimiter,
+    ResilientLimiter,
+    acquire_waiting,
+)
+from streaming.catalog import ModelRoute
+
+MINUTE = 60.0
+REQUESTS_EXCEEDED = "Rate limit reached for requests on {scope}: limit {limit} per minute. Try again in {retry}."
+TOKENS_EXCEEDED = "Rate limit reached for tokens on {scope}: limit {limit} per minute, requested {requested}. Try again in {retry}."
+TOKENS_TOO_LARGE = "Request too large for {scope}: tokens per minute limit {limit}, requested {requested}. Lower max_tokens or the prompt."
+CONCURRENCY_EXCEEDED = "Too many concurrent requests on this API key: limit {limit}. Try again when a stream ends."
+UPSTREAM_BUSY = "The upstream for model `{model}` is at capacity. Try again in {retry}."
+LIMITER_DOWN = "Rate limiting is unavailable and this gateway is configured to fail closed."
+
+UNLIMITED = Decision(allowed=True, retry_after=0.0, states=())
+
+_limiter: Limiter | None = None
+
+
+def get_limiter() -> Limiter:
+    """The process's limiter: Redis (resilient) when REDIS_URL is set, else in-process."""
+    global _limiter
+    if _limiter is None:
+        if settings.REDIS_URL:
+            _limiter = ResilientLimiter(
+                RedisLimiter.from_url(settings.REDIS_URL, timeout=settings.LIMITS_REDIS_TIMEOUT),
+                InProcessLimiter(),
+                fail_open=settings.LIMITS_FAIL_OPEN,
+                breaker=CircuitBreaker(failure_threshold=5, reset_timeout=settings.LIMITS_BREAKER_RESET),
+                on_fallback=lambda operation, reason: observability.REDIS_FALLBACKS.inc(),
+            )
+        else:
+            _limiter = InProcessLimiter()
+    return _limiter
+
+
+async def aclose_limiter() -> None:
+    global _limiter
+    if _limiter is not None:
+        limiter, _limiter = _limiter, None
+        await limiter.aclose()
+
+
+def format_duration(seconds: float) -> str:
+    """OpenAI's reset format: `1s`, `6m0s`, `250ms`."""
+    if seconds < 1:
+        return f"{max(1, math.ceil(seconds * 1000))}ms"
+    seconds = math.ceil(seconds)
+    minutes, rest = divmod(seconds, 60)
+    return f"{minutes}m{rest}s" if minutes else f"{rest}s"
+
+
+def _retry_after_header(seconds: float) -> str:
+    return str(max(1, math.ceil(seconds)))
+
+
+@dataclass(slots=True)
+class Admission:
+    """What a call took from the limits; given back by `release`."""
+
+    group: str
+    decision: Decision
+    tpm_specs: list[LimitSpec]
+    reserved_tokens: int
+    lease: tuple[str, str] | None = None  # (key, lease id)
+    headers: dict[str, str] = field(default_factory=dict)
+    released: bool = False
+
+
+def _scope_specs(principal: Principal, tokens: int) -> tuple[list[LimitSpec], list[LimitSpec]]:
+    rpm_kind = settings.LIMITS_RPM_ALGORITHM
+    request_specs, token_specs = [], []
+    scopes = []
+    if principal.api_key_id is not None:
+        scopes.append(
+            (
+                f"key:{principal.api_key_id}",
+                principal.rpm_limit or settings.LIMITS_KEY_RPM,
+                principal.tpm_limit or settings.LIMITS_KEY_TPM,
+            )
+        )
+    scopes.append((f"user:{principal.user_id}", settings.LIMITS_USER_RPM, settings.LIMITS_USER_TPM))
+    for scope, rpm, tpm in scopes:
+        if rpm:
+            request_specs.append(LimitSpec(key=f"{scope}:rpm", kind=rpm_kind, limit=rpm, period_seconds=MINUTE))
+        if tpm:
+            token_specs.append(LimitSpec(key=f"{scope}:tpm", kind="token_bucket", limit=tpm, period_seconds=MINUTE, cost=tokens))
+    return request_specs, token_specs
+
+
+def _headers(decision: Decision) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for suffix, states in (
+        ("requests", [s for s in decision.states if s.spec.key.endswith(":rpm")]),
+        ("tokens", [s for s in decision.states if s.spec.key.endswith(":tpm")]),
+    ):
+        if not states:
+            continue
+        tightest: LimitState = min(states, key=lambda state: (state.remaining, -state.reset_seconds))
+        headers[f"x-ratelimit-limit-{suffix}"] = str(tightest.spec.limit)
+        headers[f"x-ratelimit-remaining-{suffix}"] = str(max(0, tightest.remaining))
+        headers[f"x-ratelimit-reset-{suffix}"] = format_duration(tightest.reset_seconds)
+    return headers
+
+
+def _scope_name(spec: LimitSpec) -> str:
+    return "this API key" if spec.key.startswith("key:") else "this user"
+
+
+async def admit(*, principal: Principal, estimated_tokens: int) -> Admission:
+    """Charge the key's and user's limits for one call, or raise RateLimited (429) / 503."""
+    limiter = get_limiter()
+    group = f"u{principal.user_id}"
+    request_specs, token_specs = _scope_specs(principal, estimated_tokens)
+    specs = [*request_specs, *token_specs]
+    try:
+        decision = await limiter.acquire(specs, group=group) if specs else UNLIMITED
+    except LimiterUnavailable:
+        observability.REJECTIONS.labels("limiter_unavailable").inc()
+        raise ServiceUnavailable(LIMITER_DOWN) from None
+    headers = _headers(decision)
+    if not decision.allowed:
+        observability.REJECTIONS.labels("rate_limit").inc()
+        raise _rejection(decision, headers, estimated_tokens)
+    admission = Admission(group=group, decision=decision, tpm_specs=token_specs, reserved_tokens=estimated_tokens, headers=headers)
+    max_concurrent = principal.max_concurrent or settings.LIMITS_KEY_MAX_CONCURRENT
+    if principal.api_key_id is not None and max_concurrent:
+        lease_key, lease_id = f"key:{principal.api_key_id}:streams", uuid.uuid4().hex
+        try:
+            lease = await limiter.acquire_lease(
+                lease_key,
+                limit=max_concurrent,
+                lease_id=lease_id,
+                ttl_seconds=settings.GATEWAY_TOTAL_TIMEOUT + 30,
+                group=group,
+            )
+        except LimiterUnavailable:
+            await release(admission, used_tokens=0)
+            raise ServiceUnavailable(LIMITER_DOWN) from None
+        if not lease.allowed:
+            await release(admission, used_tokens=0)
+            observability.REJECTIONS.labels("concurrency").inc()
+            raise RateLimited(CONCURRENCY_EXCEEDED.format(limit=max_concurrent), code="concurrency_limit_exceeded", headers={"Retry-After": "1", **headers})
+        admission.lease = (lease_key, lease_id)
+    return admission
+
+
+def _rejection(decision: Decision, headers: dict[str, str], requested: int) -> RateLimited:
+    violated = decision.violated
+    assert violated is not None
+    scope = _scope_name(violated)
+    if math.isinf(decision.retry_after):
+        return RateLimited(
+            TOKENS_TOO_LARGE.format(scope=scope, limit=violated.limit, requested=requested), code="rate_limit_exceeded", headers=headers
+        )
+    retry = format_duration(decision.retry_after)
+    if violated.key.endswith(":tpm"):
+        message = TOKENS_EXCEEDED.format(scope=scope, limit=violated.limit, requested=requested, retry=retry)
+        error = RateLimited(message, headers={"Retry-After": _retry_after_header(decision.retry_after), **headers})
+        error.type = "tokens"
+        return error
+    message = REQUESTS_EXCEEDED.format(scope=scope, limit=violated.limit, retry=retry)
+    return RateLimited(message, headers={"Retry-After": _retry_after_header(decision.retry_after), **headers})
+
+
+async def release(admission: Admission, *, used_tokens: int) -> None:
+    """Give back the tokens reserved but not used, and the stream slot. Idempotent."""
+    if admission.released:
+        return
+    admission.released = True
+    limiter = get_limiter()
+    unused = admission.reserved_tokens - used_tokens
+    try:
+        if unused > 0:
+            for spec in admission.tpm_specs:
+                await limiter.refund(spec, unused, group=admission.group)
+        if admission.lease is not None:
+            await limiter.release_lease(admission.lease[0], admission.lease[1], group=admission.group)
+    except LimiterUnavailable:
+        pass  # fail-closed with Redis gone: the lease expires by its TTL, refunds are lost
+
+
+def _upstream_specs(route: ModelRoute, tokens: int) -> list[LimitSpec]:
+    published = settings.UPSTREAM_LIMITS.get(route.id) or settings.UPSTREAM_LIMITS.get(route.upstream_model)
+    if not published:
+        return []
+    headroom = settings.UPSTREAM_LIMIT_HEADROOM
+    specs = []
+    for unit, cost in (("rpm", 1), ("tpm", tokens)):
+        limit = published.get(unit)
+        if not limit:
+            continue
+        # Burst = the headroom share, refill = the rest per minute: any 60 s window stays within
+        # the published limit (burst + refill * 60 s = limit).
+        burst = max(1, math.floor(limit * headroom))
+        sustained = limit - burst
+        specs.append(
+            LimitSpec(
+                key=_upstream_key(route, unit),
+                kind="token_bucket",
+                limit=burst,
+                period_seconds=MINUTE * burst / max(1, sustained),
+                cost=min(cost, burst),
+            )
+        )
+    return specs
+
+
+def _upstream_key(route: ModelRoute, unit: str) -> str:
+    return f"upstream:{route.provider}:{route.upstream_model}:{unit}"
+
+
+async def await_upstream_capacity(*, route: ModelRoute, estimated_tokens: int) -> None:
+    """Wait for room in the upstream's shared bucket (up to UPSTREAM_MAX_WAIT), or raise 429."""
+    specs = _upstream_specs(route, estimated_tokens)
+    if not specs:
+        return
+    try:
+        decision = await acquire_waiting(get_limiter(), specs, group="upstream", max_wait=settings.UPSTREAM_MAX_WAIT)
+    except LimiterUnavailable:
+        raise ServiceUnavailable(LIMITER_DOWN) from None
+    if not decision.allowed:
+        observability.REJECTIONS.labels("upstream_capacity").inc()
+        retry = decision.retry_after if math.isfinite(decision.retry_after) else MINUTE
+        raise RateLimited(
+            UPSTREAM_BUSY.format(model=route.id, retry=format_duration(retry)),
+            code="upstream_capacity",
+            headers={"Retry-After": _retry_after_header(retry)},
+        )
+
+
+async def note_upstream_rate_limited(*, route: ModelRoute, retry_after: float | None) -> None:
+    """The upstream said 429: hold its bucket for every process until it says to come back."""
+    seconds = retry_after if retry_after and retry_after > 0 else 1.0
+    limiter = get_limiter()
+    try:
+        for unit in ("rpm", "tpm"):
+            await limiter.block(_upstream_key(route, unit), seconds, group="upstream")
+    except LimiterUnavailable:
+        pass

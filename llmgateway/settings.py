@@ -1,0 +1,241 @@
+"""Settings for llmgateway, read from the environment with embedded defaults.
+
+With no environment at all the gateway runs on SQLite, an in-process limiter and channel layer,
+and the built-in simulator provider. Set DATABASE_URL and REDIS_URL for production.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import dj_database_url
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = Path(os.environ.get("LLMGATEWAY_VAR_DIR", BASE_DIR / "var"))
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    return float(value) if value else default
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value else default
+
+
+DEBUG = _env_bool("DJANGO_DEBUG", False)
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY") or "insecure-dev-only-key-set-DJANGO_SECRET_KEY"
+ALLOWED_HOSTS = [h.strip() for h in os.environ.get("ALLOWED_HOSTS", "127.0.0.1,localhost,[::1]").split(",") if h.strip()]
+
+INSTALLED_APPS = [
+    "daphne",  # only for `manage.py runserver`; production serves with Granian
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "channels",
+    "django_ratelimit",
+    "llmgateway",
+    "streaming",
+    "billing",
+]
+
+MIDDLEWARE = [
+    "llmgateway.middleware.RequestTimingMiddleware",
+    # Turns django-ratelimit's blocks on the login and chat pages into RATELIMIT_VIEW's 429.
+    "django_ratelimit.middleware.RatelimitMiddleware",
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "llmgateway.urls"
+ASGI_APPLICATION = "llmgateway.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASES = {
+    "default": dj_database_url.parse(
+        os.environ.get("DATABASE_URL") or f"sqlite:///{VAR_DIR / 'llmgateway.sqlite3'}",
+        conn_max_age=_env_int("DATABASE_CONN_MAX_AGE", 0),
+    )
+}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # Persistent connections in the few shared DB worker threads (llmgateway/db.py).
+    DATABASES["default"]["CONN_MAX_AGE"] = None
+    # WAL lets the gateway's readers run while the ledger writes.
+    DATABASES["default"].setdefault("OPTIONS", {})["init_command"] = (
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=5000;"
+    )
+    DATABASES["default"]["OPTIONS"]["transaction_mode"] = "IMMEDIATE"
+    if os.environ.get("SQLITE_TEST_NAME"):
+        # A file, not :memory:, so a gateway process started by the tests shares it.
+        DATABASES["default"]["TEST"] = {"NAME": os.environ["SQLITE_TEST_NAME"]}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    # Requests hand their connection back after each database step (llmgateway/db.py); the pool
+    # makes that cheap and bounds the connections one gateway process opens.
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        "min_size": 1,
+        "max_size": _env_int("DATABASE_POOL_MAX_SIZE", 16),
+        "timeout": 10,
+    }
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+REDIS_URL = os.environ.get("REDIS_URL", "")
+if REDIS_URL:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL]},
+        }
+    }
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            "OPTIONS": {"socket_connect_timeout": 0.5, "socket_timeout": 0.5},
+        }
+    }
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+
+# django-ratelimit guards the login and chat pages (sync views). Django's own RedisCache has an
+# atomic incr but is not on its "officially supported" list; the embedded default's LocMemCache is
+# per process, which is right for the single-process default and documented for multi-worker.
+RATELIMIT_USE_CACHE = "default"
+RATELIMIT_VIEW = "llmgateway.pages.ratelimited"
+LOGIN_RATE = os.environ.get("LOGIN_RATE", "10/m")
+CHAT_PAGE_RATE = os.environ.get("CHAT_PAGE_RATE", "60/m")
+SILENCED_SYSTEM_CHECKS = ["django_ratelimit.W001"] + ([] if REDIS_URL else ["django_ratelimit.E003"])
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+USE_I18N = False
+USE_TZ = True
+TIME_ZONE = "UTC"
+# Calendar periods for budgets and exports are computed in this zone.
+BILLING_TIME_ZONE = os.environ.get("BILLING_TIME_ZONE", "UTC")
+
+STATIC_URL = "static/"
+STATIC_ROOT = VAR_DIR / "static"
+
+LOGIN_URL = "/accounts/login/"
+LOGIN_REDIRECT_URL = "/chat/"
+LOGOUT_REDIRECT_URL = "/accounts/login/"
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "WARNING")},
+    "loggers": {
+        "llmgateway": {"level": os.environ.get("LOG_LEVEL", "INFO"), "propagate": True},
+        "streaming": {"level": os.environ.get("LOG_LEVEL", "INFO"), "propagate": True},
+        "billing": {"level": os.environ.get("LOG_LEVEL", "INFO"), "propagate": True},
+        # Every refused request is already in the JSON call log or its 4xx body; Django's own
+        # "Too Many Requests" warning per 429 would flood the log under load.
+        "django.request": {"level": os.environ.get("DJANGO_REQUEST_LOG_LEVEL", "ERROR"), "propagate": True},
+    },
+}
+
+# --- Gateway -------------------------------------------------------------------------------
+# Largest accepted request body; larger bodies get a 413 before they are parsed.
+GATEWAY_MAX_BODY_BYTES = _env_int("GATEWAY_MAX_BODY_BYTES", 4 * 1024 * 1024)
+DATA_UPLOAD_MAX_MEMORY_SIZE = GATEWAY_MAX_BODY_BYTES + 1024
+# Frames buffered between the upstream reader and the client writer (backpressure bound).
+GATEWAY_STREAM_QUEUE_SIZE = _env_int("GATEWAY_STREAM_QUEUE_SIZE", 64)
+# Seconds. Connect: TCP/TLS to the upstream. First token: request sent to first chunk.
+# Idle: between two chunks. Total: the whole call. Heartbeat: SSE comment when idle.
+GATEWAY_CONNECT_TIMEOUT = _env_float("GATEWAY_CONNECT_TIMEOUT", 10.0)
+GATEWAY_FIRST_TOKEN_TIMEOUT = _env_float("GATEWAY_FIRST_TOKEN_TIMEOUT", 120.0)
+GATEWAY_IDLE_TIMEOUT = _env_float("GATEWAY_IDLE_TIMEOUT", 60.0)
+GATEWAY_TOTAL_TIMEOUT = _env_float("GATEWAY_TOTAL_TIMEOUT", 600.0)
+GATEWAY_HEARTBEAT_INTERVAL = _env_float("GATEWAY_HEARTBEAT_INTERVAL", 15.0)
+
+# Upstreams. The `openai` provider uses the OpenAI SDK's own variables.
+OPENAI_API_KEY = os.environ.get("OPENAI_API_KEY", "")
+OPENAI_BASE_URL = os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1")
+
+# Simulator defaults (per-request overrides: see streaming/providers/simulator.py).
+SIMULATOR_TOKENS_PER_SECOND = _env_float("SIMULATOR_TOKENS_PER_SECOND", 40.0)
+SIMULATOR_TTFT_SECONDS = _env_float("SIMULATOR_TTFT_SECONDS", 0.25)
+SIMULATOR_COMPLETION_TOKENS = _env_int("SIMULATOR_COMPLETION_TOKENS", 64)
+
+# Extra catalog entries or overrides, as JSON: {"model-id": {"provider": "openai", ...}}.
+GATEWAY_MODELS_JSON = os.environ.get("GATEWAY_MODELS_JSON", "")
+
+# Decimal cap for requests that give no max_tokens (billing reserves against it).
+GATEWAY_DEFAULT_MAX_TOKENS = _env_int("GATEWAY_DEFAULT_MAX_TOKENS", 4096)
+
+# --- Billing -------------------------------------------------------------------------------
+# BILLING_TIME_ZONE (above) sets the calendar days and months budgets and rollups use.
+# Seconds a budget reservation counts after admission; a process that dies mid-call stops
+# holding budget after this. It must outlast the longest call (GATEWAY_TOTAL_TIMEOUT).
+BILLING_RESERVATION_TTL = _env_float("BILLING_RESERVATION_TTL", GATEWAY_TOTAL_TIMEOUT + 60.0)
+# The price catalog `manage.py importprices` loads with no argument, and migrate loads on a fresh
+# database (rows already present are kept).
+BILLING_DEFAULT_PRICES_FILE = Path(
+    os.environ.get("BILLING_DEFAULT_PRICES_FILE", BASE_DIR / "billing" / "data" / "prices.json")
+)
+
+# --- Limits (see llmgateway/ratelimits.py) ---------------------------------------------------
+# Per API key unless the key sets its own; per user across all its keys. 0 disables a limit.
+LIMITS_KEY_RPM = _env_int("LIMITS_KEY_RPM", 600)
+LIMITS_KEY_TPM = _env_int("LIMITS_KEY_TPM", 2_000_000)
+LIMITS_KEY_MAX_CONCURRENT = _env_int("LIMITS_KEY_MAX_CONCURRENT", 64)
+LIMITS_USER_RPM = _env_int("LIMITS_USER_RPM", 0)
+LIMITS_USER_TPM = _env_int("LIMITS_USER_TPM", 0)
+# Requests per minute as a token bucket (burst = the limit, refilled over a minute) or an exact
+# sliding window.
+LIMITS_RPM_ALGORITHM = os.environ.get("LIMITS_RPM_ALGORITHM", "token_bucket")
+LIMITS_FAIL_OPEN = _env_bool("LIMITS_FAIL_OPEN", True)
+# Seconds one limiter decision may wait on Redis before it is decided by the failure policy.
+# The wait is measured on the event loop, so it includes the worker's own queueing: generous on
+# purpose, so a saturated worker does not mistake its own slowness for an outage (measured: 200
+# concurrent requests on 3 workers on 2 cores pushed some decisions past 1 s). A dead Redis
+# fails at once (connection refused); only a frozen one costs this long, for the few calls
+# before the circuit breaker opens.
+LIMITS_REDIS_TIMEOUT = _env_float("LIMITS_REDIS_TIMEOUT", 2.0)
+LIMITS_BREAKER_RESET = _env_float("LIMITS_BREAKER_RESET", 5.0)
+# Published upstream limits per model, as JSON: {"gpt-4o": {"rpm": 500, "tpm": 30000}}.
+UPSTREAM_LIMITS = json.loads(os.environ.get("UPSTREAM_LIMITS_JSON") or "{}")
+UPSTREAM_LIMIT_HEADROOM = _env_float("UPSTREAM_LIMIT_HEADROOM", 0.2)
+UPSTREAM_MAX_WAIT = _env_float("UPSTREAM_MAX_WAIT", 10.0)
+
+# Seconds a process may reuse a user's account and rates for a model (billing/pricing_cache.py);
+# and a verified API key (llmgateway/auth.py). Edits in this process apply at once; in other
+# processes within this delay. 0 disables.
+BILLING_RATES_CACHE_SECONDS = _env_float("BILLING_RATES_CACHE_SECONDS", 2.0)
+AUTH_CACHE_SECONDS = _env_float("AUTH_CACHE_SECONDS", 2.0)

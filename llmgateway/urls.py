@@ -1,0 +1,22 @@
+from django.contrib import admin
+from django.contrib.auth import views as auth_views
+from django.urls import path, re_path
+from django.views.generic import RedirectView
+
+from llmgateway import api, ops, pages
+
+urlpatterns = [
+    path("v1/chat/completions", api.chat_completions, name="chat-completions"),
+    path("v1/models", api.models_list, name="models"),
+    path("v1/models/<path:model>", api.model_detail, name="model-detail"),
+    re_path(r"^v1/(?P<path>.*)$", api.unknown_endpoint),
+    path("healthz", ops.healthz, name="healthz"),
+    path("readyz", ops.readyz, name="readyz"),
+    path("metrics", ops.metrics, name="metrics"),
+    path("", RedirectView.as_view(url="/chat/", permanent=False)),
+    path("chat/", pages.chat_page, name="chat"),
+    path("chat/completions", pages.chat_stream, name="chat-stream"),
+    path("accounts/login/", pages.LoginView.as_view(), name="login"),
+    path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("admin/", admin.site.urls),
+]

@@ -1,0 +1,106 @@
+"""The model catalog: which public model names the gateway serves, and where each one goes."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+from django.conf import settings
+
+SIMULATOR_OWNER = "llmgateway-simulator"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRoute:
+    id: str  # the public model name clients send
+    provider: str  # "openai" | "simulator"
+    upstream_model: str  # the name sent to the provider
+    owned_by: str
+    created: int = 1700000000
+    # Simulator pacing; None means the simulator's configured default.
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_simulated(self) -> bool:
+        return self.provider == "simulator"
+
+
+_OPENAI_MODELS = (
+    "gpt-4o",
+    "gpt-4o-mini",
+    "gpt-4.1",
+    "gpt-4.1-mini",
+    "gpt-4.1-nano",
+    "o4-mini",
+    "o3",
+    "o3-mini",
+    "gpt-4-turbo",
+    "gpt-3.5-turbo",
+)
+
+DEFAULT_ROUTES: tuple[ModelRoute, ...] = (
+    *(ModelRoute(id=name, provider="openai", upstream_model=name, owned_by="openai") for name in _OPENAI_MODELS),
+    ModelRoute(id="sim-chat", provider="simulator", upstream_model="sim-chat", owned_by=SIMULATOR_OWNER),
+    ModelRoute(
+        id="sim-fast",
+        provider="simulator",
+        upstream_model="sim-fast",
+        owned_by=SIMULATOR_OWNER,
+        options={"tokens_per_second": 0, "ttft_ms": 0},
+    ),
+    ModelRoute(
+        id="sim-long",
+        provider="simulator",
+        upstream_model="sim-long",
+        owned_by=SIMULATOR_OWNER,
+        options={"completion_tokens": 1024, "tokens_per_second": 200},
+    ),
+)
+
+
+def _routes_from_json(raw: str) -> list[ModelRoute]:
+    routes = []
+    for model_id, spec in json.loads(raw).items():
+        routes.append(
+            ModelRoute(
+                id=model_id,
+                provider=spec["provider"],
+                upstream_model=spec.get("upstream_model", model_id),
+                owned_by=spec.get("owned_by", spec["provider"]),
+                options=spec.get("options", {}),
+            )
+        )
+    return routes
+
+
+@cache
+def all_routes() -> dict[str, ModelRoute]:
+    """Every configured route by public id: the defaults, overridden by GATEWAY_MODELS_JSON."""
+    routes = {route.id: route for route in DEFAULT_ROUTES}
+    if settings.GATEWAY_MODELS_JSON:
+        routes.update({route.id: route for route in _routes_from_json(settings.GATEWAY_MODELS_JSON)})
+    return routes
+
+
+def provider_is_configured(provider: str) -> bool:
+    if provider == "simulator":
+        return True
+    if provider == "openai":
+        return bool(settings.OPENAI_API_KEY)
+    return False
+
+
+def available_routes() -> list[ModelRoute]:
+    """Routes whose provider is configured, in a stable order (as listed by /v1/models)."""
+    return [route for route in all_routes().values() if provider_is_configured(route.provider)]
+
+
+def route_for(model_id: str) -> ModelRoute | None:
+    route = all_routes().get(model_id)
+    if route is None or not provider_is_configured(route.provider):
+        return None
+    return route
+
+

@@ -1,0 +1,339 @@
+"""The stream pipeline: upstream -> producer task -> bounded queue -> response generator -> client.
+
+One `StreamRelay` runs one upstream call. Its producer task reads the provider's stream into a
+bounded `asyncio.Queue`; the response side pulls from it. When the client reads slowly the queue
+fills, the producer waits in `put()`, and so it stops reading the upstream: backpressure from the
+client's socket to the upstream's, with memory bounded by the queue size.
+
+Whatever way a call ends (completed, client gone, upstream error, timeout), the producer's `finally`
+builds one `CallOutcome` and hands it to `on_finish` (which writes the usage record) exactly once,
+shielded from cancellation. `aclose()` cancels the producer if it is still running and waits for
+that to finish, so no task outlives the request.
+
+Timeouts are enforced here, not by the HTTP client: first token (request sent to first chunk),
+idle (between two upstream chunks; time spent waiting for a slow client does not count) and total.
+
+An optional completion-token cap stops a call whose output goes past what billing reserved for it
+(set only when the gateway chose the reservation, the request having no max_tokens; otherwise the
+upstream stops itself). Tokens are counted as content chunks, about one token each in OpenAI's
+streams; the call ends with a `CompletionCapReached` error after exactly `cap` of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from streaming import _sse
+from streaming.providers.base import ChatRequest, Provider, ProviderChunk, UpstreamError, Usage
+
+logger = logging.getLogger(__name__)
+
+CallStatus = Literal["completed", "cancelled", "upstream_error", "timeout", "rejected"]
+CAP_REACHED = (
+    "The response reached the {cap} completion tokens reserved for it against your budget, so the "
+    "gateway stopped it. Set max_tokens (or max_completion_tokens) to reserve for a longer answer."
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    first_token: float
+    idle: float
+    total: float
+    heartbeat: float
+
+
+class CompletionTally:
+    """Tokens of the text streamed so far, counted in batches so the text itself is not kept.
+
+    A batch is cut just before a space: in the OpenAI encodings a word's token starts with its
+    leading space, so counting the parts separately gives the count of the whole. Memory stays
+    at one batch however long the stream runs (a stream to a stalled client can run long).
+    """
+
+    BATCH_CHARS = 8192
+
+    def __init__(self, count: Callable[[str], int]) -> None:
+        self._count = count
+        self._pending: list[str] = []
+        self._pending_chars = 0
+        self._counted = 0
+
+    def add(self, text: str) -> None:
+        self._pending.append(text)
+        self._pending_chars += len(text)
+        if self._pending_chars >= self.BATCH_CHARS:
+            joined = "".join(self._pending)
+            cut = joined.rfind(" ")
+            if cut <= 0:
+                cut = len(joined)
+            self._counted += self._count(joined[:cut])
+            rest = joined[cut:]
+            self._pending, self._pending_chars = ([rest] if rest else []), len(rest)
+
+    def tokens(self) -> int:
+        """The count so far, the text not yet counted included."""
+        if self._pending:
+            return self._counted + self._count("".join(self._pending))
+        return self._counted
+
+
+@dataclass(slots=True)
+class CallOutcome:
+    """What happened in one upstream call: what the usage record is made from."""
+
+    status: CallStatus = "completed"
+    upstream_usage: Usage | None = None
+    # Counts the generated text for calls that end without upstream usage (cancelled, failed).
+    completion: CompletionTally | None = None
+    chunks: int = 0
+    content_chunks: int = 0  # chunks that carried generated text: the completion-token cap counts these
+    error: UpstreamError | None = None
+    started_at: float = 0.0  # time.perf_counter()
+    first_chunk_at: float | None = None
+    finished_at: float = 0.0
+
+    @property
+    def ttft_seconds(self) -> float | None:
+        return None if self.first_chunk_at is None else self.first_chunk_at - self.started_at
+
+    @property
+    def duration_seconds(self) -> float:
+        return self.finished_at - self.started_at
+
+
+class CompletionCapReached(UpstreamError):
+    """The gateway stopped the call: its output reached the completion tokens reserved for it.
+
+    An `UpstreamError` so every consumer of the queue already ends the response on it; its kind
+    makes a non-streamed call a 400 (the request set no max_tokens), and a stream gets `frame()`.
+    """
+
+    def __init__(self, cap: int) -> None:
+        super().__init__("bad_request", CAP_REACHED.format(cap=cap))
+        self.cap = cap
+
+    def frame(self) -> bytes:
+        return _sse.error_frame(message=self.message, type="insufficient_quota", code="budget_reservation_reached")
+
+
+class _End:
+    """Queue sentinel: the upstream stream ended normally."""
+
+
+END = _End()
+QueueItem = ProviderChunk | UpstreamError | _End
+
+
+async def run_to_completion[T](coroutine: Coroutine[Any, Any, T]) -> T:
+    """Await `coroutine` to its end even if the caller is cancelled meanwhile, then re-raise."""
+    task = asyncio.ensure_future(coroutine)
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(task)
+            break
+        except asyncio.CancelledError:
+            if task.done():
+                raise
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    return result
+
+
+class StreamRelay:
+    def __init__(
+        self,
+        *,
+        provider: Provider,
+        request: ChatRequest,
+        queue_size: int,
+        timeouts: Timeouts,
+        on_finish: Callable[[CallOutcome], Awaitable[None]],
+        count_text: Callable[[str], int],
+        completion_token_cap: int | None = None,
+    ) -> None:
+        self._provider = provider
+        self._completion_token_cap = completion_token_cap
+        self._request = request
+        self._timeouts = timeouts
+        self._on_finish = on_finish
+        self._count_text = count_text
+        self.queue: asyncio.Queue[QueueItem] = asyncio.Queue(maxsize=queue_size)
+        self.outcome = CallOutcome()
+        self._producer: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.backpressure_waits = 0
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.outcome.started_at = time.perf_counter()
+        self._producer = asyncio.create_task(self._produce(), name="llmgateway-stream-producer")
+
+    async def get(self) -> QueueItem:
+        return await self.queue.get()
+
+    async def aclose(self) -> None:
+        """Stop the upstream call if it is still running and wait until it has been recorded."""
+        producer = self._producer
+        if producer is None:
+            return
+        if not producer.done():
+            producer.cancel()
+        await run_to_completion(self._wait_quietly(producer))
+
+    @staticmethod
+    async def _wait_quietly(task: asyncio.Task[None]) -> None:
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+
+    def cancel_threadsafe(self) -> None:
+        """Backstop for a response that was never iterated: cancel from any thread."""
+        if self._loop is not None and self._producer is not None and not self._producer.done():
+            self._loop.call_soon_threadsafe(self._producer.cancel)
+
+    async def _put(self, item: QueueItem) -> None:
+        if self.queue.full():
+            self.backpressure_waits += 1
+        await self.queue.put(item)
+
+    async def _produce(self) -> None:
+        outcome = self.outcome
+        completion = outcome.completion = CompletionTally(self._count_text)
+        loop = asyncio.get_running_loop()
+        total_deadline = loop.time() + self._timeouts.total
+        phase = "first_token"
+        try:
+            async with asyncio.timeout(None) as deadline:
+                async with aclosing(self._provider.stream(self._request)) as chunks:
+                    while True:
+                        wait = self._timeouts.first_token if phase == "first_token" else self._timeouts.idle
+                        deadline.reschedule(min(total_deadline, loop.time() + wait))
+                        try:
+                            chunk = await anext(chunks)
+                        except StopAsyncIteration:
+                            break
+                        # Waiting for room in the queue is the client's pace, not upstream idleness
+                        # (only a full queue makes put() wait: then the idle deadline is lifted).
+                        if self.queue.full():
+                            deadline.reschedule(total_deadline)
+                        if phase == "first_token":
+                            phase = "idle"
+                            outcome.first_chunk_at = time.perf_counter()
+                        if chunk.text:
+                            cap = self._completion_token_cap
+                            if cap is not None and outcome.content_chunks >= cap:
+                                raise CompletionCapReached(cap)
+                            outcome.content_chunks += 1
+                            completion.add(chunk.text)
+                        outcome.chunks += 1
+                        if chunk.usage is not None:
+                            outcome.upstream_usage = chunk.usage
+                        await self._put(chunk)
+                    deadline.reschedule(total_deadline)  # the upstream is done; only the client's pace remains
+                    await self._put(END)
+        except TimeoutError:
+            if loop.time() >= total_deadline:
+                phase = "total"
+            message = {
+                "first_token": "The upstream sent no first token within the first-token timeout.",
+                "idle": "The upstream stopped sending within the idle timeout.",
+                "total": "The upstream call exceeded the total timeout.",
+            }[phase]
+            outcome.status = "timeout"
+            outcome.error = UpstreamError("timeout", message)
+            await self._put(outcome.error)
+        except CompletionCapReached as error:
+            outcome.status = "rejected"
+            outcome.error = error
+            await self._put(error)
+        except UpstreamError as error:
+            outcome.status = "upstream_error"
+            outcome.error = error
+            await self._put(error)
+        except asyncio.CancelledError:
+            outcome.status = "cancelled"
+            raise
+        except Exception as error:  # a provider bug must still end the stream cleanly
+            logger.exception("provider %s failed", self._provider.name)
+            outcome.status = "upstream_error"
+            outcome.error = UpstreamError("server_error", f"Upstream failure: {type(error).__name__}")
+            await self._put(outcome.error)
+        finally:
+            outcome.finished_at = time.perf_counter()
+            try:
+                await run_to_completion(self._on_finish(outcome))
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("recording the call's usage failed")
+
+
+async def sse_stream(
+    relay: StreamRelay,
+    first: QueueItem,
+    *,
+    include_usage: bool,
+    heartbeat: float,
+    on_error: Callable[[UpstreamError], bytes],
+) -> AsyncIterator[bytes]:
+    """The response body: SSE frames from the relay's queue, batched when several are ready.
+
+    Ends with `[DONE]` after a complete stream, or with an error event (and no `[DONE]`) after an
+    upstream failure. A heartbeat comment keeps idle connections alive. Closing this generator
+    (the client went away) stops the upstream call and waits until it is recorded.
+    """
+    queue = relay.queue
+    item: QueueItem = first
+    try:
+        while True:
+            frames: list[bytes] = []
+            while True:
+                if isinstance(item, ProviderChunk):
+                    frame = _chunk_frame(item, include_usage)
+                    if frame:
+                        frames.append(frame)
+                else:
+                    if isinstance(item, _End):
+                        frames.append(_sse.DONE)
+                    elif isinstance(item, CompletionCapReached):
+                        frames.append(item.frame())
+                    else:
+                        frames.append(on_error(item))
+                    # Settle before the last frame: once a client sees [DONE], the call is in
+                    # the ledger and its next request is checked against the updated spend.
+                    await relay.aclose()
+                    yield b"".join(frames)
+                    return
+                if queue.empty():
+                    break
+                item = queue.get_nowait()
+            if frames:
+                yield b"".join(frames)
+            while True:
+                try:
+                    async with asyncio.timeout(heartbeat):
+                        item = await queue.get()
+                    break
+                except TimeoutError:
+                    yield _sse.HEARTBEAT
+    finally:
+        await relay.aclose()
+
+
+def _chunk_frame(chunk: ProviderChunk, include_usage: bool) -> bytes | None:
+    data = chunk.data
+    if chunk.usage is not None and not data.get("choices"):
+        return _sse.data_frame(data) if include_usage else None
+    if not include_usage:
+        data.pop("usage", None)
+    return _sse.data_frame(data)

@@ -1,0 +1,104 @@
+"""The provider interface: one small async surface every upstream implements.
+
+A provider's `stream()` is an async generator of `ProviderChunk`s. Closing the generator
+(`aclose()`, or cancelling the task iterating it) must close the upstream connection at once.
+Failures are raised as `UpstreamError`, before or during the stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from streaming.catalog import ModelRoute
+
+UpstreamErrorKind = Literal[
+    "rate_limited",  # upstream 429
+    "bad_request",  # upstream 400/404/422: the request itself was refused
+    "auth",  # upstream 401/403: the gateway's upstream credentials are wrong
+    "server_error",  # upstream 5xx, or an error event in the stream
+    "connection",  # could not connect, or the connection dropped mid-stream
+    "timeout",  # connect, first-token, idle or total timeout
+]
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    route: ModelRoute
+    # The client's validated request body, forwarded to the upstream (model renamed).
+    body: dict[str, Any]
+    # Per-request simulator directives (from x-simulator-* headers); ignored by real upstreams.
+    simulator: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+
+    @classmethod
+    def from_openai(cls, usage: dict[str, Any]) -> Usage:
+        prompt_details = usage.get("prompt_tokens_details") or {}
+        completion_details = usage.get("completion_tokens_details") or {}
+        return cls(
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+            cached_tokens=int(prompt_details.get("cached_tokens") or 0),
+            reasoning_tokens=int(completion_details.get("reasoning_tokens") or 0),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderChunk:
+    # An OpenAI `chat.completion.chunk` object, as the client will receive it.
+    data: dict[str, Any]
+    # The generated text in this chunk (content and tool-call arguments), for local counting.
+    text: str
+    usage: Usage | None = None
+
+
+class UpstreamError(Exception):
+    def __init__(
+        self,
+        kind: UpstreamErrorKind,
+        message: str,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.status = status
+        self.retry_after = retry_after
+        self.headers = headers or {}
+
+
+class Provider(Protocol):
+    name: str
+
+    def stream(self, request: ChatRequest) -> AsyncIterator[ProviderChunk]: ...
+
+    async def aclose(self) -> None: ...
+
+
+def text_of_chunk(data: dict[str, Any]) -> str:
+    """The generated text carried by an OpenAI chunk: content, refusal and tool-call arguments."""
+    parts: list[str] = []
+    for choice in data.get("choices") or ():
+        delta = choice.get("delta") or {}
+        for key in ("content", "refusal"):
+            value = delta.get(key)
+            if value:
+                parts.append(value)
+        for tool_call in delta.get("tool_calls") or ():
+            function = tool_call.get("function") or {}
+            for key in ("name", "arguments"):
+                value = function.get(key)
+                if value:
+                    parts.append(value)
+    return "".join(parts)

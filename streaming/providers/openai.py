@@ -1,0 +1,214 @@
+"""The `openai` provider: any OpenAI-compatible upstream, through the official SDK.
+
+One `AsyncOpenAI` client per upstream is shared by every request (connection pooling), with the
+SDK's retries off: the gateway decides about retries, and a retried stream would double-bill.
+The request body is forwarded as sent (so new OpenAI parameters pass through), the chunks are
+relayed as the upstream sent them (the SDK sends the request and raises its typed errors; the
+body is parsed here, which costs a fraction of the SDK's per-chunk decoding), and
+`stream_options.include_usage` is always asked for so every call is billed from upstream counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx2
+import openai
+import orjson
+
+from streaming.providers.base import (
+    ChatRequest,
+    ProviderChunk,
+    UpstreamError,
+    UpstreamErrorKind,
+    Usage,
+    text_of_chunk,
+)
+
+DRAIN_TIMEOUT = 0.5  # seconds
+STREAM_ERROR = "The upstream reported an error mid-stream."
+
+
+def _retry_after(headers: httpx2.Headers) -> float | None:
+    for name in ("retry-after", "x-ratelimit-reset-requests", "x-ratelimit-reset-tokens"):
+        value = headers.get(name)
+        if value:
+            seconds = parse_duration(value)
+            if seconds is not None:
+                return seconds
+    return None
+
+
+def parse_duration(value: str) -> float | None:
+    """Parse `retry-after` seconds or OpenAI reset durations such as `1s`, `6m0s`, `250ms`."""
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    total, number = 0.0, ""
+    index = 0
+    while index < len(value):
+        char = value[index]
+        if char.isdigit() or char == ".":
+            number += char
+            index += 1
+            continue
+        unit = "ms" if value.startswith("ms", index) else char
+        index += len(unit)
+        if not number:
+            return None
+        factor = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}.get(unit)
+        if factor is None:
+            return None
+        total += float(number) * factor
+        number = ""
+    return total if not number else None
+
+
+def _status_kind(status: int) -> UpstreamErrorKind:
+    if status == 429:
+        return "rate_limited"
+    if status in (401, 403):
+        return "auth"
+    if 400 <= status < 500:
+        return "bad_request"
+    return "server_error"
+
+
+def _error_message(body: Any, default: str) -> str:
+    """The `message` of an OpenAI error body (`{"error": {...}}` or the inner object)."""
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and isinstance(inner.get("message"), str):
+            return inner["message"]
+    return default
+
+
+def translate_error(error: Exception) -> UpstreamError:
+    """Map the SDK's request exceptions onto the gateway's UpstreamError kinds."""
+    if isinstance(error, openai.APITimeoutError):
+        return UpstreamError("timeout", "The upstream timed out.")
+    if isinstance(error, openai.APIConnectionError):
+        return UpstreamError("connection", "Could not reach the upstream, or it dropped the connection.")
+    if isinstance(error, openai.APIStatusError):
+        headers = {name: error.response.headers[name] for name in ("retry-after",) if name in error.response.headers}
+        return UpstreamError(
+            _status_kind(error.status_code),
+            _error_message(error.body, error.message),
+            status=error.status_code,
+            retry_after=_retry_after(error.response.headers),
+            headers=headers,
+        )
+    return UpstreamError("server_error", f"Unexpected upstream failure: {type(error).__name__}")
+
+
+class OpenAIProvider:
+    name = "openai"
+
+    def __init__(self, *, base_url: str, api_key: str, connect_timeout: float, read_timeout: float) -> None:
+        timeout = httpx2.Timeout(read_timeout, connect=connect_timeout)
+        self._client = openai.AsyncOpenAI(
+            base_url=base_url,
+            api_key=api_key,
+            max_retries=0,
+            timeout=timeout,
+            http_client=openai.DefaultAsyncHttpx2Client(
+                timeout=timeout,
+                limits=httpx2.Limits(max_connections=None, max_keepalive_connections=256),
+            ),
+        )
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[ProviderChunk]:
+        body: dict[str, Any] = {
+            **request.body,
+            "model": request.route.upstream_model,
+            "stream": True,
+            "stream_options": {**(request.body.get("stream_options") or {}), "include_usage": True},
+        }
+        try:
+            # cast_to=Response: the SDK sends the request and raises its typed errors for a
+            # non-2xx answer, then hands over the unread body, parsed below (far cheaper per
+            # chunk than the SDK's own SSE decoding and model building).
+            response = await self._client.post(
+                "/chat/completions", cast_to=httpx2.Response, body=body, stream=True
+            )
+        except openai.APIError as error:
+            raise translate_error(error) from error
+        try:
+            async for data in _sse_events(response):
+                usage = data.get("usage")
+                yield ProviderChunk(
+                    data=data,
+                    text=text_of_chunk(data),
+                    usage=Usage.from_openai(usage) if usage else None,
+                )
+        except httpx2.TimeoutException as error:
+            raise UpstreamError("timeout", "The upstream timed out mid-stream.") from error
+        except httpx2.HTTPError as error:
+            raise UpstreamError("connection", "The upstream dropped the connection mid-stream.") from error
+        finally:
+            # Closing the response closes the connection at once when we stop early.
+            await response.aclose()
+
+
+async def _drain(pieces: AsyncIterator[bytes]) -> None:
+    """Read what follows `[DONE]` (the body's end) so the connection goes back to the pool.
+
+    Closing a response with unread bytes closes its connection, and the next call would pay a
+    new TCP and TLS handshake. Bounded: an upstream that keeps sending after [DONE] is cut.
+    """
+    try:
+        async with asyncio.timeout(DRAIN_TIMEOUT):
+            async for _ in pieces:
+                pass
+    except (TimeoutError, httpx2.HTTPError):
+        pass
+
+
+async def _sse_events(response: httpx2.Response) -> AsyncIterator[dict[str, Any]]:
+    """The JSON objects of a chat-completion SSE stream, until `data: [DONE]`.
+
+    An event whose JSON has an `error` object is an upstream failure (as the OpenAI SDK treats
+    it); a stream that ends without `[DONE]` was cut.
+    """
+    buffer = b""
+    pieces = response.aiter_bytes()
+    async for piece in pieces:
+        buffer += piece
+        if b"\r" in buffer:
+            buffer = buffer.replace(b"\r\n", b"\n")
+        while True:
+            end = buffer.find(b"\n\n")
+            if end < 0:
+                break
+            event, buffer = buffer[:end], buffer[end + 2 :]
+            payload = _event_data(event)
+            if payload is None:
+                continue
+            if payload.startswith(b"[DONE]"):
+                await _drain(pieces)
+                return
+            try:
+                data = orjson.loads(payload)
+            except orjson.JSONDecodeError as error:
+                raise UpstreamError("server_error", "The upstream sent an unreadable event.") from error
+            if not isinstance(data, dict):
+                continue
+            if data.get("error"):
+                raise UpstreamError("server_error", _error_message(data, STREAM_ERROR))
+            yield data
+    raise UpstreamError("connection", "The upstream ended the stream before [DONE].")
+
+
+def _event_data(event: bytes) -> bytes | None:
+    """The `data:` field of one SSE event (joined if multi-line); None for comments and others."""
+    if event.startswith(b"data: ") and b"\n" not in event:
+        return event[6:]
+    lines = [line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
+    return b"\n".join(lines) if lines else None

@@ -1,0 +1,38 @@
+"""Counting a long stream's tokens in batches gives the count of the whole text."""
+
+from __future__ import annotations
+
+import pytest
+
+from billing.tokens import count_text_tokens
+from streaming.pipeline import CompletionTally
+from streaming.providers.simulator import simulated_text
+
+PROSE = (
+    "Streaming gateways relay tokens as they arrive.\n\nEach piece, "
+    "whether a word, a number like 3.14159 or punctuation (!?), is counted once. "
+)
+
+
+@pytest.mark.parametrize(
+    ("pieces", "model"),
+    [
+        ([simulated_text(i) for i in range(20_000)], "gpt-4o"),
+        ([PROSE[i : i + 7] for i in range(0, len(PROSE), 7)] * 400, "gpt-4o"),
+        ([PROSE[i : i + 3] for i in range(0, len(PROSE), 3)] * 400, "gpt-4"),
+    ],
+    ids=["simulator-words-o200k", "prose-7-char-chunks-o200k", "prose-3-char-chunks-cl100k"],
+)
+def test_batched_count_equals_the_whole_texts_count(pieces: list[str], model: str) -> None:
+    tally = CompletionTally(lambda text: count_text_tokens(text, model=model))
+    for piece in pieces:
+        tally.add(piece)
+    assert tally.tokens() == count_text_tokens("".join(pieces), model=model)
+
+
+def test_the_tally_keeps_at_most_one_batch_of_text() -> None:
+    tally = CompletionTally(len)
+    for _ in range(100_000):
+        tally.add("word ")
+    assert tally._pending_chars < CompletionTally.BATCH_CHARS + 10
+    assert tally.tokens() == 500_000

@@ -1,0 +1,208 @@
+"""Shared fixtures: API keys, a fake OpenAI upstream, and the gateway served by Granian.
+
+The gateway runs as a real Granian process on a free port, against the same test database as the
+tests (committed data: tests that talk to it use `transactional_db`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import pytest
+from django.conf import settings
+
+if TYPE_CHECKING:
+    from bench.fake_upstream import FakeUpstream
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def django_db_modify_db_settings(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """SQLite's test database is a file (not :memory:) so the gateway process can share it."""
+    database = settings.DATABASES["default"]
+    if database["ENGINE"] == "django.db.backends.sqlite3":
+        database.setdefault("TEST", {})["NAME"] = str(tmp_path_factory.mktemp("db") / "test.sqlite3")
+
+
+def database_url() -> str:
+    database = settings.DATABASES["default"]
+    if database["ENGINE"] == "django.db.backends.sqlite3":
+        return f"sqlite:///{database['NAME']}"
+    user = database.get("USER") or "postgres"
+    host = database.get("HOST") or "127.0.0.1"
+    port = database.get("PORT") or 5432
+    return f"postgres://{user}@{host}:{port}/{database['NAME']}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_database_pools(django_db_setup: Any, django_db_blocker: Any) -> Iterator[None]:
+    """Close pooled connections before the test database is dropped (they would block it)."""
+    yield
+    from django.db import connections
+
+    with django_db_blocker.unblock():
+        for connection in connections.all():
+            connection.close()
+            close_pool = getattr(connection, "close_pool", None)
+            if close_pool is not None:
+                close_pool()
+
+
+@pytest.fixture(scope="session")
+def upstream() -> Iterator[FakeUpstream]:
+    from bench.fake_upstream import FakeUpstream
+
+    with FakeUpstream().running_in_thread() as server:
+        yield server
+
+
+@pytest.fixture
+def fake_upstream(upstream: FakeUpstream) -> Iterator[FakeUpstream]:
+    """The session's fake upstream, with its default behaviour restored after each test."""
+    defaults = {name: getattr(upstream, name) for name in ("tokens", "inter_token_delay", "ttft", "fault", "fault_after_tokens", "retry_after")}
+    yield upstream
+    for name, value in defaults.items():
+        setattr(upstream, name, value)
+
+
+class Gateway:
+    def __init__(self, process: subprocess.Popen[bytes], port: int) -> None:
+        self.process = process
+        self.port = port
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.api_url = f"{self.base_url}/v1"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the server and its workers (Granian forks one process per worker)."""
+        pids = [self.process.pid]
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        if children.exists():
+            pids += [int(pid) for pid in children.read_text().split()]
+        total = 0
+        for pid in pids:
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+            except FileNotFoundError:
+                continue
+        return total
+
+
+def start_gateway(
+    env_overrides: dict[str, str], *, upstream: FakeUpstream, workers: int = 1, granian_args: tuple[str, ...] = ()
+) -> Gateway:
+    port = free_port()
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url(),
+        "OPENAI_BASE_URL": upstream.base_url,
+        "OPENAI_API_KEY": "sk-test-upstream",
+        "GATEWAY_HEARTBEAT_INTERVAL": "0.5",
+        "GATEWAY_IDLE_TIMEOUT": "2",
+        "GATEWAY_FIRST_TOKEN_TIMEOUT": "5",
+        "GATEWAY_MAX_BODY_BYTES": str(256 * 1024),
+        "LOG_LEVEL": "WARNING",
+        **env_overrides,
+    }
+    env.pop("SQLITE_TEST_NAME", None)
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "granian", "--interface", "asgi", "--host", "127.0.0.1",
+            "--port", str(port), "--workers", str(workers), "--log-level", "warning",
+            *granian_args, "llmgateway.asgi:application",
+        ],
+        cwd=ROOT,
+        env=env,
+    )
+    gateway = Gateway(process, port)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"gateway exited with {process.returncode}")
+        try:
+            httpx.get(f"{gateway.api_url}/models", timeout=1)
+            return gateway
+        except httpx.TransportError:
+            time.sleep(0.05)
+    process.kill()
+    raise RuntimeError("gateway did not start within 30 s")
+
+
+def stop_gateway(gateway: Gateway) -> None:
+    gateway.process.terminate()
+    try:
+        gateway.process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        gateway.process.kill()
+        gateway.process.wait()
+
+
+@pytest.fixture(scope="session")
+def gateway(django_db_setup: Any, django_db_blocker: Any, upstream: FakeUpstream) -> Iterator[Gateway]:
+    server = start_gateway({}, upstream=upstream)
+    yield server
+    stop_gateway(server)
+
+
+@pytest.fixture
+def gateway_factory(django_db_setup: Any, upstream: FakeUpstream) -> Iterator[Callable[..., Gateway]]:
+    """Start a gateway with extra settings (environment variables) for one test."""
+    started: list[Gateway] = []
+
+    def make(workers: int = 1, granian_args: tuple[str, ...] = (), **env: str) -> Gateway:
+        server = start_gateway(env, upstream=upstream, workers=workers, granian_args=granian_args)
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        stop_gateway(server)
+
+
+@pytest.fixture
+def api_key_factory(transactional_db: None) -> Callable[..., str]:
+    from llmgateway.services import api_key_create
+
+    counter = iter(range(1_000_000))
+
+    def make(username: str | None = None, **kwargs: Any) -> str:
+        _, raw_key = api_key_create(username=username or f"user{next(counter)}", **kwargs)
+        return raw_key
+
+    return make
+
+
+@pytest.fixture
+def api_key(api_key_factory: Callable[..., str]) -> str:
+    return api_key_factory("alice")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_process_caches() -> Iterator[None]:
+    """Per-process caches must not carry ids across tests (rolled-back ids are reused)."""
+    from billing import pricing_cache
+    from llmgateway.auth import forget_verified_keys
+
+    pricing_cache.clear()
+    forget_verified_keys()
+    yield

@@ -1,0 +1,262 @@
+"""ResilientLimiter's policy, with a scripted primary (the real-Redis version of these
+behaviours is in test_failure_policy.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from llmgateway.limits import (
+    CircuitBreaker,
+    Decision,
+    InProcessLimiter,
+    LimiterBackendError,
+    LimiterUnavailable,
+    LimitSpec,
+    ManualClock,
+    ResilientLimiter,
+)
+from llmgateway.limits.exceptions import MSG_UNAVAILABLE
+
+SPEC = LimitSpec("rpm", "token_bucket", limit=3, period_seconds=30.0)
+
+
+class ScriptedPrimary(InProcessLimiter):
+    """An in-process limiter that fails on demand and counts its calls."""
+
+    def __init__(self, clock: ManualClock) -> None:
+        super().__init__(clock=clock)
+        self.down = False
+        self.calls = 0
+        self.gate: asyncio.Event | None = None
+        self.at_gate = asyncio.Event()
+
+    async def acquire(self, specs: Sequence[LimitSpec], *, group: str) -> Decision:
+        self.calls += 1
+        if self.gate is not None:
+            self.at_gate.set()
+            await self.gate.wait()
+        if self.down:
+            raise LimiterBackendError("boom")
+        return await super().acquire(specs, group=group)
+
+    async def block(self, key: str, seconds: float, *, group: str) -> None:
+        if self.down:
+            raise LimiterBackendError("boom")
+        await super().block(key, seconds, group=group)
+
+    async def health(self) -> dict[str, Any]:
+        return {"backend": "scripted", "state": "down" if self.down else "ok"}
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+def primary(clock: ManualClock) -> ScriptedPrimary:
+    return ScriptedPrimary(clock)
+
+
+@pytest.fixture
+def events() -> list[tuple[str, str]]:
+    return []
+
+
+def _limiter(
+    primary: ScriptedPrimary,
+    clock: ManualClock,
+    events: list[tuple[str, str]],
+    *,
+    fail_open: bool = True,
+) -> ResilientLimiter:
+    return ResilientLimiter(
+        primary,
+        InProcessLimiter(clock=clock),
+        fail_open=fail_open,
+        breaker=CircuitBreaker(failure_threshold=2, reset_timeout=5.0, clock=clock),
+        on_fallback=lambda operation, reason: events.append((operation, reason)),
+        log_interval=10.0,
+        clock=clock,
+    )
+
+
+async def test_healthy_primary_decides_and_fallback_is_untouched(
+    primary: ScriptedPrimary, clock: ManualClock, events: list[tuple[str, str]]
+) -> None:
+    limiter = _limiter(primary, clock, events)
+    decisions = [await limiter.acquire([SPEC], group="g") for _ in range(4)]
+
+    assert [d.allowed for d in decisions] == [True, True, True, False]
+    assert primary.calls == 4
+    assert events == []
+    assert (await limiter.health())["state"] == "ok"
+
+
+async def test_fail_open_uses_the_fallback_and_stops_calling_an_open_primary(
+    primary: ScriptedPrimary, clock: ManualClock, events: list[tuple[str, str]]
+) -> None:
+    limiter = _limiter(primary, clock, events)
+    primary.down = True
+
+    decisions = [await limiter.acquire([SPEC], group="g") for _ in range(4)]
+
+    assert [d.allowed for d in decisions] == [True, True, True, False]  # the fallback's limit
+    assert primary.calls == 2  # the breaker opened after 2 failures
+    assert events == [("acquire", "error")] * 2 + [("acquire", "breaker_open")] * 2
+    health = await limiter.health()
+    assert health["state"] == "degraded"
+    assert health["breaker"] == "open"
+
+
+async def test_fail_closed_raises_limiter_unavailable(
+    primary: ScriptedPrimary, clock: ManualClock, events: list[tuple[str, str]]
+) -> None:
+    limiter = _limiter(primary, clock, events, fail_open=False)
+    primary.down = True
+
+    for _ in range(3):
+        with pytest.raises(LimiterUnavailable, match=MSG_UNAVAILABLE):
+            await limiter.acquire([SPEC], group="g")
+
+    assert primary.calls == 2
+    assert (await limiter.health())["state"] == "degraded"
+
+
+async def test_after_the_reset_timeout_one_trial_returns_to_the_primary(
+    primary: ScriptedPrimary, clock: ManualClock, events: list[tuple[str, str]]
+) -> None:
+    limiter = _limiter(primary, clock, events)
+    primary.down = True
+    for _ in range(3):
+        await limiter.acquire([SPEC], group="g")
+    primary.down = False
+    clock.advance(5.0)
+
+    decision = await limiter.acquire([SPEC], group="g")
+
+    assert decision.allowed
+    assert primary.calls == 3
+    assert limiter.breaker.state == "closed"
+    assert (await limiter.health())["state"] == "ok"
+
+
+async def test_while_the_trial_is_in_flight_others_use_the_fallback(
+    primary: ScriptedPrimary, clock: ManualClock, events: list[tuple[str, str]]
+) -> None:
+    limiter = _limiter(primary, clock, events)
+    primary.down = True
+    for _ in range(2):
+        await limiter.acquire([SPEC], group="g")
+    primary.down = False
+    clock.advance(5.0)
+    primary.gate = asyncio.Event()
+
+    async with asyncio.TaskGroup() as tasks:
+        trial = tasks.create_task(limiter.acquire([SPEC], group="g"))
+        await primary.at_gate.wait()
+        fallback_calls_before = len(events)
+        for _ in range(2):
+            await limiter.acquire([SPEC], group="g")
+        primary.gate.set()
+
+    assert trial.result().allowed
+    assert len(events) == fallback_calls_before + 2
+    assert primary.calls == 3
+    assert events[-2:] == [("acquire", "breaker_open")] * 2
+
+
+async def test_a_cancelled_trial_hands_the_trial_back(
+    primary: ScriptedPrimary, clock: ManualClock, events: list[tuple[str, str]]
+) -> None:
+    limiter = _limiter(primary, clock, events)
+    primary.down = True
+    for _ in range(2):
+        await limiter.acquire([SPEC], group="g")
+    primary.down = False
+    clock.advance(5.0)
+    primary.gate = asyncio.Event()
+
+    trial = asyncio.create_task(limiter.acquire([SPEC], group="g"))
+    await primary.at_gate.wait()
+    trial.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await trial
+    primary.gate = None
+
+    await limiter.acquire([SPEC], group="g")
+
+    assert primary.calls == 4  # the next call got to run the trial
+    assert limiter.breaker.state == "closed"
+
+
+async def test_invalid_arguments_pass_through_and_do_not_count(
+    primary: ScriptedPrimary, clock: ManualClock, events: list[tuple[str, str]]
+) -> None:
+    limiter = _limiter(primary, clock, events)
+    for _ in range(5):
+        with pytest.raises(ValueError):
+            await limiter.acquire([SPEC, SPEC], group="g")
+
+    assert limiter.breaker.failures == 0
+    assert events == []
+
+
+async def test_warnings_are_rate_limited_and_count_what_they_skipped(
+    primary: ScriptedPrimary,
+    clock: ManualClock,
+    events: list[tuple[str, str]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    limiter = _limiter(primary, clock, events)
+    primary.down = True
+    caplog.set_level(logging.WARNING, logger="llmgateway.limits.resilient")
+
+    for _ in range(50):
+        await limiter.acquire([SPEC], group="g")
+    clock.advance(10.0)
+    await limiter.acquire([SPEC], group="g")
+
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2
+    assert "1 such calls" in warnings[0]
+    assert "50 such calls" in warnings[1]
+    assert len(events) == 51
+
+
+async def test_a_failing_hook_never_breaks_a_decision(
+    primary: ScriptedPrimary, clock: ManualClock
+) -> None:
+    def hook(operation: str, reason: str) -> None:
+        raise RuntimeError("metrics are down too")
+
+    limiter = ResilientLimiter(
+        primary, InProcessLimiter(clock=clock), on_fallback=hook, clock=clock
+    )
+    primary.down = True
+
+    assert (await limiter.acquire([SPEC], group="g")).allowed
+
+
+async def test_blocks_reach_the_fallback_even_when_the_primary_takes_them(
+    primary: ScriptedPrimary, clock: ManualClock, events: list[tuple[str, str]]
+) -> None:
+    limiter = _limiter(primary, clock, events)
+    await limiter.block("rpm", 30.0, group="g")  # primary is up
+    primary.down = True
+
+    decision = await limiter.acquire([SPEC], group="g")  # decided by the fallback
+
+    assert not decision.allowed
+    assert decision.retry_after == pytest.approx(30.0)
+
+
+def test_fail_open_needs_a_fallback(primary: ScriptedPrimary) -> None:
+    with pytest.raises(ValueError, match="needs a fallback"):
+        ResilientLimiter(primary, None, fail_open=True)
+    ResilientLimiter(primary, None, fail_open=False)
