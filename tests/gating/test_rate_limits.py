@@ -8,6 +8,7 @@ from collections import Counter
 import httpx
 import pytest
 from django.core.management import call_command
+from django_ratelimit.core import _get_window
 
 from llmgateway.models import ApiKey
 from tests.gating.conftest import chat_body, fire
@@ -112,8 +113,19 @@ def test_createapikey_sets_the_keys_limits(transactional_db, capsys) -> None:
     assert (api_key.rpm_limit, api_key.tpm_limit, api_key.max_concurrent, api_key.name) == (30, 9000, 3, "ci")
 
 
+def _wait_for_a_fresh_login_window(client_ip: str, needed_seconds: float) -> None:
+    """django-ratelimit counts in fixed windows (per key, jittered by a hash of the key's value):
+    attempts that straddle a window's end start counting again from zero. Start early enough in
+    a window that all the attempts fall inside it."""
+    period = 60  # settings.LOGIN_RATE is 10/m
+    seconds_left = _get_window(client_ip, period) - time.time()
+    if seconds_left < needed_seconds:
+        time.sleep(seconds_left + 0.2)
+
+
 def test_the_login_page_is_rate_limited_per_ip(gateway_factory) -> None:
     gateway = gateway_factory()  # its own process: a fresh per-process cache
+    _wait_for_a_fresh_login_window("127.0.0.1", needed_seconds=20)
     with httpx.Client(base_url=gateway.base_url, timeout=10) as http:
         codes = []
         for attempt in range(12):
