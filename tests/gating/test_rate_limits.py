@@ -118,7 +118,8 @@ def _wait_for_a_fresh_login_window(client_ip: str, needed_seconds: float) -> Non
     attempts that straddle a window's end start counting again from zero. Start early enough in
     a window that all the attempts fall inside it."""
     period = 60  # settings.LOGIN_RATE is 10/m
-    seconds_left = _get_window(client_ip, period) - time.time()
+    # _get_window() names the window by its last whole second: it ends one second after that.
+    seconds_left = _get_window(client_ip, period) + 1 - time.time()
     if seconds_left < needed_seconds:
         time.sleep(seconds_left + 0.2)
 
