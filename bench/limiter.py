@@ -1,9 +1,12 @@
 """Benchmark the rate limiter: decision latency (p50/p99) and decisions per second.
 
-    .venv/bin/python -m bench.limiter [--seconds 5] [--concurrency 50] [--json out.json]
+    .venv/bin/python -m bench.limiter [--seconds 5] [--concurrency 1,50] [--json out.json]
 
 Runs each scenario against the Redis backend (one Lua round trip per decision, default
-timeouts) and the in-process backend for comparison. Limits are set high enough that nothing
+timeouts) and the in-process backend for comparison, at each concurrency given. Concurrency 1
+is the latency of one decision; at 50 concurrent callers in one process the latency is mostly
+time queued behind the others' decisions (Little's law: callers / decisions per second), and
+decisions/s is the figure to read. Limits are set high enough that nothing
 is rejected, so the numbers are the cost of a decision, not of a rejection. Keys are spread
 over ``--groups`` groups (users); every key written is deleted at the end.
 """
@@ -114,34 +117,35 @@ async def _delete_prefix(url: str, prefix: str) -> None:
 
 async def run(args: argparse.Namespace) -> list[Result]:
     prefix = f"bench:limiter:{uuid.uuid4().hex[:8]}"
-    factories: dict[str, Callable[[], Limiter]] = {
-        "redis": lambda: RedisLimiter.from_url(
-            args.redis_url, prefix=prefix, max_connections=args.concurrency
+    factories: dict[str, Callable[[int], Limiter]] = {
+        "redis": lambda concurrency: RedisLimiter.from_url(
+            args.redis_url, prefix=prefix, max_connections=concurrency
         ),
-        "inprocess": InProcessLimiter,
+        "inprocess": lambda concurrency: InProcessLimiter(),
     }
     backends = ["redis", "inprocess"] if not args.no_redis else ["inprocess"]
     results: list[Result] = []
     try:
         for backend in backends:
-            for scenario, specs in SCENARIOS.items():
-                limiter = factories[backend]()
-                try:
-                    await limiter.acquire(specs, group="warmup")
-                    results.append(
-                        await _measure(
-                            limiter,
-                            specs,
-                            backend=backend,
-                            scenario=scenario,
-                            seconds=args.seconds,
-                            concurrency=args.concurrency,
-                            groups=args.groups,
+            for concurrency in args.concurrency:
+                for scenario, specs in SCENARIOS.items():
+                    limiter = factories[backend](concurrency)
+                    try:
+                        await limiter.acquire(specs, group="warmup")
+                        results.append(
+                            await _measure(
+                                limiter,
+                                specs,
+                                backend=backend,
+                                scenario=scenario,
+                                seconds=args.seconds,
+                                concurrency=concurrency,
+                                groups=args.groups,
+                            )
                         )
-                    )
-                finally:
-                    await limiter.aclose()
-                _print_row(results[-1])
+                    finally:
+                        await limiter.aclose()
+                    _print_row(results[-1])
     finally:
         if "redis" in backends:
             await _delete_prefix(args.redis_url, prefix)
@@ -162,18 +166,33 @@ def _print_row(r: Result) -> None:
     )
 
 
+def _counts(value: str) -> list[int]:
+    try:
+        counts = [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {value!r}") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError("counts must be >= 1")
+    return counts
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.limiter", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--seconds", type=float, default=5.0, help="duration of each scenario")
-    parser.add_argument("--concurrency", type=int, default=50, help="concurrent callers")
+    parser.add_argument(
+        "--concurrency",
+        type=_counts,
+        default=[1, 50],
+        help="concurrent callers, comma-separated for several runs (default 1,50)",
+    )
     parser.add_argument("--groups", type=int, default=100, help="distinct groups (users)")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis to use")
     parser.add_argument("--no-redis", action="store_true", help="benchmark in-process only")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
     args = parser.parse_args(argv)
-    if args.seconds <= 0 or args.concurrency < 1 or args.groups < 1:
+    if args.seconds <= 0 or args.groups < 1:
         parser.error("--seconds, --concurrency and --groups must be positive")
 
     print(HEADER, flush=True)

@@ -175,14 +175,12 @@ def budget_reserve(
             rates=rates_for(account=account, model=model, upstream_model=upstream_model, at=now),
         )
         pricing_cache.put(user_id, model, upstream_model, pricing)
-    rates = pricing.rates
-    if rates is None:
-        raise ConfigurationError(PRICE_MISSING.format(model=model), param="model")
-    estimate = rates.cost(prompt_tokens=prompt_tokens, cached_tokens=0, completion_tokens=completion_tokens)
-    tokens = prompt_tokens + completion_tokens
-    unheld = Admission(account_id=pricing.account_id, rates=rates, reserved_usd=None, reserved_tokens=None)
+    unheld = _admission_without_hold(pricing, model=model)
     if not pricing.has_limits:
         return unheld  # reads only: no transaction, so no write lock on SQLite
+    rates = unheld.rates
+    estimate = rates.cost(prompt_tokens=prompt_tokens, cached_tokens=0, completion_tokens=completion_tokens)
+    tokens = prompt_tokens + completion_tokens
     with transaction.atomic():
         # The lock serializes this account's admissions; its limits are re-read under it.
         account = Account.objects.select_for_update().get(pk=pricing.account_id)
@@ -430,6 +428,40 @@ def price_defaults_load(*, using: str = DEFAULT_DB_ALIAS) -> PriceImportResult |
 
 # --- Async twins ------------------------------------------------------------------------------
 
-abudget_reserve = db_task(budget_reserve)
+def _admission_without_hold(pricing: pricing_cache.Pricing, *, model: str) -> Admission:
+    if pricing.rates is None:
+        raise ConfigurationError(PRICE_MISSING.format(model=model), param="model")
+    return Admission(account_id=pricing.account_id, rates=pricing.rates, reserved_usd=None, reserved_tokens=None)
+
+
+_budget_reserve_in_thread = db_task(budget_reserve)
+
+
+async def abudget_reserve(
+    *,
+    user_id: int,
+    model: str,
+    upstream_model: str | None,
+    prompt_tokens: int,
+    completion_tokens: int,
+    request_id: uuid.UUID,
+    now: datetime | None = None,
+) -> Admission:
+    """`budget_reserve` from async code. A user without budgets whose pricing is cached needs no
+    database work at all, so that case is answered here without a hop to a worker thread."""
+    pricing = pricing_cache.get(user_id, model, upstream_model)
+    if pricing is not None and not pricing.has_limits:
+        return _admission_without_hold(pricing, model=model)
+    return await _budget_reserve_in_thread(
+        user_id=user_id,
+        model=model,
+        upstream_model=upstream_model,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        request_id=request_id,
+        now=now,
+    )
+
+
 abudget_release = db_task(budget_release)
 ausage_record_create = db_task(usage_record_create)

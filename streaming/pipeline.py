@@ -304,15 +304,18 @@ async def sse_stream(
                         frames.append(frame)
                 else:
                     if isinstance(item, _End):
-                        frames.append(_sse.DONE)
+                        last = _sse.DONE
                     elif isinstance(item, CompletionCapReached):
-                        frames.append(item.frame())
+                        last = item.frame()
                     else:
-                        frames.append(on_error(item))
-                    # Settle before the last frame: once a client sees [DONE], the call is in
-                    # the ledger and its next request is checked against the updated spend.
+                        last = on_error(item)
+                    # What is ready goes out now; the last frame waits for the settlement: once
+                    # a client sees [DONE], the call is in the ledger and its next request is
+                    # checked against the updated spend.
+                    if frames:
+                        yield b"".join(frames)
                     await relay.aclose()
-                    yield b"".join(frames)
+                    yield last
                     return
                 if queue.empty():
                     break

@@ -115,7 +115,7 @@ class OpenAIProvider:
             api_key=api_key,
             max_retries=0,
             timeout=timeout,
-            http_client=openai.DefaultAsyncHttpx2Client(
+            http_client=openai.DefaultAioHttpClient(
                 timeout=timeout,
                 limits=httpx2.Limits(max_connections=None, max_keepalive_connections=256),
             ),

@@ -129,6 +129,7 @@ def test_a_stream_reaching_its_hold_is_stopped_and_billed_for_what_it_produced(c
     key = api_key_factory("capped")
     account_quota_set(user_id=user_named("capped").pk, monthly_spend_limit_usd=Decimal("1"))
     fake_upstream.tokens = 50
+    fake_upstream.inter_token_delay = 0.02  # still sending when the cap is reached
     response = post(capped_gateway, key, {"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True})
     frames = [frame.removeprefix("data: ") for frame in response.text.split("\n\n") if frame.startswith("data: ")]
     contents = [json.loads(frame)["choices"][0]["delta"].get("content") for frame in frames[:-1]]
@@ -141,7 +142,10 @@ def test_a_stream_reaching_its_hold_is_stopped_and_billed_for_what_it_produced(c
     assert record.completion_tokens == count_text_tokens("tok " * CAP, model="gpt-4o-mini")
     assert record.reserved_usd is not None
     assert not Reservation.objects.exists()
-    assert fake_upstream.wait_until(lambda: fake_upstream.requests[-1].closed_at is not None, timeout=5)
+    # The gateway hung up on the upstream mid-stream: it stopped producing (and billing) at once.
+    upstream_call = fake_upstream.requests[-1]
+    assert fake_upstream.wait_until(lambda: upstream_call.closed_at is not None, timeout=5)
+    assert upstream_call.client_disconnected and not upstream_call.completed
 
 
 def test_a_non_streamed_call_reaching_its_hold_is_a_400(capped_gateway, api_key_factory, fake_upstream) -> None:
