@@ -183,6 +183,9 @@ GATEWAY_FIRST_TOKEN_TIMEOUT = _env_float("GATEWAY_FIRST_TOKEN_TIMEOUT", 120.0)
 GATEWAY_IDLE_TIMEOUT = _env_float("GATEWAY_IDLE_TIMEOUT", 60.0)
 GATEWAY_TOTAL_TIMEOUT = _env_float("GATEWAY_TOTAL_TIMEOUT", 600.0)
 GATEWAY_HEARTBEAT_INTERVAL = _env_float("GATEWAY_HEARTBEAT_INTERVAL", 15.0)
+# Open connections to one upstream per worker process; each running call holds one, so this is
+# also the most concurrent calls a worker makes to that upstream (the others wait for a slot).
+GATEWAY_UPSTREAM_MAX_CONNECTIONS = _env_int("GATEWAY_UPSTREAM_MAX_CONNECTIONS", 10_000)
 
 # Upstreams. The `openai` provider uses the OpenAI SDK's own variables.
 OPENAI_API_KEY = os.environ.get("OPENAI_API_KEY", "")

@@ -23,6 +23,7 @@ def _build(name: str) -> Provider:
             base_url=settings.OPENAI_BASE_URL,
             api_key=settings.OPENAI_API_KEY,
             connect_timeout=settings.GATEWAY_CONNECT_TIMEOUT,
+            max_connections=settings.GATEWAY_UPSTREAM_MAX_CONNECTIONS,
             # The SDK's read timeout is a backstop; the pipeline enforces first-token/idle/total.
             read_timeout=max(settings.GATEWAY_FIRST_TOKEN_TIMEOUT, settings.GATEWAY_IDLE_TIMEOUT) + 5,
         )

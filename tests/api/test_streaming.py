@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import httpx
@@ -245,3 +246,39 @@ def test_upstream_connections_are_reused_across_streams(gateway, api_key, fake_u
     # Reading the body to its end after [DONE] returns the connection to the pool: no new
     # connection (and, against a real upstream, no new TLS handshake) per call.
     assert fake_upstream.total_connections == before
+
+
+def test_more_streams_than_a_default_connection_pool_run_at_once(gateway, api_key_factory, fake_upstream) -> None:
+    """HTTP clients cap their pools by default (aiohttp at 100 connections); a gateway worker
+    must not quietly queue its callers' 101st concurrent stream behind that cap."""
+    streams = 150
+    key = api_key_factory("many-streams", max_concurrent=streams, rpm_limit=10 * streams)
+    fake_upstream.tokens = 40
+    fake_upstream.inter_token_delay = 0.1  # each stream lasts about 4 s
+    first_request = len(fake_upstream.requests)
+
+    def upstream_streams_open() -> int:
+        return sum(
+            1
+            for request in fake_upstream.requests[first_request:]
+            if request.first_chunk_at is not None and request.closed_at is None and not request.completed
+        )
+
+    async def open_streams_and_count() -> int:
+        async with httpx.AsyncClient(timeout=20, limits=httpx.Limits(max_connections=None)) as http:
+            request = http.build_request(
+                "POST",
+                f"{gateway.api_url}/chat/completions",
+                headers={"Authorization": f"Bearer {key}"},
+                json={"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True},
+            )
+            responses = await asyncio.gather(*(http.send(request, stream=True) for _ in range(streams)))
+            try:
+                assert [response.status_code for response in responses] == [200] * streams
+                await fake_upstream.await_until(lambda: upstream_streams_open() == streams, timeout=3)
+                return upstream_streams_open()
+            finally:
+                await asyncio.gather(*(response.aclose() for response in responses))
+
+    assert asyncio.run(open_streams_and_count()) == streams
+    assert fake_upstream.wait_until(lambda: UsageRecord.objects.count() == streams, timeout=10)
