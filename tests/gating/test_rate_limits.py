@@ -10,6 +10,7 @@ import pytest
 from django.core.management import call_command
 from django_ratelimit.core import _get_window
 
+from billing.models import UsageRecord
 from llmgateway.models import ApiKey
 from tests.gating.conftest import chat_body, fire
 
@@ -103,6 +104,12 @@ def test_concurrent_streams_per_key_are_limited_and_slots_come_back(gateway, api
                     break
             assert time.monotonic() < deadline, "slots were not released"
             time.sleep(0.05)
+    # Three streams reached the upstream (the two, then the one admitted again): let the gateway
+    # finish recording them before the test's database is flushed.
+    deadline = time.monotonic() + 5
+    while UsageRecord.objects.count() < 3:
+        assert time.monotonic() < deadline, "the streams were not recorded"
+        time.sleep(0.02)
 
 
 def test_createapikey_sets_the_keys_limits(transactional_db, capsys) -> None:
