@@ -6,7 +6,9 @@ One invocation starts, on 127.0.0.1 only:
 
 - the fake upstream (``bench.fake_upstream.FakeUpstream``) in a helper process that the run
   steers between phases (``bench._upstream_host``): pacing, faults, per-request records;
-- the gateway: Granian ``--interface asgi``, ``--workers`` worker(s), on a fresh temporary SQLite
+- the gateway: Granian ``--interface asgi`` as the README recommends serving it (one worker per
+  CPU sharing Redis when a Redis answers, else the embedded default's one worker; ``--workers``
+  and ``REDIS_URL`` override), on a fresh temporary SQLite
   database (migrated, with one API key), ``OPENAI_BASE_URL`` pointing at the fake upstream;
 - the load generator, a raw asyncio SSE client in its own process(es) (``bench._loadgen``), which
   reports its own CPU.
@@ -36,6 +38,7 @@ Choices that may look odd:
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import datetime as dt
 import http.client
@@ -1170,6 +1173,7 @@ def _meta(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
         "git_dirty_files": len(dirty.splitlines()),
         "quick": args.quick,
         "workers": args.workers,
+        "limiter": "redis" if os.environ.get("REDIS_URL") else "in-process",
         "database": "postgresql" if args.postgres else "sqlite",
         "client_procs": args.client_procs,
         "tokens_per_stream": args.tokens,
@@ -1318,7 +1322,9 @@ def _targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         # process, latency is mostly queueing behind the others (the table shows those rows).
         single = min(r["concurrency"] for r in limiter["rows"])
         for backend in dict.fromkeys(r["backend"] for r in limiter["rows"]):
-            rows = [r for r in limiter["rows"] if r["backend"] == backend and r["concurrency"] == single]
+            rows = [
+                r for r in limiter["rows"] if r["backend"] == backend and r["concurrency"] == single
+            ]
             worst = max(rows, key=lambda r: r["p99_ms"])
             targets.append(
                 Target(
@@ -1349,7 +1355,7 @@ def render(results: dict[str, Any]) -> str:
     dirty = f" (+{meta['git_dirty_files']} modified files)" if meta["git_dirty_files"] else ""
     lines = [
         f"llmgateway benchmark {meta['started']}, git {meta['git']}{dirty}; gateway: Granian ASGI, "
-        f"{meta['workers']} worker(s), {meta['database']}; {meta['tokens_per_stream']} tokens/stream; "
+        f"{meta['workers']} worker(s), {meta.get('limiter', '?')} limiter, {meta['database']}; {meta['tokens_per_stream']} tokens/stream; "
         f"{meta['cpus']} CPUs; {'QUICK run, ' if meta['quick'] else ''}took {meta.get('elapsed_s', '?')} s",
         "",
     ]
@@ -1485,6 +1491,41 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+LOCAL_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def _redis_answers(url: str) -> bool:
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
+def _choose_serving(args: argparse.Namespace) -> None:
+    """Serve as the README recommends: one worker per CPU sharing Redis (limits must be shared
+    by the workers), or the embedded default (one worker, in-process limiter) without Redis.
+    An explicit --workers or REDIS_URL wins."""
+    redis_url = os.environ.get("REDIS_URL")
+    if not redis_url and args.workers != 1 and _redis_answers(LOCAL_REDIS_URL):
+        redis_url = os.environ["REDIS_URL"] = LOCAL_REDIS_URL
+    if args.workers is None:
+        args.workers = (os.cpu_count() or 1) if redis_url else 1
+    if not redis_url and args.workers > 1:
+        _log("WARNING: several workers without Redis: each enforces its own copy of every limit")
+    if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        metrics_dir = tempfile.mkdtemp(prefix="llmgateway-bench-metrics-")
+        atexit.register(shutil.rmtree, metrics_dir, True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    _log(
+        f"serving: {args.workers} worker(s), limiter {'Redis ' + redis_url if redis_url else 'in-process'}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -1493,7 +1534,11 @@ def main(argv: list[str] | None = None) -> int:
         help="a smoke run of about a minute: short phases, no 1,000-stream rows",
     )
     parser.add_argument(
-        "--workers", type=int, default=1, help="Granian worker processes (default 1)"
+        "--workers",
+        type=int,
+        default=None,
+        help="Granian worker processes (default: as the README recommends, one per CPU with "
+        "Redis; 1 when no Redis answers, the embedded default)",
     )
     parser.add_argument(
         "--tokens", type=int, default=50, help="content tokens per stream (default 50)"
@@ -1532,13 +1577,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
     unknown = set(phases) - set(PHASES)
-    if unknown or args.workers < 1 or args.tokens < 1 or args.client_procs < 1:
+    if (
+        unknown
+        or (args.workers is not None and args.workers < 1)
+        or args.tokens < 1
+        or args.client_procs < 1
+    ):
         parser.error(
             f"bad arguments (unknown phases: {sorted(unknown)})"
             if unknown
             else "counts must be >= 1"
         )
 
+    _choose_serving(args)
     _raise_fd_limit()
     if args.wait_quiet > 0:
         _wait_quiet(args.wait_quiet)
