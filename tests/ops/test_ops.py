@@ -46,6 +46,28 @@ async def test_metrics_need_staff_or_token(monkeypatch, admin_user) -> None:
     assert b"llmgateway_active_streams" in response.content
 
 
+def test_metrics_of_several_workers_add_up_whichever_worker_answers(gateway_factory, api_key_factory, fake_upstream, tmp_path) -> None:
+    """Served as recommended in production (a worker per core, PROMETHEUS_MULTIPROC_DIR set),
+    every worker's /metrics reports the calls of all of them."""
+    gateway = gateway_factory(workers=2, PROMETHEUS_MULTIPROC_DIR=str(tmp_path), METRICS_TOKEN="s3cret")
+    key = api_key_factory("metrics", rpm_limit=1000)
+    fake_upstream.tokens = 3
+    calls = 12
+    for _ in range(calls):  # a new connection each: the kernel spreads them over the workers
+        response = httpx.post(
+            f"{gateway.api_url}/chat/completions",
+            headers={"Authorization": f"Bearer {key}"},
+            json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hi"}]},
+            timeout=10,
+        )
+        assert response.status_code == 200
+    completed = 'llmgateway_calls_total{model="gpt-4o-mini",status="completed"} ' + f"{float(calls)}"
+    for _ in range(6):
+        metrics = httpx.get(f"{gateway.base_url}/metrics", headers={"Authorization": "Bearer s3cret"}, timeout=10)
+        assert metrics.status_code == 200
+        assert completed in metrics.text.splitlines()
+
+
 @pytest.mark.ledger
 def test_a_call_is_counted_logged_and_timed(gateway, api_key, fake_upstream) -> None:
     fake_upstream.tokens = 3
