@@ -38,6 +38,7 @@ Choices that may look odd:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import atexit
 import contextlib
 import datetime as dt
@@ -73,7 +74,7 @@ BODY: dict[str, Any] = {
     "stream_options": {"include_usage": True},
 }
 CHAT_PATH = "/v1/chat/completions"
-PHASES = ("streaming", "memory", "storm", "limiter")
+PHASES = ("streaming", "memory", "storm", "accuracy", "limiter")
 BENCH_LIMITS = {
     "LIMITS_KEY_RPM": str(10**9),
     "LIMITS_KEY_TPM": str(10**12),
@@ -120,6 +121,9 @@ class Plan:
     storm_clients: int = 500
     storm_delay_ms: float = 500.0
     limiter_seconds: float = 1.0
+    accuracy_gateways: int = 3
+    accuracy_rpm: int = 60
+    accuracy_requests: int = 200
 
     def duration(self, delay_ms: float, concurrency: int) -> float:
         return self.durations.get((delay_ms, concurrency), self.default_duration)
@@ -511,6 +515,8 @@ class Bench:
         # limit set in the environment wins.
         for name, value in BENCH_LIMITS.items():
             env.setdefault(name, value)
+        # Each run's database starts its key ids at 1: its limits must not meet an earlier run's.
+        env.setdefault("LIMITS_REDIS_PREFIX", f"llmgw:bench:{self.workdir.name}")
         env.update(
             {
                 "DATABASE_URL": self.database_url,
@@ -980,6 +986,78 @@ class Bench:
             f"left open {closing['left_open']}, ledger {sum(rows.values())}/{n}"
         )
 
+    # -- limiter accuracy across processes ------------------------------------------------------
+
+    def phase_accuracy(self) -> None:
+        """One key with a per-minute limit, hammered at once through several gateway processes
+        that share Redis: admitted must be the limit, plus (token bucket) what refilled while the
+        burst lasted, and never more. Each rejection must carry Retry-After."""
+        if not self.env.get("REDIS_URL"):
+            self.results["accuracy"] = {
+                "status": "n/a",
+                "reason": "needs REDIS_URL: the in-process limiter is exact only within one process",
+            }
+            return
+        assert self.upstream is not None
+        self.upstream.configure(tokens=3, inter_token_delay=0.0)
+        plan = self.plan
+        rows = []
+        for algorithm in ("sliding_window", "token_bucket"):
+            key = self._create_key(f"accuracy-{algorithm}", rpm=plan.accuracy_rpm)
+            env = {**self.env, "LIMITS_RPM_ALGORITHM": algorithm}
+            gateways: list[Gateway] = []
+            try:
+                for index in range(plan.accuracy_gateways):
+                    gateways.append(Gateway(env, 1, self.workdir / f"accuracy-{index}.log"))
+                started = time.monotonic()
+                answers = asyncio.run(
+                    _hammer([g.port for g in gateways], key, plan.accuracy_requests)
+                )
+                elapsed = time.monotonic() - started
+            finally:
+                for gateway in gateways:
+                    gateway.stop()
+            statuses = Counter(status for status, _ in answers)
+            admitted = statuses.get(200, 0)
+            # A bucket of `rpm` refills at rpm/60 per second while the burst lasts; the sliding
+            # window admits exactly `rpm` in any 60 s.
+            refill = int(elapsed * plan.accuracy_rpm / 60) + 1 if algorithm == "token_bucket" else 0
+            allowed = plan.accuracy_rpm + refill
+            rows.append(
+                {
+                    "algorithm": algorithm,
+                    "gateways": plan.accuracy_gateways,
+                    "rpm": plan.accuracy_rpm,
+                    "requests": plan.accuracy_requests,
+                    "burst_s": round(elapsed, 3),
+                    "admitted": admitted,
+                    "rejected_429": statuses.get(429, 0),
+                    "other": sum(n for status, n in statuses.items() if status not in (200, 429)),
+                    "allowed_max": allowed,
+                    "over_admitted": max(0, admitted - allowed),
+                    "under_admitted": max(0, plan.accuracy_rpm - admitted),
+                    "429_without_retry_after": sum(
+                        1 for status, retry_after in answers if status == 429 and not retry_after
+                    ),
+                }
+            )
+            _log(
+                f"accuracy {algorithm}: {admitted} admitted of {plan.accuracy_requests} "
+                f"(limit {plan.accuracy_rpm}, at most {allowed}) in {elapsed:.2f} s"
+            )
+        self.results["accuracy"] = {"status": "ok", "rows": rows}
+
+    def _create_key(self, username: str, *, rpm: int) -> str:
+        created = subprocess.run(
+            [sys.executable, "manage.py", "createapikey", username, "--rpm", str(rpm)],
+            cwd=ROOT,
+            env=self.env,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        return created.stdout.strip().splitlines()[-1]
+
     # -- limiter ------------------------------------------------------------------------------
 
     def phase_limiter(self) -> None:
@@ -1060,7 +1138,10 @@ class Bench:
                 getattr(self, f"phase_{phase}")()
         self.ledger_check()
         assert self.gateway is not None
-        self.gateway.stop()  # the limiter benchmark gets a quiet machine
+        self.gateway.stop()  # the limiter benchmarks get a quiet machine
+        if "accuracy" in phases:
+            _log("phase accuracy")
+            self.phase_accuracy()
         if "limiter" in phases:
             _log("phase limiter")
             self.phase_limiter()
@@ -1316,6 +1397,28 @@ def _targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 None,
             )
         )
+    accuracy = results.get("accuracy")
+    if accuracy and accuracy.get("status") == "ok":
+        rows = accuracy["rows"]
+        exact = all(
+            r["over_admitted"] == 0
+            and r["under_admitted"] == 0
+            and r["other"] == 0
+            and r["429_without_retry_after"] == 0
+            for r in rows
+        )
+        targets.append(
+            Target(
+                f"limiter accuracy, {rows[0]['gateways']} gateway processes sharing Redis",
+                ", ".join(f"{r['algorithm']} {r['admitted']}/{r['rpm']} (max {r['allowed_max']})" for r in rows),
+                "0 over-admitted",
+                exact,
+            )
+        )
+    elif accuracy:
+        targets.append(
+            Target("limiter accuracy across gateway processes", "n/a", "0 over-admitted", None)
+        )
     limiter = results.get("limiter")
     if limiter and limiter.get("status") == "ok":
         # The target is one decision's latency: the one-caller rows. With many callers in one
@@ -1446,6 +1549,19 @@ def render(results: dict[str, Any]) -> str:
             f"{_fmt(storm['gateway_cpu_pct_during'], '.0f')}%",
             "",
         ]
+    accuracy = results.get("accuracy")
+    if accuracy:
+        if accuracy.get("status") == "ok":
+            lines.append("Limiter accuracy (one key, gateway processes sharing Redis, every request at once)")
+            for r in accuracy["rows"]:
+                lines.append(
+                    f"  {r['algorithm']:<15} {r['gateways']} gateways, {r['rpm']} RPM, {r['requests']} requests "
+                    f"in {r['burst_s']:.2f} s: admitted {r['admitted']} (at most {r['allowed_max']}), "
+                    f"429 {r['rejected_429']} ({r['429_without_retry_after']} without Retry-After), other {r['other']}"
+                )
+        else:
+            lines.append(f"Limiter accuracy: n/a ({accuracy.get('reason')})")
+        lines.append("")
     limiter = results.get("limiter")
     if limiter:
         if limiter.get("status") == "ok":
@@ -1489,6 +1605,30 @@ def render(results: dict[str, Any]) -> str:
     for t in results["targets"]:
         lines.append(f"{t['name']:<62} {t['measured']:<36} {t['target']:<22} {t['status']}")
     return "\n".join(lines)
+
+
+async def _hammer(ports: Sequence[int], key: str, count: int) -> list[tuple[int, bool]]:
+    """`count` chat completions at once, round-robin over the gateways: (status, has Retry-After).
+    Status 0 is a transport error."""
+    import httpx
+
+    body = {**BODY, "stream": False, "max_tokens": 3}
+    body.pop("stream_options", None)
+    limits = httpx.Limits(max_connections=count, max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+
+        async def one(index: int) -> tuple[int, bool]:
+            try:
+                response = await client.post(
+                    f"http://{HOST}:{ports[index % len(ports)]}{CHAT_PATH}",
+                    headers={"Authorization": f"Bearer {key}"},
+                    json=body,
+                )
+            except httpx.HTTPError:
+                return 0, False
+            return response.status_code, "retry-after" in response.headers
+
+        return list(await asyncio.gather(*(one(index) for index in range(count))))
 
 
 LOCAL_REDIS_URL = "redis://127.0.0.1:6379/0"

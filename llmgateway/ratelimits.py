@@ -63,7 +63,9 @@ def get_limiter() -> Limiter:
     if _limiter is None:
         if settings.REDIS_URL:
             _limiter = ResilientLimiter(
-                RedisLimiter.from_url(settings.REDIS_URL, timeout=settings.LIMITS_REDIS_TIMEOUT),
+                RedisLimiter.from_url(
+                    settings.REDIS_URL, prefix=settings.LIMITS_REDIS_PREFIX, timeout=settings.LIMITS_REDIS_TIMEOUT
+                ),
                 InProcessLimiter(),
                 fail_open=settings.LIMITS_FAIL_OPEN,
                 breaker=CircuitBreaker(failure_threshold=5, reset_timeout=settings.LIMITS_BREAKER_RESET),

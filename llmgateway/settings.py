@@ -232,6 +232,8 @@ LIMITS_FAIL_OPEN = _env_bool("LIMITS_FAIL_OPEN", True)
 # before the circuit breaker opens.
 LIMITS_REDIS_TIMEOUT = _env_float("LIMITS_REDIS_TIMEOUT", 2.0)
 LIMITS_BREAKER_RESET = _env_float("LIMITS_BREAKER_RESET", 5.0)
+# Prefix of the limiter's Redis keys: gateways that share a Redis share limits only when it matches.
+LIMITS_REDIS_PREFIX = os.environ.get("LIMITS_REDIS_PREFIX", "llmgw:rl")
 # Published upstream limits per model, as JSON: {"gpt-4o": {"rpm": 500, "tpm": 30000}}.
 UPSTREAM_LIMITS = json.loads(os.environ.get("UPSTREAM_LIMITS_JSON") or "{}")
 UPSTREAM_LIMIT_HEADROOM = _env_float("UPSTREAM_LIMIT_HEADROOM", 0.2)

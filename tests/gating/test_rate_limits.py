@@ -55,6 +55,16 @@ def test_a_60_rpm_key_hammered_by_200_requests_on_three_gateways_admits_exactly_
         assert admitted_again.headers["x-ratelimit-remaining-requests"] == "0"
 
 
+def test_gateways_share_limits_only_under_the_same_redis_prefix(gateway_factory, api_key_factory, clean_redis) -> None:
+    blue = gateway_factory(REDIS_URL=clean_redis, LIMITS_REDIS_PREFIX="blue")
+    blue_again = gateway_factory(REDIS_URL=clean_redis, LIMITS_REDIS_PREFIX="blue")
+    green = gateway_factory(REDIS_URL=clean_redis, LIMITS_REDIS_PREFIX="green")
+    key = api_key_factory("prefixed", rpm_limit=5)
+    assert statuses(fire([blue.base_url], key, 5)) == {200: 5}
+    assert statuses(fire([blue_again.base_url], key, 1)) == {429: 1}
+    assert statuses(fire([green.base_url], key, 5)) == {200: 5}
+
+
 def test_a_noisy_key_cannot_take_another_keys_capacity(gateway, api_key_factory) -> None:
     noisy = api_key_factory("noisy", rpm_limit=5)
     quiet = api_key_factory("quiet", rpm_limit=5)
