@@ -14,6 +14,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import httpx2
 import openai
 import orjson
@@ -87,9 +88,20 @@ def _error_message(body: Any, default: str) -> str:
     return default
 
 
+def _is_failed_connection(error: BaseException) -> bool:
+    """Whether an SDK timeout is really a refused or dropped connection: the SDK's aiohttp
+    transport reports every aiohttp connection error as `httpx2.ConnectTimeout`."""
+    cause = error.__cause__
+    while cause is not None:
+        if isinstance(cause, aiohttp.ClientConnectionError) and not isinstance(cause, TimeoutError):
+            return True
+        cause = cause.__cause__
+    return False
+
+
 def translate_error(error: Exception) -> UpstreamError:
     """Map the SDK's request exceptions onto the gateway's UpstreamError kinds."""
-    if isinstance(error, openai.APITimeoutError):
+    if isinstance(error, openai.APITimeoutError) and not _is_failed_connection(error):
         return UpstreamError("timeout", "The upstream timed out.")
     if isinstance(error, openai.APIConnectionError):
         return UpstreamError("connection", "Could not reach the upstream, or it dropped the connection.")

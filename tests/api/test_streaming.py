@@ -11,6 +11,7 @@ import pytest
 
 from billing.models import UsageRecord
 from billing.tokens import count_text_tokens
+from tests.conftest import free_port
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.ledger]
 
@@ -117,6 +118,20 @@ def test_upstream_failures_before_the_stream_are_typed_http_errors(client, fake_
     record = the_only_record()
     assert record.status == "upstream_error" and record.error_kind == error_kind
     assert record.completion_tokens == 0
+
+
+def test_an_unreachable_upstream_is_a_502_not_a_timeout(gateway_factory, api_key) -> None:
+    nobody_listens = f"http://127.0.0.1:{free_port()}/v1"
+    gateway = gateway_factory(OPENAI_BASE_URL=nobody_listens)
+    client = openai.OpenAI(base_url=gateway.api_url, api_key=api_key, max_retries=0, timeout=20)
+    started = time.monotonic()
+    with pytest.raises(openai.InternalServerError) as raised:
+        client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)
+    assert time.monotonic() - started < 5  # refused at once, not waited out
+    assert raised.value.status_code == 502
+    assert "Could not reach the upstream" in raised.value.message
+    record = the_only_record()
+    assert (record.status, record.error_kind) == ("upstream_error", "connection")
 
 
 @pytest.mark.parametrize("fault", ["error_frame", "cut"])
