@@ -89,8 +89,9 @@ def _error_message(body: Any, default: str) -> str:
 
 
 def _is_failed_connection(error: BaseException) -> bool:
-    """Whether an SDK timeout is really a refused or dropped connection: the SDK's aiohttp
-    transport reports every aiohttp connection error as `httpx2.ConnectTimeout`."""
+    """Whether a timeout is really a refused or dropped connection: the SDK's aiohttp transport
+    reports every aiohttp connection error as `httpx2.ConnectTimeout` (the SDK then raises
+    `APITimeoutError` from it)."""
     cause = error.__cause__
     while cause is not None:
         if isinstance(cause, aiohttp.ClientConnectionError) and not isinstance(cause, TimeoutError):
@@ -167,6 +168,8 @@ class OpenAIProvider:
                     usage=Usage.from_openai(usage) if usage else None,
                 )
         except httpx2.TimeoutException as error:
+            if _is_failed_connection(error):
+                raise UpstreamError("connection", "The upstream dropped the connection mid-stream.") from error
             raise UpstreamError("timeout", "The upstream timed out mid-stream.") from error
         except httpx2.HTTPError as error:
             raise UpstreamError("connection", "The upstream dropped the connection mid-stream.") from error
