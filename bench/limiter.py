@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
     args = parser.parse_args(argv)
     if args.seconds <= 0 or args.groups < 1:
-        parser.error("--seconds, --concurrency and --groups must be positive")
+        parser.error("--seconds and --groups must be positive")
 
     print(HEADER, flush=True)
     results = asyncio.run(run(args))

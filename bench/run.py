@@ -543,15 +543,7 @@ class Bench:
         _log(f"fake upstream on {self.upstream.base_url}")
         manage = [sys.executable, "manage.py"]
         subprocess.run([*manage, "migrate", "--noinput", "-v0"], cwd=ROOT, env=self.env, check=True)
-        created = subprocess.run(
-            [*manage, "createapikey", "bench", "--name", "benchmark"],
-            cwd=ROOT,
-            env=self.env,
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        self.api_key = created.stdout.strip().splitlines()[-1]
+        self.api_key = self._create_key("bench", "--name", "benchmark")
         self.start_gateway()
 
     def _settle_ledger(self, limit: float = 15.0) -> dict[str, int]:
@@ -1003,7 +995,7 @@ class Bench:
         plan = self.plan
         rows = []
         for algorithm in ("sliding_window", "token_bucket"):
-            key = self._create_key(f"accuracy-{algorithm}", rpm=plan.accuracy_rpm)
+            key = self._create_key(f"accuracy-{algorithm}", "--rpm", str(plan.accuracy_rpm))
             env = {**self.env, "LIMITS_RPM_ALGORITHM": algorithm}
             gateways: list[Gateway] = []
             try:
@@ -1047,9 +1039,10 @@ class Bench:
             )
         self.results["accuracy"] = {"status": "ok", "rows": rows}
 
-    def _create_key(self, username: str, *, rpm: int) -> str:
+    def _create_key(self, username: str, *options: str) -> str:
+        """A new API key from `manage.py createapikey` (which prints it alone on its last line)."""
         created = subprocess.run(
-            [sys.executable, "manage.py", "createapikey", username, "--rpm", str(rpm)],
+            [sys.executable, "manage.py", "createapikey", username, *options],
             cwd=ROOT,
             env=self.env,
             check=True,
