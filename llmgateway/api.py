@@ -60,8 +60,9 @@ async def serve_chat_completion(request: HttpRequest, authenticate: Callable[[],
         principal = await authenticate()
         params = validate_chat_body(parse_json_object(_read_body(request)))
         call = await chat_call_prepare(principal=principal, params=params)
+        # Django gives Title-Case header names (`X-Simulator-Fault`); the simulator reads lower-case.
         simulator_headers = {
-            name[len(SIMULATOR_HEADER_PREFIX) :]: value
+            name.lower()[len(SIMULATOR_HEADER_PREFIX) :]: value
             for name, value in request.headers.items()
             if name.lower().startswith(SIMULATOR_HEADER_PREFIX)
         }
