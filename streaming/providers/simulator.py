@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -35,12 +36,18 @@ _YIELD_EVERY = 16
 
 
 def _option(request: ChatRequest, header: str, route_key: str, default: float) -> float:
+    """The header's value if it is a finite number (at least 0), else the route's option, else *default*.
+
+    `inf` and `nan` parse as floats but are no length or delay: `int(inf)` crashed the stream.
+    """
     raw = request.simulator.get(header)
     if raw is not None:
         try:
-            return max(0.0, float(raw))
+            value = float(raw)
         except ValueError:
-            return default
+            value = math.nan
+        if math.isfinite(value):
+            return max(0.0, value)
     return float(request.route.options.get(route_key, default))
 
 
