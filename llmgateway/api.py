@@ -3,19 +3,31 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 
 import orjson
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
+from calls.chat import ChatCall, UpstreamRefused
 from llmgateway.auth import Principal, aauthenticate
-from llmgateway.errors import ApiError, MethodNotAllowed, NotFound, PayloadTooLarge, error_response
+from llmgateway.errors import (
+    ApiError,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    RateLimited,
+    UpstreamFailed,
+    UpstreamTimeout,
+    error_response,
+)
 from llmgateway.middleware import REQUEST_ID_HEADER, stamp_upstream_call
 from streaming.catalog import available_routes
-from streaming.services import SIMULATOR_HEADER_PREFIX, chat_call_prepare, chat_call_respond
+from streaming.providers import UpstreamError
 from streaming.validation import parse_json_object, validate_chat_body
 
 logger = logging.getLogger(__name__)
@@ -23,6 +35,7 @@ logger = logging.getLogger(__name__)
 BODY_TOO_LARGE = "The request body is larger than the gateway accepts ({limit} bytes)."
 UNKNOWN_ENDPOINT = "Unknown request URL: {method} {path}."
 INTERNAL_ERROR = "The gateway failed to process the request. It has been logged."
+SIMULATOR_HEADER_PREFIX = "x-simulator-"
 
 
 def _json(payload: object, status: int = 200) -> HttpResponse:
@@ -52,31 +65,88 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
     return await serve_chat_completion(request, lambda: aauthenticate(request.headers.get("Authorization")))
 
 
+def upstream_error_to_api_error(error: UpstreamError) -> ApiError:
+    """An upstream failure before any byte was sent to the client becomes an HTTP error."""
+    if error.kind == "rate_limited":
+        headers = {}
+        if error.retry_after is not None:
+            headers["retry-after"] = str(max(1, round(error.retry_after)))
+        return RateLimited(f"The upstream is rate limiting: {error.message}", code="upstream_rate_limited", headers=headers)
+    if error.kind == "bad_request":
+        return InvalidRequest(error.message, code="upstream_rejected_request")
+    if error.kind == "timeout":
+        return UpstreamTimeout(error.message)
+    if error.kind == "auth":
+        return UpstreamFailed("The gateway could not authenticate to its upstream.", code="upstream_auth_failed")
+    return UpstreamFailed(f"The upstream failed: {error.message}")
+
+
+class CallStreamingResponse(StreamingHttpResponse):
+    """A streaming response that ends its call even if the server never iterates the body."""
+
+    call: ChatCall
+
+    def close(self) -> None:
+        self.call.finish_threadsafe()
+        super().close()
+
+
+def _simulator_headers(request: HttpRequest) -> dict[str, str]:
+    # Django gives Title-Case header names (`X-Simulator-Fault`); the simulator reads lower-case.
+    return {
+        name.lower()[len(SIMULATOR_HEADER_PREFIX) :]: value
+        for name, value in request.headers.items()
+        if name.lower().startswith(SIMULATOR_HEADER_PREFIX)
+    }
+
+
 async def serve_chat_completion(request: HttpRequest, authenticate: Callable[[], Awaitable[Principal]]) -> HttpResponse:
-    """Authenticate, validate and run one chat completion (shared with the web chat page)."""
+    """Authenticate, validate and run one chat completion (shared with the web chat page).
+
+    Every response, error or not, carries the call's `x-request-id`: the ledger row's
+    `request_id` when the call reached an upstream.
+    """
+    request_id = uuid.uuid4()
+    headers: dict[str, str] = {}
     try:
-        if request.method != "POST":
-            raise MethodNotAllowed(f"{request.method} is not allowed on this endpoint; use POST.")
-        principal = await authenticate()
-        params = validate_chat_body(parse_json_object(_read_body(request)))
-        call = await chat_call_prepare(principal=principal, params=params)
-        # Django gives Title-Case header names (`X-Simulator-Fault`); the simulator reads lower-case.
-        simulator_headers = {
-            name.lower()[len(SIMULATOR_HEADER_PREFIX) :]: value
-            for name, value in request.headers.items()
-            if name.lower().startswith(SIMULATOR_HEADER_PREFIX)
-        }
-        response = await chat_call_respond(call, simulator_headers=simulator_headers)
-        response[REQUEST_ID_HEADER] = str(call.request_id)
-        for name, value in call.response_headers().items():
-            response[name] = value
-        stamp_upstream_call(request, response, upstream_seconds=call.upstream_wait_seconds())
-        return response
+        response = await _chat_completion(request, authenticate, request_id, headers)
     except ApiError as error:
-        return error_response(error)
+        response = error_response(error)
     except Exception:
-        logger.exception("unhandled error in chat completion")
-        return error_response(ApiError(INTERNAL_ERROR))
+        logger.exception("unhandled error in chat completion %s", request_id)
+        response = error_response(ApiError(INTERNAL_ERROR))
+    for name, value in headers.items():
+        if name not in response:
+            response[name] = value
+    response[REQUEST_ID_HEADER] = str(request_id)
+    return response
+
+
+async def _chat_completion(
+    request: HttpRequest, authenticate: Callable[[], Awaitable[Principal]], request_id: uuid.UUID, headers: dict[str, str]
+) -> HttpResponse:
+    if request.method != "POST":
+        raise MethodNotAllowed(f"{request.method} is not allowed on this endpoint; use POST.")
+    principal = await authenticate()
+    params = validate_chat_body(parse_json_object(_read_body(request)))
+    call = ChatCall(principal=principal, params=params, request_id=request_id, simulator=_simulator_headers(request))
+    async with call:
+        headers.update(call.response_headers())
+        try:
+            first = await call.start()
+            if params.stream:
+                response: HttpResponse = CallStreamingResponse(
+                    call.stream_frames(first), content_type="text/event-stream; charset=utf-8"
+                )
+                response.call = call  # type: ignore[attr-defined]
+                response["Cache-Control"] = "no-cache"
+                response["X-Accel-Buffering"] = "no"
+            else:
+                response = _json(await call.complete(first))
+        except UpstreamRefused as refused:
+            raise upstream_error_to_api_error(refused.error) from None
+    stamp_upstream_call(request, response, upstream_seconds=call.upstream_wait_seconds())
+    return response
 
 
 @csrf_exempt

@@ -30,6 +30,7 @@ async def _warm_up_limiter() -> None:
 
 
 async def lifespan(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    from billing.outbox import aclose_outbox, get_outbox
     from llmgateway.ratelimits import aclose_limiter
     from streaming.providers import aclose_providers
 
@@ -38,11 +39,13 @@ async def lifespan(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if message["type"] == "lifespan.startup":
             await asyncio.to_thread(_warm_up)
             await _warm_up_limiter()
+            get_outbox().start()  # replays the ledger journals of stopped processes
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
             try:
                 await aclose_providers()
                 await aclose_limiter()
+                await aclose_outbox()
             except Exception:
                 logger.exception("closing upstream clients failed")
             await send({"type": "lifespan.shutdown.complete"})

@@ -25,6 +25,10 @@ call_log = logging.getLogger("llmgateway.calls")
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 ACTIVE_STREAMS = Gauge("llmgateway_active_streams", "Upstream calls in progress.", multiprocess_mode="livesum")
+OUTBOX_DEPTH = Gauge(
+    "llmgateway_ledger_outbox_depth", "Ledger rows waiting in the outbox for the database.", multiprocess_mode="livesum"
+)
+OUTBOX_DEFERRED = Counter("llmgateway_ledger_outbox_deferred_total", "Ledger rows the database did not take in time.")
 TTFT = Histogram("llmgateway_ttft_seconds", "Upstream time to first chunk.", ["model"], buckets=_LATENCY_BUCKETS)
 OVERHEAD = Histogram(
     "llmgateway_overhead_seconds", "Time the gateway added before the response started.", buckets=_LATENCY_BUCKETS
@@ -38,6 +42,11 @@ BACKPRESSURE_WAITS = Counter(
     "llmgateway_backpressure_waits_total", "Times a producer found the stream queue full (slow client)."
 )
 REDIS_FALLBACKS = Counter("llmgateway_redis_fallbacks_total", "Limiter decisions taken without Redis.")
+CACHE_FAILURES = Counter(
+    "llmgateway_cache_failures_total",
+    "Cache operations answered as a miss because Redis was unreachable (page rate limits fail open).",
+    ["operation"],
+)
 
 
 def metrics_payload() -> bytes:

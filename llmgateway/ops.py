@@ -11,6 +11,7 @@ from django.conf import settings
 from django.db import connection
 from django.http import HttpRequest, HttpResponse
 
+from billing.outbox import get_outbox, pending_in_journals
 from llmgateway.db import db_task
 from llmgateway.observability import metrics_payload
 from llmgateway.ratelimits import get_limiter
@@ -62,7 +63,10 @@ async def readyz(request: HttpRequest) -> HttpResponse:
     checks["redis"] = await _redis_state()
     ready = checks["database"] == "ok"
     status = "ok" if ready and checks["redis"] != "unavailable" else ("degraded" if ready else "unavailable")
-    return _json({"status": status, **checks}, status=200 if ready else 503)
+    outbox = get_outbox()
+    # Rows this process keeps for the database, and journals of stopped processes not yet replayed.
+    orphans = pending_in_journals(outbox.root)  # a directory listing: not worth a thread
+    return _json({"status": status, **checks, "outbox": outbox.depth, "outbox_journals": orphans}, status=200 if ready else 503)
 
 
 async def metrics(request: HttpRequest) -> HttpResponse:

@@ -31,9 +31,37 @@ def _env_int(name: str, default: int) -> int:
     return int(value) if value else default
 
 
+def _env_list(name: str, default: str = "") -> list[str]:
+    return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
+
+
+# Public, so never used to serve: with DJANGO_DEBUG off a server refuses to start on it
+# (llmgateway/asgi.py); tests and management commands may use it.
+INSECURE_DEV_SECRET_KEY = "insecure-dev-only-key-set-DJANGO_SECRET_KEY"
+
+
+def _secret_key() -> str:
+    """DJANGO_SECRET_KEY, else the key scripts/serve generated in VAR_DIR, else the public one."""
+    if key := os.environ.get("DJANGO_SECRET_KEY"):
+        return key
+    try:
+        key = (VAR_DIR / "secret_key").read_text().strip()
+    except FileNotFoundError:
+        key = ""
+    return key or INSECURE_DEV_SECRET_KEY
+
+
 DEBUG = _env_bool("DJANGO_DEBUG", False)
-SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY") or "insecure-dev-only-key-set-DJANGO_SECRET_KEY"
-ALLOWED_HOSTS = [h.strip() for h in os.environ.get("ALLOWED_HOSTS", "127.0.0.1,localhost,[::1]").split(",") if h.strip()]
+SECRET_KEY = _secret_key()
+ALLOWED_HOSTS = _env_list("ALLOWED_HOSTS", "127.0.0.1,localhost,[::1]")
+# Behind TLS: cookies only over HTTPS, and the header a trusted proxy sets to "https" (e.g.
+# DJANGO_SECURE_PROXY_SSL_HEADER=X-Forwarded-Proto; never set it without such a proxy).
+SESSION_COOKIE_SECURE = _env_bool("SESSION_COOKIE_SECURE", False)
+CSRF_COOKIE_SECURE = _env_bool("CSRF_COOKIE_SECURE", False)
+if _proxy_ssl_header := os.environ.get("DJANGO_SECURE_PROXY_SSL_HEADER", "").strip():
+    SECURE_PROXY_SSL_HEADER = ("HTTP_" + _proxy_ssl_header.upper().replace("-", "_"), "https")
+# Origins (scheme and host) trusted for unsafe requests, e.g. https://gateway.example.com.
+CSRF_TRUSTED_ORIGINS = _env_list("CSRF_TRUSTED_ORIGINS")
 
 INSTALLED_APPS = [
     "daphne",  # only for `manage.py runserver`; production serves with Granian
@@ -104,7 +132,9 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
         "min_size": 1,
         "max_size": _env_int("DATABASE_POOL_MAX_SIZE", 16),
-        "timeout": 10,
+        # Seconds a database step waits for a pooled connection; a stalled one occupies a worker
+        # thread that long, so it stays short (a call's ledger row goes to the outbox meanwhile).
+        "timeout": _env_float("DATABASE_POOL_TIMEOUT", 5.0),
     }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
@@ -118,8 +148,11 @@ if REDIS_URL:
     }
     CACHES = {
         "default": {
-            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            # Django's RedisCache, but an operation that cannot reach Redis answers as a miss
+            # (logged, counted, behind a circuit breaker): see llmgateway/cache.py.
+            "BACKEND": "llmgateway.cache.ResilientRedisCache",
             "LOCATION": REDIS_URL,
+            # Seconds: the most a down or frozen Redis costs one cache operation.
             "OPTIONS": {"socket_connect_timeout": 0.5, "socket_timeout": 0.5},
         }
     }
@@ -131,6 +164,9 @@ else:
 # atomic incr but is not on its "officially supported" list; the embedded default's LocMemCache is
 # per process, which is right for the single-process default and documented for multi-worker.
 RATELIMIT_USE_CACHE = "default"
+# A count the cache cannot give (Redis down: llmgateway/cache.py answers a miss) lets the page
+# through, as the API's limiter does by default (LIMITS_FAIL_OPEN).
+RATELIMIT_FAIL_OPEN = True
 RATELIMIT_VIEW = "llmgateway.pages.ratelimited"
 LOGIN_RATE = os.environ.get("LOGIN_RATE", "10/m")
 CHAT_PAGE_RATE = os.environ.get("CHAT_PAGE_RATE", "60/m")
@@ -171,9 +207,12 @@ LOGGING = {
 }
 
 # --- Gateway -------------------------------------------------------------------------------
-# Largest accepted request body; larger bodies get a 413 before they are parsed.
+# Largest accepted request body, on every path; a larger one gets a 413 and is not read further.
 GATEWAY_MAX_BODY_BYTES = _env_int("GATEWAY_MAX_BODY_BYTES", 4 * 1024 * 1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = GATEWAY_MAX_BODY_BYTES + 1024
+# Seconds a request body may take to arrive, from the end of its headers (after the API key is
+# checked); a slower one gets a 408 (llmgateway/asgi.py).
+GATEWAY_BODY_TIMEOUT = _env_float("GATEWAY_BODY_TIMEOUT", 30.0)
 # Frames buffered between the upstream reader and the client writer (backpressure bound).
 GATEWAY_STREAM_QUEUE_SIZE = _env_int("GATEWAY_STREAM_QUEUE_SIZE", 64)
 # Seconds. Connect: TCP/TLS to the upstream. First token: request sent to first chunk.
@@ -203,6 +242,12 @@ GATEWAY_MODELS_JSON = os.environ.get("GATEWAY_MODELS_JSON", "")
 GATEWAY_DEFAULT_MAX_TOKENS = _env_int("GATEWAY_DEFAULT_MAX_TOKENS", 4096)
 
 # --- Billing -------------------------------------------------------------------------------
+# Seconds a finished call waits for the database to take its ledger row; past that (or on any
+# database error) the row goes to the outbox (billing/outbox.py), durably, and is written when
+# the database answers.
+GATEWAY_LEDGER_WRITE_TIMEOUT = _env_float("GATEWAY_LEDGER_WRITE_TIMEOUT", 2.0)
+# The outbox's journals, one directory per process, keyed by database.
+LEDGER_OUTBOX_DIR = Path(os.environ.get("LEDGER_OUTBOX_DIR", VAR_DIR / "outbox"))
 # BILLING_TIME_ZONE (above) sets the calendar days and months budgets and rollups use.
 # Seconds a budget reservation counts after admission; a process that dies mid-call stops
 # holding budget after this. It must outlast the longest call (GATEWAY_TOTAL_TIMEOUT).

@@ -5,18 +5,18 @@ bounded `asyncio.Queue`; the response side pulls from it. When the client reads 
 fills, the producer waits in `put()`, and so it stops reading the upstream: backpressure from the
 client's socket to the upstream's, with memory bounded by the queue size.
 
-Whatever way a call ends (completed, client gone, upstream error, timeout), the producer's `finally`
-builds one `CallOutcome` and hands it to `on_finish` (which writes the usage record) exactly once,
-shielded from cancellation. `aclose()` cancels the producer if it is still running and waits for
-that to finish, so no task outlives the request.
+Whatever way a call ends (completed, client gone, upstream error, timeout), the producer leaves
+one `CallOutcome` behind. `aclose()` cancels the producer if it is still running and waits for it
+to finish, so no task outlives the call; what the outcome costs is the call owner's business
+(`calls.chat`), not the relay's.
 
 Timeouts are enforced here, not by the HTTP client: first token (request sent to first chunk),
 idle (between two upstream chunks; time spent waiting for a slow client does not count) and total.
 
-An optional completion-token cap stops a call whose output goes past what billing reserved for it
-(set only when the gateway chose the reservation, the request having no max_tokens; otherwise the
-upstream stops itself). Tokens are counted as content chunks, about one token each in OpenAI's
-streams; the call ends with a `CompletionCapReached` error after exactly `cap` of them.
+A completion-token cap stops a call whose output goes past what was reserved for it (max_tokens
+x n, or the gateway's default), whatever the upstream does with max_tokens. Tokens are counted
+as content chunks (about one token each in OpenAI's streams) and, for an upstream that sends
+large chunks, by the tokenizer at each counted batch; the call ends with `CompletionCapReached`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -76,6 +76,11 @@ class CompletionTally:
             self._counted += self._count(joined[:cut])
             rest = joined[cut:]
             self._pending, self._pending_chars = ([rest] if rest else []), len(rest)
+
+    @property
+    def counted(self) -> int:
+        """Tokens of the batches counted so far (the pending text excluded): cheap to read."""
+        return self._counted
 
     def tokens(self) -> int:
         """The count so far, the text not yet counted included."""
@@ -156,15 +161,13 @@ class StreamRelay:
         request: ChatRequest,
         queue_size: int,
         timeouts: Timeouts,
-        on_finish: Callable[[CallOutcome], Awaitable[None]],
         count_text: Callable[[str], int],
-        completion_token_cap: int | None = None,
+        completion_token_cap: int,
     ) -> None:
         self._provider = provider
         self._completion_token_cap = completion_token_cap
         self._request = request
         self._timeouts = timeouts
-        self._on_finish = on_finish
         self._count_text = count_text
         self.queue: asyncio.Queue[QueueItem] = asyncio.Queue(maxsize=queue_size)
         self.outcome = CallOutcome()
@@ -180,8 +183,12 @@ class StreamRelay:
     async def get(self) -> QueueItem:
         return await self.queue.get()
 
+    @property
+    def started(self) -> bool:
+        return self._producer is not None
+
     async def aclose(self) -> None:
-        """Stop the upstream call if it is still running and wait until it has been recorded."""
+        """Stop the upstream call if it is still running and wait until its outcome is final."""
         producer = self._producer
         if producer is None:
             return
@@ -231,7 +238,7 @@ class StreamRelay:
                             outcome.first_chunk_at = time.perf_counter()
                         if chunk.text:
                             cap = self._completion_token_cap
-                            if cap is not None and outcome.content_chunks >= cap:
+                            if outcome.content_chunks >= cap or completion.counted >= cap:
                                 raise CompletionCapReached(cap)
                             outcome.content_chunks += 1
                             completion.add(chunk.text)
@@ -270,18 +277,13 @@ class StreamRelay:
             await self._put(outcome.error)
         finally:
             outcome.finished_at = time.perf_counter()
-            try:
-                await run_to_completion(self._on_finish(outcome))
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.exception("recording the call's usage failed")
 
 
 async def sse_stream(
     relay: StreamRelay,
     first: QueueItem,
     *,
+    finish: Callable[[], Coroutine[Any, Any, None]],
     include_usage: bool,
     heartbeat: float,
     on_error: Callable[[UpstreamError], bytes],
@@ -289,8 +291,9 @@ async def sse_stream(
     """The response body: SSE frames from the relay's queue, batched when several are ready.
 
     Ends with `[DONE]` after a complete stream, or with an error event (and no `[DONE]`) after an
-    upstream failure. A heartbeat comment keeps idle connections alive. Closing this generator
-    (the client went away) stops the upstream call and waits until it is recorded.
+    upstream failure. A heartbeat comment keeps idle connections alive. `finish` ends the call
+    (stops the upstream, records it): it runs before the last frame, so a client that sees
+    `[DONE]` is in the ledger, and when this generator is closed (the client went away).
     """
     queue = relay.queue
     item: QueueItem = first
@@ -314,7 +317,7 @@ async def sse_stream(
                     # checked against the updated spend.
                     if frames:
                         yield b"".join(frames)
-                    await relay.aclose()
+                    await finish()
                     yield last
                     return
                 if queue.empty():
@@ -330,7 +333,7 @@ async def sse_stream(
                 except TimeoutError:
                     yield _sse.HEARTBEAT
     finally:
-        await relay.aclose()
+        await finish()
 
 
 def _chunk_frame(chunk: ProviderChunk, include_usage: bool) -> bytes | None:

@@ -25,6 +25,13 @@ Races and approximations that remain (fail-open):
   at capacity, so this can only admit a little more, briefly).
 - `block()` and `release_lease()` are always applied to the fallback as well as the primary,
   so a block is honoured in this process during an outage and no fallback slot leaks.
+- A give-back (`release_lease()`, `refund()`) that the primary cannot take now (an error, a
+  timeout, the breaker open; fail-open or fail-closed alike) is retried against the primary in
+  the background every ``retry_interval`` seconds, bypassing the breaker, until it succeeds or
+  ``retry_for`` seconds have passed (a lease expires by its TTL by then). A frozen Redis holds
+  the attempt in flight, which completes as soon as it thaws, so slots come back within a
+  moment of the outage ending instead of at their TTL. At most ``max_retries`` give-backs wait;
+  past that the oldest is dropped (logged).
 - `renew_lease()` served by the fallback returns True even for a lease the fallback never saw
   (it was taken from Redis): during an outage we do not cut healthy streams.
 - A primary call that times out after Redis ran the script has charged Redis (over-counting).
@@ -35,7 +42,9 @@ failures.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -67,6 +76,9 @@ class ResilientLimiter:
         on_fallback: FallbackHook | None = None,
         log_interval: float = 10.0,
         clock: Clock = monotonic_clock,
+        retry_interval: float = 0.25,
+        retry_for: float = 900.0,
+        max_retries: int = 100_000,
     ) -> None:
         if fail_open and fallback is None:
             raise ValueError(MSG_NEED_FALLBACK)
@@ -79,6 +91,10 @@ class ResilientLimiter:
         self._clock = clock
         self._next_log_at = -float("inf")
         self._unlogged = 0
+        self._retry_interval = retry_interval
+        self._retry_for = retry_for
+        self._give_backs: deque[tuple[float, str, Callable[[], Awaitable[None]]]] = deque(maxlen=max_retries)
+        self._retrier: asyncio.Task[None] | None = None
 
     # -- Limiter API ---------------------------------------------------------------------------
 
@@ -90,11 +106,10 @@ class ResilientLimiter:
         )
 
     async def refund(self, spec: LimitSpec, amount: int, *, group: str) -> None:
-        await self._call(
-            "refund",
-            lambda: self.primary.refund(spec, amount, group=group),
-            lambda limiter: limiter.refund(spec, amount, group=group),
-        )
+        if await self._give_back("refund", lambda: self.primary.refund(spec, amount, group=group)):
+            return
+        if self.fail_open and self.fallback is not None:
+            await self.fallback.refund(spec, amount, group=group)
 
     async def acquire_lease(
         self, key: str, *, limit: int, lease_id: str, ttl_seconds: float, group: str
@@ -123,11 +138,7 @@ class ResilientLimiter:
     async def release_lease(self, key: str, lease_id: str, *, group: str) -> None:
         if self.fallback is not None:
             await self.fallback.release_lease(key, lease_id, group=group)
-        await self._call(
-            "release_lease",
-            lambda: self.primary.release_lease(key, lease_id, group=group),
-            _nothing,
-        )
+        await self._give_back("release_lease", lambda: self.primary.release_lease(key, lease_id, group=group))
 
     async def block(self, key: str, seconds: float, *, group: str) -> None:
         if self.fallback is not None:
@@ -155,7 +166,19 @@ class ResilientLimiter:
             report["fallback"] = await self.fallback.health()
         return report
 
+    @property
+    def pending_give_backs(self) -> int:
+        """Give-backs waiting for the primary to answer."""
+        return len(self._give_backs)
+
     async def aclose(self) -> None:
+        retrier, self._retrier = self._retrier, None
+        if retrier is not None:
+            retrier.cancel()
+            try:
+                await retrier
+            except asyncio.CancelledError:
+                pass
         try:
             await self.primary.aclose()
         finally:
@@ -163,6 +186,47 @@ class ResilientLimiter:
                 await self.fallback.aclose()
 
     # -- plumbing ------------------------------------------------------------------------------
+
+    async def _give_back(self, operation: str, on_primary: Callable[[], Awaitable[None]]) -> bool:
+        """Apply a give-back to the primary; if it cannot be now, queue it. True if applied."""
+        permit = self.breaker.allow()
+        if permit is None:
+            self._report(operation, REASON_OPEN, None)
+        else:
+            try:
+                await on_primary()
+            except LimiterBackendError as exc:
+                self.breaker.record_failure(permit)
+                self._report(operation, REASON_ERROR, exc)
+            except BaseException:
+                self.breaker.release(permit)
+                raise
+            else:
+                self.breaker.record_success(permit)
+                return True
+        if len(self._give_backs) == self._give_backs.maxlen:
+            logger.error("rate limiter: too many give-backs wait for Redis; dropping the oldest (%s)", self._give_backs[0][1])
+        self._give_backs.append((self._clock() + self._retry_for, operation, on_primary))
+        if self._retrier is None or self._retrier.done():
+            self._retrier = asyncio.get_running_loop().create_task(self._retry_give_backs(), name="llmgateway-limit-give-backs")
+        return False
+
+    async def _retry_give_backs(self) -> None:
+        """Apply queued give-backs in order, as soon as the primary takes them (see the docstring)."""
+        while self._give_backs:
+            deadline, operation, on_primary = self._give_backs[0]
+            if self._clock() >= deadline:
+                self._give_backs.popleft()
+                logger.warning("rate limiter: gave up a %s that Redis did not take in time", operation)
+                continue
+            try:
+                await on_primary()
+            except LimiterBackendError:
+                await asyncio.sleep(self._retry_interval)
+                continue
+            except Exception:
+                logger.exception("rate limiter: a queued %s failed; dropped", operation)
+            self._give_backs.popleft()
 
     async def _call[T](
         self,

@@ -1,5 +1,5 @@
 """The relay's completion-token cap: a call stops after exactly `cap` content chunks, with an
-error event instead of [DONE], the upstream closed, and the outcome recorded once as rejected."""
+error event instead of [DONE], the upstream closed, and the call finished once, as rejected."""
 
 from __future__ import annotations
 
@@ -47,25 +47,31 @@ class CountingProvider:
             self.closed = True
 
 
-async def relay_frames(tokens: int, cap: int | None) -> tuple[list[bytes], list[CallOutcome], CountingProvider]:
+async def relay_frames(tokens: int, cap: int) -> tuple[list[bytes], list[CallOutcome], CountingProvider]:
     provider = CountingProvider(tokens)
     recorded: list[CallOutcome] = []
-
-    async def record(outcome: CallOutcome) -> None:
-        recorded.append(outcome)
-
     relay = StreamRelay(
         provider=provider,
         request=ChatRequest(route=ROUTE, body={}),
         queue_size=4,
         timeouts=TIMEOUTS,
-        on_finish=record,
         count_text=lambda text: len(text.split()),
         completion_token_cap=cap,
     )
+
+    async def finish() -> None:
+        await relay.aclose()
+        if not recorded:
+            recorded.append(relay.outcome)
+
     relay.start()
     first = await relay.get()
-    frames = [frame async for frame in sse_stream(relay, first, include_usage=False, heartbeat=5, on_error=lambda error: b"upstream-error")]
+    frames = [
+        frame
+        async for frame in sse_stream(
+            relay, first, finish=finish, include_usage=False, heartbeat=5, on_error=lambda error: error.frame() if isinstance(error, CompletionCapReached) else b"upstream-error"
+        )
+    ]
     return b"".join(frames).split(b"\n\n"), recorded, provider
 
 
@@ -75,8 +81,8 @@ def contents(frames: list[bytes]) -> int:
 
 @pytest.mark.parametrize(
     ("tokens", "cap", "delivered", "status"),
-    [(10, 3, 3, "rejected"), (3, 3, 3, "completed"), (10, None, 10, "completed"), (0, 1, 0, "completed")],
-    ids=["cut-at-cap", "exactly-cap", "no-cap", "empty-answer"],
+    [(10, 3, 3, "rejected"), (3, 3, 3, "completed"), (10, 10_000, 10, "completed"), (0, 1, 0, "completed")],
+    ids=["cut-at-cap", "exactly-cap", "under-cap", "empty-answer"],
 )
 async def test_the_cap_stops_the_call_after_exactly_cap_tokens(tokens, cap, delivered, status) -> None:
     frames, recorded, provider = await relay_frames(tokens, cap)
@@ -98,7 +104,7 @@ async def test_the_cap_stops_the_call_after_exactly_cap_tokens(tokens, cap, deli
 
 async def test_the_cap_error_reaches_a_non_streaming_consumer_as_an_upstream_error() -> None:
     provider = CountingProvider(10)
-    relay = StreamRelay(provider=provider, request=ChatRequest(route=ROUTE, body={}), queue_size=64, timeouts=TIMEOUTS, on_finish=_ignore, count_text=len, completion_token_cap=2)
+    relay = StreamRelay(provider=provider, request=ChatRequest(route=ROUTE, body={}), queue_size=64, timeouts=TIMEOUTS, count_text=len, completion_token_cap=2)
     relay.start()
     items = []
     while (item := await relay.get()) is not END and not isinstance(item, CompletionCapReached):
@@ -107,6 +113,3 @@ async def test_the_cap_error_reaches_a_non_streaming_consumer_as_an_upstream_err
     assert isinstance(item, CompletionCapReached) and item.kind == "bad_request" and item.cap == 2
     assert sum(bool(chunk.text) for chunk in items) == 2
 
-
-async def _ignore(outcome: CallOutcome) -> None:
-    return None

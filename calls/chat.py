@@ -1,0 +1,417 @@
+"""One chat completion call's life, owned in one place.
+
+    async with ChatCall(principal=..., params=..., request_id=..., simulator=...) as call:
+        first = await call.start()                 # UpstreamRefused: failed before any token
+        if call.params.stream:
+            return SSE(call.stream_frames(first))  # the stream now owns the call's end
+        return JSON(await call.complete(first))
+
+Entering admits the call: its route and prompt tokens, the rate limits and the concurrency lease,
+the budget hold, room in the upstream's shared bucket. Every acquisition runs to its end even if
+the request is cancelled meanwhile (a hang-up during admission), and pushes its own give-back on
+one `AsyncExitStack`. `finish()` is the single exit: it stops the upstream call, writes the
+ledger row (or, if the database does not take it within `GATEWAY_LEDGER_WRITE_TIMEOUT`, puts it
+durably in the outbox, `billing.outbox`), gives back the budget hold when no row settled it, and
+refunds the limits. It is shielded from cancellation, idempotent, and runs exactly once,
+whoever calls it first: the context manager's exit, the stream's last frame or its `finally`,
+or the response's `close()` when a server never iterates the body.
+
+Billing policy: a call is billed for what it produced, from the upstream's usage or counted
+offline; an upstream failure before any token costs nothing (its row records the error); every
+call is stopped at the completion tokens it reserved (max_tokens x n, or
+GATEWAY_DEFAULT_MAX_TOKENS x n), whatever the upstream does with max_tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import AsyncExitStack
+from decimal import Decimal
+from functools import partial
+from types import TracebackType
+from typing import Any, Self
+
+from django.conf import settings
+from django.utils import timezone
+
+from billing.outbox import LedgerOutbox, Row, get_outbox
+from billing.services import Admission, abudget_release, abudget_reserve, ausage_record_create
+from billing.tokens import acount_chat_prompt_tokens, count_text_tokens
+from llmgateway import observability, ratelimits
+from llmgateway.auth import Principal
+from llmgateway.errors import NotFound
+from streaming import _sse
+from streaming.aggregate import CompletionBuilder
+from streaming.catalog import ModelRoute, all_routes, route_for
+from streaming.pipeline import (
+    END,
+    CallOutcome,
+    CompletionCapReached,
+    QueueItem,
+    StreamRelay,
+    Timeouts,
+    sse_stream,
+)
+from streaming.providers import ChatRequest, ProviderChunk, UpstreamError, get_provider
+from streaming.validation import ChatParams
+
+logger = logging.getLogger(__name__)
+
+MODEL_NOT_FOUND = "The model `{model}` does not exist or you do not have access to it."
+MODEL_NOT_CONFIGURED = "The model `{model}` is not available: its provider `{provider}` is not configured on this gateway."
+BUDGET_WARNING_HEADER = "x-budget-warning"
+BUDGET_CAP_ERROR_KIND = "budget_cap"
+
+
+class UpstreamRefused(Exception):
+    """The upstream failed before the first token: the edge answers with an HTTP error."""
+
+    def __init__(self, error: UpstreamError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def resolve_route(model: str) -> ModelRoute:
+    route = route_for(model)
+    if route is not None:
+        return route
+    known = all_routes().get(model)
+    if known is not None:
+        raise NotFound(MODEL_NOT_CONFIGURED.format(model=model, provider=known.provider), param="model", code="model_not_found")
+    raise NotFound(MODEL_NOT_FOUND.format(model=model), param="model", code="model_not_found")
+
+
+def upstream_error_frame(error: UpstreamError) -> bytes:
+    if isinstance(error, CompletionCapReached):
+        return error.frame()
+    code = {"timeout": "upstream_timeout", "rate_limited": "upstream_rate_limited"}.get(error.kind, "upstream_error")
+    return _sse.error_frame(message=f"The upstream failed mid-stream: {error.message}", type="api_error", code=code)
+
+
+def _outbox() -> LedgerOutbox:
+    outbox = get_outbox()
+    outbox.on_depth = observability.OUTBOX_DEPTH.set
+    return outbox
+
+
+def _timeouts() -> Timeouts:
+    return Timeouts(
+        first_token=settings.GATEWAY_FIRST_TOKEN_TIMEOUT,
+        idle=settings.GATEWAY_IDLE_TIMEOUT,
+        total=settings.GATEWAY_TOTAL_TIMEOUT,
+        heartbeat=settings.GATEWAY_HEARTBEAT_INTERVAL,
+    )
+
+
+class ChatCall:
+    """One call: admitted on entry, ended once by `finish()` (see the module docstring)."""
+
+    def __init__(self, *, principal: Principal, params: ChatParams, request_id: uuid.UUID, simulator: dict[str, str]) -> None:
+        self.principal = principal
+        self.params = params
+        self.request_id = request_id
+        self.simulator = simulator
+        self.created_at = timezone.now()
+        self.route: ModelRoute | None = None
+        self.limits: ratelimits.Admission | None = None
+        self.admission: Admission | None = None
+        self.relay: StreamRelay | None = None
+        self.prompt_tokens_estimate = 0
+        self.completion_token_cap = 0
+        # Set once the call is recorded: the usage billed, in OpenAI's shape, and its exact cost.
+        self.billed_usage: dict[str, int] | None = None
+        self.cost: Decimal | None = None
+        self._exit = AsyncExitStack()
+        self._recorded = False
+        self._streaming = False
+        self._finishing: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- admission ----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        try:
+            await self._admit()
+        except BaseException:
+            await self.finish()
+            raise
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        if not self._streaming or error is not None:
+            await self.finish()
+
+    async def _admit(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        params = self.params
+        route = self.route = resolve_route(params.model)
+        self.prompt_tokens_estimate = await acount_chat_prompt_tokens(
+            params.body["messages"], model=route.upstream_model, tools=params.body.get("tools")
+        )
+        # Worst case: every choice runs to its limit; the gateway imposes one when the request has none.
+        completion_tokens = self.completion_token_cap = (params.max_tokens or settings.GATEWAY_DEFAULT_MAX_TOKENS) * params.n
+        # Rate limits first: they are cheaper than the budget's row lock and hold nothing long.
+        self.limits = await self._acquire(
+            ratelimits.admit(principal=self.principal, estimated_tokens=self.prompt_tokens_estimate + completion_tokens),
+            self._give_back_limits,
+        )
+        self.admission = await self._acquire(
+            abudget_reserve(
+                user_id=self.principal.user_id,
+                model=route.id,
+                upstream_model=route.upstream_model,
+                prompt_tokens=self.prompt_tokens_estimate,
+                completion_tokens=completion_tokens,
+                request_id=self.request_id,
+                now=self.created_at,
+            ),
+            self._give_back_hold,
+        )
+        await ratelimits.await_upstream_capacity(route=route, estimated_tokens=self.limits.reserved_tokens)
+
+    async def _acquire[T](self, acquisition: Coroutine[Any, Any, T], give_back: Callable[[T], Awaitable[None]]) -> T:
+        """Run one acquisition to its end even if cancelled; its give-back runs in `finish()`."""
+        task = asyncio.ensure_future(acquisition)
+
+        async def undo() -> None:
+            try:
+                taken = await task
+            except BaseException:
+                return  # nothing was taken
+            await give_back(taken)
+
+        self._exit.push_async_callback(_logged(undo, "giving back what a call took"))
+        return await asyncio.shield(task)
+
+    async def _give_back_limits(self, limits: ratelimits.Admission) -> None:
+        used = (self.billed_usage or {}).get("total_tokens", limits.reserved_tokens)
+        await ratelimits.release(limits, used_tokens=used)
+
+    async def _give_back_hold(self, admission: Admission) -> None:
+        if admission.reserved_usd is not None and not self._recorded:
+            async with asyncio.timeout(settings.GATEWAY_LEDGER_WRITE_TIMEOUT):
+                await abudget_release(request_id=self.request_id)
+
+    def response_headers(self) -> dict[str, str]:
+        """Rate-limit headers as OpenAI sends them, and a soft-threshold budget warning if any."""
+        headers = dict(self.limits.headers) if self.limits is not None else {}
+        if self.admission is not None and self.admission.warning:
+            headers[BUDGET_WARNING_HEADER] = self.admission.warning
+        return headers
+
+    # -- the upstream call --------------------------------------------------------------------
+
+    async def start(self) -> QueueItem:
+        """Call the upstream; return its first chunk (or END). Raise `UpstreamRefused` if it
+        failed before any token."""
+        route, admission = self.route, self.admission
+        assert route is not None and admission is not None
+        relay = self.relay = StreamRelay(
+            provider=get_provider(route.provider),
+            request=ChatRequest(route=route, body=dict(self.params.body), simulator=self.simulator if route.is_simulated else {}),
+            queue_size=settings.GATEWAY_STREAM_QUEUE_SIZE,
+            timeouts=_timeouts(),
+            count_text=partial(count_text_tokens, model=route.upstream_model),
+            completion_token_cap=self.completion_token_cap,
+        )
+        _outbox().call_opened(self._row_opened(), progress=lambda: relay.outcome.content_chunks)
+        self._exit.push_async_callback(_logged(self._end_upstream, "recording a call"))
+        observability.ACTIVE_STREAMS.inc()
+        relay.start()
+        first = await relay.get()
+        if isinstance(first, UpstreamError) and not isinstance(first, CompletionCapReached):
+            if first.kind == "rate_limited":
+                await ratelimits.note_upstream_rate_limited(route=route, retry_after=first.retry_after)
+            raise UpstreamRefused(first)
+        return first
+
+    def stream_frames(self, first: QueueItem) -> AsyncIterator[bytes]:
+        """The SSE body; from now on the stream ends the call (and `close()` as a backstop)."""
+        assert self.relay is not None
+        self._streaming = True
+        return sse_stream(
+            self.relay,
+            first,
+            finish=self.finish,
+            include_usage=self.params.include_usage,
+            heartbeat=settings.GATEWAY_HEARTBEAT_INTERVAL,
+            on_error=upstream_error_frame,
+        )
+
+    async def complete(self, first: QueueItem) -> dict[str, Any]:
+        """The non-stream body: the chunks folded into one `chat.completion`, once recorded."""
+        assert self.relay is not None
+        builder = CompletionBuilder()
+        item = first
+        while item is not END:
+            if isinstance(item, UpstreamError):
+                raise UpstreamRefused(item)
+            assert isinstance(item, ProviderChunk)
+            builder.add(item.data)
+            item = await self.relay.get()
+        await self.finish()  # the usage returned is what was billed
+        return builder.build(usage=self.billed_usage or {})
+
+    def upstream_wait_seconds(self) -> float:
+        """Time spent waiting on the upstream before the response could start."""
+        if self.relay is None:
+            return 0.0
+        outcome = self.relay.outcome
+        if not self.params.stream and outcome.finished_at:
+            return outcome.finished_at - outcome.started_at
+        if outcome.first_chunk_at is not None:
+            return outcome.first_chunk_at - outcome.started_at
+        return 0.0
+
+    # -- the one exit -------------------------------------------------------------------------
+
+    async def finish(self) -> None:
+        """End the call once: stop the upstream, record it, give back what it took. Shielded."""
+        if self._finishing is None:
+            self._finishing = asyncio.ensure_future(self._exit.aclose())
+        task = self._finishing
+        cancelled = False
+        while not task.done():
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                cancelled = True
+        if cancelled:
+            raise asyncio.CancelledError
+
+    def finish_threadsafe(self) -> None:
+        """Backstop for a response whose body was never iterated: end the call from any thread."""
+        loop = self._loop
+        if loop is None or self._finishing is not None:
+            return
+
+        def begin() -> None:
+            if self._finishing is None:
+                self._finishing = asyncio.ensure_future(self._exit.aclose())
+
+        loop.call_soon_threadsafe(begin)
+
+    async def _end_upstream(self) -> None:
+        relay = self.relay
+        assert relay is not None
+        try:
+            await relay.aclose()
+        finally:
+            observability.ACTIVE_STREAMS.dec()
+        outcome = relay.outcome
+        row = self._row_finished(outcome)
+        outbox = _outbox()
+        try:
+            async with asyncio.timeout(settings.GATEWAY_LEDGER_WRITE_TIMEOUT):
+                record = await ausage_record_create(**row)
+        except Exception as error:
+            logger.warning("ledger write for %s failed (%s: %s); kept in the outbox", self.request_id, type(error).__name__, error)
+            await outbox.defer(row)
+            observability.OUTBOX_DEFERRED.inc()
+            self.cost = row["rates"].cost(
+                prompt_tokens=row["prompt_tokens"], cached_tokens=row["cached_tokens"], completion_tokens=row["completion_tokens"]
+            )
+        else:
+            outbox.call_recorded(self.request_id)
+            self.cost = record.cost_usd
+        self._recorded = True
+        self._observe(outcome)
+
+    def _row_opened(self) -> Row:
+        """What the ledger row holds before the call's usage is known (journaled at its start)."""
+        route, admission = self.route, self.admission
+        assert route is not None and admission is not None
+        return {
+            "request_id": self.request_id,
+            "user_id": self.principal.user_id,
+            "api_key_id": self.principal.api_key_id,
+            "model": route.id,
+            "upstream_model": route.upstream_model,
+            "provider": route.provider,
+            "stream": self.params.stream,
+            "created_at": self.created_at,
+            "rates": admission.rates,
+            "reserved_usd": admission.reserved_usd,
+            "prompt_tokens_estimate": self.prompt_tokens_estimate,
+        }
+
+    def _row_finished(self, outcome: CallOutcome) -> Row:
+        row = self._row_opened()
+        del row["prompt_tokens_estimate"]
+        upstream = outcome.upstream_usage
+        error = outcome.error
+        if upstream is not None:
+            prompt, completion = upstream.prompt_tokens, upstream.completion_tokens
+            cached, reasoning, source = upstream.cached_tokens, upstream.reasoning_tokens, "upstream"
+        elif error is not None and outcome.first_chunk_at is None:
+            prompt = completion = cached = reasoning = 0  # failed before any token: costs nothing
+            source = "estimated"
+        else:
+            completion = outcome.completion.tokens() if outcome.completion is not None else 0
+            prompt, cached, reasoning, source = self.prompt_tokens_estimate, 0, 0, "estimated"
+        if isinstance(error, CompletionCapReached) or upstream is None:
+            completion = min(completion, self.completion_token_cap)  # never past what was reserved
+        cached = min(cached, prompt)
+        self.billed_usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        ttft = outcome.ttft_seconds
+        row.update(
+            status=outcome.status,
+            error_kind=BUDGET_CAP_ERROR_KIND if isinstance(error, CompletionCapReached) else (error.kind if error else ""),
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            cached_tokens=cached,
+            reasoning_tokens=reasoning,
+            token_source=source,
+            ttft_us=None if ttft is None else int(ttft * 1_000_000),
+            duration_us=int(outcome.duration_seconds * 1_000_000),
+        )
+        return row
+
+    def _observe(self, outcome: CallOutcome) -> None:
+        assert self.route is not None
+        model = self.route.id
+        usage = self.billed_usage or {}
+        cost = self.cost
+        observability.CALLS.labels(model, outcome.status).inc()
+        if outcome.error is not None:
+            observability.UPSTREAM_ERRORS.labels(outcome.error.kind).inc()
+        if outcome.ttft_seconds is not None:
+            observability.TTFT.labels(model).observe(outcome.ttft_seconds)
+        observability.TOKENS.labels(model, "prompt").inc(usage.get("prompt_tokens", 0))
+        observability.TOKENS.labels(model, "completion").inc(usage.get("completion_tokens", 0))
+        if cost is not None:
+            observability.COST.labels(model).inc(float(cost))  # Prometheus is float; the ledger is exact
+        if self.relay is not None and self.relay.backpressure_waits:
+            observability.BACKPRESSURE_WAITS.inc(self.relay.backpressure_waits)
+        observability.log_call(
+            {
+                "request_id": str(self.request_id),
+                "user": self.principal.username,
+                "key_prefix": self.principal.key_prefix,
+                "model": model,
+                "provider": self.route.provider,
+                "stream": self.params.stream,
+                "status": outcome.status,
+                "error_kind": outcome.error.kind if outcome.error else None,
+                "prompt_tokens": usage.get("prompt_tokens"),
+                "completion_tokens": usage.get("completion_tokens"),
+                "cost_usd": None if cost is None else str(cost),
+                "ttft_ms": None if outcome.ttft_seconds is None else round(outcome.ttft_seconds * 1000, 3),
+                "duration_ms": round(outcome.duration_seconds * 1000, 3),
+            }
+        )
+
+
+def _logged(step: Callable[[], Awaitable[None]], what: str) -> Callable[[], Awaitable[None]]:
+    """A step of `finish()` that logs its own failure, so the steps after it still run."""
+
+    async def run() -> None:
+        try:
+            await step()
+        except Exception:
+            logger.exception("%s failed", what)
+
+    return run

@@ -1,0 +1,144 @@
+"""Fault fixtures: a PostgreSQL that refuses connections, a private Redis to pause, a gateway
+with its own ledger outbox, and clients that stream or hang up."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from django.db import connection
+
+from tests.conftest import Gateway
+from tests.gating.conftest import PrivateRedis, clean_redis  # noqa: F401 - a fixture
+
+
+class PostgresFault:
+    """Make the test database refuse connections (and cut the open ones), then allow them again.
+
+    Issued from a connection to the `postgres` database, so the test's own connection is cut too;
+    `allow()` closes it so Django reconnects.
+    """
+
+    def __init__(self) -> None:
+        settings = connection.settings_dict
+        self.database = settings["NAME"]
+        self.admin = psycopg.connect(
+            host=settings.get("HOST") or "127.0.0.1",
+            port=settings.get("PORT") or 5432,
+            user=settings.get("USER") or "postgres",
+            dbname="postgres",
+            autocommit=True,
+        )
+        self.refusing = False
+
+    def refuse(self) -> None:
+        self.refusing = True
+        with self.admin.cursor() as cursor:
+            cursor.execute(f'ALTER DATABASE "{self.database}" ALLOW_CONNECTIONS false')
+            cursor.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", [self.database])
+
+    def allow(self) -> None:
+        if self.refusing:
+            with self.admin.cursor() as cursor:
+                cursor.execute(f'ALTER DATABASE "{self.database}" ALLOW_CONNECTIONS true')
+            self.refusing = False
+        connection.close()
+        close_pool = getattr(connection, "close_pool", None)
+        if close_pool is not None:
+            close_pool()  # its connections were cut
+
+
+@pytest.fixture
+def postgres_fault(transactional_db: None) -> Iterator[PostgresFault]:
+    if connection.vendor != "postgresql":
+        pytest.skip("the PostgreSQL fault needs PostgreSQL")
+    fault = PostgresFault()
+    try:
+        yield fault
+    finally:
+        fault.allow()
+        fault.admin.close()
+
+
+class PausableRedis(PrivateRedis):
+    def pause(self) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            os.kill(self.process.pid, signal.SIGCONT)
+        super().stop()
+
+
+@pytest.fixture
+def pausable_redis() -> Iterator[PausableRedis]:
+    server = PausableRedis()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def outbox_dir(tmp_path: Path) -> Path:
+    return tmp_path / "outbox"
+
+
+def wait_until(predicate: Callable[[], Any], *, timeout: float, interval: float = 0.05, what: str = "the condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not hold within {timeout} s (last: {value!r})")
+        time.sleep(interval)
+
+
+async def stream_call(
+    client: httpx.AsyncClient, gateway: Gateway, key: str, body: dict[str, Any], *, started: asyncio.Event | None = None
+) -> dict[str, Any]:
+    """One streamed call: its status, x-request-id, content chunks and how it ended."""
+    result: dict[str, Any] = {"status": None, "request_id": None, "contents": 0, "done": False, "error": None}
+    async with client.stream(
+        "POST", f"{gateway.api_url}/chat/completions", headers={"Authorization": f"Bearer {key}"}, json={**body, "stream": True}
+    ) as response:
+        result["status"] = response.status_code
+        result["request_id"] = response.headers.get("x-request-id")
+        async for line in response.aiter_lines():
+            if line == "data: [DONE]":
+                result["done"] = True
+            elif line.startswith('data: {"error"'):
+                result["error"] = line
+            elif '"content":' in line:
+                result["contents"] += 1
+                if started is not None:
+                    started.set()
+    return result
+
+
+def hang_up_during_admission(gateway: Gateway, key: str, body: bytes, after_seconds: float) -> None:
+    """Send a complete request, then close the socket `after_seconds` later without reading."""
+    request = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as sock:
+        sock.sendall(request)
+        time.sleep(after_seconds)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST, like a killed client
