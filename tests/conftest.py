@@ -122,6 +122,8 @@ def start_gateway(
         "GATEWAY_FIRST_TOKEN_TIMEOUT": "5",
         "GATEWAY_MAX_BODY_BYTES": str(256 * 1024),
         "LOG_LEVEL": "WARNING",
+        # A served gateway refuses the public development key (llmgateway/asgi.py).
+        "DJANGO_SECRET_KEY": "test-only-secret-key-for-served-gateways",
         **env_overrides,
     }
     env.pop("SQLITE_TEST_NAME", None)

@@ -5,6 +5,11 @@ stored precision (`format(value, "f")`: never a float, never an exponent), datet
 BILLING_TIME_ZONE with microseconds and offset, days `YYYY-MM-DD`, months `YYYY-MM`. In CSV a
 missing value is an empty cell and booleans are `true`/`false`; JSON keeps null, booleans and
 integers native and holds money as strings.
+
+In CSV a text cell that a spreadsheet would run as a formula (one starting with `=`, `+`, `-`,
+`@`, a tab or a carriage return: a username such as `=HYPERLINK(...)`) is written with a leading
+`'`, as OWASP's "CSV Injection" advises. Only text columns are escaped: numbers (tokens, money)
+stay plain numbers, and JSON keeps every value as it is.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from billing.exports._query import Column, Kind
 from billing.money import ledger_quantize
 
 TOTAL_LABEL = "total"  # the first cell of the CSV totals row
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 
 
 def _money(value: Decimal) -> str:
@@ -30,6 +36,11 @@ def _money(value: Decimal) -> str:
 
 def _month(value: date) -> str:
     return f"{value.year:04d}-{value.month:02d}"
+
+
+def csv_text(value: str) -> str:
+    """A text cell a spreadsheet shows as text: a would-be formula gets a leading `'`."""
+    return "'" + value if value.startswith(FORMULA_PREFIXES) else value
 
 
 def normalizers(columns: Sequence[Column]) -> list[tuple[int, Callable[[Any], Any]]]:
@@ -63,6 +74,7 @@ def formatters(columns: Sequence[Column], *, zone: tzinfo, json: bool) -> list[t
     }
     if not json:
         by_kind["bool"] = lambda value: "true" if value else "false"
+        by_kind["text"] = csv_text
     return [(index, by_kind[column.kind]) for index, column in enumerate(columns) if column.kind in by_kind]
 
 
