@@ -13,7 +13,7 @@ from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from calls.chat import ChatCall, UpstreamRefused
-from llmgateway.auth import Principal, aauthenticate
+from llmgateway.auth import Principal, aauthenticate, aprincipal_for_api_call
 from llmgateway.errors import (
     ApiError,
     InvalidRequest,
@@ -62,7 +62,7 @@ def _read_body(request: HttpRequest) -> bytes:
 @csrf_exempt
 async def chat_completions(request: HttpRequest) -> HttpResponse:
     """`POST /v1/chat/completions`, authenticated by API key."""
-    return await serve_chat_completion(request, lambda: aauthenticate(request.headers.get("Authorization")))
+    return await serve_chat_completion(request, lambda: aprincipal_for_api_call(request))
 
 
 def upstream_error_to_api_error(error: UpstreamError) -> ApiError:

@@ -41,7 +41,7 @@ from django.core.handlers.exception import convert_exception_to_response  # noqa
 from django.urls import set_script_prefix  # noqa: E402
 
 from llmgateway import observability  # noqa: E402
-from llmgateway.auth import aauthenticate  # noqa: E402
+from llmgateway.auth import PRINCIPAL_SCOPE_KEY, aauthenticate  # noqa: E402
 from llmgateway.errors import ApiError, PayloadTooLarge, error_response  # noqa: E402
 from llmgateway.lifespan import lifespan  # noqa: E402
 from llmgateway.middleware import OVERHEAD_HEADER, REQUEST_ID_HEADER, RequestTimingMiddleware  # noqa: E402
@@ -50,12 +50,8 @@ logger = logging.getLogger(__name__)
 
 # The chat page's stream too: it reads its session itself (llmgateway.auth), so that it holds no
 # database connection while it streams, as the full handler's session middleware would.
-LEAN_PATH_PREFIXES = ("/v1/", "/healthz", "/readyz")
+LEAN_PATH_PREFIXES = ("/v1/", "/healthz", "/readyz", "/chat/completions")
 API_PATH_PREFIX = "/v1/"
-# The Principal of an API call authenticated before its body was read (`llmgateway.auth`); the
-# view finds it as `request.scope.get(PRINCIPAL_SCOPE_KEY)`. Only this module sets it: a client
-# cannot put keys into the ASGI scope.
-PRINCIPAL_SCOPE_KEY = "llmgateway.principal"
 
 BODY_TOO_LARGE = "The request body is larger than the gateway accepts ({limit} bytes)."
 BODY_TOO_SLOW = "The request body did not arrive within {timeout:g} seconds."

@@ -6,8 +6,10 @@ import hmac
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from importlib import import_module
 
 from django.conf import settings
+from django.contrib.auth import get_user
 from django.http import HttpRequest
 from django.utils import timezone
 
@@ -26,6 +28,9 @@ LAST_USED_RESOLUTION = timedelta(minutes=1)
 # a key in this process forgets them at once; other processes within AUTH_CACHE_SECONDS.
 _verified: dict[str, tuple[float, Principal]] = {}
 _MAX_VERIFIED = 100_000
+# Where the lean ASGI handler leaves the Principal of an API call it authenticated before
+# reading the body (`llmgateway.asgi`). Only the server sets ASGI scope keys, never a client.
+PRINCIPAL_SCOPE_KEY = "llmgateway.principal"
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +54,15 @@ def _bearer_token(authorization: str | None) -> str:
     if scheme.lower() != "bearer" or not token:
         raise AuthenticationFailed(MISSING_KEY)
     return token
+
+
+async def aprincipal_for_api_call(request: HttpRequest) -> Principal:
+    """The caller of an API request: authenticated by the handler already, or now."""
+    scope = getattr(request, "scope", None) or {}
+    principal = scope.get(PRINCIPAL_SCOPE_KEY)
+    if isinstance(principal, Principal):
+        return principal
+    return await aauthenticate(request.headers.get("Authorization"))
 
 
 async def aauthenticate(authorization: str | None) -> Principal:
@@ -101,9 +115,12 @@ def _principal_for(presented_hash: str) -> tuple[Principal, float]:
     return principal, valid_for
 
 
-async def aprincipal_for_session(request: HttpRequest) -> Principal:
-    """The web chat page's caller: its logged-in user, with no API key."""
-    user = await request.auser()
+def _session_principal(session_key: str | None) -> Principal:
+    """The logged-in user of a session, checked as Django's auth middleware checks it."""
+    engine = import_module(settings.SESSION_ENGINE)
+    session_request = HttpRequest()
+    session_request.session = engine.SessionStore(session_key)
+    user = get_user(session_request)
     if not user.is_authenticated or not user.is_active:
         raise AuthenticationFailed(SESSION_REQUIRED, code="session_required")
     return Principal(
@@ -117,4 +134,15 @@ async def aprincipal_for_session(request: HttpRequest) -> Principal:
     )
 
 
+async def aprincipal_for_session(request: HttpRequest) -> Principal:
+    """The web chat page's caller: its logged-in user, with no API key.
+
+    The session is read here, in a shared database thread that hands its connection straight
+    back, rather than by the session and auth middleware: the chat page's stream is served by the
+    lean handler, so it holds no database connection while it streams.
+    """
+    return await _asession_principal(request.COOKIES.get(settings.SESSION_COOKIE_NAME))
+
+
 _aprincipal_for = db_task(_principal_for)
+_asession_principal = db_task(_session_principal)

@@ -252,3 +252,63 @@ def test_a_worker_killed_at_the_shutdown_deadline_leaves_its_calls_in_the_outbox
     assert interrupted, [row.status for row in rows]
     assert all(row.status == "cancelled" and row.completion_tokens > 0 and row.cost_usd > 0 for row in interrupted)
     assert not any(Path(outbox_dir).rglob("*.jsonl"))
+
+
+def logged_in_client(gateway, username: str, password: str) -> httpx.Client:
+    client = httpx.Client(base_url=gateway.base_url, timeout=30)
+    client.get("/accounts/login/")
+    response = client.post(
+        "/accounts/login/",
+        data={"username": username, "password": password, "csrfmiddlewaretoken": client.cookies["csrftoken"]},
+    )
+    assert response.status_code == 302, response.text
+    return client
+
+
+def test_chat_page_streams_hold_no_database_connection(gateway_factory, api_key_factory, fake_upstream) -> None:
+    key = api_key_factory("apiuser")
+    get_user_model().objects.create_user(username="chatter", password="correct horse battery")
+    gateway = gateway_factory(DATABASE_POOL_MAX_SIZE="2", DATABASE_POOL_TIMEOUT="3")
+    fake_upstream.tokens = 60
+    fake_upstream.inter_token_delay = 0.05
+    browser = logged_in_client(gateway, "chatter", "correct horse battery")
+    csrf = browser.cookies["csrftoken"]
+    session_cookies = dict(browser.cookies)
+    before = len(fake_upstream.requests)
+
+    async def chat_stream(client: httpx.AsyncClient, started: asyncio.Event) -> dict:
+        result = {"status": None, "done": False}
+        async with client.stream(
+            "POST",
+            f"{gateway.base_url}/chat/completions",
+            headers={"X-CSRFToken": csrf, "Referer": f"{gateway.base_url}/chat/"},
+            json={"model": MODEL, "messages": MESSAGES, "stream": True, "max_tokens": 100},
+        ) as response:
+            result["status"] = response.status_code
+            async for line in response.aiter_lines():
+                if '"content":' in line:
+                    started.set()
+                result["done"] = result["done"] or line == "data: [DONE]"
+        return result
+
+    async def run() -> tuple[list[dict], httpx.Response]:
+        started = [asyncio.Event() for _ in range(4)]
+        async with httpx.AsyncClient(timeout=30, cookies=session_cookies) as client:
+            chats = [asyncio.create_task(chat_stream(client, event)) for event in started]
+            await asyncio.gather(*(event.wait() for event in started))
+            async with httpx.AsyncClient(timeout=30) as api:
+                answer = await api.post(
+                    f"{gateway.api_url}/chat/completions",
+                    headers={"Authorization": f"Bearer {key}"},
+                    json={"model": MODEL, "messages": MESSAGES, "max_tokens": 5},
+                )
+            return await asyncio.gather(*chats), answer
+
+    chats, answer = asyncio.run(run())
+    browser.close()
+    # Four chat streams ran on a pool of two connections, and an API call still got its answer.
+    assert answer.status_code == 200, answer.text
+    assert [chat["status"] for chat in chats] == [200] * 4 and all(chat["done"] for chat in chats)
+    wait_until(lambda: UsageRecord.objects.count() == upstream_calls_since(fake_upstream, before), timeout=5, what="a row per call")
+    assert UsageRecord.objects.filter(api_key__isnull=True).count() == 4
+    assert_ledger_reconciles(5)
