@@ -48,6 +48,7 @@ import math
 import os
 import platform
 import resource
+import secrets
 import select
 import shutil
 import sqlite3
@@ -324,7 +325,11 @@ class Gateway:
             [
                 sys.executable, "-m", "granian", "--interface", "asgi",
                 "--host", HOST, "--port", str(self.port), "--workers", str(workers),
-                "--log-level", "warning", "llmgateway.asgi:application",
+                "--log-level", "warning",
+                # As scripts/serve: HTTP/1 only (with `auto` Granian waits without limit for a
+                # new connection's first bytes) and a 10 s limit on reading request headers.
+                "--http", "1", "--http1-header-read-timeout", "10000",
+                "llmgateway.asgi:application",
             ],
             cwd=ROOT,
             env=env,
@@ -517,6 +522,9 @@ class Bench:
             env.setdefault(name, value)
         # Each run's database starts its key ids at 1: its limits must not meet an earlier run's.
         env.setdefault("LIMITS_REDIS_PREFIX", f"llmgw:bench:{self.workdir.name}")
+        # The gateway refuses to serve (DEBUG off) on the public development key, and the run's
+        # var/ is fresh, so it has no kept key: one per run, unless the environment sets one.
+        env.setdefault("DJANGO_SECRET_KEY", secrets.token_urlsafe(50))
         env.update(
             {
                 "DATABASE_URL": self.database_url,
