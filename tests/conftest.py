@@ -63,6 +63,22 @@ def _close_database_pools(django_db_setup: Any, django_db_blocker: Any) -> Itera
                 close_pool()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _ledger_outbox_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Ledger journals of this test session (in-process and served gateways) in a directory of
+    its own, never the checkout's var/: a later session's fresh test database must not be sent
+    the rows of an earlier one."""
+    from billing import outbox
+
+    directory = tmp_path_factory.mktemp("outbox")
+    previous = settings.LEDGER_OUTBOX_DIR
+    settings.LEDGER_OUTBOX_DIR = directory
+    outbox._outbox = None
+    yield directory
+    settings.LEDGER_OUTBOX_DIR = previous
+    outbox._outbox = None
+
+
 @pytest.fixture(scope="session")
 def upstream() -> Iterator[FakeUpstream]:
     from bench.fake_upstream import FakeUpstream
@@ -124,6 +140,7 @@ def start_gateway(
         "LOG_LEVEL": "WARNING",
         # A served gateway refuses the public development key (llmgateway/asgi.py).
         "DJANGO_SECRET_KEY": "test-only-secret-key-for-served-gateways",
+        "LEDGER_OUTBOX_DIR": str(settings.LEDGER_OUTBOX_DIR),
         **env_overrides,
     }
     env.pop("SQLITE_TEST_NAME", None)

@@ -233,7 +233,8 @@ def test_a_client_that_stops_reading_blocks_the_upstream_and_keeps_memory_bounde
             "POST",
             f"{gateway.api_url}/chat/completions",
             headers={"Authorization": f"Bearer {api_key}"},
-            json={"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True},
+            # A reservation far beyond what the socket buffers hold, so the cap does not end it.
+            json={"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True, "max_tokens": 1_500_000},
         ) as response:
             pieces = response.iter_raw(1024)
             next(pieces)  # read one piece, then stop reading (keep `pieces`: dropping it closes)
