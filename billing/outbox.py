@@ -436,15 +436,22 @@ def replay_journal(directory: Path) -> WriteResult:
     return result
 
 
-def claim_orphans(root: Path) -> int:
-    """Replay and remove the journals of dead processes of this database; return rows written.
+@dataclass(slots=True)
+class ClaimResult:
+    journals: int = 0  # journals of stopped processes replayed and removed
+    rows: int = 0  # their calls now in the ledger (written now, or found there already)
+    waiting: int = 0  # journals kept because the database failed meanwhile
+
+
+def claim_orphans(root: Path) -> ClaimResult:
+    """Replay and remove the journals of stopped processes of this database.
 
     A journal whose owner is alive is skipped (its lock is held). Sync: it uses the database.
     """
+    claimed = ClaimResult()
     base = root / database_key()
     if not base.is_dir():
-        return 0
-    written = 0
+        return claimed
     for directory in sorted(path for path in base.iterdir() if path.is_dir() and not path.name.startswith(".")):
         lock_path = directory / LOCK_FILE
         try:
@@ -457,10 +464,12 @@ def claim_orphans(root: Path) -> int:
             except BlockingIOError:
                 continue  # its process is alive
             result = replay_journal(directory)
-            written += len(result.done)
+            claimed.rows += len(result.done)
             if result.error:
+                claimed.waiting += 1
                 logger.warning("ledger outbox: the journal %s waits for the database (%s)", directory.name, result.error)
                 continue
+            claimed.journals += 1
             shutil.rmtree(directory, ignore_errors=True)
             logger.info("ledger outbox: replayed the journal of a stopped process (%s)", directory.name)
         finally:
@@ -468,7 +477,7 @@ def claim_orphans(root: Path) -> int:
             for connection in connections.all(initialized_only=True):
                 if not connection.in_atomic_block:
                     connection.close()
-    return written
+    return claimed
 
 
 def pending_in_journals(root: Path) -> int:
