@@ -190,7 +190,8 @@ class Filler:
     def _values(self, row: dict[str, Any]) -> list[Any]:
         if self.connection.vendor == "postgresql":
             return [row[field.attname] for field in self.fields]  # COPY adapts Python values itself
-        # SQLite: the values Django itself would store (UUID hex, naive UTC text, decimal text).
+        # SQLite: the values Django itself would store (UUID hex, naive UTC text, money as the
+        # scaled integer of billing.fields.ExactDecimalField).
         values = []
         for field in self.fields:
             value = row[field.attname]
@@ -199,7 +200,7 @@ class Filler:
             elif isinstance(value, datetime):
                 value = value.astimezone(UTC).replace(tzinfo=None).isoformat(sep=" ")
             elif isinstance(value, Decimal):
-                value = format(value, "f")
+                value = field.get_db_prep_save(value, self.connection)
             elif isinstance(value, bool):
                 value = int(value)
             values.append(value)

@@ -7,7 +7,7 @@ from typing import Any
 
 from django.contrib import admin
 from django.core.exceptions import PermissionDenied
-from django.db.models import Count, DecimalField, OuterRef, QuerySet, Subquery, Sum, Value
+from django.db.models import Count, OuterRef, QuerySet, Subquery, Sum, Value
 from django.db.models.functions import Coalesce
 from django.http import HttpRequest, HttpResponseBase
 from django.template.response import TemplateResponse
@@ -15,6 +15,7 @@ from django.urls import URLPattern, path
 from django.utils import timezone
 
 from billing.exports import FORMATS, GROUPS, ExportError, ExportSpec
+from billing.fields import ExactDecimalField
 from billing.models import (
     TOTAL_DIGITS,
     Account,
@@ -133,8 +134,8 @@ class AccountAdmin(admin.ModelAdmin):
             .annotate(total=Sum("cost_usd"))
             .values("total")
         )
-        money = DecimalField(**TOTAL_DIGITS)
-        return super().get_queryset(request).annotate(_month_spend=Coalesce(Subquery(spend), Value(Decimal(0)), output_field=money))
+        money = ExactDecimalField(**TOTAL_DIGITS)  # read back as the column is stored (billing.fields)
+        return super().get_queryset(request).annotate(_month_spend=Coalesce(Subquery(spend), Value(0), output_field=money))
 
     @admin.display(description="spent this month (USD)", ordering="_month_spend")
     def spent_this_month(self, obj: Account) -> Decimal:

@@ -13,9 +13,16 @@ def load_default_prices(sender: AppConfig, *, using: str = DEFAULT_DB_ALIAS, app
     ones staff changed, are kept.
     """
     try:
-        apps.get_model("billing", "Price")
+        state_price = apps.get_model("billing", "Price")
     except LookupError:  # migrated only part of the way: no Price table yet
         return
+    from billing.models import Price
+
+    def field_types(model: Any) -> dict[str, type]:
+        return {field.name: type(field) for field in model._meta.concrete_fields}
+
+    if field_types(state_price) != field_types(Price):
+        return  # migrated part of the way: the table is not yet what the model writes (e.g. before 0003)
     from billing.services import price_defaults_load
 
     price_defaults_load(using=using)

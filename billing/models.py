@@ -1,7 +1,9 @@
 """Billing: prices, pricing plans, accounts with budgets, the usage ledger, its rollups, reservations.
 
-Units: every rate is USD per 1M tokens (`DecimalField`, 6 places); every cost and budget is USD
-(`DecimalField`); token counts are integers. Money is never a float (see `billing.money`).
+Units: every rate is USD per 1M tokens (6 places); every cost and budget is USD (10 places); token
+counts are integers. Money is never a float (see `billing.money`), in Python or in the database:
+every decimal column is an `ExactDecimalField` (`billing.fields`), NUMERIC on PostgreSQL and a
+scaled 64-bit integer on SQLite, whose REAL-affinity `decimal` columns would add floats.
 
 Which price a call pays (resolved by `billing.selectors.rates_for`), most specific first:
 
@@ -25,6 +27,7 @@ from django.core.exceptions import ValidationError
 from django.db import models
 from django.utils import timezone
 
+from billing.fields import ExactDecimalField
 from billing.money import Rates
 
 IMMUTABLE_RECORD = "Usage records are immutable: record a correction as a new row."
@@ -39,7 +42,9 @@ class Digits(TypedDict):
 
 RATE_DIGITS = Digits(max_digits=12, decimal_places=6)  # USD per 1M tokens, up to 999999.999999
 COST_DIGITS = Digits(max_digits=20, decimal_places=10)  # USD, to 1e-10 (the ledger quantum)
-TOTAL_DIGITS = Digits(max_digits=24, decimal_places=10)  # USD, sums of many costs
+# USD, sums of many costs. On SQLite a 64-bit integer of 1e-10 units bounds any amount to
+# USD 922,337,203.6854775807 (see billing.fields).
+TOTAL_DIGITS = Digits(max_digits=24, decimal_places=10)
 # USD, to the ledger quantum, so any sum of costs is a valid budget.
 BUDGET_DIGITS = Digits(max_digits=20, decimal_places=10)
 MULTIPLIER_DIGITS = Digits(max_digits=8, decimal_places=4)  # a factor: 1.2 = +20 %, 0.8 = -20 %
@@ -48,15 +53,15 @@ MULTIPLIER_DIGITS = Digits(max_digits=8, decimal_places=4)  # a factor: 1.2 = +2
 class RateFields(models.Model):
     """Three rates in USD per 1M tokens; no cached rate means cached tokens pay the input rate."""
 
-    input_usd_per_1m = models.DecimalField("input (USD / 1M tokens)", **RATE_DIGITS)
-    cached_input_usd_per_1m = models.DecimalField(
+    input_usd_per_1m = ExactDecimalField("input (USD / 1M tokens)", **RATE_DIGITS)
+    cached_input_usd_per_1m = ExactDecimalField(
         "cached input (USD / 1M tokens)",
         null=True,
         blank=True,
         help_text="Empty: cached prompt tokens are billed at the input rate.",
         **RATE_DIGITS,
     )
-    output_usd_per_1m = models.DecimalField("output (USD / 1M tokens)", **RATE_DIGITS)
+    output_usd_per_1m = ExactDecimalField("output (USD / 1M tokens)", **RATE_DIGITS)
 
     class Meta:
         abstract = True
@@ -107,7 +112,7 @@ class Price(RateFields):
 
 class PricingPlan(models.Model):
     name = models.CharField(max_length=100, unique=True)
-    multiplier = models.DecimalField(
+    multiplier = ExactDecimalField(
         default=Decimal(1),
         help_text="Applied to catalog prices: 1.2 is a 20 % markup, 0.8 a 20 % discount. Not applied to overrides.",
         **MULTIPLIER_DIGITS,
@@ -144,11 +149,11 @@ class Account(models.Model):
 
     user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="billing_account")
     plan = models.ForeignKey(PricingPlan, null=True, blank=True, on_delete=models.PROTECT, related_name="accounts")
-    daily_spend_limit_usd = models.DecimalField("daily spend limit (USD)", null=True, blank=True, **BUDGET_DIGITS)
-    monthly_spend_limit_usd = models.DecimalField("monthly spend limit (USD)", null=True, blank=True, **BUDGET_DIGITS)
+    daily_spend_limit_usd = ExactDecimalField("daily spend limit (USD)", null=True, blank=True, **BUDGET_DIGITS)
+    monthly_spend_limit_usd = ExactDecimalField("monthly spend limit (USD)", null=True, blank=True, **BUDGET_DIGITS)
     daily_token_limit = models.PositiveBigIntegerField(null=True, blank=True, help_text="Prompt + completion tokens.")
     monthly_token_limit = models.PositiveBigIntegerField(null=True, blank=True, help_text="Prompt + completion tokens.")
-    soft_threshold = models.DecimalField(
+    soft_threshold = ExactDecimalField(
         max_digits=4,
         decimal_places=3,
         default=Decimal("0.8"),
@@ -250,16 +255,16 @@ class UsageRecord(models.Model):
     duration_us = models.PositiveBigIntegerField()
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
     # USD, exact to the ledger quantum (1e-10): billing.money.Rates.cost of the rates below.
-    cost_usd = models.DecimalField("cost (USD)", **COST_DIGITS)
+    cost_usd = ExactDecimalField("cost (USD)", **COST_DIGITS)
     # The rates this row was billed at (USD per 1M tokens) and the plan multiplier applied, so a
     # later price change never rewrites history. Cached input is resolved (input rate if none).
-    input_usd_per_1m = models.DecimalField(**RATE_DIGITS)
-    cached_input_usd_per_1m = models.DecimalField(**RATE_DIGITS)
-    output_usd_per_1m = models.DecimalField(**RATE_DIGITS)
-    price_multiplier = models.DecimalField(**MULTIPLIER_DIGITS)
+    input_usd_per_1m = ExactDecimalField(**RATE_DIGITS)
+    cached_input_usd_per_1m = ExactDecimalField(**RATE_DIGITS)
+    output_usd_per_1m = ExactDecimalField(**RATE_DIGITS)
+    price_multiplier = ExactDecimalField(**MULTIPLIER_DIGITS)
     price_source = models.CharField(max_length=10, choices=PriceSource.choices)
     # USD reserved against the budget before the call (worst case); null when nothing was reserved.
-    reserved_usd = models.DecimalField(null=True, blank=True, **COST_DIGITS)
+    reserved_usd = ExactDecimalField(null=True, blank=True, **COST_DIGITS)
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -319,7 +324,7 @@ class DailyUsage(models.Model):
     prompt_tokens = models.PositiveBigIntegerField(default=0)
     completion_tokens = models.PositiveBigIntegerField(default=0)
     cached_tokens = models.PositiveBigIntegerField(default=0)
-    cost_usd = models.DecimalField("cost (USD)", default=Decimal(0), **TOTAL_DIGITS)
+    cost_usd = ExactDecimalField("cost (USD)", default=Decimal(0), **TOTAL_DIGITS)
 
     class Meta:
         verbose_name_plural = "daily usage"
@@ -344,7 +349,7 @@ class Reservation(models.Model):
     request_id = models.UUIDField(unique=True)
     account = models.ForeignKey(Account, on_delete=models.CASCADE, related_name="reservations")
     model = models.CharField(max_length=100)
-    cost_usd = models.DecimalField("worst-case cost (USD)", **COST_DIGITS)
+    cost_usd = ExactDecimalField("worst-case cost (USD)", **COST_DIGITS)
     tokens = models.PositiveBigIntegerField(help_text="Prompt tokens + reserved completion tokens.")
     created_at = models.DateTimeField(default=timezone.now)
     expires_at = models.DateTimeField()

@@ -10,7 +10,6 @@ from decimal import Decimal
 from django.db.models import (
     BigIntegerField,
     Count,
-    DecimalField,
     Expression,
     F,
     OuterRef,
@@ -21,6 +20,7 @@ from django.db.models import (
 )
 from django.db.models.functions import Coalesce
 
+from billing.fields import ExactDecimalField
 from billing.models import (
     TOTAL_DIGITS,
     Account,
@@ -34,7 +34,8 @@ from billing.models import (
 from billing.money import Rates
 from billing.periods import period_containing
 
-_MONEY = DecimalField(**TOTAL_DIGITS)
+# Sums read back through the column's own type: exact on SQLite too (see billing.fields).
+_MONEY = ExactDecimalField(**TOTAL_DIGITS)
 
 
 def _price_names(model: str, upstream_model: str | None) -> list[str]:
@@ -93,7 +94,7 @@ class PeriodUsage:
     reserved_tokens: int
 
 
-def _total(queryset: QuerySet, group_by: str, expression: str | Expression, output_field: DecimalField | BigIntegerField) -> Coalesce:
+def _total(queryset: QuerySet, group_by: str, expression: str | Expression, output_field: ExactDecimalField | BigIntegerField) -> Coalesce:
     grouped = queryset.order_by().values(group_by).annotate(total=Sum(expression)).values("total")
     return Coalesce(Subquery(grouped), Value(0), output_field=output_field)
 

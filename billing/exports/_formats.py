@@ -24,7 +24,6 @@ from typing import Any, Protocol
 import orjson
 
 from billing.exports._query import Column, Kind
-from billing.money import ledger_quantize
 
 TOTAL_LABEL = "total"  # the first cell of the CSV totals row
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
@@ -46,14 +45,12 @@ def csv_text(value: str) -> str:
 def normalizers(columns: Sequence[Column]) -> list[tuple[int, Callable[[Any], Any]]]:
     """Steps from database values to the exact values written (and totalled).
 
-    Sums come back from SQLite through a float, so they are rounded once, half-even, to the ledger
-    quantum (the stored precision); on PostgreSQL they are exact already and this changes nothing.
+    Money needs none: sums come back exact, at the stored precision, on PostgreSQL (numeric) and
+    on SQLite (integers of the ledger quantum, see `billing.fields`).
     """
     steps: list[tuple[int, Callable[[Any], Any]]] = []
     for index, column in enumerate(columns):
-        if column.kind == "money_sum":
-            steps.append((index, ledger_quantize))
-        elif column.kind == "count":
+        if column.kind == "count":
             steps.append((index, int))  # PostgreSQL sums bigints as numeric
     return steps
 
