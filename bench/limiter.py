@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 
 import redis.asyncio as aioredis
 
-from llmgateway.limits import InProcessLimiter, Limiter, LimiterError, LimitSpec, RedisLimiter
+from limits import InProcessLimiter, Limiter, LimiterError, LimitSpec, RedisLimiter
 
 HUGE = 1_000_000_000
 

@@ -352,7 +352,7 @@ class LedgerOutbox:
 
     async def drain(self) -> int:
         """Write the deferred rows the database takes now; return how many are left."""
-        from llmgateway.db import db_task
+        from infra.db import db_task
 
         result = await db_task(write_rows)(list(self._pending.values()))
         for request_id in result.done:

@@ -2,12 +2,12 @@
 
 Reserve, then settle:
 
-- `budget_reserve`, before any upstream call, prices the call (no price: `ConfigurationError`,
+- `budget_reserve`, before any upstream call, prices the call (no price: `PriceMissing`,
   never a free call) and, when the account has limits, holds its worst-case cost and tokens in a
   `Reservation` row. Admissions for one account are serialized by a row lock on the `Account`
   (`SELECT ... FOR UPDATE` on PostgreSQL; on SQLite the transaction is `BEGIN IMMEDIATE`, which
   serializes all writers). Under the lock, one statement reads settled usage plus live holds; a
-  call that would take them past a limit is refused with 429 `insufficient_quota`.
+  call that would take them past a limit is refused with `QuotaExceeded`.
 - `usage_record_create`, when the call ends, appends the ledger row, adds it to the day's rollup
   with an atomic upsert, and deletes the reservation, in one transaction. It takes no account
   lock: the admission's single read statement sees that transaction wholly or not at all.
@@ -22,7 +22,7 @@ expired rows are ignored at once and deleted by the account's next admission. Ac
 limits reserve nothing and take no lock: their calls are only priced.
 
 Every sync service has an async twin (`a` prefix) that runs it in a worker thread and then hands
-the thread's database connection back (`llmgateway.db.release_connections`), so no request holds
+the thread's database connection back (`infra.db.release_connections`), so no request holds
 a connection for a stream's lifetime.
 """
 
@@ -42,13 +42,13 @@ from django.db import DEFAULT_DB_ALIAS, connections, transaction
 from django.utils import timezone
 
 from billing import pricing_cache
+from billing.exceptions import PriceMissing, QuotaExceeded
 from billing.models import Account, DailyUsage, Price, PricingPlan, Reservation, UsageRecord
 from billing.money import Rates, money_ratio, money_sum, usd, usd_display
 from billing.periods import billing_day
 from billing.pricefile import PriceRow, read_price_file
 from billing.selectors import PeriodUsage, period_usage, rates_for
-from llmgateway.db import db_task
-from llmgateway.errors import ConfigurationError, InsufficientQuota
+from infra.db import db_task
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def budget_reserve(
 ) -> Admission:
     """Price a call and hold its worst case (`prompt_tokens` + `completion_tokens`, no cache hit).
 
-    Raises `ConfigurationError` if the model has no price and `InsufficientQuota` if the hold
+    Raises `PriceMissing` if the model has no price and `QuotaExceeded` if the hold
     does not fit a budget; either way nothing is held.
     """
     now = now or timezone.now()
@@ -230,7 +230,7 @@ class _Budget:
 
 
 def _check_budgets(account: Account, usage: PeriodUsage, *, cost: Decimal, tokens: int) -> str:
-    """Raise InsufficientQuota if the call does not fit a limit; return the soft-threshold warning."""
+    """Raise QuotaExceeded if the call does not fit a limit; return the soft-threshold warning."""
     spend_held, tokens_held = usage.reserved_usd, usage.reserved_tokens
     candidates: list[tuple[Literal["spend", "tokens"], Literal["day", "month"], Decimal | int | None, Decimal, Decimal]] = [
         ("spend", "day", account.daily_spend_limit_usd, money_sum([usage.day_cost_usd, spend_held]), cost),
@@ -245,7 +245,7 @@ def _check_budgets(account: Account, usage: PeriodUsage, *, cost: Decimal, token
         budget = _Budget(kind=kind, period=period, limit=Decimal(limit), used=used, needed=needed)
         after = money_sum([budget.used, budget.needed])
         if after > budget.limit:
-            raise InsufficientQuota(budget.refusal())
+            raise QuotaExceeded(budget.refusal())
         if budget.limit > 0 and money_ratio(after, budget.limit) >= account.soft_threshold:
             warnings.append(budget.warning(after))
     return "; ".join(warnings)
@@ -430,7 +430,7 @@ def price_defaults_load(*, using: str = DEFAULT_DB_ALIAS) -> PriceImportResult |
 
 def _admission_without_hold(pricing: pricing_cache.Pricing, *, model: str) -> Admission:
     if pricing.rates is None:
-        raise ConfigurationError(PRICE_MISSING.format(model=model), param="model")
+        raise PriceMissing(PRICE_MISSING.format(model=model))
     return Admission(account_id=pricing.account_id, rates=pricing.rates, reserved_usd=None, reserved_tokens=None)
 
 

@@ -39,10 +39,10 @@ from django.utils import timezone
 
 from billing.outbox import LedgerOutbox, Row, get_outbox
 from billing.services import Admission, abudget_release, abudget_reserve, ausage_record_create
-from billing.tokens import acount_chat_prompt_tokens, count_text_tokens
-from llmgateway import observability, ratelimits
-from llmgateway.auth import Principal
-from llmgateway.errors import NotFound
+from calls import limits as call_limits
+from calls.exceptions import ModelUnavailable, UpstreamRefused
+from calls.principal import Principal
+from infra import observability
 from streaming import _sse
 from streaming.aggregate import CompletionBuilder
 from streaming.catalog import ModelRoute, all_routes, route_for
@@ -56,6 +56,7 @@ from streaming.pipeline import (
     sse_stream,
 )
 from streaming.providers import ChatRequest, ProviderChunk, UpstreamError, get_provider
+from streaming.tokens import acount_chat_prompt_tokens, count_text_tokens
 from streaming.validation import ChatParams
 
 logger = logging.getLogger(__name__)
@@ -66,22 +67,14 @@ BUDGET_WARNING_HEADER = "x-budget-warning"
 BUDGET_CAP_ERROR_KIND = "budget_cap"
 
 
-class UpstreamRefused(Exception):
-    """The upstream failed before the first token: the edge answers with an HTTP error."""
-
-    def __init__(self, error: UpstreamError) -> None:
-        super().__init__(error.message)
-        self.error = error
-
-
 def resolve_route(model: str) -> ModelRoute:
     route = route_for(model)
     if route is not None:
         return route
     known = all_routes().get(model)
     if known is not None:
-        raise NotFound(MODEL_NOT_CONFIGURED.format(model=model, provider=known.provider), param="model", code="model_not_found")
-    raise NotFound(MODEL_NOT_FOUND.format(model=model), param="model", code="model_not_found")
+        raise ModelUnavailable(MODEL_NOT_CONFIGURED.format(model=model, provider=known.provider))
+    raise ModelUnavailable(MODEL_NOT_FOUND.format(model=model))
 
 
 def upstream_error_frame(error: UpstreamError) -> bytes:
@@ -116,7 +109,7 @@ class ChatCall:
         self.simulator = simulator
         self.created_at = timezone.now()
         self.route: ModelRoute | None = None
-        self.limits: ratelimits.Admission | None = None
+        self.limits: call_limits.Admission | None = None
         self.admission: Admission | None = None
         self.relay: StreamRelay | None = None
         self.prompt_tokens_estimate = 0
@@ -155,7 +148,7 @@ class ChatCall:
         completion_tokens = self.completion_token_cap = (params.max_tokens or settings.GATEWAY_DEFAULT_MAX_TOKENS) * params.n
         # Rate limits first: they are cheaper than the budget's row lock and hold nothing long.
         self.limits = await self._acquire(
-            ratelimits.admit(principal=self.principal, estimated_tokens=self.prompt_tokens_estimate + completion_tokens),
+            call_limits.admit(principal=self.principal, estimated_tokens=self.prompt_tokens_estimate + completion_tokens),
             self._give_back_limits,
         )
         self.admission = await self._acquire(
@@ -170,7 +163,7 @@ class ChatCall:
             ),
             self._give_back_hold,
         )
-        await ratelimits.await_upstream_capacity(route=route, estimated_tokens=self.limits.reserved_tokens)
+        await call_limits.await_upstream_capacity(route=route, estimated_tokens=self.limits.reserved_tokens)
 
     async def _acquire[T](self, acquisition: Coroutine[Any, Any, T], give_back: Callable[[T], Awaitable[None]]) -> T:
         """Run one acquisition to its end even if cancelled; its give-back runs in `finish()`."""
@@ -186,9 +179,9 @@ class ChatCall:
         self._exit.push_async_callback(_logged(undo, "giving back what a call took"))
         return await asyncio.shield(task)
 
-    async def _give_back_limits(self, limits: ratelimits.Admission) -> None:
+    async def _give_back_limits(self, limits: call_limits.Admission) -> None:
         used = (self.billed_usage or {}).get("total_tokens", limits.reserved_tokens)
-        await ratelimits.release(limits, used_tokens=used)
+        await call_limits.release(limits, used_tokens=used)
 
     async def _give_back_hold(self, admission: Admission) -> None:
         if admission.reserved_usd is not None and not self._recorded:
@@ -224,7 +217,7 @@ class ChatCall:
         first = await relay.get()
         if isinstance(first, UpstreamError) and not isinstance(first, CompletionCapReached):
             if first.kind == "rate_limited":
-                await ratelimits.note_upstream_rate_limited(route=route, retry_after=first.retry_after)
+                await call_limits.note_upstream_rate_limited(route=route, retry_after=first.retry_after)
             raise UpstreamRefused(first)
         return first
 

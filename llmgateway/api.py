@@ -12,22 +12,18 @@ from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from calls.chat import ChatCall, UpstreamRefused
+from calls.chat import ChatCall
 from llmgateway.auth import Principal, aauthenticate, aprincipal_for_api_call
 from llmgateway.errors import (
     ApiError,
-    InvalidRequest,
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
-    RateLimited,
-    UpstreamFailed,
-    UpstreamTimeout,
+    api_error_for,
     error_response,
 )
 from llmgateway.middleware import REQUEST_ID_HEADER, stamp_upstream_call
 from streaming.catalog import available_routes
-from streaming.providers import UpstreamError
 from streaming.validation import parse_json_object, validate_chat_body
 
 logger = logging.getLogger(__name__)
@@ -65,22 +61,6 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
     return await serve_chat_completion(request, lambda: aprincipal_for_api_call(request))
 
 
-def upstream_error_to_api_error(error: UpstreamError) -> ApiError:
-    """An upstream failure before any byte was sent to the client becomes an HTTP error."""
-    if error.kind == "rate_limited":
-        headers = {}
-        if error.retry_after is not None:
-            headers["retry-after"] = str(max(1, round(error.retry_after)))
-        return RateLimited(f"The upstream is rate limiting: {error.message}", code="upstream_rate_limited", headers=headers)
-    if error.kind == "bad_request":
-        return InvalidRequest(error.message, code="upstream_rejected_request")
-    if error.kind == "timeout":
-        return UpstreamTimeout(error.message)
-    if error.kind == "auth":
-        return UpstreamFailed("The gateway could not authenticate to its upstream.", code="upstream_auth_failed")
-    return UpstreamFailed(f"The upstream failed: {error.message}")
-
-
 class CallStreamingResponse(StreamingHttpResponse):
     """A streaming response that ends its call even if the server never iterates the body."""
 
@@ -110,11 +90,12 @@ async def serve_chat_completion(request: HttpRequest, authenticate: Callable[[],
     headers: dict[str, str] = {}
     try:
         response = await _chat_completion(request, authenticate, request_id, headers)
-    except ApiError as error:
-        response = error_response(error)
-    except Exception:
-        logger.exception("unhandled error in chat completion %s", request_id)
-        response = error_response(ApiError(INTERNAL_ERROR))
+    except Exception as error:
+        api_error = api_error_for(error)
+        if api_error is None:
+            logger.exception("unhandled error in chat completion %s", request_id)
+            api_error = ApiError(INTERNAL_ERROR)
+        response = error_response(api_error)
     for name, value in headers.items():
         if name not in response:
             response[name] = value
@@ -132,19 +113,14 @@ async def _chat_completion(
     call = ChatCall(principal=principal, params=params, request_id=request_id, simulator=_simulator_headers(request))
     async with call:
         headers.update(call.response_headers())
-        try:
-            first = await call.start()
-            if params.stream:
-                response: HttpResponse = CallStreamingResponse(
-                    call.stream_frames(first), content_type="text/event-stream; charset=utf-8"
-                )
-                response.call = call  # type: ignore[attr-defined]
-                response["Cache-Control"] = "no-cache"
-                response["X-Accel-Buffering"] = "no"
-            else:
-                response = _json(await call.complete(first))
-        except UpstreamRefused as refused:
-            raise upstream_error_to_api_error(refused.error) from None
+        first = await call.start()
+        if params.stream:
+            response: HttpResponse = CallStreamingResponse(call.stream_frames(first), content_type="text/event-stream; charset=utf-8")
+            response.call = call  # type: ignore[attr-defined]
+            response["Cache-Control"] = "no-cache"
+            response["X-Accel-Buffering"] = "no"
+        else:
+            response = _json(await call.complete(first))
     stamp_upstream_call(request, response, upstream_seconds=call.upstream_wait_seconds())
     return response
 

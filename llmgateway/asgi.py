@@ -40,7 +40,7 @@ from django.core.handlers.asgi import ASGIHandler, get_script_prefix  # noqa: E4
 from django.core.handlers.exception import convert_exception_to_response  # noqa: E402
 from django.urls import set_script_prefix  # noqa: E402
 
-from llmgateway import observability  # noqa: E402
+from infra import observability  # noqa: E402
 from llmgateway.auth import PRINCIPAL_SCOPE_KEY, aauthenticate  # noqa: E402
 from llmgateway.errors import ApiError, PayloadTooLarge, error_response  # noqa: E402
 from llmgateway.lifespan import lifespan  # noqa: E402
@@ -149,7 +149,7 @@ class LeanASGIHandler(ASGIHandler):
     It also runs requests outside a per-request `ThreadSensitiveContext`: that context gives
     each request a thread of its own for its sync calls, and a stream would hold that thread
     (and its stack) for its whole life. The API's database work runs in the shared worker
-    threads (`llmgateway.db.db_task`), which look after their own connections.
+    threads (`infra.db.db_task`), which look after their own connections.
 
     `handle` is Django's own (6.1) with three changes. An API call (`POST /v1/...`) is
     authenticated before its body is read (the Principal is left in the scope under

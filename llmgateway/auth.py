@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hmac
 import time
-from dataclasses import dataclass
 from datetime import timedelta
 from importlib import import_module
 
@@ -13,7 +12,8 @@ from django.contrib.auth import get_user
 from django.http import HttpRequest
 from django.utils import timezone
 
-from llmgateway.db import db_task
+from calls.principal import Principal
+from infra.db import db_task
 from llmgateway.errors import AuthenticationFailed
 from llmgateway.models import KEY_PREFIX, ApiKey, hash_api_key
 
@@ -31,19 +31,6 @@ _MAX_VERIFIED = 100_000
 # Where the lean ASGI handler leaves the Principal of an API call it authenticated before
 # reading the body (`llmgateway.asgi`). Only the server sets ASGI scope keys, never a client.
 PRINCIPAL_SCOPE_KEY = "llmgateway.principal"
-
-
-@dataclass(frozen=True, slots=True)
-class Principal:
-    """Who is calling: the key and its owner, with the key's own limits."""
-
-    api_key_id: int | None  # None for the web chat page's session
-    user_id: int
-    username: str
-    key_prefix: str
-    rpm_limit: int | None
-    tpm_limit: int | None
-    max_concurrent: int | None
 
 
 def _bearer_token(authorization: str | None) -> str:

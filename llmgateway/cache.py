@@ -48,8 +48,8 @@ from django.core.cache.backends.redis import RedisCache
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from llmgateway import observability
-from llmgateway.limits import CircuitBreaker, Clock, Permit, monotonic_clock
+from infra import observability
+from limits import CircuitBreaker, Clock, Permit, monotonic_clock
 
 logger = logging.getLogger(__name__)
 

@@ -2,6 +2,8 @@
 
 Every error the API returns is one of these classes, so the OpenAI SDKs raise their typed
 exceptions (`BadRequestError`, `AuthenticationError`, `NotFoundError`, `RateLimitError`, ...).
+The domain packages raise their own exceptions and know nothing of HTTP; `api_error_for` maps
+them here, once, for every endpoint.
 """
 
 from __future__ import annotations
@@ -10,6 +12,17 @@ from typing import Any
 
 import orjson
 from django.http import HttpResponse
+
+from billing.exceptions import PriceMissing, QuotaExceeded
+from calls.exceptions import (
+    LimiterDown,
+    LimitExceeded,
+    LimitKind,
+    ModelUnavailable,
+    UpstreamRefused,
+)
+from streaming.exceptions import InvalidChatRequest
+from streaming.providers import UpstreamError
 
 
 class ApiError(Exception):
@@ -114,3 +127,54 @@ def error_response(error: ApiError) -> HttpResponse:
     for name, value in error.headers.items():
         response[name] = value
     return response
+
+
+def _upstream_error(error: UpstreamError) -> ApiError:
+    """An upstream failure before any byte was sent to the client."""
+    if error.kind == "rate_limited":
+        headers = {}
+        if error.retry_after is not None:
+            headers["retry-after"] = str(max(1, round(error.retry_after)))
+        return RateLimited(f"The upstream is rate limiting: {error.message}", code="upstream_rate_limited", headers=headers)
+    if error.kind == "bad_request":
+        return InvalidRequest(error.message, code="upstream_rejected_request")
+    if error.kind == "timeout":
+        return UpstreamTimeout(error.message)
+    if error.kind == "auth":
+        return UpstreamFailed("The gateway could not authenticate to its upstream.", code="upstream_auth_failed")
+    return UpstreamFailed(f"The upstream failed: {error.message}")
+
+
+# A refused limit's OpenAI error type and code, by the limit that refused it.
+_LIMIT_ERRORS: dict[LimitKind, tuple[str, str]] = {
+    "requests": ("requests", "rate_limit_exceeded"),
+    "tokens": ("tokens", "rate_limit_exceeded"),
+    "request_too_large": ("requests", "rate_limit_exceeded"),
+    "concurrency": ("requests", "concurrency_limit_exceeded"),
+    "upstream_capacity": ("requests", "upstream_capacity"),
+}
+
+
+def api_error_for(error: Exception) -> ApiError | None:
+    """The OpenAI error a domain exception is answered with; None for anything else (a bug)."""
+    match error:
+        case ApiError():
+            return error
+        case InvalidChatRequest():
+            return InvalidRequest(error.message, param=error.param, code=error.code)
+        case ModelUnavailable():
+            return NotFound(error.message, param=error.param, code="model_not_found")
+        case LimitExceeded():
+            kind, code = _LIMIT_ERRORS[error.kind]
+            limited = RateLimited(error.message, code=code, headers=error.headers)
+            limited.type = kind
+            return limited
+        case LimiterDown():
+            return ServiceUnavailable(error.message)
+        case UpstreamRefused():
+            return _upstream_error(error.error)
+        case QuotaExceeded():
+            return InsufficientQuota(error.message)
+        case PriceMissing():
+            return ConfigurationError(error.message, param="model")
+    return None

@@ -11,8 +11,8 @@ logger = logging.getLogger(__name__)
 
 def _warm_up() -> None:
     """Load what the first request would otherwise pay for: tokenizers, provider modules."""
-    from billing.tokens import SUPPORTED_ENCODINGS, get_encoding
     from streaming.providers import openai, simulator  # noqa: F401
+    from streaming.tokens import SUPPORTED_ENCODINGS, get_encoding
 
     for name in SUPPORTED_ENCODINGS:
         get_encoding(name)
@@ -20,8 +20,8 @@ def _warm_up() -> None:
 
 async def _warm_up_limiter() -> None:
     """Connect to Redis and load the acquire script before traffic arrives (a free peek)."""
-    from llmgateway.limits import LimitSpec
-    from llmgateway.ratelimits import get_limiter
+    from calls.limits import get_limiter
+    from limits import LimitSpec
 
     try:
         await get_limiter().acquire([LimitSpec(key="warmup", kind="token_bucket", limit=1, period_seconds=1, cost=0)], group="warmup")
@@ -31,7 +31,7 @@ async def _warm_up_limiter() -> None:
 
 async def lifespan(scope: dict[str, Any], receive: Any, send: Any) -> None:
     from billing.outbox import aclose_outbox, get_outbox
-    from llmgateway.ratelimits import aclose_limiter
+    from calls.limits import aclose_limiter
     from streaming.providers import aclose_providers
 
     while True:

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.http import HttpRequest, HttpResponseBase
 
-from llmgateway import observability
+from infra import observability
 
 REQUEST_ID_HEADER = "x-request-id"
 OVERHEAD_HEADER = "x-gateway-overhead-ms"

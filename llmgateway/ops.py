@@ -12,9 +12,9 @@ from django.db import connection
 from django.http import HttpRequest, HttpResponse
 
 from billing.outbox import get_outbox, pending_in_journals
-from llmgateway.db import db_task
-from llmgateway.observability import metrics_payload
-from llmgateway.ratelimits import get_limiter
+from calls.limits import get_limiter
+from infra.db import db_task
+from infra.observability import metrics_payload
 
 READY_CHECK_TIMEOUT = 2.0
 

@@ -116,7 +116,7 @@ DATABASES = {
     )
 }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
-    # Persistent connections in the few shared DB worker threads (llmgateway/db.py).
+    # Persistent connections in the few shared DB worker threads (infra/db.py).
     DATABASES["default"]["CONN_MAX_AGE"] = None
     # WAL lets the gateway's readers run while the ledger writes.
     DATABASES["default"].setdefault("OPTIONS", {})["init_command"] = (
@@ -127,7 +127,7 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         # A file, not :memory:, so a gateway process started by the tests shares it.
         DATABASES["default"]["TEST"] = {"NAME": os.environ["SQLITE_TEST_NAME"]}
 if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
-    # Requests hand their connection back after each database step (llmgateway/db.py); the pool
+    # Requests hand their connection back after each database step (infra/db.py); the pool
     # makes that cheap and bounds the connections one gateway process opens.
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
         "min_size": 1,
@@ -136,6 +136,9 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
         # thread that long, so it stays short (a call's ledger row goes to the outbox meanwhile).
         "timeout": _env_float("DATABASE_POOL_TIMEOUT", 5.0),
     }
+    # The pool checks a connection as it hands it out: after a database restart or terminated
+    # backends it replaces the dead ones, instead of failing one step with each in turn.
+    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = os.environ.get("REDIS_URL", "")
@@ -258,7 +261,7 @@ BILLING_DEFAULT_PRICES_FILE = Path(
     os.environ.get("BILLING_DEFAULT_PRICES_FILE", BASE_DIR / "billing" / "data" / "prices.json")
 )
 
-# --- Limits (see llmgateway/ratelimits.py) ---------------------------------------------------
+# --- Limits (see calls/limits.py) --------------------------------------------------------
 # Per API key unless the key sets its own; per user across all its keys. 0 disables a limit.
 LIMITS_KEY_RPM = _env_int("LIMITS_KEY_RPM", 600)
 LIMITS_KEY_TPM = _env_int("LIMITS_KEY_TPM", 2_000_000)

@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 
-from llmgateway.errors import InvalidRequest
+from streaming.exceptions import InvalidChatRequest
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 MAX_N = 16
@@ -70,22 +70,22 @@ class ChatParams:
     n: int
 
 
-def _type_error(param: str, expected: str) -> InvalidRequest:
-    return InvalidRequest(INVALID_TYPE.format(param=param, expected=expected), param=param, code="invalid_type")
+def _type_error(param: str, expected: str) -> InvalidChatRequest:
+    return InvalidChatRequest(INVALID_TYPE.format(param=param, expected=expected), param=param, code="invalid_type")
 
 
-def _value_error(param: str, reason: str) -> InvalidRequest:
-    return InvalidRequest(INVALID_VALUE.format(param=param, reason=reason), param=param, code="invalid_value")
+def _value_error(param: str, reason: str) -> InvalidChatRequest:
+    return InvalidChatRequest(INVALID_VALUE.format(param=param, reason=reason), param=param, code="invalid_value")
 
 
-def _missing(param: str) -> InvalidRequest:
-    return InvalidRequest(MISSING_PARAM.format(param=param), param=param, code="missing_required_parameter")
+def _missing(param: str) -> InvalidChatRequest:
+    return InvalidChatRequest(MISSING_PARAM.format(param=param), param=param, code="missing_required_parameter")
 
 
-def _unsupported(param: str, value: str, supported: tuple[str, ...]) -> InvalidRequest:
+def _unsupported(param: str, value: str, supported: tuple[str, ...]) -> InvalidChatRequest:
     quoted = [f"'{choice}'" for choice in supported]
     listed = quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])}, and {quoted[-1]}"
-    return InvalidRequest(
+    return InvalidChatRequest(
         UNSUPPORTED_VALUE.format(value=value, supported=listed), param=param, code="invalid_value"
     )
 
@@ -94,9 +94,9 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        raise InvalidRequest(INVALID_JSON, code="invalid_json") from None
+        raise InvalidChatRequest(INVALID_JSON, code="invalid_json") from None
     if not isinstance(body, dict):
-        raise InvalidRequest(INVALID_JSON, code="invalid_json")
+        raise InvalidChatRequest(INVALID_JSON, code="invalid_json")
     return body
 
 
@@ -114,13 +114,13 @@ def _validate_message(index: int, message: Any) -> None:
         raise _type_error(param, "an object")
     role = message.get("role")
     if role is None:
-        raise InvalidRequest(MISSING_PARAM.format(param=f"{param}.role"), param=f"{param}.role", code="missing_required_parameter")
+        raise InvalidChatRequest(MISSING_PARAM.format(param=f"{param}.role"), param=f"{param}.role", code="missing_required_parameter")
     if role not in ROLES:
         raise _value_error(f"{param}.role", f"'{role}' is not one of {sorted(ROLES)}.")
     content = message.get("content")
     if content is None:
         if role in {"user", "system", "developer", "tool"}:
-            raise InvalidRequest(
+            raise InvalidChatRequest(
                 MISSING_PARAM.format(param=f"{param}.content"), param=f"{param}.content", code="missing_required_parameter"
             )
     elif isinstance(content, list):
@@ -168,13 +168,13 @@ def _required_name(param: str, value: Any) -> str:
     """A function, tool or schema name as OpenAI accepts it: `^[a-zA-Z0-9_-]+$`, at most 64 long."""
     name = _required_string(param, value)
     if len(name) > MAX_NAME_LENGTH:
-        raise InvalidRequest(
+        raise InvalidChatRequest(
             STRING_TOO_LONG.format(param=param, limit=MAX_NAME_LENGTH, length=len(name)),
             param=param,
             code="string_above_max_length",
         )
     if not _NAME_RE.fullmatch(name):
-        raise InvalidRequest(NAME_MISMATCH.format(param=param, pattern=NAME_PATTERN), param=param, code="invalid_value")
+        raise InvalidChatRequest(NAME_MISMATCH.format(param=param, pattern=NAME_PATTERN), param=param, code="invalid_value")
     return name
 
 
@@ -182,9 +182,9 @@ def _required_array(param: str, value: Any, *, limit: int | None = None) -> list
     if not isinstance(value, list):
         raise _type_error(param, "an array")
     if not value:
-        raise InvalidRequest(EMPTY_ARRAY.format(param=param), param=param, code="empty_array")
+        raise InvalidChatRequest(EMPTY_ARRAY.format(param=param), param=param, code="empty_array")
     if limit is not None and len(value) > limit:
-        raise InvalidRequest(
+        raise InvalidChatRequest(
             ARRAY_TOO_LONG.format(param=param, limit=limit, length=len(value)),
             param=param,
             code="array_above_max_length",
@@ -339,12 +339,12 @@ def _validate_tool_calling(body: dict[str, Any]) -> None:
 def validate_chat_body(body: dict[str, Any]) -> ChatParams:
     model = body.get("model")
     if model is None:
-        raise InvalidRequest(MISSING_PARAM.format(param="model"), param="model", code="missing_required_parameter")
+        raise InvalidChatRequest(MISSING_PARAM.format(param="model"), param="model", code="missing_required_parameter")
     if not isinstance(model, str) or not model:
         raise _type_error("model", "a non-empty string")
     messages = body.get("messages")
     if messages is None:
-        raise InvalidRequest(MISSING_PARAM.format(param="messages"), param="messages", code="missing_required_parameter")
+        raise InvalidChatRequest(MISSING_PARAM.format(param="messages"), param="messages", code="missing_required_parameter")
     if not isinstance(messages, list):
         raise _type_error("messages", "an array")
     if not messages:

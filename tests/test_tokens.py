@@ -1,4 +1,4 @@
-"""Tests for billing.tokens: offline, verified encodings and chat-prompt token counts."""
+"""Tests for streaming.tokens: offline, verified encodings and chat-prompt token counts."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import tiktoken
 import tiktoken.load
 from tiktoken_ext import openai_public
 
-from billing import tokens
+from streaming import tokens
 
 # The cookbook's `example_messages` ("How to count tokens with tiktoken", section 6),
 # reproduced verbatim. The cookbook shows the OpenAI API reporting 129 prompt tokens

@@ -63,7 +63,7 @@ class SimulatorProvider:
         return None
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[ProviderChunk]:
-        from billing.tokens import acount_chat_prompt_tokens
+        from streaming.tokens import acount_chat_prompt_tokens
 
         body = request.body
         tokens = int(_option(request, "tokens", "completion_tokens", settings.SIMULATOR_COMPLETION_TOKENS))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from billing.tokens import count_text_tokens
 from streaming.pipeline import CompletionTally
 from streaming.providers.simulator import simulated_text
+from streaming.tokens import count_text_tokens
 
 PROSE = (
     "Streaming gateways relay tokens as they arrive.\n\nEach piece, "

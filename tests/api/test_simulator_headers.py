@@ -16,8 +16,8 @@ import pytest
 from django.conf import settings
 
 from billing.models import UsageRecord
-from billing.tokens import count_text_tokens
 from streaming.providers.simulator import simulated_text
+from streaming.tokens import count_text_tokens
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.ledger]
 

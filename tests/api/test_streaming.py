@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from billing.models import UsageRecord
-from billing.tokens import count_text_tokens
+from streaming.tokens import count_text_tokens
 from tests.conftest import free_port
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.ledger]

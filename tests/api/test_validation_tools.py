@@ -2,7 +2,7 @@
 
 Every request goes through the gateway served by Granian to an `openai` route backed by the fake
 upstream, so "reached no upstream" is counted, not assumed. Before this validation `"tools": ["x"]`
-passed as "an array" and `billing.tokens.count_chat_prompt_tokens` raised `ValueError` on it while
+passed as "an array" and `streaming.tokens.count_chat_prompt_tokens` raised `ValueError` on it while
 the gateway priced the call: a 500.
 """
 

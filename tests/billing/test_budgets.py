@@ -15,6 +15,7 @@ import pytest
 from django.conf import settings as django_settings
 from django.db import connection
 
+from billing.exceptions import QuotaExceeded
 from billing.models import Account, Reservation
 from billing.services import (
     SPEND_QUOTA_EXCEEDED,
@@ -22,7 +23,7 @@ from billing.services import (
     account_quota_set,
     budget_release,
 )
-from llmgateway.errors import InsufficientQuota
+from llmgateway.errors import api_error_for
 
 from .conftest import NOW, admit, record_call
 
@@ -42,14 +43,15 @@ def test_holds_fit_up_to_the_limit_exactly_and_the_next_call_is_refused(user) ->
     admissions = [admit(user)[0] for _ in range(3)]
     assert [admission.reserved_usd for admission in admissions] == [ESTIMATE] * 3
     assert [admission.reserved_tokens for admission in admissions] == [1500] * 3
-    with pytest.raises(InsufficientQuota) as raised:
+    with pytest.raises(QuotaExceeded) as raised:
         admit(user)
     assert raised.value.message == SPEND_QUOTA_EXCEEDED.format(
         needed="$0.000450", remaining="$0.000000", period="monthly", limit="$0.001350"
     )
-    assert raised.value.status == 429
-    assert raised.value.body()["error"]["type"] == "insufficient_quota"
-    assert raised.value.body()["error"]["code"] == "insufficient_quota"
+    answer = api_error_for(raised.value)  # the API's answer to it
+    assert answer is not None and answer.status == 429
+    assert answer.body()["error"]["type"] == "insufficient_quota"
+    assert answer.body()["error"]["code"] == "insufficient_quota"
     assert Reservation.objects.count() == 3
 
 
@@ -63,7 +65,7 @@ def test_settling_replaces_the_hold_with_the_actual_cost(user) -> None:
     assert not Reservation.objects.exists()
     # Spent 0.00063 of 0.00135: room for one more worst case (0.00045), not two.
     admit(user)
-    with pytest.raises(InsufficientQuota):
+    with pytest.raises(QuotaExceeded):
         admit(user)
 
 
@@ -72,7 +74,7 @@ def test_spend_beyond_the_estimate_blocks_the_next_call(user) -> None:
     account_quota_set(user_id=user.pk, monthly_spend_limit_usd=ESTIMATE)
     admission, request_id = admit(user)
     settle(user, request_id, admission, completion=900)  # the upstream ran past our estimate
-    with pytest.raises(InsufficientQuota) as raised:
+    with pytest.raises(QuotaExceeded) as raised:
         admit(user, prompt=1, completion=1)
     assert "$0.000000 of your monthly budget" in raised.value.message
 
@@ -81,7 +83,7 @@ def test_spend_beyond_the_estimate_blocks_the_next_call(user) -> None:
 def test_expired_holds_stop_counting_and_are_deleted(user) -> None:
     account_quota_set(user_id=user.pk, monthly_spend_limit_usd=ESTIMATE)
     _, crashed = admit(user, at=NOW)  # its process died: never settled
-    with pytest.raises(InsufficientQuota):
+    with pytest.raises(QuotaExceeded):
         admit(user, at=NOW + timedelta(seconds=10))
     later = NOW + timedelta(seconds=django_settings.BILLING_RESERVATION_TTL + 1)
     _, fresh = admit(user, at=later)
@@ -98,11 +100,11 @@ def test_a_daily_budget_resets_at_local_midnight_and_a_monthly_one_at_the_month(
         settle(user, request_id, admission, completion=500, at=at)
 
     admit_and_settle(datetime(2025, 6, 15, 21, 59, tzinfo=UTC))  # 23:59 in Berlin
-    with pytest.raises(InsufficientQuota) as daily:
+    with pytest.raises(QuotaExceeded) as daily:
         admit(user, at=datetime(2025, 6, 15, 21, 59, 59, tzinfo=UTC))
     assert "daily budget" in daily.value.message
     admit_and_settle(datetime(2025, 6, 15, 22, 0, tzinfo=UTC))  # midnight in Berlin: a new day
-    with pytest.raises(InsufficientQuota) as monthly:
+    with pytest.raises(QuotaExceeded) as monthly:
         admit(user, at=datetime(2025, 6, 20, tzinfo=UTC))
     assert "monthly budget" in monthly.value.message
     admit_and_settle(datetime(2025, 6, 30, 22, 0, tzinfo=UTC))  # 1 July in Berlin: a new month
@@ -113,7 +115,7 @@ def test_token_budgets_count_prompt_and_completion_tokens(user) -> None:
     account_quota_set(user_id=user.pk, daily_token_limit=3000)
     admit(user)
     admit(user)
-    with pytest.raises(InsufficientQuota) as raised:
+    with pytest.raises(QuotaExceeded) as raised:
         admit(user)
     assert raised.value.message == TOKEN_QUOTA_EXCEEDED.format(needed=1500, remaining=0, period="daily", limit=3000)
 
@@ -175,7 +177,7 @@ def test_concurrent_admissions_never_overcommit_a_budget(user) -> None:
         try:
             admit(user, request_id=uuid.uuid4())
             return True
-        except InsufficientQuota:
+        except QuotaExceeded:
             return False
         finally:
             connection.close()

@@ -19,8 +19,8 @@ from billing.models import Price, Reservation, UsageRecord
 from billing.money import money_sum
 from billing.selectors import ledger_totals, rollup_totals
 from billing.services import PRICE_MISSING, account_quota_set
-from billing.tokens import count_chat_prompt_tokens, count_text_tokens
 from streaming.pipeline import CAP_REACHED
+from streaming.tokens import count_chat_prompt_tokens, count_text_tokens
 
 from .conftest import rates_now
 

@@ -8,11 +8,12 @@ from decimal import Decimal
 
 import pytest
 
+from billing.exceptions import PriceMissing
 from billing.models import AccountPrice, PlanPrice, Price, PricingPlan, Reservation, UsageRecord
 from billing.money import Rates
 from billing.selectors import rates_for
 from billing.services import PRICE_MISSING, account_get_or_create, account_quota_set, budget_reserve
-from llmgateway.errors import ConfigurationError
+from llmgateway.errors import api_error_for
 from streaming.catalog import DEFAULT_ROUTES
 
 from .conftest import NOW, record_call
@@ -121,13 +122,14 @@ def test_a_price_change_mid_month_leaves_earlier_rows_untouched(user) -> None:
 
 def test_an_unpriced_model_is_a_configuration_error_and_holds_nothing(user) -> None:
     account_quota_set(user_id=user.pk, monthly_spend_limit_usd=D("10"))
-    with pytest.raises(ConfigurationError) as raised:
+    with pytest.raises(PriceMissing) as raised:
         budget_reserve(
             user_id=user.pk, model="mystery-model", upstream_model="mystery-upstream", prompt_tokens=10,
             completion_tokens=10, request_id=uuid.uuid4(), now=NOW,
         )
     assert raised.value.message == PRICE_MISSING.format(model="mystery-model")
-    assert raised.value.status == 500 and raised.value.code == "gateway_misconfigured"
+    answer = api_error_for(raised.value)
+    assert answer is not None and answer.status == 500 and answer.code == "gateway_misconfigured"
     assert not Reservation.objects.exists()
     assert not UsageRecord.objects.exists()
 

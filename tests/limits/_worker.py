@@ -9,7 +9,7 @@ import asyncio
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
 
-from llmgateway.limits import LimiterError, LimitSpec, RedisLimiter
+from limits import LimiterError, LimitSpec, RedisLimiter
 
 
 def run(

@@ -17,7 +17,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from llmgateway.limits import (
+from limits import (
     Decision,
     InProcessLimiter,
     Limiter,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llmgateway.limits import CircuitBreaker, ManualClock
+from limits import CircuitBreaker, ManualClock
 
 
 @pytest.fixture

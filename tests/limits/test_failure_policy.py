@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import pytest
 import redis
 
-from llmgateway.limits import (
+from limits import (
     CircuitBreaker,
     Decision,
     InProcessLimiter,
@@ -22,7 +22,7 @@ from llmgateway.limits import (
     RedisLimiter,
     ResilientLimiter,
 )
-from llmgateway.limits._keys import key_for
+from limits._keys import key_for
 
 from .conftest import RedisServer
 

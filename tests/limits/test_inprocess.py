@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from llmgateway.limits import InProcessLimiter, LimitSpec, ManualClock
+from limits import InProcessLimiter, LimitSpec, ManualClock
 
 
 async def test_memory_stays_bounded_as_keys_go_idle() -> None:

@@ -16,8 +16,8 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from llmgateway.limits import LimitSpec
-from llmgateway.limits._keys import key_for
+from limits import LimitSpec
+from limits._keys import key_for
 
 from . import _worker
 

@@ -11,8 +11,8 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from llmgateway.limits import LimitSpec, RedisLimiter, acquire_waiting
-from llmgateway.limits._keys import key_for, spec_keys
+from limits import LimitSpec, RedisLimiter, acquire_waiting
+from limits._keys import key_for, spec_keys
 
 from .conftest import RedisServer
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from llmgateway.limits import (
+from limits import (
     CircuitBreaker,
     Decision,
     InProcessLimiter,
@@ -20,7 +20,7 @@ from llmgateway.limits import (
     ManualClock,
     ResilientLimiter,
 )
-from llmgateway.limits.exceptions import MSG_UNAVAILABLE
+from limits.exceptions import MSG_UNAVAILABLE
 
 SPEC = LimitSpec("rpm", "token_bucket", limit=3, period_seconds=30.0)
 
@@ -215,7 +215,7 @@ async def test_warnings_are_rate_limited_and_count_what_they_skipped(
 ) -> None:
     limiter = _limiter(primary, clock, events)
     primary.down = True
-    caplog.set_level(logging.WARNING, logger="llmgateway.limits.resilient")
+    caplog.set_level(logging.WARNING, logger="limits.resilient")
 
     for _ in range(50):
         await limiter.acquire([SPEC], group="g")

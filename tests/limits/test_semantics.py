@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from llmgateway.limits import LimitKind, LimitSpec
+from limits import LimitKind, LimitSpec
 
 from .conftest import Backend
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from llmgateway.limits import InProcessLimiter, LimitSpec
+from limits import InProcessLimiter, LimitSpec
 
 
 @pytest.mark.parametrize(

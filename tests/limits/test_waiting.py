@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from llmgateway.limits import Decision, Limiter, LimitKind, LimitSpec, acquire_waiting
+from limits import Decision, Limiter, LimitKind, LimitSpec, acquire_waiting
 
 from .conftest import Backend
 

@@ -21,9 +21,9 @@ from django.test import RequestFactory, override_settings
 from django_ratelimit.core import is_ratelimited
 from prometheus_client import REGISTRY
 
+from limits import ManualClock
 from llmgateway import cache as resilient_cache
 from llmgateway.cache import ResilientRedisCache
-from llmgateway.limits import ManualClock
 from tests.conftest import Gateway, free_port
 from tests.limits.conftest import RedisServer
 

@@ -1,4 +1,4 @@
-"""Which limits gate a call, and how their decisions become HTTP answers.
+"""Which limits gate a call, and why a call is refused (`calls.exceptions`).
 
 Per call, before the upstream is contacted:
 - per API key and per user: requests per minute and tokens per minute, checked together in one
@@ -15,7 +15,7 @@ Per call, before the upstream is contacted:
 Failure policy: with REDIS_URL the limiter is Redis behind a circuit breaker; when Redis is slow
 or gone (LIMITS_REDIS_TIMEOUT, 2 s by default: never a hang) decisions fall back to the in-process limiter
 (LIMITS_FAIL_OPEN=true, the default; logged and counted in `llmgateway_redis_fallbacks_total`)
-or the call is refused with 503 (LIMITS_FAIL_OPEN=false). Without REDIS_URL limits are
+or the call is refused with `LimiterDown` (LIMITS_FAIL_OPEN=false; the API answers 503). Without REDIS_URL limits are
 in-process: exact for one worker, per worker with several.
 """
 
@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 
 from django.conf import settings
 
-from llmgateway import observability
-from llmgateway.auth import Principal
-from llmgateway.errors import RateLimited, ServiceUnavailable
-from llmgateway.limits import (
+from calls.exceptions import LimiterDown, LimitExceeded
+from calls.principal import Principal
+from infra import observability
+from limits import (
     CircuitBreaker,
     Decision,
     InProcessLimiter,
@@ -150,7 +150,7 @@ def _scope_name(spec: LimitSpec) -> str:
 
 
 async def admit(*, principal: Principal, estimated_tokens: int) -> Admission:
-    """Charge the key's and user's limits for one call, or raise RateLimited (429) / 503."""
+    """Charge the key's and user's limits for one call, or raise LimitExceeded / LimiterDown."""
     limiter = get_limiter()
     group = f"u{principal.user_id}"
     request_specs, token_specs = _scope_specs(principal, estimated_tokens)
@@ -159,7 +159,7 @@ async def admit(*, principal: Principal, estimated_tokens: int) -> Admission:
         decision = await limiter.acquire(specs, group=group) if specs else UNLIMITED
     except LimiterUnavailable:
         observability.REJECTIONS.labels("limiter_unavailable").inc()
-        raise ServiceUnavailable(LIMITER_DOWN) from None
+        raise LimiterDown(LIMITER_DOWN) from None
     headers = _headers(decision)
     if not decision.allowed:
         observability.REJECTIONS.labels("rate_limit").inc()
@@ -178,31 +178,29 @@ async def admit(*, principal: Principal, estimated_tokens: int) -> Admission:
             )
         except LimiterUnavailable:
             await release(admission, used_tokens=0)
-            raise ServiceUnavailable(LIMITER_DOWN) from None
+            raise LimiterDown(LIMITER_DOWN) from None
         if not lease.allowed:
             await release(admission, used_tokens=0)
             observability.REJECTIONS.labels("concurrency").inc()
-            raise RateLimited(CONCURRENCY_EXCEEDED.format(limit=max_concurrent), code="concurrency_limit_exceeded", headers={"Retry-After": "1", **headers})
+            raise LimitExceeded(CONCURRENCY_EXCEEDED.format(limit=max_concurrent), kind="concurrency", headers={"Retry-After": "1", **headers})
         admission.lease = (lease_key, lease_id)
     return admission
 
 
-def _rejection(decision: Decision, headers: dict[str, str], requested: int) -> RateLimited:
+def _rejection(decision: Decision, headers: dict[str, str], requested: int) -> LimitExceeded:
     violated = decision.violated
     assert violated is not None
     scope = _scope_name(violated)
     if math.isinf(decision.retry_after):
-        return RateLimited(
-            TOKENS_TOO_LARGE.format(scope=scope, limit=violated.limit, requested=requested), code="rate_limit_exceeded", headers=headers
-        )
+        message = TOKENS_TOO_LARGE.format(scope=scope, limit=violated.limit, requested=requested)
+        return LimitExceeded(message, kind="request_too_large", headers=headers)
     retry = format_duration(decision.retry_after)
+    with_retry = {"Retry-After": _retry_after_header(decision.retry_after), **headers}
     if violated.key.endswith(":tpm"):
         message = TOKENS_EXCEEDED.format(scope=scope, limit=violated.limit, requested=requested, retry=retry)
-        error = RateLimited(message, headers={"Retry-After": _retry_after_header(decision.retry_after), **headers})
-        error.type = "tokens"
-        return error
+        return LimitExceeded(message, kind="tokens", headers=with_retry)
     message = REQUESTS_EXCEEDED.format(scope=scope, limit=violated.limit, retry=retry)
-    return RateLimited(message, headers={"Retry-After": _retry_after_header(decision.retry_after), **headers})
+    return LimitExceeded(message, kind="requests", headers=with_retry)
 
 
 async def release(admission: Admission, *, used_tokens: int) -> None:
@@ -253,20 +251,20 @@ def _upstream_key(route: ModelRoute, unit: str) -> str:
 
 
 async def await_upstream_capacity(*, route: ModelRoute, estimated_tokens: int) -> None:
-    """Wait for room in the upstream's shared bucket (up to UPSTREAM_MAX_WAIT), or raise 429."""
+    """Wait for room in the upstream's shared bucket (up to UPSTREAM_MAX_WAIT), or raise LimitExceeded."""
     specs = _upstream_specs(route, estimated_tokens)
     if not specs:
         return
     try:
         decision = await acquire_waiting(get_limiter(), specs, group="upstream", max_wait=settings.UPSTREAM_MAX_WAIT)
     except LimiterUnavailable:
-        raise ServiceUnavailable(LIMITER_DOWN) from None
+        raise LimiterDown(LIMITER_DOWN) from None
     if not decision.allowed:
         observability.REJECTIONS.labels("upstream_capacity").inc()
         retry = decision.retry_after if math.isfinite(decision.retry_after) else MINUTE
-        raise RateLimited(
+        raise LimitExceeded(
             UPSTREAM_BUSY.format(model=route.id, retry=format_duration(retry)),
-            code="upstream_capacity",
+            kind="upstream_capacity",
             headers={"Retry-After": _retry_after_header(retry)},
         )
 
