@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import uuid
 from dataclasses import dataclass, field
+from typing import cast
 
 from django.conf import settings
 
@@ -36,6 +37,7 @@ from limits import (
     InProcessLimiter,
     Limiter,
     LimiterUnavailable,
+    LimitKind,
     LimitSpec,
     LimitState,
     RedisLimiter,
@@ -110,7 +112,7 @@ class Admission:
 
 
 def _scope_specs(principal: Principal, tokens: int) -> tuple[list[LimitSpec], list[LimitSpec]]:
-    rpm_kind = settings.LIMITS_RPM_ALGORITHM
+    rpm_kind = cast(LimitKind, settings.LIMITS_RPM_ALGORITHM)  # LimitSpec refuses any other value
     request_specs, token_specs = [], []
     scopes = []
     if principal.api_key_id is not None:

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 import orjson
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
-from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from calls.chat import ChatCall
@@ -56,7 +56,7 @@ def _read_body(request: HttpRequest) -> bytes:
 
 
 @csrf_exempt
-async def chat_completions(request: HttpRequest) -> HttpResponse:
+async def chat_completions(request: HttpRequest) -> HttpResponseBase:
     """`POST /v1/chat/completions`, authenticated by API key."""
     return await serve_chat_completion(request, lambda: aprincipal_for_api_call(request))
 
@@ -80,7 +80,7 @@ def _simulator_headers(request: HttpRequest) -> dict[str, str]:
     }
 
 
-async def serve_chat_completion(request: HttpRequest, authenticate: Callable[[], Awaitable[Principal]]) -> HttpResponse:
+async def serve_chat_completion(request: HttpRequest, authenticate: Callable[[], Awaitable[Principal]]) -> HttpResponseBase:
     """Authenticate, validate and run one chat completion (shared with the web chat page).
 
     Every response, error or not, carries the call's `x-request-id`: the ledger row's
@@ -105,7 +105,7 @@ async def serve_chat_completion(request: HttpRequest, authenticate: Callable[[],
 
 async def _chat_completion(
     request: HttpRequest, authenticate: Callable[[], Awaitable[Principal]], request_id: uuid.UUID, headers: dict[str, str]
-) -> HttpResponse:
+) -> HttpResponseBase:
     if request.method != "POST":
         raise MethodNotAllowed(f"{request.method} is not allowed on this endpoint; use POST.")
     principal = await authenticate()
@@ -115,7 +115,7 @@ async def _chat_completion(
         headers.update(call.response_headers())
         first = await call.start()
         if params.stream:
-            response: HttpResponse = CallStreamingResponse(call.stream_frames(first), content_type="text/event-stream; charset=utf-8")
+            response: HttpResponseBase = CallStreamingResponse(call.stream_frames(first), content_type="text/event-stream; charset=utf-8")
             response.call = call  # type: ignore[attr-defined]
             response["Cache-Control"] = "no-cache"
             response["X-Accel-Buffering"] = "no"

@@ -29,7 +29,7 @@ import asyncio  # noqa: E402
 import logging  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
-from collections.abc import Awaitable, Callable  # noqa: E402
+from collections.abc import Awaitable, Callable, Mapping  # noqa: E402
 from contextlib import closing  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -62,7 +62,9 @@ PUBLIC_SECRET_KEY = (
 )
 
 Message = dict[str, Any]
+Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Mapping[str, Any]], Awaitable[None]]
 
 
 class RequestTimeout(ApiError):
@@ -133,7 +135,7 @@ def bounded_receive(scope: dict[str, Any], receive: Receive) -> Receive:
     return receive_bounded
 
 
-async def _send_refusal(error: ApiError, send: Callable[[Message], Awaitable[None]], started: float) -> None:
+async def _send_refusal(error: ApiError, send: Send, started: float) -> None:
     """Answer a request refused before its view ran, and close the connection (its body is unread)."""
     response = error_response(error)
     response[REQUEST_ID_HEADER] = str(uuid.uuid4())
@@ -162,12 +164,12 @@ class LeanASGIHandler(ASGIHandler):
 
     middleware = (RequestTimingMiddleware,)
 
-    async def __call__(self, scope, receive, send):  # type: ignore[no-untyped-def]
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:  # type: ignore[override]
         if scope["type"] != "http":
             raise ValueError(f"Django can only handle ASGI/HTTP connections, not {scope['type']}.")
         await self.handle(scope, receive, send)
 
-    async def handle(self, scope, receive, send):  # type: ignore[no-untyped-def]
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:  # type: ignore[override]
         started = time.perf_counter()
         if scope["method"] == "POST" and scope["path"].startswith(API_PATH_PREFIX):
             try:
@@ -193,6 +195,7 @@ class LeanASGIHandler(ASGIHandler):
             set_script_prefix(get_script_prefix(scope))
             request, error_response = self.create_request(scope, body_file)
             if request is None:
+                assert error_response is not None
                 await self.send_response(error_response, send)
                 error_response.close()
                 return
@@ -214,10 +217,10 @@ class LeanASGIHandler(ASGIHandler):
                 response.close()
 
     def load_middleware(self, is_async: bool = False) -> None:
-        self._view_middleware = []
-        self._template_response_middleware = []
-        self._exception_middleware = []
-        handler = convert_exception_to_response(self._get_response_async)
+        self._view_middleware: list[Any] = []
+        self._template_response_middleware: list[Any] = []
+        self._exception_middleware: list[Any] = []
+        handler = convert_exception_to_response(self._get_response_async)  # type: ignore[attr-defined]
         for middleware in reversed(self.middleware):
             handler = convert_exception_to_response(middleware(handler))
         self._middleware_chain = handler
@@ -226,7 +229,7 @@ class LeanASGIHandler(ASGIHandler):
 lean_asgi_app = LeanASGIHandler()
 
 
-async def http_app(scope, receive, send):  # type: ignore[no-untyped-def]
+async def http_app(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["path"].startswith(LEAN_PATH_PREFIXES):
         return await lean_asgi_app(scope, receive, send)
     # Django's own handler reads the body in `read_body` before anything else, so a refusal
@@ -238,7 +241,7 @@ async def http_app(scope, receive, send):  # type: ignore[no-untyped-def]
         await _send_refusal(refused.error, send, started)
 
 
-async def checked_lifespan(scope, receive, send):  # type: ignore[no-untyped-def]
+async def checked_lifespan(scope: Scope, receive: Receive, send: Send) -> None:
     """The lifespan, refusing to start a non-debug server on the public development key."""
     if not settings.DEBUG and settings.SECRET_KEY == settings.INSECURE_DEV_SECRET_KEY:
         message = await receive()

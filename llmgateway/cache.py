@@ -127,7 +127,7 @@ class ResilientRedisCache(RedisCache):
 
     def __init__(self, server: str | list[str], params: dict[str, Any]) -> None:
         super().__init__(server, params)
-        self._health = _health_for(",".join(self._servers))
+        self._health = _health_for(server if isinstance(server, str) else ",".join(server))
 
     def _guard(self, operation: str, call: Callable[[], Any], miss: Callable[[], Any]) -> Any:
         permit = self._health.allow()

@@ -10,7 +10,7 @@ from __future__ import annotations
 from django.conf import settings
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.shortcuts import render
 from django.utils.decorators import method_decorator
 from django.views.decorators.csrf import csrf_protect
@@ -49,6 +49,6 @@ def chat_page(request: HttpRequest) -> HttpResponse:
 
 
 @csrf_protect
-async def chat_stream(request: HttpRequest) -> HttpResponse:
+async def chat_stream(request: HttpRequest) -> HttpResponseBase:
     """The chat page's streaming endpoint: OpenAI's request and SSE shapes, session-authenticated."""
     return await serve_chat_completion(request, lambda: aprincipal_for_session(request))

@@ -27,7 +27,7 @@ def api_key_create(
     The raw secret is returned once and never stored.
     """
     user_model = get_user_model()
-    user, _ = user_model.objects.get_or_create(**{user_model.USERNAME_FIELD: username})
+    user, _ = user_model.objects.get_or_create(defaults=None, **{user_model.USERNAME_FIELD: username})
     raw_key = generate_api_key()
     api_key = ApiKey.objects.create(
         user=user,

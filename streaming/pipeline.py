@@ -24,10 +24,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from streaming import _sse
 from streaming.providers.base import ChatRequest, Provider, ProviderChunk, UpstreamError, Usage
@@ -221,7 +221,7 @@ class StreamRelay:
         phase = "first_token"
         try:
             async with asyncio.timeout(None) as deadline:
-                async with aclosing(self._provider.stream(self._request)) as chunks:
+                async with aclosing(cast(AsyncGenerator[ProviderChunk], self._provider.stream(self._request))) as chunks:
                     while True:
                         wait = self._timeouts.first_token if phase == "first_token" else self._timeouts.idle
                         deadline.reschedule(min(total_deadline, loop.time() + wait))

@@ -133,7 +133,7 @@ def _user_ids(usernames: Sequence[str]) -> tuple[int, ...]:
     if not usernames:
         return ()
     user_model = get_user_model()
-    field = cast("str", user_model.USERNAME_FIELD)
+    field = user_model.USERNAME_FIELD
     found = dict(user_model.objects.filter(**{f"{field}__in": usernames}).values_list(field, "pk"))
     for name in usernames:
         if name not in found:
@@ -186,7 +186,7 @@ def export_spec_parse(
         user_ids=_user_ids(users),
         models=_models(models),
         group_by=groups,
-        format=cast("Format", format),
+        format=format,
         totals=totals,
         from_ledger=from_ledger,
     )

@@ -85,7 +85,7 @@ def _rollup_costs_from_ledger(apps, connection, cursor):
     zone = ZoneInfo(settings.BILLING_TIME_ZONE)
     ledger = apps.get_model("billing", "UsageRecord")._meta
     rollups = apps.get_model("billing", "DailyUsage")._meta
-    sums = defaultdict(lambda: [0, 0, 0, 0, 0])  # requests, prompt, completion, cached, cost units
+    sums: defaultdict[tuple[int, str, date], list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0])  # requests, prompt, completion, cached, cost units
     columns = ["user_id", "model", "created_at", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd"]
     for _, user_id, model, created_at, prompt, completion, cached, cost in _rows(
         cursor, quote(ledger.db_table), [quote(column) for column in columns]
@@ -98,9 +98,9 @@ def _rollup_costs_from_ledger(apps, connection, cursor):
     columns = ["user_id", "model", "day", "requests", "prompt_tokens", "completion_tokens", "cached_tokens"]
     updates = []
     for pk, user_id, model, day, *counts in _rows(cursor, quote(rollups.db_table), [quote(column) for column in columns]):
-        entry = sums.get((user_id, model, day if isinstance(day, date) else date.fromisoformat(day)))
-        if entry is not None and entry[:4] == counts:
-            updates.append((entry[4], pk))
+        found = sums.get((user_id, model, day if isinstance(day, date) else date.fromisoformat(day)))
+        if found is not None and found[:4] == counts:
+            updates.append((found[4], pk))
     table, column = quote(rollups.db_table), quote(rollups.get_field("cost_usd").column)
     cursor.executemany(f"UPDATE {table} SET {column} = %s WHERE id = %s", updates)
 

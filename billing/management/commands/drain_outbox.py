@@ -1,3 +1,5 @@
+from typing import Any
+
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
@@ -12,7 +14,7 @@ class Command(BaseCommand):
         "host whose gateway is not coming back."
     )
 
-    def handle(self, *args, **options):
+    def handle(self, *args: Any, **options: Any) -> None:
         result = claim_orphans(settings.LEDGER_OUTBOX_DIR)
         self.stdout.write(
             f"{result.journals} journal(s) replayed, {result.rows} call(s) in the ledger; "

@@ -1,6 +1,7 @@
 import time
+from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, OutputWrapper
+from django.core.management.base import BaseCommand, CommandError, CommandParser, OutputWrapper
 
 from billing.exports import (
     ExportError,
@@ -47,7 +48,7 @@ class Command(BaseCommand):
         "See billing/exports/__init__.py for columns, sources and formats."
     )
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
             "--since",
             help="First instant included: a date (YYYY-MM-DD, that day's start in BILLING_TIME_ZONE) "
@@ -89,7 +90,7 @@ class Command(BaseCommand):
             help="Do not show the progress bar (shown on stderr only when stderr is a terminal).",
         )
 
-    def handle(self, *args, **options):
+    def handle(self, *args: Any, **options: Any) -> None:
         try:
             spec = export_spec_parse(
                 since=options["since"],

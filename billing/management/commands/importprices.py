@@ -1,7 +1,8 @@
 from pathlib import Path
+from typing import Any
 
 from django.conf import settings
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from billing.pricefile import PriceFileError, read_price_file
 from billing.services import price_import
@@ -13,7 +14,7 @@ class Command(BaseCommand):
         "catalog (BILLING_DEFAULT_PRICES_FILE). Idempotent: rows already present are unchanged."
     )
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("file", nargs="?", default=None, help="A .json or .csv price file (see billing/pricefile.py).")
         parser.add_argument(
             "--keep-existing",
@@ -21,7 +22,7 @@ class Command(BaseCommand):
             help="Leave prices already present with other rates as they are, instead of failing.",
         )
 
-    def handle(self, *args, **options):
+    def handle(self, *args: Any, **options: Any) -> None:
         path = Path(options["file"]) if options["file"] else Path(settings.BILLING_DEFAULT_PRICES_FILE)
         if not path.is_file():
             raise CommandError(f"{path}: no such file.")

@@ -1,8 +1,9 @@
 from decimal import Decimal
+from typing import Any
 
 from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from billing.models import PricingPlan
 from billing.money import usd
@@ -37,7 +38,7 @@ class Command(BaseCommand):
         "Options not given are left as they are; 'none' clears a limit."
     )
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("username", help="The user whose billing account to change (created if missing).")
         parser.add_argument("--plan", help="Pricing plan name, or 'none' for catalog prices.")
         parser.add_argument("--monthly-budget", help="Monthly spend limit in USD, e.g. 25.00, or 'none'.")
@@ -46,7 +47,7 @@ class Command(BaseCommand):
         parser.add_argument("--daily-tokens", help="Daily limit on prompt + completion tokens, or 'none'.")
         parser.add_argument("--soft-threshold", help="Fraction of a limit that triggers a warning, e.g. 0.8.")
 
-    def handle(self, *args, **options):
+    def handle(self, *args: Any, **options: Any) -> None:
         user_model = get_user_model()
         try:
             user = user_model.objects.get(**{user_model.USERNAME_FIELD: options["username"]})

@@ -1,6 +1,7 @@
 from datetime import datetime
+from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils.dateparse import parse_datetime
 
 from llmgateway.services import api_key_create
@@ -9,7 +10,7 @@ from llmgateway.services import api_key_create
 class Command(BaseCommand):
     help = "Create an API key for USERNAME (creating the user if needed). The key is printed once, alone on the last line."
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("username", help="Owner of the key; created if it does not exist.")
         parser.add_argument("--name", default="", help="A label for the key, shown in the admin.")
         parser.add_argument("--expires", default=None, help="Expiry as an ISO 8601 datetime (e.g. 2027-01-01T00:00:00Z).")
@@ -17,7 +18,7 @@ class Command(BaseCommand):
         parser.add_argument("--tpm", type=int, default=None, help="Tokens per minute for this key.")
         parser.add_argument("--max-concurrent", type=int, default=None, help="Concurrent streams for this key.")
 
-    def handle(self, *args, **options):
+    def handle(self, *args: Any, **options: Any) -> None:
         expires_at: datetime | None = None
         if options["expires"]:
             expires_at = parse_datetime(options["expires"])

@@ -1,7 +1,8 @@
 import secrets
+from typing import Any
 
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandParser
 
 from llmgateway.services import api_key_create
 
@@ -11,10 +12,10 @@ DEMO_USERNAME = "admin"
 class Command(BaseCommand):
     help = "Create the demo staff user and an API key on first run, printing their secrets once."
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--username", default=DEMO_USERNAME, help="Staff user to create.")
 
-    def handle(self, *args, **options):
+    def handle(self, *args: Any, **options: Any) -> None:
         user_model = get_user_model()
         username = options["username"]
         if user_model.objects.filter(username=username).exists():
