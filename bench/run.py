@@ -1,6 +1,6 @@
 """Benchmark the gateway as production serves it, against a fast fake upstream, in one command.
 
-    scripts/bench [--quick] [--workers N] [--tokens N] [--phases streaming,memory,storm,limiter]
+    scripts/bench [--quick] [--workers N] [--tokens N] [--phases streaming,memory,storm,limiter,chaos]
 
 One invocation starts, on 127.0.0.1 only:
 
@@ -75,7 +75,8 @@ BODY: dict[str, Any] = {
     "stream_options": {"include_usage": True},
 }
 CHAT_PATH = "/v1/chat/completions"
-PHASES = ("streaming", "memory", "storm", "accuracy", "limiter")
+PHASES = ("streaming", "memory", "storm", "accuracy", "limiter", "chaos")
+GATEWAY_PHASES = ("streaming", "memory", "storm", "accuracy")  # these share the run's gateway
 BENCH_LIMITS = {
     "LIMITS_KEY_RPM": str(10**9),
     "LIMITS_KEY_TPM": str(10**12),
@@ -1129,25 +1130,46 @@ class Bench:
     def ledger_check(self) -> None:
         self.results["ledger"] = self._settle_ledger()
 
+    def phase_chaos(self) -> None:
+        """Issue 10's acceptance scenario in a world of its own (``bench/chaos.py``)."""
+        from bench import chaos  # imports this module's process classes: see its docstring
+
+        try:
+            self.results["chaos"] = chaos.run_chaos(
+                env=self.env,
+                workdir=self.workdir / "chaos",
+                quick=self.args.quick,
+                postgres_url=self.pg_server,
+                keep=self.args.keep,
+            )
+        except Exception as error:  # the other phases' figures are still worth writing
+            _log(f"chaos: failed: {type(error).__name__}: {error}")
+            self.results["chaos"] = {"status": "failed", "reason": f"{type(error).__name__}: {error}"}
+
     def run(self, phases: Sequence[str]) -> dict[str, Any]:
         began = time.monotonic()
         self.results["meta"] = _meta(self.args, self.plan)
-        self.setup()
-        for phase in ("streaming", "memory", "storm"):
-            if phase in phases:
-                _log(f"phase {phase}")
-                getattr(self, f"phase_{phase}")()
-        self.ledger_check()
-        assert self.gateway is not None
-        self.gateway.stop()  # the limiter benchmarks get a quiet machine
+        if any(phase in GATEWAY_PHASES for phase in phases):
+            self.setup()
+            for phase in ("streaming", "memory", "storm"):
+                if phase in phases:
+                    _log(f"phase {phase}")
+                    getattr(self, f"phase_{phase}")()
+            self.ledger_check()
+            assert self.gateway is not None
+            self.gateway.stop()  # the limiter benchmarks get a quiet machine
         if "accuracy" in phases:
             _log("phase accuracy")
             self.phase_accuracy()
         if "limiter" in phases:
             _log("phase limiter")
             self.phase_limiter()
+        if "chaos" in phases:
+            _log("phase chaos")
+            self.phase_chaos()
         self.results["meta"]["elapsed_s"] = round(time.monotonic() - began, 1)
-        log = (self.workdir / "gateway.log").read_text(errors="replace")
+        gateway_log = self.workdir / "gateway.log"
+        log = gateway_log.read_text(errors="replace") if gateway_log.exists() else ""
         error_lines = [line for line in log.splitlines() if line.startswith(("ERROR", "CRITICAL"))]
         exceptions = [
             line
@@ -1448,6 +1470,10 @@ def _targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 None,
             )
         )
+    if "chaos" in results:
+        from bench import chaos
+
+        targets.append(Target(*chaos.target(results["chaos"])))
     return [
         {"name": t.name, "measured": t.measured, "target": t.target, "status": t.status}
         for t in targets
@@ -1575,6 +1601,10 @@ def render(results: dict[str, Any]) -> str:
         else:
             lines.append(f"Limiter: n/a ({limiter.get('reason')})")
         lines.append("")
+    if "chaos" in results:
+        from bench import chaos
+
+        lines += chaos.render(results["chaos"])
     ledger = results.get("ledger")
     if ledger:
         restarts = ", ".join(
@@ -1710,10 +1740,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="URL",
         default=None,
         help="run the gateway on a throwaway database created (and dropped) on this PostgreSQL server, "
-        "e.g. postgres://postgres@127.0.0.1:5432/postgres; default: a temporary SQLite file",
+        "e.g. postgres://postgres@127.0.0.1:5432/postgres; default: a temporary SQLite file. The "
+        "chaos phase always uses PostgreSQL: this server, else that example URL",
     )
     parser.add_argument(
-        "--keep", action="store_true", help="keep the temporary directory (database, logs)"
+        "--keep",
+        action="store_true",
+        help="keep the temporary directory (database, logs) and the chaos phase's PostgreSQL database",
     )
     args = parser.parse_args(argv)
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
