@@ -211,6 +211,7 @@ class LedgerOutbox:
         self._sequence = 0
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
+        self._late_writes: set[asyncio.Future[Any]] = set()
         # Told the number of rows waiting whenever it changes (a metrics gauge).
         self.on_depth: Callable[[int], None] = lambda depth: None
 
@@ -234,6 +235,17 @@ class LedgerOutbox:
         self._ensure_running()
         assert self._wake is not None
         self._wake.set()
+
+    def adopt(self, write: asyncio.Future[Any]) -> None:
+        """Own a ledger write that outran its deadline: it may still commit, in which case the
+        deferred copy of its row is found in the ledger and not written again."""
+        self._late_writes.add(write)
+        write.add_done_callback(self._late_write_done)
+
+    def _late_write_done(self, write: asyncio.Future[Any]) -> None:
+        self._late_writes.discard(write)
+        if not write.cancelled() and write.exception() is not None:
+            logger.info("a late ledger write failed (its row is in the outbox): %s", write.exception())
 
     def call_recorded(self, request_id: uuid.UUID) -> None:
         """The call's row is in the ledger: forget it (its segments may go)."""
@@ -379,6 +391,8 @@ class LedgerOutbox:
                 await task
             except asyncio.CancelledError:
                 pass
+        if self._late_writes:
+            await asyncio.wait(self._late_writes, timeout=DRAIN_RETRY_SECONDS * 10)
         if self._pending:
             await self.drain()
         if self._dir is not None and not self._pending and not self._open:
@@ -480,12 +494,27 @@ def claim_orphans(root: Path) -> ClaimResult:
     return claimed
 
 
-def pending_in_journals(root: Path) -> int:
-    """Journals of other (dead or live) processes not yet removed: for /readyz."""
+def orphan_journals(root: Path) -> int:
+    """Journals of stopped processes not replayed yet (their lock is free): for /readyz."""
     base = root / database_key()
     if not base.is_dir():
         return 0
-    return sum(1 for path in base.iterdir() if path.is_dir() and not path.name.startswith("."))
+    orphans = 0
+    for directory in base.iterdir():
+        if not directory.is_dir() or directory.name.startswith("."):
+            continue
+        try:
+            lock_fd = os.open(directory / LOCK_FILE, os.O_RDWR)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            orphans += 1
+        except BlockingIOError:
+            pass  # its process is alive
+        finally:
+            os.close(lock_fd)  # and with it the lock, if this took it
+    return orphans
 
 
 _outbox: LedgerOutbox | None = None

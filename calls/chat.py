@@ -204,7 +204,12 @@ class ChatCall:
         assert route is not None and admission is not None
         relay = self.relay = StreamRelay(
             provider=get_provider(route.provider),
-            request=ChatRequest(route=route, body=dict(self.params.body), simulator=self.simulator if route.is_simulated else {}),
+            request=ChatRequest(
+                route=route,
+                body=dict(self.params.body),
+                simulator=self.simulator if route.is_simulated else {},
+                request_id=str(self.request_id),
+            ),
             queue_size=settings.GATEWAY_STREAM_QUEUE_SIZE,
             timeouts=_timeouts(),
             count_text=partial(count_text_tokens, model=route.upstream_model),
@@ -297,10 +302,14 @@ class ChatCall:
         outcome = relay.outcome
         row = self._row_finished(outcome)
         outbox = _outbox()
-        try:
-            async with asyncio.timeout(settings.GATEWAY_LEDGER_WRITE_TIMEOUT):
-                record = await ausage_record_create(**row)
-        except Exception as error:
+        # A database thread cannot be cancelled: a write that outruns its deadline is left to
+        # finish (the outbox owns it), and the row is deferred; the outbox's write is idempotent.
+        write = asyncio.ensure_future(ausage_record_create(**row))
+        done, _ = await asyncio.wait({write}, timeout=settings.GATEWAY_LEDGER_WRITE_TIMEOUT)
+        error = write.exception() if done else TimeoutError("the ledger write deadline passed")
+        if error is not None:
+            if not done:
+                outbox.adopt(write)
             logger.warning("ledger write for %s failed (%s: %s); kept in the outbox", self.request_id, type(error).__name__, error)
             await outbox.defer(row)
             observability.OUTBOX_DEFERRED.inc()
@@ -309,7 +318,7 @@ class ChatCall:
             )
         else:
             outbox.call_recorded(self.request_id)
-            self.cost = record.cost_usd
+            self.cost = write.result().cost_usd
         self._recorded = True
         self._observe(outcome)
 

@@ -38,6 +38,15 @@ def _json(payload: object, status: int = 200) -> HttpResponse:
     return HttpResponse(orjson.dumps(payload), status=status, content_type="application/json")
 
 
+def _error_answer(error: Exception) -> HttpResponse:
+    """The OpenAI error response for any exception; one that maps to none is a logged 500."""
+    api_error = api_error_for(error)
+    if api_error is None:
+        logger.exception("unhandled error in %s", type(error).__name__, exc_info=error)
+        api_error = ApiError(INTERNAL_ERROR)
+    return error_response(api_error)
+
+
 def _read_body(request: HttpRequest) -> bytes:
     limit = settings.GATEWAY_MAX_BODY_BYTES
     try:
@@ -91,11 +100,7 @@ async def serve_chat_completion(request: HttpRequest, authenticate: Callable[[],
     try:
         response = await _chat_completion(request, authenticate, request_id, headers)
     except Exception as error:
-        api_error = api_error_for(error)
-        if api_error is None:
-            logger.exception("unhandled error in chat completion %s", request_id)
-            api_error = ApiError(INTERNAL_ERROR)
-        response = error_response(api_error)
+        response = _error_answer(error)
     for name, value in headers.items():
         if name not in response:
             response[name] = value
@@ -131,8 +136,8 @@ async def models_list(request: HttpRequest) -> HttpResponse:
         if request.method != "GET":
             raise MethodNotAllowed(f"{request.method} is not allowed on this endpoint; use GET.")
         await aauthenticate(request.headers.get("Authorization"))
-    except ApiError as error:
-        return error_response(error)
+    except Exception as error:
+        return _error_answer(error)
     data = [
         {"id": route.id, "object": "model", "created": route.created, "owned_by": route.owned_by}
         for route in available_routes()
@@ -148,8 +153,8 @@ async def model_detail(request: HttpRequest, model: str) -> HttpResponse:
             if route.id == model:
                 return _json({"id": route.id, "object": "model", "created": route.created, "owned_by": route.owned_by})
         raise NotFound(f"The model `{model}` does not exist or you do not have access to it.", param="model", code="model_not_found")
-    except ApiError as error:
-        return error_response(error)
+    except Exception as error:
+        return _error_answer(error)
 
 
 @csrf_exempt

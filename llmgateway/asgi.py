@@ -42,7 +42,7 @@ from django.urls import set_script_prefix  # noqa: E402
 
 from infra import observability  # noqa: E402
 from llmgateway.auth import PRINCIPAL_SCOPE_KEY, aauthenticate  # noqa: E402
-from llmgateway.errors import ApiError, PayloadTooLarge, error_response  # noqa: E402
+from llmgateway.errors import ApiError, PayloadTooLarge, api_error_for, error_response  # noqa: E402
 from llmgateway.lifespan import lifespan  # noqa: E402
 from llmgateway.middleware import OVERHEAD_HEADER, REQUEST_ID_HEADER, RequestTimingMiddleware  # noqa: E402
 
@@ -174,12 +174,12 @@ class LeanASGIHandler(ASGIHandler):
         if scope["method"] == "POST" and scope["path"].startswith(API_PATH_PREFIX):
             try:
                 scope[PRINCIPAL_SCOPE_KEY] = await aauthenticate(_header(scope, b"authorization"))
-            except ApiError as error:
-                await _send_refusal(error, send, started)
-                return
-            except Exception:
-                logger.exception("authenticating an API call failed")
-                await _send_refusal(ApiError(INTERNAL_ERROR), send, started)
+            except Exception as error:
+                refusal = api_error_for(error)
+                if refusal is None:
+                    logger.exception("authenticating an API call failed")
+                    refusal = ApiError(INTERNAL_ERROR)
+                await _send_refusal(refusal, send, started)
                 return
         receive = bounded_receive(scope, receive)
         try:

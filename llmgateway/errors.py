@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+from django.db import InterfaceError, OperationalError
 from django.http import HttpResponse
 
 from billing.exceptions import PriceMissing, QuotaExceeded
@@ -155,11 +156,18 @@ _LIMIT_ERRORS: dict[LimitKind, tuple[str, str]] = {
 }
 
 
+DATABASE_UNAVAILABLE = "The gateway's database is unavailable. Try again shortly."
+
+
 def api_error_for(error: Exception) -> ApiError | None:
     """The OpenAI error a domain exception is answered with; None for anything else (a bug)."""
     match error:
         case ApiError():
             return error
+        case OperationalError() | InterfaceError():
+            # Down, refusing connections, or no pooled connection in time: nothing was called
+            # upstream yet (a call's own ledger row never fails this way: it has the outbox).
+            return ServiceUnavailable(DATABASE_UNAVAILABLE, code="database_unavailable", headers={"Retry-After": "1"})
         case InvalidChatRequest():
             return InvalidRequest(error.message, param=error.param, code=error.code)
         case ModelUnavailable():

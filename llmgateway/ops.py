@@ -11,7 +11,7 @@ from django.conf import settings
 from django.db import connection
 from django.http import HttpRequest, HttpResponse
 
-from billing.outbox import get_outbox, pending_in_journals
+from billing.outbox import get_outbox, orphan_journals
 from calls.limits import get_limiter
 from infra.db import db_task
 from infra.observability import metrics_payload
@@ -64,9 +64,9 @@ async def readyz(request: HttpRequest) -> HttpResponse:
     ready = checks["database"] == "ok"
     status = "ok" if ready and checks["redis"] != "unavailable" else ("degraded" if ready else "unavailable")
     outbox = get_outbox()
-    # Rows this process keeps for the database, and journals of stopped processes not yet replayed.
-    orphans = pending_in_journals(outbox.root)  # a directory listing: not worth a thread
-    return _json({"status": status, **checks, "outbox": outbox.depth, "outbox_journals": orphans}, status=200 if ready else 503)
+    # Rows this process keeps for the database, and journals of stopped processes not replayed yet.
+    orphans = orphan_journals(outbox.root)  # a directory listing: not worth a thread
+    return _json({"status": status, **checks, "outbox": outbox.depth, "outbox_orphans": orphans}, status=200 if ready else 503)
 
 
 async def metrics(request: HttpRequest) -> HttpResponse:

@@ -30,6 +30,8 @@ class ChatRequest:
     body: dict[str, Any]
     # Per-request simulator directives (from x-simulator-* headers); ignored by real upstreams.
     simulator: dict[str, str] = field(default_factory=dict)
+    # The gateway's id of the call (its ledger row's request_id), sent to upstreams that take one.
+    request_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)

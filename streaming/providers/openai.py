@@ -28,6 +28,7 @@ from streaming.providers.base import (
     text_of_chunk,
 )
 
+CLIENT_REQUEST_ID_HEADER = "X-Client-Request-Id"
 DRAIN_TIMEOUT = 0.5  # seconds
 STREAM_ERROR = "The upstream reported an error mid-stream."
 
@@ -153,8 +154,11 @@ class OpenAIProvider:
             # cast_to=Response: the SDK sends the request and raises its typed errors for a
             # non-2xx answer, then hands over the unread body, parsed below (far cheaper per
             # chunk than the SDK's own SSE decoding and model building).
+            # X-Client-Request-Id: OpenAI's header for the caller's own id, so the upstream's
+            # logs name the gateway's ledger row (and a reconciliation can match them).
+            headers = {CLIENT_REQUEST_ID_HEADER: request.request_id} if request.request_id else {}
             response = await self._client.post(
-                "/chat/completions", cast_to=httpx2.Response, body=body, stream=True
+                "/chat/completions", cast_to=httpx2.Response, body=body, stream=True, options={"headers": headers}
             )
         except openai.APIError as error:
             raise translate_error(error) from error

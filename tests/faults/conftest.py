@@ -8,7 +8,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -142,3 +142,20 @@ def hang_up_during_admission(gateway: Gateway, key: str, body: bytes, after_seco
         sock.sendall(request)
         time.sleep(after_seconds)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST, like a killed client
+
+
+def streams_through_a_fault(
+    gateway: Gateway, key: str, body: dict[str, Any], *, count: int, fault: Callable[[], Awaitable[None]]
+) -> list[Any]:
+    """Start `count` streams; once every one has its first token, run `fault`; return how each
+    stream ended (its `stream_call` result, or the exception that cut it)."""
+
+    async def run() -> list[Any]:
+        started = [asyncio.Event() for _ in range(count)]
+        async with httpx.AsyncClient(timeout=60) as client:
+            calls = [asyncio.create_task(stream_call(client, gateway, key, body, started=event)) for event in started]
+            await asyncio.gather(*(event.wait() for event in started))
+            await fault()
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+    return asyncio.run(run())

@@ -26,7 +26,7 @@ from django.contrib.auth import get_user_model
 from billing.models import Reservation, UsageRecord
 from billing.services import account_quota_set
 
-from .conftest import hang_up_during_admission, stream_call, wait_until
+from .conftest import hang_up_during_admission, stream_call, streams_through_a_fault, wait_until
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
 
@@ -53,6 +53,24 @@ def assert_ledger_reconciles(expected_rows: int) -> list[UsageRecord]:
     return rows
 
 
+def upstream_request_ids(fake_upstream, before: int) -> list[str]:
+    """The gateway's request ids the upstream received (sent as X-Client-Request-Id)."""
+    return [request.headers.get("x-client-request-id", "") for request in fake_upstream.requests[before:]]
+
+
+def assert_every_upstream_call_has_its_row(fake_upstream, before: int) -> list[UsageRecord]:
+    """Each call the upstream saw has exactly one row, under its id. A row the upstream never
+    saw is a call whose client hung up while its request was being sent: it produced nothing."""
+    seen = upstream_request_ids(fake_upstream, before)
+    rows = {str(row.request_id): row for row in UsageRecord.objects.all()}
+    assert len(seen) == len(set(seen)) and "" not in seen
+    assert set(seen) <= set(rows), set(seen) - set(rows)
+    unseen = [row for request_id, row in rows.items() if request_id not in set(seen)]
+    assert all(row.status == "cancelled" and row.ttft_us is None and row.completion_tokens == 0 for row in unseen), unseen
+    assert Reservation.objects.count() == 0, "a budget hold was left behind"
+    return list(rows.values())
+
+
 def test_postgres_refusing_connections_while_streams_run_loses_no_row(
     gateway_factory, api_key_factory, fake_upstream, postgres_fault, outbox_dir
 ) -> None:
@@ -63,21 +81,10 @@ def test_postgres_refusing_connections_while_streams_run_loses_no_row(
     fake_upstream.inter_token_delay = 0.05
     before = len(fake_upstream.requests)
 
-    async def run() -> list[dict]:
-        started = [asyncio.Event() for _ in range(6)]
-        async with httpx.AsyncClient(timeout=60) as client:
-            calls = [
-                asyncio.create_task(stream_call(client, gateway, key, {"model": MODEL, "messages": MESSAGES, "max_tokens": 50}, started=event))
-                for event in started
-            ]
-            await asyncio.gather(*(event.wait() for event in started))
-            await asyncio.to_thread(postgres_fault.refuse)
-            try:
-                return await asyncio.gather(*calls)
-            finally:
-                await asyncio.sleep(0)  # the outage outlasts every stream; allowed again below
+    async def refuse() -> None:
+        await asyncio.to_thread(postgres_fault.refuse)  # the outage outlasts every stream
 
-    results = asyncio.run(run())
+    results = streams_through_a_fault(gateway, key, {"model": MODEL, "messages": MESSAGES, "max_tokens": 50}, count=6, fault=refuse)
     # Every client saw [DONE]: each row was committed or durably queued before it.
     assert [result["done"] for result in results] == [True] * 6
     journaled = [orjson.loads(line) for path in outbox_dir.rglob("*.jsonl") for line in path.read_bytes().splitlines()]
@@ -89,6 +96,7 @@ def test_postgres_refusing_connections_while_streams_run_loses_no_row(
     wait_until(lambda: UsageRecord.objects.count() == 6, timeout=15, what="the outbox to drain")
     rows = assert_ledger_reconciles(upstream_calls_since(fake_upstream, before))
     assert {str(row.request_id) for row in rows} == {result["request_id"] for result in results}
+    assert set(upstream_request_ids(fake_upstream, before)) == {result["request_id"] for result in results}
     assert all(row.status == "completed" and row.completion_tokens == 30 for row in rows)
     wait_until(lambda: httpx.get(f"{gateway.base_url}/readyz", timeout=5).json()["outbox"] == 0, timeout=5, what="outbox depth 0")
 
@@ -126,9 +134,9 @@ def test_clients_hanging_up_during_admission_leave_no_slot_and_no_hold(
             break
         time.sleep(0.2)
     assert statuses == [200] * 4
-    wait_until(lambda: UsageRecord.objects.count() == upstream_calls_since(fake_upstream, before), timeout=5, what="one row per upstream call")
+    wait_until(lambda: UsageRecord.objects.count() >= upstream_calls_since(fake_upstream, before), timeout=5, what="a row per upstream call")
     wait_until(lambda: Reservation.objects.count() == 0, timeout=2, what="no hold left")
-    assert_ledger_reconciles(upstream_calls_since(fake_upstream, before))
+    assert_every_upstream_call_has_its_row(fake_upstream, before)
 
 
 def test_redis_paused_while_streams_end_frees_their_slots_within_a_second_of_resuming(
@@ -144,20 +152,12 @@ def test_redis_paused_while_streams_end_frees_their_slots_within_a_second_of_res
     def slots_taken() -> int:
         return sum(store.zcard(name) for name in store.scan_iter(match=f"{prefix}:*:lease:*"))
 
-    async def three_streams_ending_while_paused() -> list[dict]:
-        started = [asyncio.Event() for _ in range(3)]
-        async with httpx.AsyncClient(timeout=30) as client:
-            calls = [
-                asyncio.create_task(stream_call(client, gateway, key, {"model": MODEL, "messages": MESSAGES, "max_tokens": 50}, started=event))
-                for event in started
-            ]
-            await asyncio.gather(*(event.wait() for event in started))
-            assert await asyncio.to_thread(slots_taken) == 3
-            pausable_redis.pause()
-            return await asyncio.gather(*calls)
+    async def pause() -> None:
+        assert await asyncio.to_thread(slots_taken) == 3
+        pausable_redis.pause()
 
     try:
-        results = asyncio.run(three_streams_ending_while_paused())
+        results = streams_through_a_fault(gateway, key, {"model": MODEL, "messages": MESSAGES, "max_tokens": 50}, count=3, fault=pause)
         time.sleep(1)  # the releases time out against the frozen Redis and wait for it
     finally:
         pausable_redis.resume()
@@ -222,19 +222,11 @@ def test_a_worker_killed_at_the_shutdown_deadline_leaves_its_calls_in_the_outbox
     fake_upstream.inter_token_delay = 0.02
     before = len(fake_upstream.requests)
 
-    async def streams_cut_by_the_kill() -> list[dict]:
-        started = [asyncio.Event() for _ in range(5)]
-        async with httpx.AsyncClient(timeout=30) as client:
-            calls = [
-                asyncio.create_task(stream_call(client, gateway, key, {"model": MODEL, "messages": MESSAGES, "max_tokens": 500}, started=event))
-                for event in started
-            ]
-            await asyncio.gather(*(event.wait() for event in started))
-            await asyncio.sleep(1)  # some tokens, and a checkpoint of them, before the signal
-            gateway.process.send_signal(signal.SIGTERM)
-            return await asyncio.gather(*calls, return_exceptions=True)
+    async def terminate() -> None:
+        await asyncio.sleep(1)  # some tokens, and a checkpoint of them, before the signal
+        gateway.process.send_signal(signal.SIGTERM)
 
-    results = asyncio.run(streams_cut_by_the_kill())
+    results = streams_through_a_fault(gateway, key, {"model": MODEL, "messages": MESSAGES, "max_tokens": 500}, count=5, fault=terminate)
     try:
         gateway.process.wait(timeout=20)
     except subprocess.TimeoutExpired:

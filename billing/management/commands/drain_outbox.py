@@ -3,7 +3,7 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from billing.outbox import claim_orphans, pending_in_journals
+from billing.outbox import claim_orphans, orphan_journals
 
 
 class Command(BaseCommand):
@@ -18,8 +18,7 @@ class Command(BaseCommand):
         result = claim_orphans(settings.LEDGER_OUTBOX_DIR)
         self.stdout.write(
             f"{result.journals} journal(s) replayed, {result.rows} call(s) in the ledger; "
-            f"{pending_in_journals(settings.LEDGER_OUTBOX_DIR)} journal(s) left (running processes', "
-            "or waiting for the database)."
+            f"{orphan_journals(settings.LEDGER_OUTBOX_DIR)} journal(s) of stopped processes left."
         )
         if result.waiting:
             raise CommandError(f"{result.waiting} journal(s) could not be written: the database failed. Run again.")
