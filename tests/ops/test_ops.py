@@ -26,7 +26,7 @@ async def test_healthz_is_ok_and_readyz_checks_the_database() -> None:
 async def test_readyz_reports_redis_unavailable_as_degraded(settings) -> None:
     settings.REDIS_URL = "redis://127.0.0.1:1/0"
     body = json.loads((await AsyncClient().get("/readyz")).content)
-    assert body == {"status": "degraded", "database": "ok", "redis": "unavailable", "outbox": 0, "outbox_journals": 0}
+    assert body == {"status": "degraded", "database": "ok", "redis": "unavailable", "outbox": 0, "outbox_orphans": 0}
 
 
 async def test_every_response_has_a_request_id_and_overhead() -> None:
