@@ -135,6 +135,10 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
         # Seconds a database step waits for a pooled connection; a stalled one occupies a worker
         # thread that long, so it stays short (a call's ledger row goes to the outbox meanwhile).
         "timeout": _env_float("DATABASE_POOL_TIMEOUT", 5.0),
+        # After a failed connection attempt the pool retries with a doubling delay until this
+        # many seconds have passed, then gives up until the next request asks: kept short, so a
+        # gateway is back within seconds of its database instead of after a backoff grown long.
+        "reconnect_timeout": _env_float("DATABASE_POOL_RECONNECT_TIMEOUT", 2.0),
     }
     # The pool checks a connection as it hands it out: after a database restart or terminated
     # backends it replaces the dead ones, instead of failing one step with each in turn.

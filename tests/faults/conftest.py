@@ -22,10 +22,11 @@ from tests.gating.conftest import PrivateRedis, clean_redis  # noqa: F401 - a fi
 
 
 class PostgresFault:
-    """Make the test database refuse connections (and cut the open ones), then allow them again.
+    """Make the test database refuse connections, cut the connections of the gateway under test
+    (found by their `application_name`: start it with `env()`), then allow connections again.
 
-    Issued from a connection to the `postgres` database, so the test's own connection is cut too;
-    `allow()` closes it so Django reconnects.
+    Issued from a connection to the `postgres` database. Other processes' open connections stay
+    up (the session's shared gateway, the test's own), but new ones are refused meanwhile.
     """
 
     def __init__(self) -> None:
@@ -39,12 +40,20 @@ class PostgresFault:
             autocommit=True,
         )
         self.refusing = False
+        self.application_name = f"llmgateway-fault-{os.getpid()}-{time.monotonic_ns()}"
+
+    def env(self) -> dict[str, str]:
+        """The environment that names the gateway under test's connections (libpq's PGAPPNAME)."""
+        return {"PGAPPNAME": self.application_name}
 
     def refuse(self) -> None:
         self.refusing = True
         with self.admin.cursor() as cursor:
             cursor.execute(f'ALTER DATABASE "{self.database}" ALLOW_CONNECTIONS false')
-            cursor.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", [self.database])
+            cursor.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND application_name = %s",
+                [self.database, self.application_name],
+            )
 
     def allow(self) -> None:
         if self.refusing:

@@ -76,7 +76,9 @@ def test_postgres_refusing_connections_while_streams_run_loses_no_row(
 ) -> None:
     key = api_key_factory("dbfault")
     budget_for("dbfault")
-    gateway = gateway_factory(LEDGER_OUTBOX_DIR=str(outbox_dir), GATEWAY_LEDGER_WRITE_TIMEOUT="1", AUTH_CACHE_SECONDS="60")
+    gateway = gateway_factory(
+        LEDGER_OUTBOX_DIR=str(outbox_dir), GATEWAY_LEDGER_WRITE_TIMEOUT="1", AUTH_CACHE_SECONDS="60", **postgres_fault.env()
+    )
     fake_upstream.tokens = 30
     fake_upstream.inter_token_delay = 0.05
     before = len(fake_upstream.requests)
