@@ -13,7 +13,10 @@ JSON command per stdin line with one JSON line on stdout:
 - ``{"op": "clear"}``: forget the records.
 - ``{"op": "stats"}``: connection counters.
 - ``{"op": "records", "user_prefix": "..."}``: the records whose request body's ``user`` starts
-  with the prefix (times are ``time.monotonic()``, one clock for every process on Linux).
+  with the prefix (times are ``time.monotonic()``, one clock for every process on Linux), each
+  with the gateway's ``X-Client-Request-Id`` as ``request_id`` (None if it sent none).
+- ``{"op": "request_ids", "user_prefix": "..."}``: only those ids, one per record, in order:
+  cheap enough to poll while a phase runs.
 
 The first line written is ``{"base_url": ...}``; EOF on stdin stops the server.
 """
@@ -24,23 +27,34 @@ import json
 import sys
 from typing import Any
 
-from bench.fake_upstream import FakeUpstream
+from bench.fake_upstream import FakeUpstream, UpstreamRequest
 
 SETTABLE = frozenset(
     {"tokens", "inter_token_delay", "ttft", "fault", "fault_after_tokens", "max_records"}
 )
 
 
-def _records(upstream: FakeUpstream, prefix: str) -> list[dict[str, Any]]:
-    rows = []
+CLIENT_REQUEST_ID = "x-client-request-id"  # the gateway's id of the call (headers are lower-cased)
+
+
+def _matching(upstream: FakeUpstream, prefix: str) -> list[tuple[str, UpstreamRequest]]:
+    """(user, record) for the records whose body's ``user`` starts with ``prefix``."""
+    matching = []
     for record in list(upstream.requests):
         body = record.body
         user = body.get("user") if isinstance(body, dict) else None
-        if not isinstance(user, str) or not user.startswith(prefix):
-            continue
+        if isinstance(user, str) and user.startswith(prefix):
+            matching.append((user, record))
+    return matching
+
+
+def _records(upstream: FakeUpstream, prefix: str) -> list[dict[str, Any]]:
+    rows = []
+    for user, record in _matching(upstream, prefix):
         rows.append(
             {
                 "user": user,
+                "request_id": record.headers.get(CLIENT_REQUEST_ID),
                 "started_at": record.started_at,
                 "first_chunk_at": record.first_chunk_at,
                 "closed_at": record.closed_at,
@@ -77,6 +91,10 @@ def _answer(upstream: FakeUpstream, command: dict[str, Any]) -> dict[str, Any]:
         }
     if op == "records":
         return {"ok": True, "records": _records(upstream, str(command.get("user_prefix", "")))}
+    if op == "request_ids":
+        prefix = str(command.get("user_prefix", ""))
+        ids = [record.headers.get(CLIENT_REQUEST_ID) for _, record in _matching(upstream, prefix)]
+        return {"ok": True, "ids": ids}
     return {"ok": False, "error": f"unknown op {op!r}"}
 
 

@@ -23,18 +23,27 @@ When the load has ended it waits until everything reconciles, or nothing has mov
 ``settle_quiet`` seconds with no call in progress and the outbox empty, or ``settle_limit``
 seconds have passed, and reports:
 
-- upstream calls: chat completions the fake upstream received (read in full);
-- ledger rows, and duplicate ``request_id`` s among them; rows cancelled before any chunk
-  (where a difference between rows and upstream calls sits);
+- upstream calls: chat completions the fake upstream received (read in full), each with the
+  gateway's request id (its ``X-Client-Request-Id`` header: the ledger row's ``request_id``);
+- ledger rows, reconciled with those calls by id: ids the upstream received without a row
+  (missing), ids with more than one row or received more than once (duplicates), calls without
+  an id; and rows whose id the upstream never received: "abandoned while being sent" when the
+  row is ``cancelled`` with no TTFT and 0 completion tokens (the client hung up while the
+  gateway was sending the request; it cannot know whether the request arrived, so it keeps the
+  row), anything else listed as unexplained;
 - holds left (``billing_reservation`` rows) and slots leaked (entries of the
   ``<LIMITS_REDIS_PREFIX>:*:lease:*`` sorted sets);
 - clients that saw ``[DONE]``, or any 200, whose ``x-request-id`` has no ledger row;
+- the answers' status counts (200/429/503/500; a 503 must carry ``Retry-After``), each 500
+  with the gateway log's lines about it;
 - the outbox: its peak depth (all workers: the ``livesum`` gauge of ``/metrics``), the rows it
   deferred, and when it drained, counted from the end of the database outage;
-- when the ledger equalled the upstream calls with the outbox empty for good, counted from the
-  end of the database outage and from the end of the load;
+- when the ledger reconciled by id with the outbox empty for good, counted from the end of the
+  database outage and from the end of the load;
 - how long ``[DONE]`` came after each full stream's last content chunk (it waits for the call's
-  end: its row, and the give-backs).
+  end: its row, and the give-backs), split by the fault the wait met (the database outage, the
+  Redis pause, neither), each against its bound: ``GATEWAY_LEDGER_WRITE_TIMEOUT``, plus
+  ``LIMITS_REDIS_TIMEOUT`` for the Redis pause.
 
 Choices that may look odd:
 
@@ -66,7 +75,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -82,6 +91,9 @@ ADMISSION, MIDSTREAM, FULL = "admission", "midstream", "full"
 BEHAVIOURS = (ADMISSION, MIDSTREAM, FULL)
 DEFAULT_POSTGRES = "postgres://postgres@127.0.0.1:5432/postgres"
 WRITE_TIMEOUT = 1  # GATEWAY_LEDGER_WRITE_TIMEOUT, seconds
+REDIS_TIMEOUT = 2.0  # LIMITS_REDIS_TIMEOUT's default, seconds (the environment's value wins)
+BOUND_SLACK = 0.5  # seconds a [DONE] may come past its bound before it counts as over
+LEDGER_SQL = "SELECT request_id, status, ttft_us, completion_tokens FROM billing_usagerecord"
 
 CONTENT = b'"delta":{"content":"'
 DONE = b"data: [DONE]"
@@ -284,6 +296,7 @@ class Client:
     done: bool = False
     error_event: bool = False
     error_code: str | None = None  # an error answer's code (or type)
+    retry_after: str | None = None  # an answer's Retry-After header
     ended: str = ""  # "hung up", "complete", "eof", "timeout", or a transport error
     sent_at: float = 0.0
     last_content_at: float = 0.0  # when the last content chunk seen arrived
@@ -320,14 +333,14 @@ def _hang_up(writer: asyncio.StreamWriter, rst: bool) -> None:
         writer.close()
 
 
-def _head_fields(head: bytes) -> tuple[int, str | None, bool, int | None]:
-    """Status, x-request-id, chunked, content-length of a response head."""
+def _head_fields(head: bytes) -> tuple[int, str | None, bool, int | None, str | None]:
+    """Status, x-request-id, chunked, content-length, retry-after of a response head."""
     lines = head.split(b"\r\n")
     try:
         status = int(lines[0].split(b" ", 2)[1])
     except (IndexError, ValueError):
         status = -1
-    request_id = None
+    request_id = retry_after = None
     chunked = False
     length = None
     for line in lines[1:]:
@@ -341,7 +354,9 @@ def _head_fields(head: bytes) -> tuple[int, str | None, bool, int | None]:
         elif name == b"content-length":
             with contextlib.suppress(ValueError):
                 length = int(value)
-    return status, request_id, chunked, length
+        elif name == b"retry-after":
+            retry_after = value.decode("latin-1")
+    return status, request_id, chunked, length, retry_after
 
 
 def _error_code(body: bytes) -> str | None:
@@ -350,6 +365,58 @@ def _error_code(body: bytes) -> str | None:
         return str(error.get("code") or error.get("type"))
     except (ValueError, KeyError, TypeError, AttributeError):
         return None
+
+
+# -- reconciliation ---------------------------------------------------------------------------
+
+LedgerRow = tuple[str, str, int | None, int]  # request_id, status, ttft_us, completion_tokens
+
+
+def _abandoned(row: LedgerRow) -> bool:
+    """The row of a call abandoned while its request was being sent: cancelled, no chunk, no
+    completion token. The gateway keeps it (it cannot know whether the request arrived)."""
+    _, status, ttft_us, completion_tokens = row
+    return status == "cancelled" and ttft_us is None and completion_tokens == 0
+
+
+@dataclass(frozen=True)
+class Reconciliation:
+    """The ledger against the upstream's calls, by request id (``X-Client-Request-Id``)."""
+
+    upstream_calls: int
+    ledger_rows: int
+    missing: list[str]  # ids the upstream received that have no row
+    ledger_duplicates: int  # rows beyond the first for one request_id
+    upstream_repeats: int  # receipts beyond the first of one id (one call served twice)
+    upstream_without_id: int  # calls that reached the upstream without an id
+    abandoned: int  # rows the upstream never saw, each cancelled with no TTFT, 0 completion tokens
+    unexplained: list[LedgerRow]  # rows the upstream never saw that are anything else
+
+    @property
+    def exact(self) -> bool:
+        return (
+            not self.missing
+            and self.ledger_duplicates == 0
+            and self.upstream_repeats == 0
+            and self.upstream_without_id == 0
+            and not self.unexplained
+        )
+
+
+def reconcile(upstream_ids: list[str | None], ledger: list[LedgerRow]) -> Reconciliation:
+    received = Counter(i for i in upstream_ids if i)
+    rows = Counter(row[0] for row in ledger)
+    unseen = [row for row in ledger if row[0] not in received]
+    return Reconciliation(
+        upstream_calls=len(upstream_ids),
+        ledger_rows=len(ledger),
+        missing=sorted(set(received) - set(rows)),
+        ledger_duplicates=sum(n - 1 for n in rows.values()),
+        upstream_repeats=sum(n - 1 for n in received.values()),
+        upstream_without_id=sum(not i for i in upstream_ids),
+        abandoned=sum(_abandoned(row) for row in unseen),
+        unexplained=[row for row in unseen if not _abandoned(row)],
+    )
 
 
 # -- the phase --------------------------------------------------------------------------------
@@ -362,6 +429,8 @@ class Sample:
     upstream: int | None
     outbox: float | None  # summed over the workers (/metrics)
     active: float | None = None  # upstream calls in progress, summed over the workers
+    missing: int | None = None  # upstream calls without their row yet
+    exact: bool | None = None  # the ledger reconciles with the upstream by id (None: refused)
 
 
 @dataclass
@@ -418,6 +487,7 @@ class Chaos:
             "METRICS_TOKEN": self.metrics_token,
             "LOG_LEVEL": "INFO",  # the outbox's "wrote N deferred rows" and one JSON line per call
         }
+        self.redis_timeout = float(self.env.get("LIMITS_REDIS_TIMEOUT") or REDIS_TIMEOUT)
         self._upstream_log = (self.workdir / "upstream.log").open("ab")
         self.upstream = Upstream(self.env, self._upstream_log)
         self.env["OPENAI_BASE_URL"] = self.upstream.base_url
@@ -491,12 +561,17 @@ class Chaos:
 
     # -- reading the state ----------------------------------------------------------------
 
-    def _rows(self) -> int | None:
+    def _ledger(self) -> list[LedgerRow] | None:
         assert self.database is not None
         try:
-            return int(self.database.query("SELECT count(*) FROM billing_usagerecord")[0][0])
+            rows = self.database.query(LEDGER_SQL)
         except Exception:
             return None  # refused: the outage
+        return [(str(r[0]), str(r[1]), r[2], int(r[3])) for r in rows]
+
+    def _upstream_ids(self) -> list[str | None]:
+        """The request id of each call the fake upstream has read, in order."""
+        return self._upstream("request_ids", user_prefix=f"{USER}-")["ids"]
 
     def _upstream_calls(self) -> int:
         """Requests the fake upstream has read so far (it serves this phase only)."""
@@ -526,24 +601,28 @@ class Chaos:
                 answers.append(response.json())
         return answers
 
-    async def _sample(self, client: Any) -> Sample:
+    async def _sample(self, client: Any) -> tuple[Sample, Reconciliation | None]:
         now = time.monotonic() - self.timeline.start
-        rows, upstream = await asyncio.gather(
-            asyncio.to_thread(self._rows), asyncio.to_thread(self._upstream_calls)
-        )
+        # The ledger first: a row's call, if it reached the upstream, was received before the
+        # row was written, so a row never looks unseen because the upstream was read too early.
+        ledger = await asyncio.to_thread(self._ledger)
+        ids = await asyncio.to_thread(self._upstream_ids)
+        matched = None if ledger is None else reconcile(ids, ledger)
         try:
             metrics = await self._metrics(client)
         except Exception:
             metrics = {}
         sample = Sample(
             t=round(now, 3),
-            rows=rows,
-            upstream=upstream,
+            rows=None if ledger is None else len(ledger),
+            upstream=len(ids),
             outbox=metrics.get("llmgateway_ledger_outbox_depth"),
             active=metrics.get("llmgateway_active_streams"),
+            missing=None if matched is None else len(matched.missing),
+            exact=None if matched is None else matched.exact,
         )
         self.timeline.samples.append(sample)
-        return sample
+        return sample, matched
 
     # -- the load -------------------------------------------------------------------------
 
@@ -591,8 +670,8 @@ class Chaos:
                 if end < 0:
                     continue
                 body_at = end + len(HEAD_END)
-                client.status, client.request_id, chunked, length = _head_fields(
-                    bytes(buffer[:end])
+                client.status, client.request_id, chunked, length, client.retry_after = (
+                    _head_fields(bytes(buffer[:end]))
                 )
             body = buffer[body_at:]
             now = time.monotonic() - self.timeline.start
@@ -691,8 +770,8 @@ class Chaos:
             return await self._settle(http)
 
     async def _settle(self, http: Any) -> dict[str, Any]:
-        """Poll until rows = upstream calls with the outbox empty, no hold and no slot; or until
-        nothing has moved for ``settle_quiet`` seconds with no call in progress and the outbox
+        """Poll until the ledger reconciles by id with the outbox empty, no hold and no slot; or
+        until nothing has moved for ``settle_quiet`` seconds with no call in progress and the outbox
         empty (it will not reconcile then); at most ``settle_limit`` seconds."""
         assert self.redis is not None and self.database is not None
         deadline = time.monotonic() + self.plan.settle_limit
@@ -703,14 +782,14 @@ class Chaos:
         state: tuple[Any, ...] = ()
         unchanged_since = time.monotonic()
         while True:
-            sample = await self._sample(http)
+            sample, matched = await self._sample(http)
             holds_rows = await asyncio.to_thread(self._holds)
             holds = -1 if holds_rows is None else holds_rows
             slots = await asyncio.to_thread(self.redis.slots_taken, PREFIX)
             readyz = await self._readyz(http)
             now = time.monotonic()
             checks = {
-                "ledger": sample.rows is not None and sample.rows == sample.upstream,
+                "ledger": matched is not None and matched.exact,
                 "outbox": sample.outbox == 0
                 and bool(readyz)
                 and all(r.get("outbox") == 0 for r in readyz),
@@ -757,30 +836,32 @@ class Chaos:
         finally:
             self.teardown()
         result["elapsed_s"] = round(time.monotonic() - began, 1)
-        result["gateway_log"] = _log_summary(self.workdir / "gateway.log")
+        about = (
+            result["missing_request_ids"]
+            + [row["request_id"] for row in result["unexplained"]]
+            + result["ok_without_row_ids"]
+            + [e["request_id"] for e in result["errors_500"] if e["request_id"]]
+        )
+        result["gateway_log"] = _log_summary(self.workdir / "gateway.log", about)
         return result
 
     def _report(self, clients: list[Client], settled: dict[str, Any]) -> dict[str, Any]:
         assert self.database is not None
         plan, timeline = self.plan, self.timeline
+        ledger = self._ledger()
+        if ledger is None:
+            raise RuntimeError("the chaos database did not answer after the load")
         records = self._upstream("records", user_prefix=f"{USER}-")["records"]
+        matched = reconcile([r["request_id"] for r in records], ledger)
         by_status = self.database.query(
             "SELECT status, error_kind, count(*) FROM billing_usagerecord GROUP BY status, error_kind ORDER BY 3 DESC"
         )
-        ((rows, duplicates),) = self.database.query(
-            "SELECT count(*), count(*) - count(DISTINCT request_id) FROM billing_usagerecord"
-        )
-        ledger_ids = {
-            str(r[0]) for r in self.database.query("SELECT request_id FROM billing_usagerecord")
-        }
-        # Calls cancelled before the upstream's first chunk: where rows and upstream calls can
-        # part (the request may not have reached the upstream when the call was stopped).
-        ((cancelled_before_chunk,),) = self.database.query(
-            "SELECT count(*) FROM billing_usagerecord WHERE status = 'cancelled' AND ttft_us IS NULL"
-        )
+        ledger_ids = {row[0] for row in ledger}
+        # Calls cancelled before the upstream's first chunk, whether the upstream got them or not.
+        cancelled_before_chunk = sum(row[1] == "cancelled" and row[2] is None for row in ledger)
         ok = [c for c in clients if c.status == 200]
-        # Where a mismatch sits: rows and upstream calls of the clients that saw no 200 (those
-        # that hung up during admission, or got an error), which carry no x-request-id.
+        # Where the abandoned rows sit: rows and upstream calls of the clients that saw no 200
+        # (those that hung up during admission, or got an error), which carry no x-request-id.
         ok_ids = {c.request_id for c in ok}
         ok_users = {f"{USER}-{c.index}" for c in ok}
         rows_without_200 = len(ledger_ids - ok_ids)
@@ -807,9 +888,7 @@ class Chaos:
             return None if began is None else timeline.start + began
 
         drained = final_streak(lambda s: s.outbox == 0)
-        matched = final_streak(
-            lambda s: s.outbox == 0 and s.rows is not None and s.rows == s.upstream
-        )
+        reconciled_at = final_streak(lambda s: s.outbox == 0 and s.exact)
         first_ok = settled["first_ok"]
         peak = max((s.outbox for s in timeline.samples if s.outbox is not None), default=None)
         deferred = settled["metrics"].get("llmgateway_ledger_outbox_deferred_total")
@@ -824,13 +903,61 @@ class Chaos:
                     for c in mine
                 ).most_common()
             )
-        # [DONE] waits for the ledger row (committed, or durably in the outbox): how long after
-        # the stream's last content chunk it came.
-        done_waits = sorted(c.done_at - c.last_content_at for c in clients if c.done)
+        status_counts = Counter(str(c.status) if c.status is not None else "none" for c in clients)
+        errors_500 = [
+            {"client": c.index, "behaviour": c.behaviour, "sent_s": round(c.sent_at, 3),
+             "code": c.error_code, "request_id": c.request_id}
+            for c in clients if c.status == 500
+        ]  # fmt: skip
+        answers_503 = [c for c in clients if c.status == 503]
+
+        # [DONE] waits for the call's end (its row committed or durably in the outbox, and the
+        # give-backs): how long after the stream's last content chunk it came, split by the
+        # fault the wait met: a stream is "during" a fault when it was between its last chunk
+        # and [DONE] while the fault was on (its last chunk fell in the fault, or just before
+        # it with the call's end still to come); "outside" streams met neither.
+        def window(marks: list[float]) -> tuple[float, float] | None:
+            return (
+                (marks[0] - timeline.start, marks[1] - timeline.start) if len(marks) > 1 else None
+            )
+
+        windows = {"postgres": window(timeline.postgres), "redis": window(timeline.redis)}
+        bounds = {
+            "postgres": WRITE_TIMEOUT,
+            "redis": WRITE_TIMEOUT + self.redis_timeout,
+            "outside": WRITE_TIMEOUT,
+        }
+
+        def window_of(client: Client) -> str:
+            for name, span in windows.items():
+                if (
+                    span is not None
+                    and client.last_content_at <= span[1]
+                    and client.done_at >= span[0]
+                ):
+                    return name
+            return "outside"
+
+        waits: dict[str, list[float]] = {name: [] for name in bounds}
+        for c in clients:
+            if c.done:
+                waits[window_of(c)].append(c.done_at - c.last_content_at)
+        done_waits = sorted(w for ws in waits.values() for w in ws)
+
+        def summary(values: list[float], bound: float) -> dict[str, Any]:
+            values = sorted(values)
+            return {
+                "n": len(values),
+                "p50": _round(percentile(values, 50)),
+                "p99": _round(percentile(values, 99)),
+                "max": _round(values[-1] if values else None),
+                "bound": bound,
+                "over_bound": sum(w > bound + BOUND_SLACK for w in values),
+            }
+
         reconciled = (
             settled["settled"] == "reconciled"
-            and rows == upstream_calls
-            and duplicates == 0
+            and matched.exact
             and settled["holds"] == 0
             and settled["slots"] == 0
             and not done_without_row
@@ -842,15 +969,18 @@ class Chaos:
             "plan": asdict(plan),
             "clients": dict(Counter(c.behaviour for c in clients)),
             "client_statuses": statuses,
+            "status_counts": dict(status_counts.most_common()),
+            "errors_500": errors_500,
+            "answers_503": dict(Counter(str(c.error_code) for c in answers_503)),
+            "answers_503_without_retry_after": sum(c.retry_after is None for c in answers_503),
             "clients_done": sum(c.done for c in clients),
             "clients_error_event": sum(c.error_event for c in clients),
             "clients_timed_out": sum(c.ended == "timeout" for c in clients),
             "done_wait_s": {
-                "p50": _round(percentile(done_waits, 50)),
-                "p99": _round(percentile(done_waits, 99)),
-                "max": _round(done_waits[-1] if done_waits else None),
-                "over_write_timeout": sum(w > WRITE_TIMEOUT + 0.5 for w in done_waits),
+                **summary(done_waits, WRITE_TIMEOUT),
+                "by_window": {name: summary(ws, bounds[name]) for name, ws in waits.items()},
             },
+            "limits_redis_timeout_s": self.redis_timeout,
             "faults": {
                 "postgres_refused_s": [rel(m) for m in timeline.postgres],
                 "redis_paused_s": [rel(m) for m in timeline.redis],
@@ -860,24 +990,34 @@ class Chaos:
             "upstream_requests_all": self._upstream_calls(),  # = upstream_calls unless something else called it
             "upstream_completed": sum(bool(r["completed"]) for r in records),
             "upstream_client_disconnected": sum(bool(r["client_disconnected"]) for r in records),
-            "ledger_rows": int(rows),
+            "upstream_without_request_id": matched.upstream_without_id,
+            "upstream_repeated_request_ids": matched.upstream_repeats,
+            "ledger_rows": matched.ledger_rows,
             "ledger_by_status": {f"{s}{'/' + k if k else ''}": int(n) for s, k, n in by_status},
-            "duplicate_request_ids": int(duplicates),
-            "rows_cancelled_before_first_chunk": int(cancelled_before_chunk),
+            "missing_rows": len(matched.missing),
+            "missing_request_ids": matched.missing[:20],
+            "duplicate_request_ids": matched.ledger_duplicates,
+            "abandoned_rows": matched.abandoned,
+            "unexplained_rows": len(matched.unexplained),
+            "unexplained": [
+                {"request_id": r[0], "status": r[1], "ttft_us": r[2], "completion_tokens": r[3]}
+                for r in matched.unexplained[:20]
+            ],
+            "rows_cancelled_before_first_chunk": cancelled_before_chunk,
             "holds_left": settled["holds"],
             "slots_leaked": settled["slots"],
             "rows_of_clients_without_200": rows_without_200,
             "upstream_calls_of_clients_without_200": upstream_without_200,
             "done_without_row": len(done_without_row),
             "ok_without_row": len(ok_without_row),
-            "missing_request_ids": ok_without_row[:10],
+            "ok_without_row_ids": ok_without_row[:10],
             "outbox_peak": peak,
             "outbox_deferred_total": deferred,
             # Each: when the final run of samples where it held began (polled every
             # poll_every seconds), counted from the mark named.
             "outbox_drained_after_postgres_s": since(postgres_back, drained),
-            "reconciled_after_postgres_s": since(postgres_back, matched),
-            "reconciled_after_load_s": since(timeline.load_ended, matched),
+            "reconciled_after_postgres_s": since(postgres_back, reconciled_at),
+            "reconciled_after_load_s": since(timeline.load_ended, reconciled_at),
             "slots_free_after_load_s": since(timeline.load_ended, first_ok.get("slots")),
             "holds_gone_after_load_s": since(timeline.load_ended, first_ok.get("holds")),
             "readyz": settled["readyz"][:1],
@@ -896,6 +1036,7 @@ class Chaos:
                     round(c.last_content_at, 3),
                     round(c.done_at, 3),
                     round(c.finished_at, 3),
+                    c.request_id,
                 ]
                 for c in clients
             ],  # fmt: skip
@@ -905,26 +1046,55 @@ class Chaos:
 _NOISE = re.compile(r"[0-9a-f]{8}-[0-9a-f-]{27}|\b[0-9a-f]{32}\b|\d+(\.\d+)?")
 
 
-def _log_summary(path: Path) -> dict[str, Any]:
-    """Counts of the gateway log's WARNING/ERROR lines by message shape, and its tracebacks."""
+def _log_summary(path: Path, about: Sequence[str] = ()) -> dict[str, Any]:
+    """Counts of the gateway log's WARNING/ERROR lines by message shape, and its tracebacks;
+    the lines naming each id in ``about``; each "unhandled error" with its exception(s)."""
     try:
         text = path.read_text(errors="replace")
     except OSError:
         return {}
     levels: Counter[str] = Counter()
     shapes: Counter[str] = Counter()
-    for line in text.splitlines():
+    lines = text.splitlines()
+    unhandled: list[dict[str, Any]] = []
+    mentions: dict[str, list[str]] = {request_id: [] for request_id in about}
+    for number, line in enumerate(lines):
         level = line.split(" ", 1)[0]
         if level in ("WARNING", "ERROR", "CRITICAL"):
             levels[level] += 1
             shapes[f"{level} {_NOISE.sub('N', line.split(' ', 1)[1])[:160]}"] += 1
+        if "unhandled error" in line and len(unhandled) < 20:
+            unhandled.append({"line": line[:300], "exceptions": _exceptions_after(lines, number)})
+        for request_id, found in mentions.items():
+            if request_id in line and len(found) < 5:
+                found.append(line[:400])
     deferred_writes = len(re.findall(r"ledger outbox: wrote (\d+) deferred rows", text))
     return {
         "levels": dict(levels),
         "tracebacks": text.count("Traceback"),
         "outbox_write_batches": deferred_writes,
         "top": dict(shapes.most_common(8)),
+        "unhandled": unhandled,
+        "about": mentions,
     }
+
+
+_LEVELS = ("DEBUG ", "INFO ", "WARNING ", "ERROR ", "CRITICAL ")
+
+
+def _exceptions_after(lines: list[str], number: int) -> list[str]:
+    """The exception lines of the traceback that follows a log line (a chain gives several)."""
+    found = []
+    for line in lines[number + 1 : number + 400]:
+        if line.startswith(_LEVELS):
+            break
+        if (
+            line
+            and not line[0].isspace()
+            and not line.startswith(("Traceback", "During handling", "The above exception"))
+        ):
+            found.append(line[:300])
+    return found
 
 
 # -- entry points for bench.run ---------------------------------------------------------------
@@ -952,19 +1122,39 @@ def _f(value: float | None, spec: str = ".1f") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def _statuses(counts: dict[str, int]) -> str:
+    """200/429/503/500 always (in that order), then any other status, then the unanswered."""
+    order = ["200", "429", "503", "500"]
+    order += sorted(k for k in counts if k not in order and k != "none") + ["none"]
+    return ", ".join(
+        f"{'no answer' if k == 'none' else k} {counts.get(k, 0)}"
+        for k in order
+        if k in counts or k in ("200", "429", "503", "500")
+    )
+
+
+def _waits(w: dict[str, Any]) -> str:
+    return (
+        f"{w['n']} streams, p50 {_f(w['p50'], '.3f')} / p99 {_f(w['p99'], '.3f')} / max "
+        f"{_f(w['max'], '.3f')} s, {w['over_bound']} over {w['bound'] + BOUND_SLACK:g} s"
+    )
+
+
 def render(chaos: dict[str, Any]) -> list[str]:
     if chaos.get("status") != "ok":
         return [f"Chaos: {chaos.get('status')} ({chaos.get('reason')})", ""]
     plan, faults, waits = chaos["plan"], chaos["faults"], chaos["done_wait_s"]
     pg, rd = faults["postgres_refused_s"] + [None, None], faults["redis_paused_s"] + [None, None]
     log = chaos.get("gateway_log") or {}
+    about = log.get("about", {})
     clients = chaos["clients"]
     settled = {
         "reconciled": "reconciled",
         "stable": "stable, NOT reconciled",
         "deadline": "still moving at the deadline",
     }[chaos["settled"]]
-    return [
+    by_window = waits["by_window"]
+    lines = [
         f"Chaos: {plan['requests']} streams over {plan['load_seconds']:g} s ({plan['workers']} workers), "
         f"PostgreSQL refused {_f(pg[0])}-{_f(pg[1])} s, Redis paused {_f(rd[0])}-{_f(rd[1])} s; "
         f"took {chaos.get('elapsed_s')} s",
@@ -973,35 +1163,64 @@ def render(chaos: dict[str, Any]) -> list[str]:
         + "; ".join(f"{b} {s}" for b, s in chaos["client_statuses"].items())
         + f"; [DONE] {chaos['clients_done']}, SSE error events {chaos['clients_error_event']}, "
         f"timed out {chaos['clients_timed_out']}",
-        f"  after the load ({settled}): upstream calls {chaos['upstream_calls']}, ledger rows "
-        f"{chaos['ledger_rows']} {chaos['ledger_by_status']}, duplicate request_ids "
-        f"{chaos['duplicate_request_ids']}, holds left {chaos['holds_left']}, slots leaked "
-        f"{chaos['slots_leaked']}; 200s without a row {chaos['ok_without_row']} ([DONE] without a row "
-        f"{chaos['done_without_row']}); rows cancelled before any chunk "
-        f"{chaos['rows_cancelled_before_first_chunk']}",
+        f"  status counts: {_statuses(chaos['status_counts'])}; 503 codes {chaos['answers_503'] or '{}'}, "
+        f"{chaos['answers_503_without_retry_after']} without Retry-After",
+        f"  after the load ({settled}): upstream calls {chaos['upstream_calls']} (without a request id "
+        f"{chaos['upstream_without_request_id']}, an id received twice {chaos['upstream_repeated_request_ids']}), "
+        f"ledger rows {chaos['ledger_rows']} {chaos['ledger_by_status']}",
+        f"  by request id: missing {chaos['missing_rows']}, duplicates {chaos['duplicate_request_ids']}, "
+        f"abandoned while being sent {chaos['abandoned_rows']} (rows the upstream never received, each "
+        f"cancelled with no TTFT and 0 completion tokens), unexplained {chaos['unexplained_rows']}; "
+        f"holds left {chaos['holds_left']}, slots leaked {chaos['slots_leaked']}; 200s without a row "
+        f"{chaos['ok_without_row']} ([DONE] without a row {chaos['done_without_row']})",
+    ]
+    for request_id in chaos["missing_request_ids"]:
+        lines.append(f"    missing {request_id}: log {about.get(request_id) or 'nothing'}")
+    for row in chaos["unexplained"]:
+        lines.append(f"    unexplained {row}: log {about.get(row['request_id']) or 'nothing'}")
+    for request_id in chaos["ok_without_row_ids"]:
+        lines.append(
+            f"    200 without a row {request_id}: log {about.get(request_id) or 'nothing'}"
+        )
+    lines += [
         f"  outbox: peak {_f(chaos['outbox_peak'], '.0f')} rows, {_f(chaos['outbox_deferred_total'], '.0f')} "
         f"deferred, drained {_f(chaos['outbox_drained_after_postgres_s'], '.2f')} s after PostgreSQL came "
-        f"back; ledger = upstream calls {_f(chaos['reconciled_after_postgres_s'], '.2f')} s after "
+        f"back; ledger reconciled by id {_f(chaos['reconciled_after_postgres_s'], '.2f')} s after "
         f"PostgreSQL came back ({_f(chaos['reconciled_after_load_s'], '.2f')} s after the load ended); "
         f"slots free {_f(chaos['slots_free_after_load_s'], '.2f')} s after the load ended",
-        f"  [DONE] after the stream's last content chunk: p50 {_f(waits['p50'], '.3f')} / p99 "
-        f"{_f(waits['p99'], '.3f')} / max {_f(waits['max'], '.3f')} s; {waits['over_write_timeout']} "
-        f"streams waited over {WRITE_TIMEOUT + 0.5:g} s (GATEWAY_LEDGER_WRITE_TIMEOUT={WRITE_TIMEOUT} s)",
-        f"  gateway log: {log.get('levels', {})}, tracebacks {log.get('tracebacks', 0)}",
-        "",
+        f"  [DONE] after the stream's last content chunk (GATEWAY_LEDGER_WRITE_TIMEOUT={WRITE_TIMEOUT} s, "
+        f"LIMITS_REDIS_TIMEOUT={chaos['limits_redis_timeout_s']:g} s): all {_waits(waits)}",
+        f"    waiting while PostgreSQL refused: {_waits(by_window['postgres'])}",
+        f"    waiting while Redis was paused: {_waits(by_window['redis'])}",
+        f"    neither: {_waits(by_window['outside'])}",
     ]
+    for error in chaos["errors_500"]:
+        lines.append(
+            f"  500: client {error['client']} ({error['behaviour']}) sent at {error['sent_s']:.2f} s, "
+            f"code {error['code']}, x-request-id {error['request_id']}: log "
+            f"{about.get(error['request_id'] or '') or 'nothing under its id'}"
+        )
+    for unhandled in log.get("unhandled", []):
+        lines.append(
+            f"    log: {unhandled['line'][:160]} <- {' <- '.join(unhandled['exceptions'])[:300]}"
+        )
+    lines += [f"  gateway log: {log.get('levels', {})}, tracebacks {log.get('tracebacks', 0)}", ""]
+    return lines
 
 
 def target(chaos: dict[str, Any] | None) -> tuple[str, str, str, bool | None]:
     """(name, measured, target, ok) for the table of targets."""
-    name = "chaos: rows = upstream calls, dup/holds/slots left"
-    wanted = "=, 0/0/0"
+    name = "chaos: by id missing/dup/unexplained, holds/slots"
+    wanted = "0/0/0, 0/0"
     if not chaos or chaos.get("status") != "ok":
         status = (chaos or {}).get("status", "not run")
         return name, f"{status}: {(chaos or {}).get('reason', '')[:40]}", wanted, None
+    duplicates = chaos["duplicate_request_ids"] + chaos["upstream_repeated_request_ids"]
+    unexplained = chaos["unexplained_rows"] + chaos["upstream_without_request_id"]
     measured = (
-        f"{chaos['ledger_rows']}/{chaos['upstream_calls']}, {chaos['duplicate_request_ids']}/"
-        f"{chaos['holds_left']}/{chaos['slots_leaked']}"
+        f"{chaos['missing_rows']}/{duplicates}/{unexplained}, {chaos['holds_left']}/"
+        f"{chaos['slots_leaked']} ({chaos['ledger_rows']} rows, {chaos['upstream_calls']} calls, "
+        f"{chaos['abandoned_rows']} abandoned)"
         + ("" if chaos["settled"] != "deadline" else " (still moving)")
     )
     return name, measured, wanted, bool(chaos["reconciled"])
