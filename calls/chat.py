@@ -40,6 +40,7 @@ from django.utils import timezone
 from billing.outbox import LedgerOutbox, Row, get_outbox
 from billing.services import Admission, abudget_release, abudget_reserve, ausage_record_create
 from calls import limits as call_limits
+from calls.control import active_calls
 from calls.exceptions import ModelUnavailable, UpstreamRefused
 from calls.principal import Principal
 from infra import observability
@@ -49,6 +50,7 @@ from streaming.catalog import ModelRoute, all_routes, route_for
 from streaming.pipeline import (
     END,
     CallOutcome,
+    CallStopped,
     CompletionCapReached,
     QueueItem,
     StreamRelay,
@@ -78,8 +80,6 @@ def resolve_route(model: str) -> ModelRoute:
 
 
 def upstream_error_frame(error: UpstreamError) -> bytes:
-    if isinstance(error, CompletionCapReached):
-        return error.frame()
     code = {"timeout": "upstream_timeout", "rate_limited": "upstream_rate_limited"}.get(error.kind, "upstream_error")
     return _sse.error_frame(message=f"The upstream failed mid-stream: {error.message}", type="api_error", code=code)
 
@@ -219,6 +219,7 @@ class ChatCall:
         self._exit.push_async_callback(_logged(self._end_upstream, "recording a call"))
         observability.ACTIVE_STREAMS.inc()
         relay.start()
+        active_calls.add(self)
         first = await relay.get()
         if isinstance(first, UpstreamError) and not isinstance(first, CompletionCapReached):
             if first.kind == "rate_limited":
@@ -252,6 +253,12 @@ class ChatCall:
             item = await self.relay.get()
         await self.finish()  # the usage returned is what was billed
         return builder.build(usage=self.billed_usage or {})
+
+    def stop(self, reason: str, message: str) -> None:
+        """End a running call now (staff stopped it, its key was revoked, ...): a stream ends with
+        an error event whose code is `reason`, and the ledger row's `error_kind` is `reason`."""
+        if self.relay is not None:
+            self.relay.stop(CallStopped(reason, message))
 
     def upstream_wait_seconds(self) -> float:
         """Time spent waiting on the upstream before the response could start."""
@@ -295,6 +302,7 @@ class ChatCall:
     async def _end_upstream(self) -> None:
         relay = self.relay
         assert relay is not None
+        active_calls.remove(self)
         try:
             await relay.aclose()
         finally:
@@ -361,7 +369,7 @@ class ChatCall:
         ttft = outcome.ttft_seconds
         row.update(
             status=outcome.status,
-            error_kind=BUDGET_CAP_ERROR_KIND if isinstance(error, CompletionCapReached) else (error.kind if error else ""),
+            error_kind=_error_kind(error),
             prompt_tokens=prompt,
             completion_tokens=completion,
             cached_tokens=cached,
@@ -405,6 +413,14 @@ class ChatCall:
                 "duration_ms": round(outcome.duration_seconds * 1000, 3),
             }
         )
+
+
+def _error_kind(error: UpstreamError | None) -> str:
+    if isinstance(error, CompletionCapReached):
+        return BUDGET_CAP_ERROR_KIND
+    if isinstance(error, CallStopped):
+        return error.reason
+    return error.kind if error is not None else ""
 
 
 def _logged(step: Callable[[], Awaitable[None]], what: str) -> Callable[[], Awaitable[None]]:

@@ -23,6 +23,7 @@ from calls.exceptions import (
     UpstreamRefused,
 )
 from streaming.exceptions import InvalidChatRequest
+from streaming.pipeline import CallStopped
 from streaming.providers import UpstreamError
 
 
@@ -132,6 +133,8 @@ def error_response(error: ApiError) -> HttpResponse:
 
 def _upstream_error(error: UpstreamError) -> ApiError:
     """An upstream failure before any byte was sent to the client."""
+    if isinstance(error, CallStopped):
+        return PermissionDenied(error.message, code=error.reason)
     if error.kind == "rate_limited":
         headers = {}
         if error.retry_after is not None:

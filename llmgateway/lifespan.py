@@ -31,7 +31,9 @@ async def _warm_up_limiter() -> None:
 
 async def lifespan(scope: dict[str, Any], receive: Any, send: Any) -> None:
     from billing.outbox import aclose_outbox, get_outbox
+    from calls import control
     from calls.limits import aclose_limiter
+    from llmgateway.auth import forget_verified_keys
     from streaming.providers import aclose_providers
 
     while True:
@@ -40,12 +42,15 @@ async def lifespan(scope: dict[str, Any], receive: Any, send: Any) -> None:
             await asyncio.to_thread(_warm_up)
             await _warm_up_limiter()
             get_outbox().start()  # replays the ledger journals of stopped processes
+            control.on_principal_stopped.append(lambda order: forget_verified_keys())
+            control.start_listening()
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
             try:
                 await aclose_providers()
                 await aclose_limiter()
                 await aclose_outbox()
+                await control.stop_listening()
             except Exception:
                 logger.exception("closing upstream clients failed")
             await send({"type": "lifespan.shutdown.complete"})

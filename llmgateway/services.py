@@ -8,6 +8,7 @@ from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.utils import timezone
 
+from calls.control import StopOrder, stop_calls_sync
 from llmgateway.auth import forget_verified_keys
 from llmgateway.models import DISPLAY_PREFIX_LENGTH, ApiKey, generate_api_key, hash_api_key
 
@@ -43,7 +44,9 @@ def api_key_create(
 
 
 def api_key_revoke(*, api_key: ApiKey) -> None:
+    """Revoke a key: refused from now on, and its running calls stopped in every process."""
     ApiKey.objects.filter(pk=api_key.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
     forget_verified_keys()  # update() sends no post_save
+    stop_calls_sync(StopOrder(reason="api_key_revoked", api_key_id=api_key.pk))
 
 

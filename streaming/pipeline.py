@@ -128,6 +128,21 @@ class CompletionCapReached(UpstreamError):
         return _sse.error_frame(message=self.message, type="insufficient_quota", code="budget_reservation_reached")
 
 
+class CallStopped(UpstreamError):
+    """The gateway's operators stopped the call (`reason`: stopped by staff, key revoked, ...).
+
+    An `UpstreamError` so every consumer of the queue ends the response on it; a stream gets
+    `frame()`, whose code is the reason.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__("server_error", message)
+        self.reason = reason
+
+    def frame(self) -> bytes:
+        return _sse.error_frame(message=self.message, type="invalid_request_error", code=self.reason)
+
+
 class _End:
     """Queue sentinel: the upstream stream ended normally."""
 
@@ -172,11 +187,10 @@ class StreamRelay:
         self.queue: asyncio.Queue[QueueItem] = asyncio.Queue(maxsize=queue_size)
         self.outcome = CallOutcome()
         self._producer: asyncio.Task[None] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopped: CallStopped | None = None
         self.backpressure_waits = 0
 
     def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
         self.outcome.started_at = time.perf_counter()
         self._producer = asyncio.create_task(self._produce(), name="llmgateway-stream-producer")
 
@@ -203,10 +217,23 @@ class StreamRelay:
         except asyncio.CancelledError:
             pass
 
-    def cancel_threadsafe(self) -> None:
-        """Backstop for a response that was never iterated: cancel from any thread."""
-        if self._loop is not None and self._producer is not None and not self._producer.done():
-            self._loop.call_soon_threadsafe(self._producer.cancel)
+    def stop(self, error: CallStopped) -> None:
+        """End the call now: the upstream is closed and `error` is the last item the client gets.
+
+        From the event loop's thread. A no-op once the call has ended or was stopped already.
+        """
+        producer = self._producer
+        if producer is None or producer.done() or self._stopped is not None:
+            return
+        self._stopped = error
+        producer.cancel()
+
+    def _put_last(self, item: QueueItem) -> None:
+        """Queue the call's last item at once, making room if a slow client left the queue full
+        (the item it displaces would be followed by the end anyway)."""
+        if self.queue.full():
+            self.queue.get_nowait()
+        self.queue.put_nowait(item)
 
     async def _put(self, item: QueueItem) -> None:
         if self.queue.full():
@@ -269,7 +296,13 @@ class StreamRelay:
             await self._put(error)
         except asyncio.CancelledError:
             outcome.status = "cancelled"
-            raise
+            stopped = self._stopped
+            task = asyncio.current_task()
+            if stopped is None or task is None or task.cancelling() > 1:
+                raise  # the client went away (or the stop came with another cancel): nobody reads
+            task.uncancel()  # our own stop(): end the stream with its error instead
+            outcome.error = stopped
+            self._put_last(stopped)
         except Exception as error:  # a provider bug must still end the stream cleanly
             logger.exception("provider %s failed", self._provider.name)
             outcome.status = "upstream_error"
@@ -308,7 +341,7 @@ async def sse_stream(
                 else:
                     if isinstance(item, _End):
                         last = _sse.DONE
-                    elif isinstance(item, CompletionCapReached):
+                    elif isinstance(item, CompletionCapReached | CallStopped):
                         last = item.frame()
                     else:
                         last = on_error(item)

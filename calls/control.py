@@ -1,0 +1,194 @@
+"""Running calls, and stopping them from outside: one call, or every call of a key or a user.
+
+Each process keeps a registry of the calls it is running (`active_calls`). A stop is an order
+published on the channel layer's `CONTROL_GROUP`: channels-redis when `REDIS_URL` is set, so it
+reaches every gateway process; the in-memory layer otherwise (one process, which is then all
+there is). Every process listens from its start (`start_listening`, run by the ASGI lifespan)
+and stops the matching calls it runs: a stream ends with an SSE error event whose code is the
+order's reason, a non-stream call with an error, and the ledger row says why in `error_kind`.
+
+The publisher also applies an order to its own process at once, so a stop works where nothing
+listens (a process without a lifespan) and never waits for the layer's round trip here; applying
+an order twice is harmless.
+
+Failure policy: when the channel layer cannot be reached the order is applied in this process
+only, and logged. A revoked key or suspended user is still refused new calls by authentication
+(within AUTH_CACHE_SECONDS in other processes); only their running calls elsewhere go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+
+if TYPE_CHECKING:
+    from calls.chat import ChatCall
+
+logger = logging.getLogger(__name__)
+
+CONTROL_GROUP = "llmgateway.calls.control"
+STOP_MESSAGE = "calls.stop"
+
+StopReason = Literal["stopped_by_staff", "api_key_revoked", "user_suspended"]
+STOP_MESSAGES: dict[StopReason, str] = {
+    "stopped_by_staff": "This call was stopped by the gateway's staff.",
+    "api_key_revoked": "This call was stopped: its API key was revoked.",
+    "user_suspended": "This call was stopped: its account was suspended.",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class StopOrder:
+    """Stop the calls that match every field given (one call, a key's or a user's)."""
+
+    reason: StopReason
+    request_id: str | None = None
+    api_key_id: int | None = None
+    user_id: int | None = None
+
+    def matches(self, call: ChatCall) -> bool:
+        principal = call.principal
+        return (
+            (self.request_id is None or self.request_id == str(call.request_id))
+            and (self.api_key_id is None or self.api_key_id == principal.api_key_id)
+            and (self.user_id is None or self.user_id == principal.user_id)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RunningCall:
+    """What staff see of a running call."""
+
+    request_id: str
+    user_id: int
+    username: str
+    key_prefix: str
+    model: str
+    started_at: float  # time.time()
+    completion_tokens: int  # content chunks streamed so far
+
+
+class ActiveCalls:
+    """The calls this process is running, from their upstream call to their end."""
+
+    def __init__(self) -> None:
+        self._calls: dict[uuid.UUID, tuple[ChatCall, float]] = {}
+
+    def add(self, call: ChatCall) -> None:
+        self._calls[call.request_id] = (call, time.time())
+
+    def remove(self, call: ChatCall) -> None:
+        self._calls.pop(call.request_id, None)
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    def apply(self, order: StopOrder) -> int:
+        """Stop the matching calls; return how many were running here."""
+        stopped = 0
+        for call, _ in list(self._calls.values()):
+            if order.matches(call):
+                call.stop(order.reason, STOP_MESSAGES[order.reason])
+                stopped += 1
+        return stopped
+
+    def running(self) -> list[RunningCall]:
+        return [
+            RunningCall(
+                request_id=str(call.request_id),
+                user_id=call.principal.user_id,
+                username=call.principal.username,
+                key_prefix=call.principal.key_prefix,
+                model=call.params.model,
+                started_at=started_at,
+                completion_tokens=call.relay.outcome.content_chunks if call.relay is not None else 0,
+            )
+            for call, started_at in self._calls.values()
+        ]
+
+
+active_calls = ActiveCalls()
+
+
+async def stop_calls(order: StopOrder) -> int:
+    """Stop the matching calls in every process; return how many ran in this one."""
+    stopped_here = active_calls.apply(order)
+    layer = get_channel_layer()
+    if layer is not None:
+        try:
+            await layer.group_send(CONTROL_GROUP, {"type": STOP_MESSAGE, **asdict(order)})
+        except Exception as error:
+            logger.warning("could not publish a stop order to other processes (%s); applied here only", error)
+    return stopped_here
+
+
+def stop_calls_sync(order: StopOrder) -> int:
+    """`stop_calls` from synchronous code (admin actions, services, commands)."""
+    return async_to_sync(stop_calls)(order)
+
+
+def _order_from(message: dict[str, Any]) -> StopOrder:
+    return StopOrder(
+        reason=message["reason"],
+        request_id=message.get("request_id"),
+        api_key_id=message.get("api_key_id"),
+        user_id=message.get("user_id"),
+    )
+
+
+# Told of every order a process receives that names a key or a user (the edge forgets its cached
+# authentication of them, so new calls are refused at once too).
+on_principal_stopped: list[Callable[[StopOrder], None]] = []
+
+_listener: asyncio.Task[None] | None = None
+LISTEN_RETRY_SECONDS = 1.0
+
+
+async def _listen() -> None:
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    while True:
+        try:
+            channel = await layer.new_channel()
+            await layer.group_add(CONTROL_GROUP, channel)
+            while True:
+                message = await layer.receive(channel)
+                if message.get("type") != STOP_MESSAGE:
+                    continue
+                order = _order_from(message)
+                active_calls.apply(order)
+                if order.api_key_id is not None or order.user_id is not None:
+                    for hook in on_principal_stopped:
+                        hook(order)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            logger.warning("listening for stop orders failed (%s); retrying", error)
+            await asyncio.sleep(LISTEN_RETRY_SECONDS)
+
+
+def start_listening() -> None:
+    """Listen for stop orders for the life of the process (the ASGI lifespan calls this)."""
+    global _listener
+    if _listener is None or _listener.done():
+        _listener = asyncio.get_running_loop().create_task(_listen(), name="llmgateway-stop-orders")
+
+
+async def stop_listening() -> None:
+    global _listener
+    listener, _listener = _listener, None
+    if listener is not None:
+        listener.cancel()
+        try:
+            await listener
+        except asyncio.CancelledError:
+            pass
