@@ -44,6 +44,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -55,6 +56,7 @@ from django.conf import settings
 from django.db import IntegrityError, connections
 
 from billing.money import Rates
+from infra.db import db_task
 
 logger = logging.getLogger(__name__)
 
@@ -212,6 +214,7 @@ class LedgerOutbox:
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._late_writes: set[asyncio.Future[Any]] = set()
+        self._fsync_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmgateway-outbox")
         # Told the number of rows waiting whenever it changes (a metrics gauge).
         self.on_depth: Callable[[int], None] = lambda depth: None
 
@@ -229,7 +232,8 @@ class LedgerOutbox:
         request_id = str(row["request_id"])
         self._open.pop(request_id, None)
         segment = self._append({"op": "final", "id": request_id, "row": _encode(row)}, request_id)
-        await asyncio.to_thread(os.fsync, segment.fd)
+        # Its own thread: the shared ones may all be waiting for the database right now.
+        await asyncio.get_running_loop().run_in_executor(self._fsync_thread, os.fsync, segment.fd)
         self._pending[request_id] = row
         self.on_depth(len(self._pending))
         self._ensure_running()
@@ -348,7 +352,7 @@ class LedgerOutbox:
                     await self.drain()
                 if time.monotonic() >= next_claim:
                     next_claim = time.monotonic() + 10 * DRAIN_RETRY_SECONDS
-                    await asyncio.to_thread(claim_orphans, self.root)
+                    await db_task(claim_orphans)(self.root)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -364,8 +368,6 @@ class LedgerOutbox:
 
     async def drain(self) -> int:
         """Write the deferred rows the database takes now; return how many are left."""
-        from infra.db import db_task
-
         result = await db_task(write_rows)(list(self._pending.values()))
         for request_id in result.done:
             self._pending.pop(request_id, None)
@@ -395,6 +397,7 @@ class LedgerOutbox:
             await asyncio.wait(self._late_writes, timeout=DRAIN_RETRY_SECONDS * 10)
         if self._pending:
             await self.drain()
+        self._fsync_thread.shutdown(wait=False)
         if self._dir is not None and not self._pending and not self._open:
             shutil.rmtree(self._dir, ignore_errors=True)  # nothing left to replay
 

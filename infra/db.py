@@ -3,17 +3,27 @@
 Django's ASGI handler gives each request its own thread for `thread_sensitive` ORM calls, and a
 connection opened there lives until the request ends: a stream would hold a connection for its
 whole life (and pay for a new thread and connection on every request). The gateway's async path
-instead runs its ORM work with `db_task`, in the event loop's shared worker threads, where
+instead runs its ORM work with `db_task`, in a few shared worker threads of its own, where
 connections are reused: persistent on SQLite, checked out of the pool and straight back on
 PostgreSQL. A connection that saw an error is checked before it is used again.
+
+Those threads are not the event loop's default executor: when the database stalls, each of them
+waits for a connection (up to the pool's timeout), and the other work the gateway does in
+threads (counting a long prompt's tokens, syncing the ledger outbox's journal) must not queue
+behind them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.db import connections
+
+# Threads for database work (DATABASE_THREADS); more than the pool's connections would only wait.
+_executor = ThreadPoolExecutor(max_workers=getattr(settings, "DATABASE_THREADS", 8), thread_name_prefix="llmgateway-db")
 
 
 def _discard_broken_connections() -> None:
@@ -34,7 +44,7 @@ def release_connections() -> None:
 
 
 def db_task[**P, R](function: Callable[P, R]) -> Callable[P, Awaitable[R]]:
-    """The async twin of a sync database function, run in the shared worker threads."""
+    """The async twin of a sync database function, run in the database threads."""
 
     def run(*args: P.args, **kwargs: P.kwargs) -> R:
         _discard_broken_connections()
@@ -43,4 +53,4 @@ def db_task[**P, R](function: Callable[P, R]) -> Callable[P, Awaitable[R]]:
         finally:
             release_connections()
 
-    return sync_to_async(run, thread_sensitive=False)
+    return sync_to_async(run, thread_sensitive=False, executor=_executor)

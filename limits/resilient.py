@@ -188,28 +188,36 @@ class ResilientLimiter:
     # -- plumbing ------------------------------------------------------------------------------
 
     async def _give_back(self, operation: str, on_primary: Callable[[], Awaitable[None]]) -> bool:
-        """Apply a give-back to the primary; if it cannot be now, queue it. True if applied."""
-        permit = self.breaker.allow()
-        if permit is None:
-            self._report(operation, REASON_OPEN, None)
-        else:
-            try:
-                await on_primary()
-            except LimiterBackendError as exc:
-                self.breaker.record_failure(permit)
-                self._report(operation, REASON_ERROR, exc)
-            except BaseException:
-                self.breaker.release(permit)
-                raise
-            else:
-                self.breaker.record_success(permit)
-                return True
+        """Apply a give-back to the primary; if it cannot be now, queue it. True if applied.
+
+        While earlier give-backs wait for the primary, this one queues behind them at once: they
+        stay in order, and a call that ends during an outage waits for one timeout at most.
+        """
+        if not self._give_backs and await self._try_primary(operation, on_primary):
+            return True
         if len(self._give_backs) == self._give_backs.maxlen:
             logger.error("rate limiter: too many give-backs wait for Redis; dropping the oldest (%s)", self._give_backs[0][1])
         self._give_backs.append((self._clock() + self._retry_for, operation, on_primary))
         if self._retrier is None or self._retrier.done():
             self._retrier = asyncio.get_running_loop().create_task(self._retry_give_backs(), name="llmgateway-limit-give-backs")
         return False
+
+    async def _try_primary(self, operation: str, on_primary: Callable[[], Awaitable[None]]) -> bool:
+        permit = self.breaker.allow()
+        if permit is None:
+            self._report(operation, REASON_OPEN, None)
+            return False
+        try:
+            await on_primary()
+        except LimiterBackendError as exc:
+            self.breaker.record_failure(permit)
+            self._report(operation, REASON_ERROR, exc)
+            return False
+        except BaseException:
+            self.breaker.release(permit)
+            raise
+        self.breaker.record_success(permit)
+        return True
 
     async def _retry_give_backs(self) -> None:
         """Apply queued give-backs in order, as soon as the primary takes them (see the docstring)."""
