@@ -1,19 +1,43 @@
-"""Staff edit prices, plans and accounts here; the ledger, rollups and holds are read-only."""
+"""The cost console's lists: staff edit prices, plans and accounts; the ledger, rollups and holds are read-only.
+
+Money reads as money (`billing.display`): `$1,234.56` in lists, every stored digit on a detail
+page. Each list runs a bounded number of queries whatever its length: related rows are joined
+(`list_select_related`), per-row figures are subqueries of the list's one query, and the ledger's
+and rollups' totals come from the same aggregate query that counts the filtered rows
+(`TotalsPaginator`). Filters that could list a million values take typed input instead
+(`billing.admin_filters`).
+
+Staff without the superuser flag get view-only access through the "Cost viewers" group
+(`llmgateway.staff`): every list and detail page, and the export, but no action that writes.
+"""
 
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Any
+from typing import Any, ClassVar
 
 from django.contrib import admin
 from django.core.exceptions import PermissionDenied
-from django.db.models import Count, OuterRef, QuerySet, Subquery, Sum, Value
+from django.core.paginator import Paginator
+from django.db.models import Aggregate, Count, OuterRef, QuerySet, Subquery, Sum, Value
 from django.db.models.functions import Coalesce
-from django.http import HttpRequest, HttpResponseBase
+from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path
 from django.utils import timezone
+from django.utils.functional import cached_property
+from django.utils.html import format_html, format_html_join
+from django.utils.safestring import SafeString, mark_safe
 
+from billing import display
+from billing.admin_filters import (
+    AccountUserFilter,
+    ApiKeyFilter,
+    LedgerDateFilter,
+    ModelFilter,
+    RollupDateFilter,
+    UserFilter,
+)
 from billing.exports import FORMATS, GROUPS, ExportError, ExportSpec
 from billing.fields import ExactDecimalField
 from billing.models import (
@@ -27,10 +51,27 @@ from billing.models import (
     Reservation,
     UsageRecord,
 )
+from billing.money import money_sum
 from billing.periods import billing_zone, period_containing
+from billing.selectors import UsageTotals, period_usage
 from billing.views import export_spec_from_query, usage_export_response
 
 RATE_FIELDS = ("input_usd_per_1m", "cached_input_usd_per_1m", "output_usd_per_1m")
+RATE_HELP = {
+    "input_usd_per_1m": "USD per 1M prompt tokens that were not cached.",
+    "cached_input_usd_per_1m": "USD per 1M cached prompt tokens. Empty: the input rate.",
+    "output_usd_per_1m": "USD per 1M completion tokens (reasoning tokens included).",
+}
+# Sums read back as the column is stored (billing.fields): exact on SQLite too.
+MONEY = ExactDecimalField(**TOTAL_DIGITS)
+
+
+def money_total(expression: Any) -> Coalesce:
+    return Coalesce(Sum(expression), Value(0), output_field=MONEY)
+
+
+def _rate(value: Decimal | None) -> str:
+    return display.NO_VALUE if value is None else display.usd_exact(value)
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -46,16 +87,93 @@ class ReadOnlyAdmin(admin.ModelAdmin):
         return False
 
 
+# --- Totals of the filtered rows --------------------------------------------------------------
+
+
+class TotalsPaginator(Paginator):
+    """Count the filtered rows and add them up in one aggregate query.
+
+    The changelist needs the count anyway (on a big ledger, a scan of the filtered rows); the
+    totals shown above the list come from the same statement, so they cost no second scan.
+    """
+
+    sums: ClassVar[dict[str, Aggregate | Coalesce]]
+
+    @cached_property
+    def totals(self) -> dict[str, Any]:
+        return self.object_list.aggregate(rows=Count("pk"), **self.sums)  # type: ignore[attr-defined]
+
+    @cached_property
+    def count(self) -> int:
+        return int(self.totals["rows"])
+
+
+class LedgerPaginator(TotalsPaginator):
+    sums: ClassVar[dict[str, Aggregate | Coalesce]] = {
+        "prompt_tokens": Coalesce(Sum("prompt_tokens"), 0),
+        "completion_tokens": Coalesce(Sum("completion_tokens"), 0),
+        "cached_tokens": Coalesce(Sum("cached_tokens"), 0),
+        "cost_usd": money_total("cost_usd"),
+    }
+
+
+class RollupPaginator(TotalsPaginator):
+    sums: ClassVar[dict[str, Aggregate | Coalesce]] = {**LedgerPaginator.sums, "requests": Coalesce(Sum("requests"), 0)}
+
+
+class TotalsAdmin(ReadOnlyAdmin):
+    """A read-only list with the totals of its filtered rows above it (`totals` in the context)."""
+
+    paginator = TotalsPaginator
+    show_facets = admin.ShowFacets.NEVER  # a count per choice would scan the table once per choice
+
+    def usage_totals(self, totals: dict[str, Any]) -> UsageTotals:
+        raise NotImplementedError
+
+    def changelist_view(self, request: HttpRequest, extra_context: dict[str, Any] | None = None) -> HttpResponse:
+        response = super().changelist_view(request, extra_context)
+        context = getattr(response, "context_data", None)
+        changelist = context.get("cl") if context else None
+        if context is not None and changelist is not None:
+            totals = self.usage_totals(changelist.paginator.totals)
+            context["totals"] = totals
+            context["totals_display"] = [
+                ("requests", display.count(totals.requests)),
+                ("tokens in", display.count(totals.prompt_tokens)),
+                ("of which cached", display.count(totals.cached_tokens)),
+                ("tokens out", display.count(totals.completion_tokens)),
+                ("cost", display.usd_brief(totals.cost_usd)),
+            ]
+            context["totals_exact_cost"] = display.usd_exact(totals.cost_usd)
+        return response
+
+
+# --- Prices and plans -------------------------------------------------------------------------
+
+
 @admin.register(Price)
 class PriceAdmin(admin.ModelAdmin):
     """Catalog prices. One already in effect is history: change a price by adding a later row."""
 
-    list_display = ("model", *RATE_FIELDS, "effective_from", "in_effect_now", "note")
+    list_display = ("model", "input_rate", "cached_rate", "output_rate", "effective_from", "in_effect_now", "note")
     list_filter = ("model",)
     search_fields = ("model", "note")
     date_hierarchy = "effective_from"
     readonly_fields = ("created_at",)
     actions = None  # "delete selected" would bypass the per-row delete guard below
+    list_per_page = 100
+
+    @admin.display(description="input / 1M", ordering="input_usd_per_1m")
+    def input_rate(self, obj: Price) -> str:
+        return _rate(obj.input_usd_per_1m)
+
+    @admin.display(description="cached / 1M", ordering="cached_input_usd_per_1m")
+    def cached_rate(self, obj: Price) -> str:
+        return _rate(obj.cached_input_usd_per_1m)
+
+    @admin.display(description="output / 1M", ordering="output_usd_per_1m")
+    def output_rate(self, obj: Price) -> str:
+        return _rate(obj.output_usd_per_1m)
 
     @admin.display(boolean=True, description="in effect")
     def in_effect_now(self, obj: Price) -> bool:
@@ -76,57 +194,118 @@ class PlanPriceInline(admin.TabularInline):
     model = PlanPrice
     extra = 0
     fields = ("model", *RATE_FIELDS)
+    verbose_name = "price override"
+    verbose_name_plural = "price overrides: final prices for this plan's accounts (the multiplier does not apply)"
+
+    def get_formset(self, request: HttpRequest, obj: Any = None, **kwargs: Any) -> Any:
+        return super().get_formset(request, obj, help_texts=RATE_HELP, **kwargs)
 
 
 @admin.register(PricingPlan)
 class PricingPlanAdmin(admin.ModelAdmin):
-    list_display = ("name", "multiplier", "override_count", "description")
+    """Plans price their accounts; an account without a plan pays catalog prices."""
+
+    list_display = ("name", "markup", "override_count", "account_count", "description")
     search_fields = ("name",)
     inlines = [PlanPriceInline]
+    fieldsets = (
+        (
+            None,
+            {
+                "fields": ("name", "multiplier", "description"),
+                "description": (
+                    "A plan sets what its accounts pay. A model's price is, most specific first: the "
+                    "account's own override, else this plan's override (below), else the catalog price "
+                    "times this plan's multiplier. Overrides are final prices: the multiplier does not "
+                    "scale them. Accounts without a plan pay catalog prices."
+                ),
+            },
+        ),
+    )
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[PricingPlan]:
-        return super().get_queryset(request).annotate(_overrides=Count("prices"))
+        return super().get_queryset(request).annotate(
+            _overrides=Count("prices", distinct=True), _accounts=Count("accounts", distinct=True)
+        )
+
+    @admin.display(description="multiplier", ordering="multiplier")
+    def markup(self, obj: PricingPlan) -> str:
+        change = (obj.multiplier - 1) * 100
+        sign = "+" if change > 0 else ""
+        return f"×{obj.multiplier.normalize():f} ({sign}{change.normalize():f}%)"
 
     @admin.display(description="model overrides", ordering="_overrides")
     def override_count(self, obj: PricingPlan) -> int:
         return obj._overrides  # type: ignore[attr-defined]
+
+    @admin.display(description="accounts", ordering="_accounts")
+    def account_count(self, obj: PricingPlan) -> int:
+        return obj._accounts  # type: ignore[attr-defined]
+
+
+# --- Accounts ---------------------------------------------------------------------------------
 
 
 class AccountPriceInline(admin.TabularInline):
     model = AccountPrice
     extra = 0
     fields = ("model", *RATE_FIELDS)
+    verbose_name = "price override"
+    verbose_name_plural = "price overrides: final prices for this account, before its plan's"
+
+    def get_formset(self, request: HttpRequest, obj: Any = None, **kwargs: Any) -> Any:
+        return super().get_formset(request, obj, help_texts=RATE_HELP, **kwargs)
+
+
+class SuspendedFilter(admin.SimpleListFilter):
+    title = "status"
+    parameter_name = "suspended"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [("no", "active"), ("yes", "suspended")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        if self.value() in ("yes", "no"):
+            return queryset.filter(user__is_active=self.value() == "no")
+        return queryset
 
 
 @admin.register(Account)
 class AccountAdmin(admin.ModelAdmin):
-    list_display = (
-        "user",
-        "plan",
-        "spent_this_month",
-        "monthly_spend_limit_usd",
-        "daily_spend_limit_usd",
-        "monthly_token_limit",
-        "daily_token_limit",
-        "soft_threshold",
-    )
-    list_filter = ("plan",)
+    """Accounts with this month's spend, live holds, what is left and the share used.
+
+    "Used" is spend plus holds, against the monthly spend limit: what the next admission checks.
+    The edge adds the suspend actions (`llmgateway.admin`): they stop calls, which billing cannot.
+    """
+
+    list_display = ("user", "status", "plan", "spent", "held", "left", "used", "monthly_limit")
+    list_filter = (SuspendedFilter, "plan")
     list_select_related = ("user", "plan")
+    list_per_page = 100
     search_fields = ("user__username", "user__email")
     raw_id_fields = ("user",)
-    readonly_fields = ("created_at", "updated_at")
+    readonly_fields = ("budgets_now", "created_at", "updated_at")
     fieldsets = (
         (None, {"fields": ("user", "plan")}),
+        ("Now", {"fields": ("budgets_now",)}),
         (
-            "Budgets (empty = no limit; calendar periods in BILLING_TIME_ZONE)",
-            {"fields": ("monthly_spend_limit_usd", "daily_spend_limit_usd", "monthly_token_limit", "daily_token_limit", "soft_threshold")},
+            "Budgets",
+            {
+                "fields": ("monthly_spend_limit_usd", "daily_spend_limit_usd", "monthly_token_limit", "daily_token_limit", "soft_threshold"),
+                "description": (
+                    "Empty means no limit. Periods are calendar days and months in BILLING_TIME_ZONE. "
+                    "Before each call the gateway holds its worst-case cost; a call is refused if spend "
+                    "plus holds plus that would pass a limit."
+                ),
+            },
         ),
         (None, {"fields": ("created_at", "updated_at")}),
     )
     inlines = [AccountPriceInline]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Account]:
-        month = period_containing("month", timezone.now())
+        now = timezone.now()
+        month = period_containing("month", now)
         spend = (
             DailyUsage.objects.filter(user_id=OuterRef("user_id"), day__gte=month.first_day, day__lt=month.end_day)
             .order_by()
@@ -134,34 +313,216 @@ class AccountAdmin(admin.ModelAdmin):
             .annotate(total=Sum("cost_usd"))
             .values("total")
         )
-        money = ExactDecimalField(**TOTAL_DIGITS)  # read back as the column is stored (billing.fields)
-        return super().get_queryset(request).annotate(_month_spend=Coalesce(Subquery(spend), Value(0), output_field=money))
+        held = (
+            Reservation.objects.filter(account_id=OuterRef("pk"), expires_at__gt=now)
+            .order_by()
+            .values("account_id")
+            .annotate(total=Sum("cost_usd"))
+            .values("total")
+        )
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(
+                _month_spend=Coalesce(Subquery(spend), Value(0), output_field=MONEY),
+                _held=Coalesce(Subquery(held), Value(0), output_field=MONEY),
+            )
+        )
 
-    @admin.display(description="spent this month (USD)", ordering="_month_spend")
-    def spent_this_month(self, obj: Account) -> Decimal:
-        return obj._month_spend  # type: ignore[attr-defined]
+    @admin.display(description="status", ordering="user__is_active")
+    def status(self, obj: Account) -> SafeString:
+        kind, label = ("ok", "active") if obj.user.is_active else ("bad", "suspended")
+        return format_html('<span class="badge {}">{}</span>', kind, label)
+
+    @admin.display(description="spent this month", ordering="_month_spend")
+    def spent(self, obj: Account) -> str:
+        return display.usd_brief(obj._month_spend)  # type: ignore[attr-defined]
+
+    @admin.display(description="held", ordering="_held")
+    def held(self, obj: Account) -> str:
+        return display.usd_brief(obj._held)  # type: ignore[attr-defined]
+
+    def _used(self, obj: Account) -> Decimal:
+        return money_sum([obj._month_spend, obj._held])  # type: ignore[attr-defined]
+
+    @admin.display(description="left")
+    def left(self, obj: Account) -> str:
+        limit = obj.monthly_spend_limit_usd
+        if limit is None:
+            return "no limit"
+        return display.usd_brief(max(money_sum([limit, -self._used(obj)]), Decimal(0)))
+
+    @admin.display(description="used")
+    def used(self, obj: Account) -> SafeString | str:
+        limit = obj.monthly_spend_limit_usd
+        if limit is None:
+            return display.NO_VALUE
+        used = self._used(obj)
+        share = display.percent_of(used, limit)
+        fraction = min(used / limit, Decimal(1)) if limit > 0 else Decimal(1)
+        return format_html(
+            '<meter min="0" max="1" low="{}" high="0.999" optimum="0" value="{}" title="{} of {}"></meter> {}',
+            obj.soft_threshold, fraction, display.usd_brief(used), display.usd_brief(limit), share,
+        )
+
+    @admin.display(description="monthly limit", ordering="monthly_spend_limit_usd")
+    def monthly_limit(self, obj: Account) -> str:
+        limit = obj.monthly_spend_limit_usd
+        return "no limit" if limit is None else display.usd_brief(limit)
+
+    @admin.display(description="this period")
+    def budgets_now(self, obj: Account) -> SafeString | str:
+        """Each limit as the next admission sees it: settled usage, live holds, what is left."""
+        if obj.pk is None:
+            return display.NO_VALUE
+        usage = period_usage(account=obj, at=timezone.now())
+        rows: list[tuple[str, str, str, str, str, str]] = []
+        for label, spend_limit, settled in (
+            ("spend today", obj.daily_spend_limit_usd, usage.day_cost_usd),
+            ("spend this month", obj.monthly_spend_limit_usd, usage.month_cost_usd),
+        ):
+            used = money_sum([settled, usage.reserved_usd])
+            if spend_limit is None:
+                limit_cells = ("no limit", display.NO_VALUE, display.NO_VALUE)
+            else:
+                left = max(money_sum([spend_limit, -used]), Decimal(0))
+                limit_cells = (display.usd_exact(left), display.usd_exact(spend_limit), display.percent_of(used, spend_limit))
+            rows.append((label, display.usd_exact(settled), display.usd_exact(usage.reserved_usd), *limit_cells))
+        for label, token_limit, tokens in (
+            ("tokens today", obj.daily_token_limit, usage.day_tokens),
+            ("tokens this month", obj.monthly_token_limit, usage.month_tokens),
+        ):
+            used_tokens = tokens + usage.reserved_tokens
+            if token_limit is None:
+                limit_cells = ("no limit", display.NO_VALUE, display.NO_VALUE)
+            else:
+                limit_cells = (
+                    display.count(max(token_limit - used_tokens, 0)),
+                    display.count(token_limit),
+                    display.percent_of(used_tokens, token_limit),
+                )
+            rows.append((label, display.count(tokens), display.count(usage.reserved_tokens), *limit_cells))
+        header = mark_safe(  # noqa: S308  # a constant
+            "<tr><th></th><th>settled</th><th>held (calls in flight)</th><th>left</th><th>limit</th><th>used</th></tr>"
+        )
+        body = format_html_join("", "<tr><th>{}</th><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>", rows)
+        return format_html('<table class="budgets-now">{}{}</table>', header, body)
+
+
+# --- The ledger and its rollups ---------------------------------------------------------------
+
+
+STATUS_BADGES: dict[str, str] = {
+    UsageRecord.Status.COMPLETED: "ok",
+    UsageRecord.Status.CANCELLED: "warn",
+    UsageRecord.Status.REJECTED: "warn",
+}
+# Short enough for a list column; the full label is the badge's tooltip and on the detail page.
+STATUS_SHORT: dict[str, str] = {
+    UsageRecord.Status.CANCELLED: "cancelled",
+    UsageRecord.Status.UPSTREAM_ERROR: "upstream error",
+}
 
 
 @admin.register(UsageRecord)
-class UsageRecordAdmin(ReadOnlyAdmin):
-    list_display = (
-        "created_at",
-        "user",
-        "model",
-        "status",
-        "prompt_tokens",
-        "cached_tokens",
-        "completion_tokens",
-        "cost_usd",
-        "price_source",
-        "stream",
-    )
-    list_filter = ("status", "price_source", "token_source", "stream", "provider", "model")
-    list_select_related = ("user",)
-    search_fields = ("=request_id", "user__username", "model")
-    date_hierarchy = "created_at"
+class UsageRecordAdmin(TotalsAdmin):
+    """The ledger: one row per call. Read-only; a correction is a new row, never an edit."""
+
+    paginator = LedgerPaginator
+    # Fits 1,280 px beside the admin's two sidebars; the duration and rates are on the row's page.
+    list_display = ("when", "user", "key", "model", "status_badge", "tokens", "ttft", "cost")
+    list_display_links = ("when",)
+    list_filter = (LedgerDateFilter, UserFilter, ApiKeyFilter, ModelFilter, "status", "price_source", "token_source")
+    list_select_related = ("user", "api_key")
+    list_per_page = 50
+    list_max_show_all = 500
     show_full_result_count = False
+    search_fields = ("=request_id",)
+    search_help_text = "A request id (the x-request-id response header)."
     actions = ["export_csv"]
+    fieldsets = (
+        ("Call", {"fields": ("user", "api_key", "model", "route", "stream", "status", "error_kind", "request_id", "started")}),
+        ("Tokens", {"fields": ("prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens", "token_source")}),
+        ("Timing", {"fields": ("ttft_detail", "duration")}),
+        (
+            "Cost",
+            {
+                "fields": ("cost_exact", "rates", "price_source", "held_at_admission"),
+                "description": "Exact, as stored (to 1e-10 USD), with the rates this call was billed at.",
+            },
+        ),
+    )
+    readonly_fields = ("route", "started", "ttft_detail", "duration", "cost_exact", "rates", "held_at_admission")
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[UsageRecord]:
+        return super().get_queryset(request).select_related("user", "api_key")
+
+    def usage_totals(self, totals: dict[str, Any]) -> UsageTotals:
+        return UsageTotals(
+            requests=int(totals["rows"]),
+            prompt_tokens=int(totals["prompt_tokens"]),
+            completion_tokens=int(totals["completion_tokens"]),
+            cached_tokens=int(totals["cached_tokens"]),
+            cost_usd=Decimal(totals["cost_usd"]),
+        )
+
+    @admin.display(description="time", ordering="created_at")
+    def when(self, obj: UsageRecord) -> SafeString:
+        return format_html('<span title="{}">{}</span>', display.when_exact(obj.created_at), display.when_brief(obj.created_at))
+
+    @admin.display(description="key", ordering="api_key__prefix")
+    def key(self, obj: UsageRecord) -> str:
+        return obj.api_key.prefix if obj.api_key is not None else display.NO_VALUE
+
+    @admin.display(description="status", ordering="status")
+    def status_badge(self, obj: UsageRecord) -> SafeString:
+        label = STATUS_SHORT.get(obj.status, obj.status)
+        return format_html('<span class="badge {}" title="{}">{}</span>', STATUS_BADGES.get(obj.status, "bad"), obj.get_status_display(), label)
+
+    @admin.display(description="tokens in → out")
+    def tokens(self, obj: UsageRecord) -> str:
+        return f"{display.count(obj.prompt_tokens)} → {display.count(obj.completion_tokens)}"
+
+    @admin.display(description="TTFT", ordering="ttft_us")
+    def ttft(self, obj: UsageRecord) -> str:
+        return display.duration_us(obj.ttft_us)
+
+    @admin.display(description="duration", ordering="duration_us")
+    def duration(self, obj: UsageRecord) -> str:
+        return display.duration_us(obj.duration_us)
+
+    @admin.display(description="cost", ordering="cost_usd")
+    def cost(self, obj: UsageRecord) -> str:
+        return display.usd_brief(obj.cost_usd)
+
+    @admin.display(description="cost (exact)")
+    def cost_exact(self, obj: UsageRecord) -> str:
+        return display.usd_exact(obj.cost_usd)
+
+    @admin.display(description="started")
+    def started(self, obj: UsageRecord) -> str:
+        return display.when_exact(obj.created_at)
+
+    @admin.display(description="upstream")
+    def route(self, obj: UsageRecord) -> str:
+        return f"{obj.upstream_model} via {obj.provider}"
+
+    @admin.display(description="rates (USD per 1M tokens)")
+    def rates(self, obj: UsageRecord) -> str:
+        return (
+            f"{_rate(obj.input_usd_per_1m)} input · {_rate(obj.cached_input_usd_per_1m)} cached · "
+            f"{_rate(obj.output_usd_per_1m)} output · plan multiplier ×{obj.price_multiplier.normalize():f}"
+        )
+
+    @admin.display(description="time to first token")
+    def ttft_detail(self, obj: UsageRecord) -> str:
+        return display.duration_us(obj.ttft_us)
+
+    @admin.display(description="held at admission")
+    def held_at_admission(self, obj: UsageRecord) -> str:
+        if obj.reserved_usd is None:
+            return "nothing (the account has no limits)"
+        return display.usd_exact(obj.reserved_usd)
 
     @admin.action(description="Export selected usage records as CSV", permissions=["view"])
     def export_csv(self, request: HttpRequest, queryset: QuerySet[UsageRecord]) -> HttpResponseBase:
@@ -207,21 +568,95 @@ class UsageRecordAdmin(ReadOnlyAdmin):
 
 
 @admin.register(DailyUsage)
-class DailyUsageAdmin(ReadOnlyAdmin):
-    list_display = ("day", "user", "model", "requests", "prompt_tokens", "cached_tokens", "completion_tokens", "cost_usd")
-    list_filter = ("model",)
+class DailyUsageAdmin(TotalsAdmin):
+    """The ledger summed per user, model and calendar day (BILLING_TIME_ZONE); equal to the ledger's sums."""
+
+    paginator = RollupPaginator
+    list_display = ("day", "user", "model", "request_count", "tokens_in", "tokens_out", "cost")
+    list_filter = (RollupDateFilter, UserFilter, ModelFilter)
     list_select_related = ("user",)
-    search_fields = ("user__username", "model")
-    date_hierarchy = "day"
+    list_per_page = 100
+    list_max_show_all = 500
+    search_fields = ()
+    readonly_fields = ("cost_exact",)
+    fields = ("day", "user", "model", "requests", "prompt_tokens", "cached_tokens", "completion_tokens", "cost_exact")
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[DailyUsage]:
+        return super().get_queryset(request).select_related("user")
+
+    def usage_totals(self, totals: dict[str, Any]) -> UsageTotals:
+        return UsageTotals(
+            requests=int(totals["requests"]),
+            prompt_tokens=int(totals["prompt_tokens"]),
+            completion_tokens=int(totals["completion_tokens"]),
+            cached_tokens=int(totals["cached_tokens"]),
+            cost_usd=Decimal(totals["cost_usd"]),
+        )
+
+    @admin.display(description="requests", ordering="requests")
+    def request_count(self, obj: DailyUsage) -> str:
+        return display.count(obj.requests)
+
+    @admin.display(description="tokens in", ordering="prompt_tokens")
+    def tokens_in(self, obj: DailyUsage) -> str:
+        return display.count(obj.prompt_tokens)
+
+    @admin.display(description="tokens out", ordering="completion_tokens")
+    def tokens_out(self, obj: DailyUsage) -> str:
+        return display.count(obj.completion_tokens)
+
+    @admin.display(description="cost", ordering="cost_usd")
+    def cost(self, obj: DailyUsage) -> str:
+        return display.usd_brief(obj.cost_usd)
+
+    @admin.display(description="cost (exact)")
+    def cost_exact(self, obj: DailyUsage) -> str:
+        return display.usd_exact(obj.cost_usd)
 
 
 @admin.register(Reservation)
 class ReservationAdmin(ReadOnlyAdmin):
-    """Budget held by calls in flight. Deleting one frees its budget early (it expires anyway)."""
+    """Holds: budget taken by calls in flight. Deleting one frees its budget early (it expires anyway)."""
 
-    list_display = ("created_at", "account", "model", "cost_usd", "tokens", "expires_at")
+    list_display = ("when", "user", "model", "worst_case", "token_count", "expires")
+    list_display_links = ("when",)
+    list_filter = (AccountUserFilter, ModelFilter)
     list_select_related = ("account__user",)
-    search_fields = ("=request_id", "account__user__username")
+    list_per_page = 100
+    search_fields = ("=request_id",)
+    search_help_text = "A request id (the x-request-id response header)."
+    fields = ("request_id", "user", "model", "worst_case_exact", "tokens", "created_at", "expires_at")
+    readonly_fields = ("user", "worst_case_exact")
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Reservation]:
+        return super().get_queryset(request).select_related("account__user")
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return admin.ModelAdmin.has_delete_permission(self, request, obj)
+
+    @admin.display(description="taken", ordering="created_at")
+    def when(self, obj: Reservation) -> str:
+        return display.when(obj.created_at)
+
+    @admin.display(description="user", ordering="account__user__username")
+    def user(self, obj: Reservation) -> str:
+        return str(obj.account.user)
+
+    @admin.display(description="worst-case cost", ordering="cost_usd")
+    def worst_case(self, obj: Reservation) -> str:
+        return display.usd_brief(obj.cost_usd)
+
+    @admin.display(description="worst-case cost (exact)")
+    def worst_case_exact(self, obj: Reservation) -> str:
+        return display.usd_exact(obj.cost_usd)
+
+    @admin.display(description="tokens", ordering="tokens")
+    def token_count(self, obj: Reservation) -> str:
+        return display.count(obj.tokens)
+
+    @admin.display(description="expires", ordering="expires_at")
+    def expires(self, obj: Reservation) -> SafeString:
+        if obj.expires_at <= timezone.now():
+            return format_html('<span class="badge bad">expired {}</span>', display.when(obj.expires_at))
+        return format_html('<span class="badge ok">live</span> until {}', display.when(obj.expires_at))
+

@@ -6,8 +6,9 @@ class LlmgatewayConfig(AppConfig):
     verbose_name = "Gateway"
 
     def ready(self) -> None:
+        from django.apps import apps
         from django.contrib.auth import get_user_model
-        from django.db.models.signals import post_delete, post_save
+        from django.db.models.signals import post_delete, post_migrate, post_save
 
         from llmgateway.auth import forget_verified_keys
         from llmgateway.models import ApiKey
@@ -15,3 +16,7 @@ class LlmgatewayConfig(AppConfig):
         for model in (ApiKey, get_user_model()):
             for signal in (post_save, post_delete):
                 signal.connect(forget_verified_keys, sender=model, dispatch_uid=f"llmgateway.auth.{model.__name__}.{signal}")
+        from llmgateway.staff import sync_after_migrate
+
+        # After billing's migrate: its permissions (created by then) and ours exist.
+        post_migrate.connect(sync_after_migrate, sender=apps.get_app_config("billing"), dispatch_uid="llmgateway.staff.cost_viewers")

@@ -1,4 +1,4 @@
-"""Writes for API keys."""
+"""Writes for API keys and for the users who own them (suspend, unsuspend)."""
 
 from __future__ import annotations
 
@@ -50,3 +50,29 @@ def api_key_revoke(*, api_key: ApiKey) -> None:
     stop_calls_sync(StopOrder(reason="api_key_revoked", api_key_id=api_key.pk))
 
 
+def _user_active_set(*, user_id: int, active: bool) -> bool:
+    user = get_user_model().objects.select_for_update().get(pk=user_id)
+    if user.is_active == active:
+        return False
+    user.is_active = active
+    user.save(update_fields=["is_active"])  # post_save: this process forgets the user's verified keys
+    return True
+
+
+def user_suspend(*, user_id: int) -> bool:
+    """Stop a user: their keys and chat sessions are refused, their running calls stopped in every
+    process. Keys, limits and history stay as they are. Return whether they were active.
+
+    A suspended user is an inactive Django user: `llmgateway.auth` refuses an inactive owner's
+    key (other processes within AUTH_CACHE_SECONDS) and Django refuses their session.
+    """
+    with transaction.atomic():
+        changed = _user_active_set(user_id=user_id, active=False)
+    stop_calls_sync(StopOrder(reason="user_suspended", user_id=user_id))
+    return changed
+
+
+@transaction.atomic
+def user_unsuspend(*, user_id: int) -> bool:
+    """Let a suspended user call again; return whether they were suspended."""
+    return _user_active_set(user_id=user_id, active=True)
