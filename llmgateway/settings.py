@@ -132,9 +132,10 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
         "min_size": 1,
         "max_size": _env_int("DATABASE_POOL_MAX_SIZE", 16),
-        # Seconds a database step waits for a pooled connection; a stalled one occupies a worker
-        # thread that long, so it stays short (a call's ledger row goes to the outbox meanwhile).
-        "timeout": _env_float("DATABASE_POOL_TIMEOUT", 5.0),
+        # Seconds a database step waits for a pooled connection. The API's database threads
+        # (DATABASE_THREADS) are fewer than the connections, so only a failing database makes a
+        # step wait: it stays short (503s come fast; a ledger row goes to the outbox meanwhile).
+        "timeout": _env_float("DATABASE_POOL_TIMEOUT", 2.0),
         # After a failed connection attempt the pool retries with a doubling delay until this
         # many seconds have passed, then gives up until the next request asks: kept short, so a
         # gateway is back within seconds of its database instead of after a backoff grown long.
@@ -143,6 +144,8 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     # The pool checks a connection as it hands it out: after a database restart or terminated
     # backends it replaces the dead ones, instead of failing one step with each in turn.
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+# Threads for the API's database work (infra/db.py), apart from the event loop's other threads.
+DATABASE_THREADS = _env_int("DATABASE_THREADS", 8)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = os.environ.get("REDIS_URL", "")
