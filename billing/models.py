@@ -27,6 +27,7 @@ from django.core.exceptions import ValidationError
 from django.db import models
 from django.utils import timezone
 
+from billing.display import usd_exact
 from billing.fields import ExactDecimalField
 from billing.money import Rates
 
@@ -285,7 +286,10 @@ class UsageRecord(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"{self.request_id} {self.model} {self.status}"
+        # A title for people (the admin's pages): who, which model, when. The user's name when it
+        # was loaded with the row (the admin joins it), so a title never costs a query.
+        who = self.user if UsageRecord.user.is_cached(self) else f"user {self.user_id}"
+        return f"{who} · {self.model} · {timezone.localtime(self.created_at):%Y-%m-%d %H:%M:%S}"
 
     def save(self, *args: Any, **kwargs: Any) -> None:
         if self.pk is not None and not self._state.adding:
@@ -359,4 +363,4 @@ class Reservation(models.Model):
         indexes = [models.Index(fields=["account", "expires_at"])]
 
     def __str__(self) -> str:
-        return f"{self.request_id} {self.cost_usd} USD"
+        return f"hold of {usd_exact(self.cost_usd)} on {self.model}, {timezone.localtime(self.created_at):%Y-%m-%d %H:%M:%S}"

@@ -137,7 +137,10 @@ def test_the_rollup_totals_are_the_selectors_sums_and_equal_the_ledgers(admin_cl
 
 def test_a_ledger_row_reads_as_a_call_not_as_columns(admin_client, ledger_factory) -> None:
     record = ledger_factory(5).records[0]
-    page = admin_client.get(reverse("admin:billing_usagerecord_change", args=[record.pk])).content.decode()
+    response = admin_client.get(reverse("admin:billing_usagerecord_change", args=[record.pk]))
+    when = f"{timezone.localtime(record.created_at):%Y-%m-%d %H:%M:%S}"
+    assert response.context["subtitle"] == f"{record.user.username} · {record.model} · {when}"  # not its UUID
+    page = response.content.decode()
     assert "251 ms" in page and "1.2 s" in page  # TTFT 250,733 us, duration 1,234,567 us
     assert "Ttft us" not in page and "Duration us" not in page
     assert display.usd_exact(record.cost_usd) in page  # every stored digit on the detail page
@@ -173,6 +176,13 @@ def test_an_accounts_page_shows_each_budget_now(admin_client, ledger_factory) ->
     page = admin_client.get(reverse("admin:billing_account_change", args=[account.pk])).content.decode()
     assert "spend this month" in page and "held (calls in flight)" in page
     assert display.usd_exact(ledger_totals(user_id=user.pk).cost_usd) in page
+
+
+def test_a_hold_is_titled_by_its_amount_and_model(admin_client, ledger_factory) -> None:
+    ledger_factory(5)
+    hold = Reservation.objects.first()
+    response = admin_client.get(reverse("admin:billing_reservation_change", args=[hold.pk]))
+    assert response.context["subtitle"].startswith(f"hold of {display.usd_exact(hold.cost_usd)} on gpt-4o, ")
 
 
 @pytest.mark.parametrize(
