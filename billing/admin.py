@@ -441,7 +441,7 @@ class UsageRecordAdmin(TotalsAdmin):
     search_help_text = "A request id (the x-request-id response header)."
     actions = ["export_csv"]
     fieldsets = (
-        ("Call", {"fields": ("user", "api_key", "model", "route", "stream", "status", "error_kind", "request_id", "started")}),
+        ("Call", {"fields": ("user", "key_detail", "model", "route", "stream", "status", "error_kind", "request_id", "started")}),
         ("Tokens", {"fields": ("prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens", "token_source")}),
         ("Timing", {"fields": ("ttft_detail", "duration")}),
         (
@@ -452,7 +452,7 @@ class UsageRecordAdmin(TotalsAdmin):
             },
         ),
     )
-    readonly_fields = ("route", "started", "ttft_detail", "duration", "cost_exact", "rates", "held_at_admission")
+    readonly_fields = ("key_detail", "route", "started", "ttft_detail", "duration", "cost_exact", "rates", "held_at_admission")
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[UsageRecord]:
         return super().get_queryset(request).select_related("user", "api_key")
@@ -502,6 +502,10 @@ class UsageRecordAdmin(TotalsAdmin):
     @admin.display(description="started")
     def started(self, obj: UsageRecord) -> str:
         return display.when_exact(obj.created_at)
+
+    @admin.display(description="API key")
+    def key_detail(self, obj: UsageRecord) -> str:
+        return str(obj.api_key) if obj.api_key is not None else "none (the chat page, or a deleted key)"
 
     @admin.display(description="upstream")
     def route(self, obj: UsageRecord) -> str:

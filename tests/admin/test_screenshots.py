@@ -20,7 +20,7 @@ from django.core.management import call_command
 from django.test import override_settings
 from django.utils import timezone
 
-from billing.models import PricingPlan
+from billing.models import Account, PricingPlan, UsageRecord
 from billing.services import account_quota_set
 from llmgateway.models import ApiKey
 from llmgateway.services import api_key_create
@@ -115,6 +115,26 @@ def test_each_list_fits_1280_px_with_its_money_in_view(staff_page, console, scre
         page.screenshot(path=str(screenshot_dir / f"admin-{name}.png"), full_page=True)
         if width > WIDTH or table is None or table[0] > table[1] or box is None or box["x"] + box["width"] > table[2] + 1:
             misfits.append(f"{name}: page {width} px wide, table {table} (scroll, client, right), {column} column at {box}")
+    assert not misfits, misfits
+
+
+def test_detail_pages_fit_1280_px(staff_page, console, screenshot_dir) -> None:
+    page = staff_page
+    record = UsageRecord.objects.order_by("-cost_usd").first()
+    account = Account.objects.get(user__username="spender-0")
+    pages = [
+        ("ledger-row", f"billing/usagerecord/{record.pk}/change/"),
+        ("account", f"billing/account/{account.pk}/change/"),
+        ("export", "billing/usagerecord/export/"),
+    ]
+    misfits = []
+    for name, path in pages:
+        response = page.goto(f"{console.base_url}/admin/{path}")
+        assert response is not None and response.status == 200, name
+        page.screenshot(path=str(screenshot_dir / f"admin-{name}.png"), full_page=True)
+        if (width := page.evaluate("document.documentElement.scrollWidth")) > WIDTH:
+            misfits.append(f"{name}: {width} px wide")
+        assert page.locator("ol.breadcrumbs li").count() >= 3, name
     assert not misfits, misfits
 
 
