@@ -64,7 +64,7 @@ def test_the_export_action_streams_the_selected_rows_as_the_command_would(admin_
 def test_the_export_action_across_a_filtered_changelist_exports_all_its_rows(admin_client, ledger: Ledger) -> None:
     one = UsageRecord.objects.filter(user__username="bob").values_list("pk", flat=True).first()
     response = admin_client.post(
-        reverse("admin:billing_usagerecord_changelist") + "?q=bob",
+        reverse("admin:billing_usagerecord_changelist") + "?user=bob",  # the list's username filter
         {"action": "export_csv", "select_across": "1", "_selected_action": [str(one)]},
     )
     assert body(response) == export("--user", "bob")
