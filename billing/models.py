@@ -329,11 +329,16 @@ class DailyUsage(models.Model):
     completion_tokens = models.PositiveBigIntegerField(default=0)
     cached_tokens = models.PositiveBigIntegerField(default=0)
     cost_usd = ExactDecimalField("cost (USD)", default=Decimal(0), **TOTAL_DIGITS)
+    # How the calls ended (`CANCELLED_STATUSES`, `FAILED_STATUSES`): the console's rates.
+    cancelled_requests = models.PositiveBigIntegerField(default=0, help_text="Calls the client cancelled.")
+    failed_requests = models.PositiveBigIntegerField(default=0, help_text="Calls that ended in an upstream error or a timeout.")
 
     class Meta:
         verbose_name_plural = "daily usage"
         ordering = ["-day", "user", "model"]
         constraints = [models.UniqueConstraint(fields=["user", "model", "day"], name="daily_usage_one_per_user_model_day")]
+        # The cost console reads ranges of days across all users.
+        indexes = [models.Index(fields=["day"], name="daily_usage_day")]
 
     def __str__(self) -> str:
         return f"{self.user} {self.model} {self.day}"
@@ -341,6 +346,39 @@ class DailyUsage(models.Model):
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+
+# How the rollups count a call's ending (`billing.services`).
+CANCELLED_STATUSES = frozenset({UsageRecord.Status.CANCELLED})
+FAILED_STATUSES = frozenset({UsageRecord.Status.UPSTREAM_ERROR, UsageRecord.Status.TIMEOUT})
+
+
+class DailyKeyUsage(models.Model):
+    """Rollup of the ledger per API key x calendar day (`BILLING_TIME_ZONE`): what each key spent.
+
+    Kept up with `DailyUsage`, by the same kind of upsert in the same transaction as each ledger
+    row. A call made without a key (the chat page) has no row here, so a day's spend without a
+    key is its `DailyUsage` total less its keys'. A deleted key takes its rows with it; its
+    ledger rows stay, with no key.
+    """
+
+    api_key = models.ForeignKey("llmgateway.ApiKey", on_delete=models.CASCADE, related_name="daily_usage")
+    day = models.DateField(help_text="Calendar day in BILLING_TIME_ZONE.")
+    requests = models.PositiveBigIntegerField(default=0)
+    prompt_tokens = models.PositiveBigIntegerField(default=0)
+    completion_tokens = models.PositiveBigIntegerField(default=0)
+    cached_tokens = models.PositiveBigIntegerField(default=0)
+    cost_usd = ExactDecimalField("cost (USD)", default=Decimal(0), **TOTAL_DIGITS)
+
+    class Meta:
+        verbose_name = "daily usage by key"
+        verbose_name_plural = "daily usage by key"
+        ordering = ["-day", "api_key"]
+        constraints = [models.UniqueConstraint(fields=["api_key", "day"], name="daily_key_usage_one_per_key_day")]
+        indexes = [models.Index(fields=["day"], name="daily_key_usage_day")]
+
+    def __str__(self) -> str:
+        return f"{self.api_key_id} {self.day}"
 
 
 class Reservation(models.Model):

@@ -8,8 +8,9 @@ Reserve, then settle:
   (`SELECT ... FOR UPDATE` on PostgreSQL; on SQLite the transaction is `BEGIN IMMEDIATE`, which
   serializes all writers). Under the lock, one statement reads settled usage plus live holds; a
   call that would take them past a limit is refused with `QuotaExceeded`.
-- `usage_record_create`, when the call ends, appends the ledger row, adds it to the day's rollup
-  with an atomic upsert, and deletes the reservation, in one transaction. It takes no account
+- `usage_record_create`, when the call ends, appends the ledger row, adds it to the day's rollups
+  (per user and model, and per API key) with atomic upserts, and deletes the reservation, in one
+  transaction. It takes no account
   lock: the admission's single read statement sees that transaction wholly or not at all.
 
 So at every instant, spend + live holds <= limit for admitted calls; the spend can pass a limit
@@ -43,7 +44,17 @@ from django.utils import timezone
 
 from billing import pricing_cache
 from billing.exceptions import PriceMissing, QuotaExceeded
-from billing.models import Account, DailyUsage, Price, PricingPlan, Reservation, UsageRecord
+from billing.models import (
+    CANCELLED_STATUSES,
+    FAILED_STATUSES,
+    Account,
+    DailyKeyUsage,
+    DailyUsage,
+    Price,
+    PricingPlan,
+    Reservation,
+    UsageRecord,
+)
 from billing.money import Rates, money_ratio, money_sum, usd, usd_display
 from billing.periods import billing_day
 from billing.pricefile import PriceRow, read_price_file
@@ -314,20 +325,32 @@ def usage_record_create(
             price_source=rates.source,
             reserved_usd=reserved_usd,
         )
+        day = billing_day(created_at)
         _daily_usage_add(
             user_id=user_id,
             model=model,
-            day=billing_day(created_at),
+            day=day,
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             cached_tokens=cached_tokens,
             cost_usd=cost,
+            cancelled_requests=int(status in CANCELLED_STATUSES),
+            failed_requests=int(status in FAILED_STATUSES),
         )
+        if api_key_id is not None:
+            _rollup_add(
+                DailyKeyUsage,
+                key={"api_key": api_key_id, "day": day},
+                sums={
+                    "requests": 1,
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "cached_tokens": cached_tokens,
+                    "cost_usd": cost,
+                },
+            )
         Reservation.objects.filter(request_id=request_id).delete()
     return record
-
-
-_SUMMED = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd")
 
 
 def _daily_usage_add(
@@ -339,35 +362,52 @@ def _daily_usage_add(
     completion_tokens: int,
     cached_tokens: int,
     cost_usd: Decimal,
+    cancelled_requests: int = 0,
+    failed_requests: int = 0,
     using: str = DEFAULT_DB_ALIAS,
 ) -> None:
-    """Add one call to its rollup row: `INSERT ... ON CONFLICT DO UPDATE SET x = x + EXCLUDED.x`.
+    """Add one call to its user x model x day rollup (`_rollup_add`)."""
+    _rollup_add(
+        DailyUsage,
+        key={"user": user_id, "model": model, "day": day},
+        sums={
+            "requests": 1,
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "cached_tokens": cached_tokens,
+            "cost_usd": cost_usd,
+            "cancelled_requests": cancelled_requests,
+            "failed_requests": failed_requests,
+        },
+        using=using,
+    )
+
+
+def _rollup_add(
+    rollup: type[DailyUsage] | type[DailyKeyUsage],
+    *,
+    key: dict[str, object],
+    sums: dict[str, object],
+    using: str = DEFAULT_DB_ALIAS,
+) -> None:
+    """Add one call to its rollup row: `INSERT ... ON CONFLICT (key) DO UPDATE SET x = x + EXCLUDED.x`.
 
     One statement, atomic on PostgreSQL and SQLite alike: concurrent writers to the same row
-    queue on its lock and each adds its own amounts; there is no read-modify-write.
+    queue on its lock and each adds its own amounts; there is no read-modify-write. `key` names
+    the row (the fields of the rollup's unique constraint), `sums` what the call adds to it.
     """
     connection = connections[using]
     quote = connection.ops.quote_name
-    table = quote(DailyUsage._meta.db_table)
-    values = {
-        "user": user_id,
-        "model": model,
-        "day": day,
-        "requests": 1,
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "cached_tokens": cached_tokens,
-        "cost_usd": cost_usd,
-    }
-    concrete = {field.name: field for field in DailyUsage._meta.concrete_fields}
-    column = {name: quote(field.get_attname_column()[1] or name) for name, field in concrete.items()}
+    table = quote(rollup._meta.db_table)
+    values = {**key, **sums}
+    concrete = {field.name: field for field in rollup._meta.concrete_fields}
+    column = {name: quote(concrete[name].get_attname_column()[1] or name) for name in values}
     columns = ", ".join(column[name] for name in values)
     params = [concrete[name].get_db_prep_save(value, connection) for name, value in values.items()]
-    key = ", ".join(column[name] for name in ("user", "model", "day"))
-    summed = [column[name] for name in _SUMMED]
-    updates = ", ".join(f"{name} = {table}.{name} + EXCLUDED.{name}" for name in summed)
+    conflict = ", ".join(column[name] for name in key)
+    updates = ", ".join(f"{column[name]} = {table}.{column[name]} + EXCLUDED.{column[name]}" for name in sums)
     placeholders = ", ".join(["%s"] * len(values))
-    sql = f"INSERT INTO {table} ({columns}) VALUES ({placeholders}) ON CONFLICT ({key}) DO UPDATE SET {updates}"
+    sql = f"INSERT INTO {table} ({columns}) VALUES ({placeholders}) ON CONFLICT ({conflict}) DO UPDATE SET {updates}"
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
 

@@ -65,7 +65,7 @@ CSRF_TRUSTED_ORIGINS = _env_list("CSRF_TRUSTED_ORIGINS")
 
 INSTALLED_APPS = [
     "daphne",  # only for `manage.py runserver`; production serves with Granian
-    "django.contrib.admin",
+    "llmgateway.admin_config.GatewayAdminConfig",  # django.contrib.admin with the project's site
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",

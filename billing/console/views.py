@@ -1,0 +1,179 @@
+"""The cost console page (`/admin/console/`): where staff who may read costs land in the admin.
+
+Wired by the project's admin site (`llmgateway.admin_site.GatewayAdminSite.get_urls`) through
+`admin_site.admin_view`, so only active staff reach it (others are sent to the admin login); it
+then requires the view permission on usage records, as the ledger and the cost export do (403).
+
+Query parameters (all optional; a bad one gives the page with its default and a 400):
+`days` (1-366, default 30) for the chart and the tables, `top` (10, 25, 50 or 100 rows) and the
+sort of each table, `o_user`, `o_key`, `o_model` (`cost`, `requests`, `input`, `output`, `name`,
+with `-` for descending).
+
+What it reads is in `billing.console.selectors`: rollups and small tables, whatever the size of
+the ledger, except time to first token over the last 24 hours. Its clock is `now` below, which
+tests replace.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from typing import Any
+from urllib.parse import urlencode
+
+from django import forms
+from django.contrib.admin import AdminSite
+from django.core.exceptions import PermissionDenied
+from django.http import HttpRequest, QueryDict
+from django.template.response import TemplateResponse
+from django.urls import reverse
+from django.utils import timezone
+
+from billing.console import selectors
+from billing.console.chart import spend_chart_svg
+from billing.console.selectors import SORT_KEYS, Dimension, Latency, SpendRow
+from billing.models import UsageRecord
+from billing.periods import Period, billing_zone
+
+now = timezone.now  # the console's clock
+
+DEFAULT_DAYS = 30
+MAX_DAYS = 366
+DAY_CHOICES = (7, 30, 90, 365)
+TOP_CHOICES = (10, 25, 50, 100)
+DEFAULT_SORT = "-cost"
+BUDGET_ROWS = 100  # accounts shown; the rest are one click away in the account list
+LATENCY_HOURS = 24
+
+_SORTS = [(key, key) for key in SORT_KEYS] + [(f"-{key}", f"-{key}") for key in SORT_KEYS]
+_LEDGER_FILTER: dict[Dimension, str] = {"user": "user__id__exact", "key": "api_key__id__exact", "model": "model__exact"}
+_TITLES: dict[Dimension, str] = {"user": "Users", "key": "API keys", "model": "Models"}
+_COLUMNS = (("name", ""), ("cost", "Spend"), ("requests", "Calls"), ("input", "Tokens in"), ("output", "Tokens out"))
+
+
+class ConsoleQuery(forms.Form):
+    days = forms.IntegerField(min_value=1, max_value=MAX_DAYS, required=False)
+    top = forms.TypedChoiceField(choices=[(n, n) for n in TOP_CHOICES], coerce=int, required=False, empty_value=None)
+    o_user = forms.ChoiceField(choices=_SORTS, required=False)
+    o_key = forms.ChoiceField(choices=_SORTS, required=False)
+    o_model = forms.ChoiceField(choices=_SORTS, required=False)
+
+    def setting(self, name: str, default: Any) -> Any:
+        """The parameter's value, or `default` when it is absent or bad."""
+        value = getattr(self, "cleaned_data", {}).get(name)
+        return default if value in (None, "") else value
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    key: str
+    title: str
+    url: str
+    direction: str  # "", "ascending" or "descending": how the table is sorted by this column
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    spend: SpendRow
+    ledger_url: str
+    latency: Latency | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Table:
+    dimension: Dimension
+    title: str
+    columns: list[Column]
+    rows: list[Row] = field(default_factory=list)
+
+
+def console_permitted(request: HttpRequest, admin_site: AdminSite) -> bool:
+    """May this staff member read the console: the admin's view permission on usage records."""
+    return admin_site.get_model_admin(UsageRecord).has_view_permission(request)
+
+
+def ledger_url(*, period: Period, **filters: Any) -> str:
+    """The ledger's admin list, filtered to `period`'s instants and `filters`."""
+    query = {**filters, "created_at__gte": period.start.isoformat(), "created_at__lt": period.end.isoformat()}
+    return f"{reverse('admin:billing_usagerecord_changelist')}?{urlencode(query)}"
+
+
+def _with(query: QueryDict, **changes: Any) -> str:
+    updated = query.copy()
+    for name, value in changes.items():
+        updated[name] = str(value)
+    return f"?{updated.urlencode()}"
+
+
+def _columns(query: QueryDict, param: str, current: str) -> list[Column]:
+    columns = []
+    for key, title in _COLUMNS:
+        if current.removeprefix("-") == key:
+            direction = "descending" if current.startswith("-") else "ascending"
+            toggled = key if current.startswith("-") else f"-{key}"
+        else:
+            direction = ""
+            toggled = key if key == "name" else f"-{key}"  # numbers: largest first
+        columns.append(Column(key=key, title=title or "Name", url=_with(query, **{param: toggled}), direction=direction))
+    return columns
+
+
+def _table(dimension: Dimension, *, query: QueryDict, sort: str, days: Period, top: int, latency: dict[str, Latency]) -> Table:
+    spenders = selectors.top_spenders(by=dimension, days=days, sort=sort, limit=top)
+    rows = [
+        Row(
+            spend=row,
+            ledger_url=ledger_url(period=days, **{_LEDGER_FILTER[dimension]: row.id}),
+            latency=latency.get(str(row.id)) if dimension == "model" else None,
+        )
+        for row in spenders
+    ]
+    return Table(dimension=dimension, title=_TITLES[dimension], columns=_columns(query, f"o_{dimension}", sort), rows=rows)
+
+
+def console_view(request: HttpRequest, *, admin_site: AdminSite) -> TemplateResponse:
+    """The console: spend per period and per day, top users, keys and models, latency, budgets."""
+    if not console_permitted(request, admin_site):
+        raise PermissionDenied
+    query = ConsoleQuery(request.GET)
+    valid = query.is_valid()
+    at: datetime = now()
+    days = selectors.console_days(at=at, days=query.setting("days", DEFAULT_DAYS))
+    top = query.setting("top", TOP_CHOICES[0])
+    since, until = selectors.latency_window(at=at, hours=LATENCY_HOURS)
+    latency = selectors.ttft_by_model(since=since, until=until)
+    tables = {
+        dimension: _table(
+            dimension, query=request.GET, sort=query.setting(f"o_{dimension}", DEFAULT_SORT), days=days, top=top, latency=latency
+        )
+        for dimension in ("user", "key", "model")
+    }
+    budgets = selectors.account_budgets(at=at)
+
+    def day_ledger(day: date) -> str:
+        return ledger_url(period=Period("day", day, day + timedelta(days=1), days.zone))
+
+    context = {
+        **admin_site.each_context(request),
+        "title": "Cost console",
+        "at": at,
+        "billing_time_zone": billing_zone().key,
+        "errors": query.errors,
+        "periods": selectors.spend_by_period(at=at),
+        "days": days,
+        "day_choices": [(n, _with(request.GET, days=n), n == days.days) for n in DAY_CHOICES],
+        "top_choices": [(n, _with(request.GET, top=n), n == top) for n in TOP_CHOICES],
+        "chart": spend_chart_svg(selectors.daily_spend(days=days), link=day_ledger),
+        "totals": selectors.range_totals(days=days),
+        "range_ledger_url": ledger_url(period=days),
+        "users": tables["user"],
+        "keys": tables["key"],
+        "models": tables["model"],
+        "latency": latency,
+        "latency_hours": LATENCY_HOURS,
+        "budgets": budgets[:BUDGET_ROWS],
+        "budgets_hidden": max(len(budgets) - BUDGET_ROWS, 0),
+        "budgets_past_threshold": sum(1 for board in budgets if board.past_threshold),
+        "accounts_url": reverse("admin:billing_account_changelist"),
+    }
+    return TemplateResponse(request, "admin/console.html", context, status=200 if valid else 400)
