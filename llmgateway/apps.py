@@ -16,7 +16,10 @@ class LlmgatewayConfig(AppConfig):
         for model in (ApiKey, get_user_model()):
             for signal in (post_save, post_delete):
                 signal.connect(forget_verified_keys, sender=model, dispatch_uid=f"llmgateway.auth.{model.__name__}.{signal}")
+        from llmgateway.services import stop_calls_of_deactivated_user
         from llmgateway.staff import sync_after_migrate
+
+        post_save.connect(stop_calls_of_deactivated_user, sender=get_user_model(), dispatch_uid="llmgateway.services.deactivated")
 
         # After billing's migrate: its permissions (created by then) and ours exist.
         post_migrate.connect(sync_after_migrate, sender=apps.get_app_config("billing"), dispatch_uid="llmgateway.staff.cost_viewers")

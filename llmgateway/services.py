@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from django.contrib.auth import get_user_model
 from django.db import transaction
@@ -11,6 +12,9 @@ from django.utils import timezone
 from calls.control import StopOrder, stop_calls_sync
 from llmgateway.auth import forget_verified_keys
 from llmgateway.models import DISPLAY_PREFIX_LENGTH, ApiKey, generate_api_key, hash_api_key
+
+if TYPE_CHECKING:
+    from django.contrib.auth.base_user import AbstractBaseUser
 
 
 @transaction.atomic
@@ -70,6 +74,13 @@ def user_suspend(*, user_id: int) -> bool:
         changed = _user_active_set(user_id=user_id, active=False)
     stop_calls_sync(StopOrder(reason="user_suspended", user_id=user_id))
     return changed
+
+
+def stop_calls_of_deactivated_user(sender: type, instance: AbstractBaseUser, raw: bool = False, **kwargs: object) -> None:
+    """post_save of a user: one made inactive anywhere (Django's own Users page included) has
+    their running calls stopped, as `user_suspend` does."""
+    if not raw and not instance.is_active and instance.pk is not None:
+        stop_calls_sync(StopOrder(reason="user_suspended", user_id=instance.pk))
 
 
 @transaction.atomic

@@ -15,10 +15,11 @@ import httpx
 import pytest
 from channels.layers import channel_layers
 from django.conf import settings
+from django.contrib.auth import get_user_model
 
 from billing.models import UsageRecord
 from llmgateway.models import ApiKey
-from llmgateway.services import api_key_revoke
+from llmgateway.services import api_key_revoke, user_suspend
 from tests.conftest import ROOT, database_url
 
 from .conftest import stream_call, wait_until
@@ -83,21 +84,37 @@ def test_staff_stop_a_stream_served_by_another_process(gateway_factory, api_key_
     wait_until(lambda: upstream.closed_at is not None, timeout=2, what="the upstream connection closed")
 
 
-def test_revoking_a_key_ends_its_running_stream_within_a_second(
-    gateway_factory, api_key_factory, fake_upstream, redis_channel_layer
+def revoke_the_key(username: str) -> None:
+    api_key_revoke(api_key=ApiKey.objects.get(user__username=username))
+
+
+def suspend_the_user(username: str) -> None:
+    user_suspend(user_id=get_user_model().objects.get(username=username).pk)
+
+
+def deactivate_on_djangos_users_page(username: str) -> None:
+    user = get_user_model().objects.get(username=username)
+    user.is_active = False
+    user.save()  # what the Users admin page does
+
+
+@pytest.mark.parametrize(
+    ("action", "reason"),
+    [(revoke_the_key, "api_key_revoked"), (suspend_the_user, "user_suspended"), (deactivate_on_djangos_users_page, "user_suspended")],
+    ids=["revoke-key", "suspend-user", "deactivate-user"],
+)
+def test_revoking_a_key_or_suspending_its_user_ends_its_running_stream_within_a_second(
+    gateway_factory, api_key_factory, fake_upstream, redis_channel_layer, action, reason
 ) -> None:
     key = api_key_factory("revoked")
     gateway = gateway_factory(REDIS_URL=redis_channel_layer)
     fake_upstream.tokens = 400
     fake_upstream.inter_token_delay = 0.02
 
-    def revoke() -> None:
-        api_key_revoke(api_key=ApiKey.objects.get(user__username="revoked"))
-
-    result, ended_after = stream_until_stopped(gateway, key, revoke)
+    result, ended_after = stream_until_stopped(gateway, key, lambda: action("revoked"))
     assert ended_after < 1
-    assert '"code":"api_key_revoked"' in result["error"] and not result["done"]
+    assert f'"code":"{reason}"' in result["error"] and not result["done"]
     row = wait_until(lambda: UsageRecord.objects.first(), timeout=5, what="the row")
-    assert (row.status, row.error_kind) == ("cancelled", "api_key_revoked")
+    assert (row.status, row.error_kind) == ("cancelled", reason)
     refused = httpx.post(f"{gateway.api_url}/chat/completions", headers={"Authorization": f"Bearer {key}"}, json=BODY, timeout=10)
     assert refused.status_code == 401  # and no new call with it, at once
