@@ -7,6 +7,7 @@ tests (committed data: tests that talk to it use `transactional_db`).
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -214,6 +215,42 @@ def api_key_factory(transactional_db: None) -> Callable[..., str]:
 @pytest.fixture
 def api_key(api_key_factory: Callable[..., str]) -> str:
     return api_key_factory("alice")
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# Headless as root, and quiet: this machine's closed network refuses Chromium's background calls.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Debian's Chromium, headless, driven by Playwright."""
+    from playwright.sync_api import sync_playwright
+
+    # Playwright's sync API keeps an event loop running in this thread while it lives; the ORM
+    # calls the tests (and the database teardown) make here are still plain synchronous calls.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+        with sync_playwright() as playwright:
+            chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+            yield chromium
+            chromium.close()
+
+
+@pytest.fixture
+def screenshot_dir(tmp_path: Path) -> Path:
+    """Where browser tests write their screenshots: SCREENSHOT_DIR if set, else the test's tmp_path."""
+    directory = Path(os.environ.get("SCREENSHOT_DIR") or tmp_path)
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
 
 
 @pytest.fixture(autouse=True)

@@ -7,13 +7,10 @@ mounted as `scripts/serve` does, so the pages are styled as staff see them.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 from collections.abc import Iterator
 from datetime import timedelta
 from decimal import Decimal
-from pathlib import Path
 
 import pytest
 from django.core.management import call_command
@@ -30,8 +27,6 @@ from .conftest import PASSWORD
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True), pytest.mark.ledger]
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 WIDTH = 1280
 # (screenshot name, admin path, the column that must be in view)
 LISTS = [
@@ -55,25 +50,6 @@ def console(tmp_path_factory: pytest.TempPathFactory, django_db_setup, django_db
     server = start_gateway({}, upstream=upstream, granian_args=("--static-path-route", "/static", "--static-path-mount", str(static)))
     yield server
     stop_gateway(server)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    from playwright.sync_api import sync_playwright
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")  # Playwright's loop runs in this thread
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-            yield browser
-            browser.close()
-
-
-@pytest.fixture
-def screenshot_dir(tmp_path: Path) -> Path:
-    directory = Path(os.environ.get("SCREENSHOT_DIR") or tmp_path)
-    directory.mkdir(parents=True, exist_ok=True)
-    return directory
 
 
 @pytest.fixture

@@ -6,13 +6,10 @@ console's stylesheets and a screenshot is written to SCREENSHOT_DIR (else the te
 
 from __future__ import annotations
 
-import os
 import random
 import uuid
-from collections.abc import Iterator
 from datetime import timedelta
 from decimal import Decimal
-from pathlib import Path
 
 import pytest
 from django.contrib.auth import get_user_model
@@ -23,7 +20,6 @@ from billing.models import Reservation
 from billing.selectors import rates_for
 from billing.services import account_get_or_create, account_quota_set, usage_record_create
 from llmgateway.services import api_key_create
-from tests.pages.test_chat_page import CHROMIUM, CHROMIUM_ARGS
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True), pytest.mark.ledger]
 
@@ -31,18 +27,6 @@ WIDTH = 1280
 PEOPLE = ("alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan", "judy", "mallory", "oscar")
 MODELS = {"gpt-4o-mini": (400_000, 3), "gpt-4o": (650_000, 2), "o3-mini": (1_800_000, 1), "gpt-4.1-nano": (300_000, 2)}
 DAYS = 30
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    from playwright.sync_api import sync_playwright
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-            yield browser
-            browser.close()
 
 
 @pytest.fixture
@@ -105,7 +89,7 @@ def _a_month_of_calls() -> None:
     )
 
 
-def test_staff_land_on_the_console_and_it_reads_well_at_1280_px(browser, served, tmp_path) -> None:
+def test_staff_land_on_the_console_and_it_reads_well_at_1280_px(browser, served, screenshot_dir) -> None:
     _a_month_of_calls()
     get_user_model().objects.create_superuser("olivia", "olivia@example.com", "correct horse battery")
     context = browser.new_context(viewport={"width": WIDTH, "height": 900})
@@ -115,11 +99,9 @@ def test_staff_land_on_the_console_and_it_reads_well_at_1280_px(browser, served,
     page.fill("#id_password", "correct horse battery")
     page.click("input[type=submit]")
     page.wait_for_url(f"{served.base_url}/admin/console/")
-    directory = Path(os.environ.get("SCREENSHOT_DIR") or tmp_path)
-    directory.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(directory / "console-1280.png"), full_page=True)
+    page.screenshot(path=str(screenshot_dir / "console-1280.png"), full_page=True)
     page.emulate_media(color_scheme="dark")
-    page.screenshot(path=str(directory / "console-1280-dark.png"), full_page=True)
+    page.screenshot(path=str(screenshot_dir / "console-1280-dark.png"), full_page=True)
     page.emulate_media(color_scheme="light")
 
     assert page.title() == "Cost console | llmgateway"
