@@ -53,7 +53,7 @@ from typing import Any
 
 import orjson
 from django.conf import settings
-from django.db import IntegrityError, connections
+from django.db import IntegrityError, InterfaceError, OperationalError, connections
 
 from billing.money import Rates
 from infra.db import db_task
@@ -160,6 +160,11 @@ def write_rows(rows: list[Row]) -> WriteResult:
                     if not UsageRecord.objects.filter(request_id=row["request_id"]).exists():
                         result.refused.append((row, str(error)))
                         continue
+                except (OperationalError, InterfaceError):
+                    raise  # the database is away: this row and the rest wait
+                except Exception as error:  # the row's own fault (bad data): it never will be
+                    result.refused.append((row, f"{type(error).__name__}: {error}"))
+                    continue
             result.done.append(request_id)
     except Exception as error:  # the database is away: what is left waits
         result.error = f"{type(error).__name__}: {error}"
@@ -345,6 +350,7 @@ class LedgerOutbox:
     async def _run(self) -> None:
         assert self._wake is not None
         next_claim = 0.0
+        orphans_wait = False  # a stopped process's journal could not be written yet
         while True:
             try:
                 self._checkpoint()
@@ -352,12 +358,13 @@ class LedgerOutbox:
                     await self.drain()
                 if time.monotonic() >= next_claim:
                     next_claim = time.monotonic() + 10 * DRAIN_RETRY_SECONDS
-                    await db_task(claim_orphans)(self.root)
+                    orphans_wait = True  # until the claim below says otherwise (it may raise)
+                    orphans_wait = (await db_task(claim_orphans)(self.root)).waiting > 0
             except asyncio.CancelledError:
                 raise
             except Exception:
                 logger.exception("the ledger outbox loop failed; retrying")
-            if not self._open and not self._pending:
+            if not self._open and not self._pending and not orphans_wait:
                 return  # idle: started again by the next call
             self._wake.clear()
             try:
@@ -441,7 +448,10 @@ def replay_journal(directory: Path) -> WriteResult:
     rows: list[Row] = list(finals.values())
     unfinished = [request_id for request_id in opened if request_id not in finals]
     if unfinished:
-        present = _existing_ids([opened[request_id]["request_id"] for request_id in unfinished])
+        try:
+            present = _existing_ids([opened[request_id]["request_id"] for request_id in unfinished])
+        except Exception as error:  # the database is away: the journal waits
+            return WriteResult(error=f"{type(error).__name__}: {error}")
         rows += [
             interrupted_row(opened[request_id], progress.get(request_id, 0))
             for request_id in unfinished

@@ -180,7 +180,10 @@ class ChatCall:
         return await asyncio.shield(task)
 
     async def _give_back_limits(self, limits: call_limits.Admission) -> None:
-        used = (self.billed_usage or {}).get("total_tokens", limits.reserved_tokens)
+        if self.billed_usage is not None:
+            used = self.billed_usage["total_tokens"]
+        else:  # refused before its upstream call: nothing used; else unknown, so all of it
+            used = limits.reserved_tokens if self.relay is not None else 0
         await call_limits.release(limits, used_tokens=used)
 
     async def _give_back_hold(self, admission: Admission) -> None:
@@ -290,7 +293,7 @@ class ChatCall:
     def finish_threadsafe(self) -> None:
         """Backstop for a response whose body was never iterated: end the call from any thread."""
         loop = self._loop
-        if loop is None or self._finishing is not None:
+        if loop is None or loop.is_closed() or self._finishing is not None:
             return
 
         def begin() -> None:

@@ -150,6 +150,7 @@ on_principal_stopped: list[Callable[[StopOrder], None]] = []
 
 _listener: asyncio.Task[None] | None = None
 LISTEN_RETRY_SECONDS = 1.0
+REJOIN_SECONDS = 3600.0
 
 
 async def _listen() -> None:
@@ -161,7 +162,14 @@ async def _listen() -> None:
             channel = await layer.new_channel()
             await layer.group_add(CONTROL_GROUP, channel)
             while True:
-                message = await layer.receive(channel)
+                try:
+                    # Layers forget group members after their group_expiry (a day by default):
+                    # this process joins again well before that.
+                    async with asyncio.timeout(REJOIN_SECONDS):
+                        message = await layer.receive(channel)
+                except TimeoutError:
+                    await layer.group_add(CONTROL_GROUP, channel)
+                    continue
                 if message.get("type") != STOP_MESSAGE:
                     continue
                 order = _order_from(message)

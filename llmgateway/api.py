@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+import weakref
 from collections.abc import Awaitable, Callable
 
 import orjson
@@ -122,6 +123,8 @@ async def _chat_completion(
         if params.stream:
             response: HttpResponseBase = CallStreamingResponse(call.stream_frames(first), content_type="text/event-stream; charset=utf-8")
             response.call = call  # type: ignore[attr-defined]
+            # A server that drops the response without iterating or closing it still ends the call.
+            weakref.finalize(response, call.finish_threadsafe)
             response["Cache-Control"] = "no-cache"
             response["X-Accel-Buffering"] = "no"
         else:

@@ -188,6 +188,7 @@ class StreamRelay:
         self.outcome = CallOutcome()
         self._producer: asyncio.Task[None] | None = None
         self._stopped: CallStopped | None = None
+        self._ended = False  # the last item (END or an error) is in the queue
         self.backpressure_waits = 0
 
     def start(self) -> None:
@@ -234,11 +235,14 @@ class StreamRelay:
         if self.queue.full():
             self.queue.get_nowait()
         self.queue.put_nowait(item)
+        self._ended = True
 
     async def _put(self, item: QueueItem) -> None:
         if self.queue.full():
             self.backpressure_waits += 1
         await self.queue.put(item)
+        if not isinstance(item, ProviderChunk):
+            self._ended = True
 
     async def _produce(self) -> None:
         outcome = self.outcome
@@ -295,11 +299,14 @@ class StreamRelay:
             outcome.error = error
             await self._put(error)
         except asyncio.CancelledError:
-            outcome.status = "cancelled"
+            if not self._ended:  # cut before its end; once ended, the outcome is what it was
+                outcome.status = "cancelled"
             stopped = self._stopped
             task = asyncio.current_task()
-            if stopped is None or task is None or task.cancelling() > 1:
-                raise  # the client went away (or the stop came with another cancel): nobody reads
+            if stopped is None or self._ended or task is None or task.cancelling() > 1:
+                # The client went away (or the stop came with another cancel: nobody reads), or
+                # the call had already ended for the client.
+                raise
             task.uncancel()  # our own stop(): end the stream with its error instead
             outcome.error = stopped
             self._put_last(stopped)
@@ -310,6 +317,12 @@ class StreamRelay:
             await self._put(outcome.error)
         finally:
             outcome.finished_at = time.perf_counter()
+            stopped = self._stopped
+            if stopped is not None and not self._ended:
+                # Stopped while waiting to queue its last item (a slow client, a full queue):
+                # the stop's error is that last item, or the client would wait forever.
+                outcome.status, outcome.error = "cancelled", stopped
+                self._put_last(stopped)
 
 
 async def sse_stream(
