@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -63,56 +62,26 @@ class StopOrder:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class RunningCall:
-    """What staff see of a running call."""
-
-    request_id: str
-    user_id: int
-    username: str
-    key_prefix: str
-    model: str
-    started_at: float  # time.time()
-    completion_tokens: int  # content chunks streamed so far
-
-
 class ActiveCalls:
     """The calls this process is running, from their upstream call to their end."""
 
     def __init__(self) -> None:
-        self._calls: dict[uuid.UUID, tuple[ChatCall, float]] = {}
+        self._calls: dict[uuid.UUID, ChatCall] = {}
 
     def add(self, call: ChatCall) -> None:
-        self._calls[call.request_id] = (call, time.time())
+        self._calls[call.request_id] = call
 
     def remove(self, call: ChatCall) -> None:
         self._calls.pop(call.request_id, None)
 
-    def __len__(self) -> int:
-        return len(self._calls)
-
     def apply(self, order: StopOrder) -> int:
         """Stop the matching calls; return how many were running here."""
         stopped = 0
-        for call, _ in list(self._calls.values()):
+        for call in list(self._calls.values()):
             if order.matches(call):
                 call.stop(order.reason, STOP_MESSAGES[order.reason])
                 stopped += 1
         return stopped
-
-    def running(self) -> list[RunningCall]:
-        return [
-            RunningCall(
-                request_id=str(call.request_id),
-                user_id=call.principal.user_id,
-                username=call.principal.username,
-                key_prefix=call.principal.key_prefix,
-                model=call.params.model,
-                started_at=started_at,
-                completion_tokens=call.relay.outcome.content_chunks if call.relay is not None else 0,
-            )
-            for call, started_at in self._calls.values()
-        ]
 
 
 active_calls = ActiveCalls()

@@ -203,21 +203,19 @@ class ResilientLimiter:
         return False
 
     async def _try_primary(self, operation: str, on_primary: Callable[[], Awaitable[None]]) -> bool:
-        permit = self.breaker.allow()
-        if permit is None:
-            self._report(operation, REASON_OPEN, None)
-            return False
-        try:
+        """Apply a give-back to the primary through the breaker; False if it could not be."""
+
+        async def applied() -> bool:
             await on_primary()
-        except LimiterBackendError as exc:
-            self.breaker.record_failure(permit)
-            self._report(operation, REASON_ERROR, exc)
+            return True
+
+        async def not_applied(limiter: Limiter) -> bool:
             return False
-        except BaseException:
-            self.breaker.release(permit)
-            raise
-        self.breaker.record_success(permit)
-        return True
+
+        try:
+            return await self._call(operation, applied, not_applied)
+        except LimiterUnavailable:  # fail-closed: the give-back waits for the primary all the same
+            return False
 
     async def _retry_give_backs(self) -> None:
         """Apply queued give-backs in order, as soon as the primary takes them (see the docstring)."""

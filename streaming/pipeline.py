@@ -198,10 +198,6 @@ class StreamRelay:
     async def get(self) -> QueueItem:
         return await self.queue.get()
 
-    @property
-    def started(self) -> bool:
-        return self._producer is not None
-
     async def aclose(self) -> None:
         """Stop the upstream call if it is still running and wait until its outcome is final."""
         producer = self._producer
