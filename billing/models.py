@@ -270,6 +270,8 @@ class UsageRecord(models.Model):
     class Meta:
         ordering = ["-created_at", "-id"]
         indexes = [models.Index(fields=["user", "created_at"]), models.Index(fields=["model", "created_at"])]
+        # Given to staff who may end someone's running call from the cost console.
+        permissions = [("stop_call", "Can stop a running call")]
         constraints = [
             models.CheckConstraint(
                 condition=models.Q(cached_tokens__lte=models.F("prompt_tokens")),
