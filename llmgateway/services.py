@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from django.contrib.auth import get_user_model
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from calls.control import StopOrder, stop_calls_sync
@@ -45,6 +46,33 @@ def api_key_create(
         max_concurrent=max_concurrent,
     )
     return api_key, raw_key
+
+
+class ApiKeyLimitReached(Exception):
+    """A user asked for a key past the most active keys they may have."""
+
+
+TOO_MANY_KEYS = "You have {limit} active keys, the most you may have. Revoke one to create another."
+
+
+@transaction.atomic
+def api_key_create_own(*, user_id: int, name: str, max_active: int) -> tuple[ApiKey, str]:
+    """A key an end user makes for themselves (their own page), at most `max_active` live at once.
+
+    The user's row is locked while counting, so two requests at once cannot both take the last place.
+    """
+    user = get_user_model().objects.select_for_update().get(pk=user_id)
+    now = timezone.now()
+    active = ApiKey.objects.filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now), user_id=user_id, revoked_at__isnull=True)
+    if active.count() >= max_active:
+        raise ApiKeyLimitReached(TOO_MANY_KEYS.format(limit=max_active))
+    return api_key_create(username=user.get_username(), name=name)
+
+
+def api_key_rename(*, api_key: ApiKey, name: str) -> None:
+    """Give a key another label (what it is for); the key itself is unchanged."""
+    ApiKey.objects.filter(pk=api_key.pk).update(name=name)
+    api_key.name = name
 
 
 def api_key_revoke(*, api_key: ApiKey) -> None:

@@ -3,7 +3,7 @@ from django.contrib.auth import views as auth_views
 from django.urls import path, re_path
 from django.views.generic import RedirectView
 
-from llmgateway import api, ops, pages
+from llmgateway import api, logins, ops, pages, portal
 
 urlpatterns = [
     path("v1/chat/completions", api.chat_completions, name="chat-completions"),
@@ -18,5 +18,13 @@ urlpatterns = [
     path("chat/completions", pages.chat_stream, name="chat-stream"),
     path("accounts/login/", pages.LoginView.as_view(), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("accounts/password/", logins.PasswordChangeView.as_view(), name="password_change"),
+    path("accounts/password/done/", logins.PasswordChangeDoneView.as_view(), name="password_change_done"),
+    path("accounts/set-password/<uidb64>/<token>/", logins.PasswordSetView.as_view(), name="password_set"),
+    path("accounts/set-password/done/", logins.PasswordSetDoneView.as_view(), name="password_set_done"),
+    path("account/", portal.account_page, name="account"),
+    path("account/keys/", portal.key_create, name="account-key-create"),
+    path("account/keys/<int:key_id>/revoke", portal.key_revoke, name="account-key-revoke"),
+    path("account/keys/<int:key_id>/rename", portal.key_rename, name="account-key-rename"),
     path("admin/", admin.site.urls),
 ]
