@@ -42,6 +42,7 @@ from billing.services import Admission, abudget_release, abudget_reserve, ausage
 from calls import limits as call_limits
 from calls.control import active_calls
 from calls.exceptions import ModelUnavailable, UpstreamRefused
+from calls.live import live_reporter
 from calls.principal import Principal
 from infra import observability
 from streaming import _sse
@@ -331,6 +332,7 @@ class ChatCall:
             outbox.call_recorded(self.request_id)
             self.cost = write.result().cost_usd
         self._recorded = True
+        live_reporter.call_recorded()
         self._observe(outcome)
 
     def _row_opened(self) -> Row:

@@ -74,6 +74,9 @@ class ActiveCalls:
     def remove(self, call: ChatCall) -> None:
         self._calls.pop(call.request_id, None)
 
+    def running(self) -> list[ChatCall]:
+        return list(self._calls.values())
+
     def apply(self, order: StopOrder) -> int:
         """Stop the matching calls; return how many were running here."""
         stopped = 0
@@ -116,6 +119,8 @@ def _order_from(message: dict[str, Any]) -> StopOrder:
 # Told of every order a process receives that names a key or a user (the edge forgets its cached
 # authentication of them, so new calls are refused at once too).
 on_principal_stopped: list[Callable[[StopOrder], None]] = []
+# Other messages sent to CONTROL_GROUP, by their type (a console asking for live reports).
+message_handlers: dict[str, Callable[[dict[str, Any]], None]] = {}
 
 _listener: asyncio.Task[None] | None = None
 LISTEN_RETRY_SECONDS = 1.0
@@ -140,6 +145,9 @@ async def _listen() -> None:
                     await layer.group_add(CONTROL_GROUP, channel)
                     continue
                 if message.get("type") != STOP_MESSAGE:
+                    handler = message_handlers.get(message.get("type", ""))
+                    if handler is not None:
+                        handler(message)
                     continue
                 order = _order_from(message)
                 active_calls.apply(order)

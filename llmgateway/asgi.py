@@ -33,15 +33,18 @@ from collections.abc import Awaitable, Callable, Mapping  # noqa: E402
 from contextlib import closing  # noqa: E402
 from typing import Any  # noqa: E402
 
-from channels.routing import ProtocolTypeRouter  # noqa: E402
+from channels.auth import AuthMiddlewareStack  # noqa: E402
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.core.exceptions import RequestAborted  # noqa: E402
 from django.core.handlers.asgi import ASGIHandler, get_script_prefix  # noqa: E402
 from django.core.handlers.exception import convert_exception_to_response  # noqa: E402
-from django.urls import set_script_prefix  # noqa: E402
+from django.urls import path, set_script_prefix  # noqa: E402
 
 from infra import observability  # noqa: E402
 from llmgateway.auth import PRINCIPAL_SCOPE_KEY, aauthenticate  # noqa: E402
+from llmgateway.console_live import ConsoleLiveConsumer  # noqa: E402
 from llmgateway.errors import ApiError, PayloadTooLarge, api_error_for, error_response  # noqa: E402
 from llmgateway.lifespan import lifespan  # noqa: E402
 from llmgateway.middleware import OVERHEAD_HEADER, REQUEST_ID_HEADER, RequestTimingMiddleware  # noqa: E402
@@ -251,4 +254,10 @@ async def checked_lifespan(scope: Scope, receive: Receive, send: Send) -> None:
     await lifespan(scope, receive, send)
 
 
-application = ProtocolTypeRouter({"http": http_app, "lifespan": checked_lifespan})
+# WebSockets: the cost console's live feed, for staff logged in to the admin (session cookie),
+# from this site's own pages only (the Origin must be one of ALLOWED_HOSTS).
+websocket_app = AllowedHostsOriginValidator(
+    AuthMiddlewareStack(URLRouter([path("ws/console/", ConsoleLiveConsumer.as_asgi())]))
+)
+
+application = ProtocolTypeRouter({"http": http_app, "websocket": websocket_app, "lifespan": checked_lifespan})

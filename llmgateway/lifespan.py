@@ -31,7 +31,7 @@ async def _warm_up_limiter() -> None:
 
 async def lifespan(scope: dict[str, Any], receive: Any, send: Any) -> None:
     from billing.outbox import aclose_outbox, get_outbox
-    from calls import control
+    from calls import control, live
     from calls.limits import aclose_limiter
     from llmgateway.auth import forget_verified_keys
     from streaming.providers import aclose_providers
@@ -43,7 +43,9 @@ async def lifespan(scope: dict[str, Any], receive: Any, send: Any) -> None:
             await _warm_up_limiter()
             get_outbox().start()  # replays the ledger journals of stopped processes
             control.on_principal_stopped.append(lambda order: forget_verified_keys())
+            control.message_handlers[live.ASK_MESSAGE] = live.on_ask
             control.start_listening()
+            live.start_reporting()
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
             try:
@@ -51,6 +53,7 @@ async def lifespan(scope: dict[str, Any], receive: Any, send: Any) -> None:
                 await aclose_limiter()
                 await aclose_outbox()
                 await control.stop_listening()
+                await live.stop_reporting()
             except Exception:
                 logger.exception("closing upstream clients failed")
             await send({"type": "lifespan.shutdown.complete"})
