@@ -18,8 +18,10 @@ from typing import Any
 from weakref import WeakKeyDictionary
 
 from django import forms
+from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.auth import get_permission_codename, get_user_model
+from django.contrib.auth.admin import UserAdmin
 from django.db.models import OuterRef, Q, QuerySet, Subquery, Sum, Value
 from django.db.models.functions import Coalesce, Now
 from django.http import HttpRequest, HttpResponse
@@ -33,6 +35,7 @@ from billing import display
 from billing.fields import ExactDecimalField
 from billing.models import TOTAL_DIGITS, Account, UsageRecord
 from billing.periods import period_containing
+from llmgateway.logins import password_set_path
 from llmgateway.models import ApiKey
 from llmgateway.services import api_key_create, api_key_revoke, user_suspend, user_unsuspend
 
@@ -253,3 +256,31 @@ class AccountAdmin(billing_admin.AccountAdmin):
     def unsuspend(self, request: HttpRequest, queryset: QuerySet[Account]) -> None:
         changed = sum(user_unsuspend(user_id=user_id) for user_id in queryset.values_list("user_id", flat=True))
         self.message_user(request, f"Unsuspended {changed} user(s).", messages.SUCCESS)
+
+
+User = get_user_model()
+admin.site.unregister(User)
+
+
+@admin.register(User)
+class GatewayUserAdmin(UserAdmin):
+    """Django's users, with a way to give end users a login (`llmgateway.logins`).
+
+    A user made by `createapikey` has no password. Staff either set one on the user's page
+    (Django's "Set password" form) or make a one-time link with the action below and send it.
+    """
+
+    actions = ["password_set_links"]
+
+    @admin.action(description="Make one-time set-password links for the selected users", permissions=["change"])
+    def password_set_links(self, request: HttpRequest, queryset: QuerySet[Any]) -> TemplateResponse:
+        links = [(user, request.build_absolute_uri(password_set_path(user=user))) for user in queryset.order_by(User.USERNAME_FIELD)]
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "title": "Set-password links",
+            "links": links,
+            "timeout_days": settings.PASSWORD_RESET_TIMEOUT // 86_400,
+        }
+        # The admin's views are never cached (admin_view adds Cache-Control: no-store).
+        return TemplateResponse(request, "admin/llmgateway/password_links.html", context)

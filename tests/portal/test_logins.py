@@ -1,0 +1,120 @@
+"""Staff give an end user a login (a one-time set-password link, or a password from stdin); users change it."""
+
+from __future__ import annotations
+
+import io
+import re
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.core.management import CommandError, call_command
+from django.test import Client
+
+from llmgateway.services import api_key_create
+from tests.portal.conftest import PASSWORD
+
+pytestmark = pytest.mark.django_db
+
+NEW_PASSWORD = "a much longer new passphrase"
+
+
+def createlogin(*args: str, stdin: str | None = None, monkeypatch: pytest.MonkeyPatch | None = None) -> str:
+    if stdin is not None:
+        assert monkeypatch is not None
+        monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    out = io.StringIO()
+    call_command("createlogin", *args, stdout=out, stderr=io.StringIO())
+    return out.getvalue().strip()
+
+
+def set_password_through(link: str, password: str) -> Client:
+    """Follow the link as a browser does (Django swaps the token for a session-held one) and set a password."""
+    client = Client()
+    form_page = client.get(link, follow=True)
+    assert form_page.status_code == 200 and b'id="password-set"' in form_page.content
+    done = client.post(form_page.redirect_chain[-1][0], {"new_password1": password, "new_password2": password})
+    assert done.status_code == 302 and done["Location"] == "/accounts/set-password/done/"
+    return client
+
+
+def test_a_user_made_by_createapikey_cannot_log_in_until_given_a_login(monkeypatch) -> None:
+    api_key_create(username="nadia")
+    assert not Client().login(username="nadia", password="")
+
+    link = createlogin("nadia", "--base-url", "https://gateway.example.com/")
+
+    assert re.fullmatch(r"https://gateway\.example\.com/accounts/set-password/[\w-]+/[\w-]+/", link)
+    set_password_through(link.removeprefix("https://gateway.example.com"), NEW_PASSWORD)
+    assert Client().login(username="nadia", password=NEW_PASSWORD)
+
+
+def test_a_set_password_link_works_once() -> None:
+    api_key_create(username="nadia")
+    link = createlogin("nadia").removeprefix("http://127.0.0.1:8000")
+    set_password_through(link, NEW_PASSWORD)
+
+    again = Client().get(link, follow=True)
+
+    assert b'id="invalid-link"' in again.content and b'id="password-set"' not in again.content
+
+
+@pytest.mark.parametrize(
+    "link", ["/accounts/set-password/MQ/not-a-token/", "/accounts/set-password/%FF%FE/x-y/", "/accounts/set-password/zzzz/1-2/"],
+    ids=["bad-token", "bad-uid", "no-such-user"],
+)
+def test_a_forged_link_is_refused_plainly(link) -> None:
+    response = Client().get(link, follow=True)
+    assert response.status_code == 200 and b'id="invalid-link"' in response.content
+
+
+def test_createlogin_sets_a_password_from_stdin(monkeypatch) -> None:
+    api_key_create(username="nadia")
+    out = createlogin("nadia", "--password-stdin", stdin=NEW_PASSWORD + "\n", monkeypatch=monkeypatch)
+    assert "nadia can now log in" in out
+    assert Client().login(username="nadia", password=NEW_PASSWORD)
+
+
+def test_createlogin_refuses_what_it_cannot_use(monkeypatch) -> None:
+    with pytest.raises(CommandError, match="No user 'ghost'"):
+        createlogin("ghost")
+    api_key_create(username="nadia")
+    with pytest.raises(CommandError, match="too short"):
+        createlogin("nadia", "--password-stdin", stdin="short\n", monkeypatch=monkeypatch)
+    with pytest.raises(CommandError, match="No password was given"):
+        createlogin("nadia", "--password-stdin", stdin="", monkeypatch=monkeypatch)
+    # --create makes a user with no usable password, then a link for them.
+    assert "/accounts/set-password/" in createlogin("newcomer", "--create")
+    assert not get_user_model().objects.get(username="newcomer").has_usable_password()
+
+
+def test_staff_make_set_password_links_in_the_admin(admin_client) -> None:
+    api_key_create(username="nadia")
+    api_key_create(username="omar")
+    ids = list(get_user_model().objects.filter(username__in=["nadia", "omar"]).values_list("pk", flat=True))
+
+    response = admin_client.post("/admin/auth/user/", {"action": "password_set_links", "_selected_action": ids})
+
+    assert response.status_code == 200
+    links = dict(re.findall(rb'data-user="(\w+)" type="text" readonly value="([^"]+)"', response.content))
+    assert set(links) == {b"nadia", b"omar"}
+    set_password_through(links[b"omar"].decode().removeprefix("http://testserver"), NEW_PASSWORD)
+    assert Client().login(username="omar", password=NEW_PASSWORD)
+
+
+def test_a_user_changes_their_password(user_factory, client_for) -> None:
+    client = client_for(user_factory("alice"))
+    page = client.get("/accounts/password/")
+    assert page.status_code == 200 and b'id="password-change"' in page.content
+
+    wrong = client.post("/accounts/password/", {"old_password": "nope", "new_password1": NEW_PASSWORD, "new_password2": NEW_PASSWORD})
+    assert wrong.status_code == 200 and b"errorlist" in wrong.content
+
+    done = client.post("/accounts/password/", {"old_password": PASSWORD, "new_password1": NEW_PASSWORD, "new_password2": NEW_PASSWORD})
+    assert done.status_code == 302 and done["Location"] == "/accounts/password/done/"
+    assert Client().login(username="alice", password=NEW_PASSWORD)
+    assert client.get("/account/").status_code == 200  # still logged in here
+
+
+def test_changing_a_password_needs_a_login() -> None:
+    response = Client().get("/accounts/password/")
+    assert response.status_code == 302 and response["Location"].startswith("/accounts/login/")
