@@ -1,11 +1,13 @@
 """The running calls of every gateway process, reported live to the cost console.
 
-Each process reports on the channel layer's `LIVE_GROUP` once every `REPORT_SECONDS` while it runs
-calls, and once more after its last one ends: its running calls (who, with which key, which model,
-since when, tokens and cost so far) and how many calls it recorded since its previous report. A
-report is also sent at once when a console asks for one (`ask_for_reports`, received through the
-stop-order listener of `calls.control`), so a console that connects shows the streams at once. A
-process with nothing running and nothing recorded says nothing.
+While a console watches, each process reports on the channel layer's `LIVE_GROUP` once every
+`REPORT_SECONDS` while it runs calls, and once more after its last one ends: its running calls
+(who, with which key, which model, since when, tokens and cost so far) and how many calls it
+recorded since its previous report. A console asks every process for a report when it connects
+and every `ASK_SECONDS` after (`ask_for_reports`, received through the stop-order listener of
+`calls.control`); a process answers at once, and reports for `WATCH_SECONDS` after the last ask.
+So a process with nothing running and nothing recorded says nothing, and none says anything when
+no console is open.
 
 Consoles (the WebSocket consumer at the edge) join the group and keep the latest report of each
 process; a process that stops reporting (it died) is forgotten after `REPORT_EXPIRY_SECONDS`.
@@ -42,6 +44,8 @@ REPORT_MESSAGE = "live.report"  # consumers handle it in `live_report`
 ASK_MESSAGE = "calls.report"  # from a console to every process, through CONTROL_GROUP
 REPORT_SECONDS = 1.0
 REPORT_EXPIRY_SECONDS = 3.5
+ASK_SECONDS = 10.0
+WATCH_SECONDS = 3 * ASK_SECONDS
 
 
 class RunningCall(TypedDict):
@@ -94,12 +98,22 @@ class LiveReporter:
         self.process = process
         self._recorded = 0
         self._reported_calls = False
+        self._watched_until = 0.0
 
     def call_recorded(self) -> None:
         self._recorded += 1
 
+    def watched(self) -> None:
+        """A console asked: report for the next WATCH_SECONDS."""
+        self._watched_until = time.monotonic() + WATCH_SECONDS
+
     def report(self, *, always: bool = False) -> Report | None:
-        """The next report, or None when there is nothing to say (and `always` is false)."""
+        """The next report, or None when there is nothing to say or no one to say it to (and
+        `always` is false)."""
+        if not always and time.monotonic() > self._watched_until:
+            self._recorded = 0
+            self._reported_calls = False
+            return None
         calls = [running_call(call) for call in self._calls.running()]
         if not (always or calls or self._recorded or self._reported_calls):
             return None
@@ -159,7 +173,8 @@ async def ask_for_reports() -> None:
         await layer.group_send(CONTROL_GROUP, {"type": ASK_MESSAGE})
     except Exception as error:
         logger.warning("could not ask the gateway processes for live reports (%s)", error)
-    await live_reporter.publish(always=True)  # this process, even where nothing listens
+    live_reporter.watched()  # this process, even where nothing listens
+    await live_reporter.publish(always=True)
 
 
 _asked: set[asyncio.Task[None]] = set()
@@ -167,6 +182,7 @@ _asked: set[asyncio.Task[None]] = set()
 
 def on_ask(message: dict[str, Any]) -> None:
     """A console asked for reports (received by the listener of `calls.control`): report now."""
+    live_reporter.watched()
     task = asyncio.get_running_loop().create_task(live_reporter.publish(always=True))
     _asked.add(task)
     task.add_done_callback(_asked.discard)

@@ -37,7 +37,7 @@ from billing import display
 from billing.console.selectors import PeriodSpend, spend_by_period
 from billing.templatetags.console import change, direction
 from calls.control import StopOrder, stop_calls
-from calls.live import LIVE_GROUP, REPORT_EXPIRY_SECONDS, RunningCall, ask_for_reports
+from calls.live import ASK_SECONDS, LIVE_GROUP, REPORT_EXPIRY_SECONDS, RunningCall, ask_for_reports
 from infra.db import db_task
 
 logger = logging.getLogger(__name__)
@@ -110,6 +110,7 @@ class ConsoleLiveConsumer(AsyncJsonWebsocketConsumer):
         await self._send_spend()
         await self._send_streams()
         await ask_for_reports()
+        self.asked_at = time.monotonic()
         self.ticking = asyncio.get_running_loop().create_task(self._tick())
 
     async def disconnect(self, code: int) -> None:
@@ -135,6 +136,9 @@ class ConsoleLiveConsumer(AsyncJsonWebsocketConsumer):
             try:
                 if self._forget_silent_processes():
                     await self._send_streams()
+                if time.monotonic() - self.asked_at >= ASK_SECONDS:  # still watching
+                    self.asked_at = time.monotonic()
+                    await ask_for_reports()
                 since = time.monotonic() - self.spend_sent_at
                 if (self.spend_due and since >= SPEND_MIN_INTERVAL_SECONDS) or since >= SPEND_REFRESH_SECONDS:
                     await self._send_spend()

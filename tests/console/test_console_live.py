@@ -115,7 +115,9 @@ def test_a_report_says_who_runs_what_and_its_cost_so_far() -> None:
     calls = ActiveCalls()
     call = a_running_call(tokens=120, prompt=1000)
     calls.add(call)
-    report = live.LiveReporter(calls, process="p1").report()
+    reporter = live.LiveReporter(calls, process="p1")
+    reporter.watched()
+    report = reporter.report()
     assert report is not None
     [shown] = report["calls"]
     assert shown["request_id"] == str(call.request_id)
@@ -128,6 +130,7 @@ def test_a_report_says_who_runs_what_and_its_cost_so_far() -> None:
 def test_a_process_reports_while_it_runs_calls_once_after_and_then_is_quiet() -> None:
     calls = ActiveCalls()
     reporter = live.LiveReporter(calls, process="p1")
+    reporter.watched()
     assert reporter.report() is None  # nothing running, nothing recorded
     call = a_running_call()
     calls.add(call)
@@ -139,6 +142,19 @@ def test_a_process_reports_while_it_runs_calls_once_after_and_then_is_quiet() ->
     assert reporter.report() is None
     forced = reporter.report(always=True)  # a console asked
     assert forced is not None and forced["calls"] == [] and forced["recorded"] == 0
+
+
+def test_a_process_says_nothing_when_no_console_has_asked_lately(monkeypatch) -> None:
+    calls = ActiveCalls()
+    calls.add(a_running_call())
+    reporter = live.LiveReporter(calls, process="p1")
+    reporter.call_recorded()
+    assert reporter.report() is None  # no console asked
+    reporter.watched()
+    assert reporter.report() is not None
+    monkeypatch.setattr(live, "WATCH_SECONDS", 0.0)
+    reporter.watched()
+    assert reporter.report() is None  # the console left: it stopped asking
 
 
 async def test_reports_from_other_processes_are_merged_and_shown_as_money() -> None:

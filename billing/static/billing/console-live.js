@@ -73,9 +73,8 @@
       for (const id of stopping) if (!running.has(id)) stopping.delete(id);
       table.hidden = rows.length === 0;
       empty.hidden = rows.length !== 0;
-      const processes = message.processes + " gateway process" + (message.processes === 1 ? "" : "es") + " reporting";
       const hidden = message.hidden ? " · " + message.hidden + " more not shown" : "";
-      summary.textContent = rows.length + " call" + (rows.length === 1 ? "" : "s") + " · " + processes + hidden;
+      summary.textContent = rows.length + " call" + (rows.length === 1 ? "" : "s") + hidden;
     }
 
     function renderSpend(message) {
