@@ -23,7 +23,7 @@ Failure policies are written in each module: `redis_backend` (timeouts, races),
 
 from .breaker import BreakerState, CircuitBreaker, Permit
 from .clock import Clock, ManualClock, monotonic_clock
-from .exceptions import LimiterBackendError, LimiterError, LimiterUnavailable
+from .exceptions import LimiterBackendError, LimiterCommandError, LimiterError, LimiterUnavailable
 from .inprocess import InProcessLimiter
 from .redis_backend import RedisLimiter
 from .resilient import FallbackHook, ResilientLimiter
@@ -43,6 +43,7 @@ __all__ = [
     "LimitState",
     "Limiter",
     "LimiterBackendError",
+    "LimiterCommandError",
     "LimiterError",
     "LimiterUnavailable",
     "ManualClock",

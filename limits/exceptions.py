@@ -2,7 +2,8 @@
 
     LimiterError                 base class; never raised itself
     ├── LimiterBackendError      a backend call failed or overran its timeout (RedisLimiter);
-    │                            ResilientLimiter counts these against its circuit breaker
+    │   │                        ResilientLimiter counts these against its circuit breaker
+    │   └── LimiterCommandError  the backend answered, with an error: trying again will not help
     └── LimiterUnavailable       ResilientLimiter in fail-closed mode cannot reach its primary;
                                  the API answers 503
 
@@ -27,3 +28,11 @@ class LimiterBackendError(LimiterError):
 
 class LimiterUnavailable(LimiterError):
     """The limiter refuses to decide (fail-closed while its primary is unreachable)."""
+
+
+class LimiterCommandError(LimiterBackendError):
+    """The backend answered with an error (Redis `ResponseError`: a wrong type, a script error).
+
+    A `LimiterBackendError` all the same (the breaker counts it), but a give-back that got one
+    is dropped rather than retried: the same command would get the same answer.
+    """

@@ -39,13 +39,25 @@ from typing import Any, Self
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import (
+    ClusterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import _keys, _validate
 from ._results import build_decision
 from .clock import Clock
-from .exceptions import MSG_BACKEND_ERROR, MSG_BACKEND_TIMEOUT, LimiterBackendError
+from .exceptions import (
+    MSG_BACKEND_ERROR,
+    MSG_BACKEND_TIMEOUT,
+    LimiterBackendError,
+    LimiterCommandError,
+)
 from .specs import Decision, LimitSpec, lease_spec
 
 DEFAULT_PREFIX = "llmgw:rl"
@@ -235,5 +247,9 @@ class RedisLimiter:
         # first: the builtin TimeoutError is an OSError, redis-py's is a RedisError
         except (TimeoutError, RedisTimeoutError) as exc:
             raise LimiterBackendError(MSG_BACKEND_TIMEOUT) from exc
+        except (ReadOnlyError, ClusterDownError, TryAgainError, OutOfMemoryError) as exc:  # answers that pass
+            raise LimiterBackendError(f"{MSG_BACKEND_ERROR}: {exc}") from exc
+        except ResponseError as exc:
+            raise LimiterCommandError(f"{MSG_BACKEND_ERROR}: {exc}") from exc
         except (RedisError, OSError) as exc:
             raise LimiterBackendError(f"{MSG_BACKEND_ERROR}: {exc}") from exc

@@ -30,8 +30,10 @@ Races and approximations that remain (fail-open):
   the background every ``retry_interval`` seconds, bypassing the breaker, until it succeeds or
   ``retry_for`` seconds have passed (a lease expires by its TTL by then). A frozen Redis holds
   the attempt in flight, which completes as soon as it thaws, so slots come back within a
-  moment of the outage ending instead of at their TTL. At most ``max_retries`` give-backs wait;
-  past that the oldest is dropped (logged).
+  moment of the outage ending instead of at their TTL. One that fails again goes to the back of
+  the queue, so it never holds up the others; one that Redis answers with an error
+  (`LimiterCommandError`) is dropped and logged, since it would get the same answer again. At
+  most ``max_retries`` give-backs wait; past that the oldest is dropped (logged).
 - `renew_lease()` served by the fallback returns True even for a lease the fallback never saw
   (it was taken from Redis): during an outage we do not cut healthy streams.
 - A primary call that times out after Redis ran the script has charged Redis (over-counting).
@@ -50,7 +52,12 @@ from typing import Any
 
 from .breaker import CircuitBreaker
 from .clock import Clock, monotonic_clock
-from .exceptions import MSG_UNAVAILABLE, LimiterBackendError, LimiterUnavailable
+from .exceptions import (
+    MSG_UNAVAILABLE,
+    LimiterBackendError,
+    LimiterCommandError,
+    LimiterUnavailable,
+)
 from .specs import Decision, Limiter, LimitSpec
 
 logger = logging.getLogger(__name__)
@@ -227,7 +234,10 @@ class ResilientLimiter:
                 continue
             try:
                 await on_primary()
+            except LimiterCommandError as exc:
+                logger.error("rate limiter: Redis refused a queued %s (%s); dropped", operation, exc)
             except LimiterBackendError:
+                self._give_backs.rotate(-1)  # behind the others: one that keeps failing holds none up
                 await asyncio.sleep(self._retry_interval)
                 continue
             except Exception:

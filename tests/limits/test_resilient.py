@@ -15,6 +15,7 @@ from limits import (
     Decision,
     InProcessLimiter,
     LimiterBackendError,
+    LimiterCommandError,
     LimiterUnavailable,
     LimitSpec,
     ManualClock,
@@ -260,3 +261,48 @@ def test_fail_open_needs_a_fallback(primary: ScriptedPrimary) -> None:
     with pytest.raises(ValueError, match="needs a fallback"):
         ResilientLimiter(primary, None, fail_open=True)
     ResilientLimiter(primary, None, fail_open=False)
+
+
+class GiveBackPrimary(InProcessLimiter):
+    """Releases leases, except those it is told to fail with a given error."""
+
+    def __init__(self, clock: ManualClock, failures: dict[str, Exception]) -> None:
+        super().__init__(clock=clock)
+        self.failures = failures
+        self.released: list[str] = []
+
+    async def release_lease(self, key: str, lease_id: str, *, group: str) -> None:
+        error = self.failures.get(lease_id)
+        if error is not None:
+            raise error
+        self.released.append(lease_id)
+
+
+async def _released(limiter: ResilientLimiter, primary: GiveBackPrimary, expected: list[str], pending: int) -> None:
+    """Wait (2 s at most) until `expected` were released and `pending` give-backs still wait."""
+    for _ in range(200):
+        if primary.released == expected and limiter.pending_give_backs == pending:
+            return
+        await asyncio.sleep(0.01)
+    assert (primary.released, limiter.pending_give_backs) == (expected, pending)
+
+
+async def test_a_give_back_redis_refuses_is_dropped_and_those_behind_it_still_apply(clock: ManualClock) -> None:
+    primary = GiveBackPrimary(clock, {"refused": LimiterCommandError("WRONGTYPE Operation against a key holding the wrong kind of value")})
+    limiter = ResilientLimiter(primary, InProcessLimiter(clock=clock), retry_interval=0.01, clock=clock)
+    await limiter.release_lease("k", "refused", group="g")
+    await limiter.release_lease("k", "fine", group="g")  # queued behind the refused one
+    await _released(limiter, primary, ["fine"], pending=0)
+    await limiter.aclose()
+
+
+async def test_a_give_back_that_keeps_failing_holds_up_none_of_the_others(clock: ManualClock) -> None:
+    primary = GiveBackPrimary(clock, {"stuck": LimiterBackendError("READONLY You can't write against a read only replica")})
+    limiter = ResilientLimiter(primary, InProcessLimiter(clock=clock), retry_interval=0.01, clock=clock)
+    await limiter.release_lease("k", "stuck", group="g")
+    for lease in ("one", "two", "three"):
+        await limiter.release_lease("k", lease, group="g")
+    await _released(limiter, primary, ["one", "two", "three"], pending=1)  # the stuck one still retried
+    clock.advance(901)  # past retry_for: a lease has expired by its TTL by then
+    await _released(limiter, primary, ["one", "two", "three"], pending=0)
+    await limiter.aclose()
