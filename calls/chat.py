@@ -41,7 +41,7 @@ from billing.outbox import LedgerOutbox, Row, get_outbox
 from billing.services import Admission, abudget_release, abudget_reserve, ausage_record_create
 from calls import limits as call_limits
 from calls.control import active_calls
-from calls.exceptions import ModelUnavailable, UpstreamRefused
+from calls.exceptions import LedgerUnavailable, ModelUnavailable, UpstreamRefused
 from calls.live import live_reporter
 from calls.principal import Principal
 from infra import observability
@@ -66,6 +66,7 @@ logger = logging.getLogger(__name__)
 
 MODEL_NOT_FOUND = "The model `{model}` does not exist or you do not have access to it."
 MODEL_NOT_CONFIGURED = "The model `{model}` is not available: its provider `{provider}` is not configured on this gateway."
+LEDGER_UNAVAILABLE = "The gateway cannot record calls right now (its ledger journal is not writable). Try again shortly."
 BUDGET_WARNING_HEADER = "x-budget-warning"
 BUDGET_CAP_ERROR_KIND = "budget_cap"
 
@@ -219,7 +220,11 @@ class ChatCall:
             count_text=partial(count_text_tokens, model=route.upstream_model),
             completion_token_cap=self.completion_token_cap,
         )
-        _outbox().call_opened(self._row_opened(), progress=lambda: relay.outcome.content_chunks)
+        try:
+            _outbox().call_opened(self._row_opened(), progress=lambda: relay.outcome.content_chunks)
+        except OSError as error:  # a call that could not be journaled might never be billed
+            logger.error("journaling call %s failed (%s); refusing it", self.request_id, error)
+            raise LedgerUnavailable(LEDGER_UNAVAILABLE) from error
         self._exit.push_async_callback(_logged(self._end_upstream, "recording a call"))
         observability.ACTIVE_STREAMS.inc()
         relay.start()
@@ -309,6 +314,8 @@ class ChatCall:
         active_calls.remove(self)
         try:
             await relay.aclose()
+        except Exception:  # its outcome is final all the same: record it
+            logger.exception("closing the upstream call of %s failed", self.request_id)
         finally:
             observability.ACTIVE_STREAMS.dec()
         outcome = relay.outcome

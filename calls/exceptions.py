@@ -5,6 +5,7 @@ OpenAI error once (`llmgateway.errors.api_error_for`).
     ├── ModelUnavailable       the model is unknown, or its provider is not configured
     ├── LimitExceeded          a rate limit, the concurrency limit or the upstream's capacity
     ├── LimiterDown            the limiter is unreachable and configured to fail closed
+    ├── LedgerUnavailable      the call could not be journaled, so it could not be accounted for
     └── UpstreamRefused        the upstream failed before the first token
 """
 
@@ -41,6 +42,10 @@ class LimitExceeded(CallError):
 
 class LimiterDown(CallError):
     pass
+
+
+class LedgerUnavailable(CallError):
+    """The ledger outbox could not journal the call (disk full, unwritable): it is not made."""
 
 
 class UpstreamRefused(CallError):

@@ -16,6 +16,7 @@ from django.http import HttpResponse
 
 from billing.exceptions import PriceMissing, QuotaExceeded
 from calls.exceptions import (
+    LedgerUnavailable,
     LimiterDown,
     LimitExceeded,
     LimitKind,
@@ -182,6 +183,8 @@ def api_error_for(error: Exception) -> ApiError | None:
             return limited
         case LimiterDown():
             return ServiceUnavailable(error.message)
+        case LedgerUnavailable():
+            return ServiceUnavailable(error.message, code="ledger_unavailable", headers={"Retry-After": "1"})
         case UpstreamRefused():
             return _upstream_error(error.error)
         case QuotaExceeded():

@@ -146,3 +146,19 @@ async def test_models_lists_the_simulator_clearly_named(client: AsyncClient) -> 
     models = {m["id"]: m for m in json.loads(response.content)["data"]}
     assert models["sim-fast"]["owned_by"] == "llmgateway-simulator"
     assert models["sim-chat"]["object"] == "model"
+
+
+async def test_a_call_that_cannot_be_journaled_is_refused_with_a_503_and_holds_nothing(client: AsyncClient, monkeypatch) -> None:
+    from billing.models import Reservation
+    from billing.outbox import get_outbox
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(get_outbox(), "call_opened", disk_full)
+    response = await post(client, GOOD)
+    error = assert_openai_error(response, 503, code="ledger_unavailable")
+    assert "ledger" in error["message"]
+    assert response["Retry-After"] == "1"
+    assert await UsageRecord.objects.acount() == 0  # no upstream call was made
+    assert await Reservation.objects.acount() == 0  # and its budget hold was given back
