@@ -1,4 +1,5 @@
-"""The web pages for end users: log in, then chat with streamed answers they can stop.
+"""The web pages for end users: log in, and the chat page's stream (the page itself and its
+conversations are `llmgateway.chat_views`).
 
 The page views are synchronous so django-ratelimit (sync only) guards them per IP and per user;
 the chat page's own stream endpoint is async and goes through the same pipeline, limits and
@@ -9,9 +10,7 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.contrib.auth import views as auth_views
-from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
-from django.shortcuts import render
 from django.utils.decorators import method_decorator
 from django.views.decorators.csrf import csrf_protect
 from django_ratelimit.decorators import ratelimit
@@ -19,7 +18,6 @@ from django_ratelimit.decorators import ratelimit
 from llmgateway.api import serve_chat_completion
 from llmgateway.auth import aprincipal_for_session
 from llmgateway.errors import RateLimited, error_response
-from streaming.catalog import available_routes
 
 RATE_LIMITED = "Too many requests to this page. Wait a minute and try again."
 
@@ -37,15 +35,6 @@ def ratelimited(request: HttpRequest, exception: Exception) -> HttpResponse:
 )
 class LoginView(auth_views.LoginView):
     template_name = "registration/login.html"
-
-
-@ratelimit(key="ip", rate=lambda group, request: settings.CHAT_PAGE_RATE, block=True)
-@ratelimit(key="user_or_ip", rate=lambda group, request: settings.CHAT_PAGE_RATE, block=True)
-@login_required
-def chat_page(request: HttpRequest) -> HttpResponse:
-    models = [route.id for route in available_routes()]
-    default = "sim-chat" if "sim-chat" in models else (models[0] if models else "")
-    return render(request, "chat.html", {"models": models, "default_model": default})
 
 
 @csrf_protect

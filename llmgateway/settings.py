@@ -76,6 +76,7 @@ INSTALLED_APPS = [
     "llmgateway",
     "streaming",
     "billing",
+    "chat",
 ]
 
 MIDDLEWARE = [

@@ -3,7 +3,7 @@ from django.contrib.auth import views as auth_views
 from django.urls import path, re_path
 from django.views.generic import RedirectView
 
-from llmgateway import api, logins, ops, pages, portal
+from llmgateway import api, chat_views, logins, ops, pages, portal
 
 urlpatterns = [
     path("v1/chat/completions", api.chat_completions, name="chat-completions"),
@@ -14,8 +14,15 @@ urlpatterns = [
     path("readyz", ops.readyz, name="readyz"),
     path("metrics", ops.metrics, name="metrics"),
     path("", RedirectView.as_view(url="/chat/", permanent=False)),
-    path("chat/", pages.chat_page, name="chat"),
+    path("favicon.ico", chat_views.favicon, name="favicon"),
+    path("chat/", chat_views.chat_page, name="chat"),
+    path("chat/c/<uuid:conversation_id>/", chat_views.chat_page, name="chat-conversation"),
     path("chat/completions", pages.chat_stream, name="chat-stream"),
+    path("chat/api/conversations", chat_views.conversations, name="chat-conversations"),
+    path("chat/api/conversations/<uuid:conversation_id>", chat_views.conversation, name="chat-conversation-api"),
+    path("chat/api/conversations/<uuid:conversation_id>/answers", chat_views.answers, name="chat-answers"),
+    path("chat/api/turns", chat_views.turns, name="chat-turns"),
+    path("chat/api/spend", chat_views.spend, name="chat-spend"),
     path("accounts/login/", pages.LoginView.as_view(), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("accounts/password/", logins.PasswordChangeView.as_view(), name="password_change"),

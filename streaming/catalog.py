@@ -10,6 +10,8 @@ from typing import Any
 from django.conf import settings
 
 SIMULATOR_OWNER = "llmgateway-simulator"
+# Tokens, for a route that names none (GATEWAY_MODELS_JSON may give `context_window`).
+DEFAULT_CONTEXT_WINDOW = 128_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,6 +21,9 @@ class ModelRoute:
     upstream_model: str  # the name sent to the provider
     owned_by: str
     created: int = 1700000000
+    # Tokens the model reads and writes in one call (prompt + completion), as its provider
+    # publishes it; the chat page trims a conversation's history to fit.
+    context_window: int = DEFAULT_CONTEXT_WINDOW
     # Simulator pacing; None means the simulator's configured default.
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -27,27 +32,40 @@ class ModelRoute:
         return self.provider == "simulator"
 
 
-_OPENAI_MODELS = (
-    "gpt-4o",
-    "gpt-4o-mini",
-    "gpt-4.1",
-    "gpt-4.1-mini",
-    "gpt-4.1-nano",
-    "o4-mini",
-    "o3",
-    "o3-mini",
-    "gpt-4-turbo",
-    "gpt-3.5-turbo",
-)
+# Each with its context window in tokens, as OpenAI publishes it.
+_OPENAI_MODELS = {
+    "gpt-4o": 128_000,
+    "gpt-4o-mini": 128_000,
+    "gpt-4.1": 1_047_576,
+    "gpt-4.1-mini": 1_047_576,
+    "gpt-4.1-nano": 1_047_576,
+    "o4-mini": 200_000,
+    "o3": 200_000,
+    "o3-mini": 200_000,
+    "gpt-4-turbo": 128_000,
+    "gpt-3.5-turbo": 16_385,
+}
+# The simulator reads no prompt; a small window lets the chat page's trimming be seen.
+SIMULATOR_CONTEXT_WINDOW = 16_384
 
 DEFAULT_ROUTES: tuple[ModelRoute, ...] = (
-    *(ModelRoute(id=name, provider="openai", upstream_model=name, owned_by="openai") for name in _OPENAI_MODELS),
-    ModelRoute(id="sim-chat", provider="simulator", upstream_model="sim-chat", owned_by=SIMULATOR_OWNER),
+    *(
+        ModelRoute(id=name, provider="openai", upstream_model=name, owned_by="openai", context_window=window)
+        for name, window in _OPENAI_MODELS.items()
+    ),
+    ModelRoute(
+        id="sim-chat",
+        provider="simulator",
+        upstream_model="sim-chat",
+        owned_by=SIMULATOR_OWNER,
+        context_window=SIMULATOR_CONTEXT_WINDOW,
+    ),
     ModelRoute(
         id="sim-fast",
         provider="simulator",
         upstream_model="sim-fast",
         owned_by=SIMULATOR_OWNER,
+        context_window=SIMULATOR_CONTEXT_WINDOW,
         options={"tokens_per_second": 0, "ttft_ms": 0},
     ),
     ModelRoute(
@@ -55,6 +73,7 @@ DEFAULT_ROUTES: tuple[ModelRoute, ...] = (
         provider="simulator",
         upstream_model="sim-long",
         owned_by=SIMULATOR_OWNER,
+        context_window=SIMULATOR_CONTEXT_WINDOW,
         options={"completion_tokens": 1024, "tokens_per_second": 200},
     ),
 )
@@ -69,6 +88,7 @@ def _routes_from_json(raw: str) -> list[ModelRoute]:
                 provider=spec["provider"],
                 upstream_model=spec.get("upstream_model", model_id),
                 owned_by=spec.get("owned_by", spec["provider"]),
+                context_window=int(spec.get("context_window", DEFAULT_CONTEXT_WINDOW)),
                 options=spec.get("options", {}),
             )
         )

@@ -1,0 +1,1 @@
+"""Conversations on the web chat page, saved per user (models, services, selectors, admin)."""

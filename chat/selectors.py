@@ -1,0 +1,161 @@
+"""Reads for the chat page: a user's conversations, a conversation's messages with what each
+answer cost (from the ledger), the models they may pick with their prices, and their spend."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+
+from django.db.models import Exists, OuterRef, Q, QuerySet, Sum
+
+from billing.console.selectors import Budget
+from billing.models import Account, DailyUsage, UsageRecord
+from billing.money import Rates
+from billing.periods import period_containing
+from billing.selectors import period_usage, price_in_effect, rates_for
+from chat.exceptions import ConversationNotFound
+from chat.models import Conversation, Message
+from chat.services import NOT_FOUND
+from streaming.catalog import available_routes
+
+CONVERSATIONS_LISTED = 200
+MILLION = 1_000_000
+
+
+def conversations_for(*, user_id: int, search: str = "") -> QuerySet[Conversation]:
+    """The user's conversations, most recently active first; `search` matches a title or any message."""
+    conversations = Conversation.objects.filter(user_id=user_id)
+    search = search.strip()
+    if search:
+        said = Message.objects.filter(conversation=OuterRef("pk"), content__icontains=search)
+        conversations = conversations.filter(Q(title__icontains=search) | Exists(said))
+    return conversations.order_by("-updated_at", "-created_at")[:CONVERSATIONS_LISTED]
+
+
+def conversation_for(*, user_id: int, conversation_id: uuid.UUID) -> Conversation:
+    try:
+        return Conversation.objects.get(pk=conversation_id, user_id=user_id)
+    except Conversation.DoesNotExist:
+        raise ConversationNotFound(NOT_FOUND) from None
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerUsage:
+    """What one answer's call cost, as its ledger row says."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: Decimal
+    ttft_us: int | None
+    status: str
+
+
+@dataclass(frozen=True, slots=True)
+class ShownMessage:
+    message: Message
+    usage: AnswerUsage | None  # None for the user's messages, and until the call is in the ledger
+
+
+def messages_with_usage(conversation: Conversation) -> list[ShownMessage]:
+    """The conversation's messages in order, each answer with its call's ledger figures. Two queries."""
+    return with_usage(list(conversation.messages.order_by("id")), user_id=conversation.user_id)
+
+
+def with_usage(messages: list[Message], *, user_id: int) -> list[ShownMessage]:
+    """`messages`, each answer with the ledger figures of its call (only the user's own calls)."""
+    request_ids = [message.request_id for message in messages if message.request_id is not None]
+    usage: dict[uuid.UUID, AnswerUsage] = {}
+    if request_ids:
+        rows = UsageRecord.objects.filter(user_id=user_id, request_id__in=request_ids).values_list(
+            "request_id", "prompt_tokens", "completion_tokens", "cost_usd", "ttft_us", "status"
+        )
+        usage = {
+            request_id: AnswerUsage(prompt_tokens=prompt, completion_tokens=completion, cost_usd=cost, ttft_us=ttft, status=status)
+            for request_id, prompt, completion, cost, ttft, status in rows
+        }
+    return [
+        ShownMessage(message=message, usage=None if message.request_id is None else usage.get(message.request_id))
+        for message in messages
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelChoice:
+    id: str
+    context_window: int
+    input_usd_per_1m: Decimal | None  # what this user pays, plan and overrides applied; None if unpriced
+    output_usd_per_1m: Decimal | None
+
+
+def model_choices(*, user_id: int, at: datetime) -> list[ModelChoice]:
+    """The models this gateway serves, each with the price this user pays for it at `at`."""
+    account = Account.objects.filter(user_id=user_id).select_related("plan").first()
+    choices = []
+    for route in available_routes():
+        rates: Rates | None
+        if account is not None:
+            rates = rates_for(account=account, model=route.id, upstream_model=route.upstream_model, at=at)
+        else:  # no account yet: the catalog's price, as its first call would create it
+            price = price_in_effect(model=route.id, upstream_model=route.upstream_model, at=at)
+            rates = price.rates() if price is not None else None
+        choices.append(
+            ModelChoice(
+                id=route.id,
+                context_window=route.context_window,
+                input_usd_per_1m=None if rates is None else rates.cost(prompt_tokens=MILLION, cached_tokens=0, completion_tokens=0),
+                output_usd_per_1m=None if rates is None else rates.cost(prompt_tokens=0, cached_tokens=0, completion_tokens=MILLION),
+            )
+        )
+    return choices
+
+
+@dataclass(frozen=True, slots=True)
+class SpendSummary:
+    """What the user has spent this month and today, and their budgets (the limits set)."""
+
+    month_spent_usd: Decimal
+    day_spent_usd: Decimal
+    budgets: tuple[Budget, ...]
+    soft_threshold: Decimal | None
+
+    @property
+    def past_threshold(self) -> list[Budget]:
+        """The budgets used past the account's warning threshold."""
+        if self.soft_threshold is None:
+            return []
+        return [budget for budget in self.budgets if budget.fraction >= self.soft_threshold]
+
+
+def spend_summary(*, user_id: int, at: datetime) -> SpendSummary:
+    """Spend in the day and month containing `at`, and each budget's use, as an admission counts it."""
+    account = Account.objects.filter(user_id=user_id).first()
+    if account is None:
+        month = period_containing("month", at)
+        day = period_containing("day", at)
+        rows = DailyUsage.objects.filter(user_id=user_id, day__gte=month.first_day, day__lt=month.end_day)
+        return SpendSummary(
+            month_spent_usd=rows.aggregate(total=Sum("cost_usd"))["total"] or Decimal(0),
+            day_spent_usd=rows.filter(day=day.first_day).aggregate(total=Sum("cost_usd"))["total"] or Decimal(0),
+            budgets=(),
+            soft_threshold=None,
+        )
+    usage = period_usage(account=account, at=at)
+    candidates = (
+        ("spend", "day", account.daily_spend_limit_usd, usage.day_cost_usd, usage.reserved_usd),
+        ("spend", "month", account.monthly_spend_limit_usd, usage.month_cost_usd, usage.reserved_usd),
+        ("tokens", "day", account.daily_token_limit, Decimal(usage.day_tokens), Decimal(usage.reserved_tokens)),
+        ("tokens", "month", account.monthly_token_limit, Decimal(usage.month_tokens), Decimal(usage.reserved_tokens)),
+    )
+    budgets = tuple(
+        Budget(kind=kind, period=period, limit=Decimal(limit), spent=spent, held=held)  # type: ignore[arg-type]
+        for kind, period, limit, spent, held in candidates
+        if limit is not None
+    )
+    return SpendSummary(
+        month_spent_usd=usage.month_cost_usd,
+        day_spent_usd=usage.day_cost_usd,
+        budgets=budgets,
+        soft_threshold=account.soft_threshold,
+    )

@@ -1,0 +1,201 @@
+"""Writes: a turn begins (the user's message, the context to send), its answer is saved, a
+conversation is renamed or deleted. Each takes the acting user and touches only their own."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Literal
+
+from django.db import transaction
+from django.utils import timezone
+
+from chat.context import Context, fit_context
+from chat.exceptions import ConversationNotFound, InvalidTurn
+from chat.models import (
+    ERROR_MAX_CHARS,
+    MESSAGE_MAX_CHARS,
+    SYSTEM_PROMPT_MAX_CHARS,
+    TEMPERATURE_MAX,
+    TITLE_MAX_LENGTH,
+    Conversation,
+    Message,
+)
+from streaming.catalog import ModelRoute, route_for
+
+TurnMode = Literal["send", "regenerate", "edit"]
+TURN_MODES: tuple[TurnMode, ...] = ("send", "regenerate", "edit")
+
+NOT_FOUND = "This conversation does not exist, or it is not yours."
+EMPTY_MESSAGE = "Type a message first."
+MESSAGE_TOO_LONG = f"A message can be at most {MESSAGE_MAX_CHARS:,} characters."
+SYSTEM_PROMPT_TOO_LONG = f"The system prompt can be at most {SYSTEM_PROMPT_MAX_CHARS:,} characters."
+BAD_TEMPERATURE = f"The temperature is a number from 0 to {TEMPERATURE_MAX}, or empty for the model's default."
+UNKNOWN_MODEL = "The model `{model}` is not available on this gateway."
+NOTHING_TO_REDO = "There is no message of yours to answer again in this conversation."
+ANSWER_WITHOUT_MESSAGE = "An answer is saved after a message of yours; this conversation ends with an answer."
+BAD_STATE = "Unknown answer state {state!r}."
+FAILED_WITH_TEXT = "An answer that failed has no text; one with text is cut off or stopped."
+ANSWER_SAVED = "This answer is already saved."
+EMPTY_TITLE = "A conversation needs a title."
+TITLE_TOO_LONG = f"A title can be at most {TITLE_MAX_LENGTH} characters."
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    conversation: Conversation
+    message: Message  # the user's message being answered
+    route: ModelRoute
+    context: Context
+
+
+def title_from(text: str) -> str:
+    """A conversation's title from its first message: the first words, on one line."""
+    line = re.sub(r"\s+", " ", text).strip()
+    if len(line) <= TITLE_MAX_LENGTH:
+        return line
+    return line[: TITLE_MAX_LENGTH - 1].rstrip() + "…"
+
+
+def _validated_settings(*, model: str, system_prompt: str, temperature: Decimal | None) -> ModelRoute:
+    route = route_for(model)
+    if route is None:
+        raise InvalidTurn(UNKNOWN_MODEL.format(model=model))
+    if len(system_prompt) > SYSTEM_PROMPT_MAX_CHARS:
+        raise InvalidTurn(SYSTEM_PROMPT_TOO_LONG)
+    if temperature is not None and not (temperature.is_finite() and Decimal(0) <= temperature <= TEMPERATURE_MAX):
+        raise InvalidTurn(BAD_TEMPERATURE)
+    return route
+
+
+def _validated_content(content: str) -> str:
+    if not content.strip():
+        raise InvalidTurn(EMPTY_MESSAGE)
+    if len(content) > MESSAGE_MAX_CHARS:
+        raise InvalidTurn(MESSAGE_TOO_LONG)
+    return content
+
+
+def _owned(*, user_id: int, conversation_id: uuid.UUID, lock: bool = False) -> Conversation:
+    conversations = Conversation.objects.select_for_update() if lock else Conversation.objects.all()
+    try:
+        return conversations.get(pk=conversation_id, user_id=user_id)
+    except Conversation.DoesNotExist:
+        raise ConversationNotFound(NOT_FOUND) from None
+
+
+def turn_begin(
+    *,
+    user_id: int,
+    conversation_id: uuid.UUID | None,
+    mode: TurnMode,
+    content: str,
+    model: str,
+    system_prompt: str = "",
+    temperature: Decimal | None = None,
+) -> Turn:
+    """Start a turn and return what to send the model.
+
+    `send` adds the user's message (to a new conversation when `conversation_id` is None);
+    `regenerate` answers the last message of theirs again, dropping the answer after it; `edit`
+    replaces their last message (and its answer) with `content`. The conversation keeps the
+    model, system prompt and temperature for its next turn. Nothing is saved if the context
+    does not fit the model (ContextTooLong).
+    """
+    route = _validated_settings(model=model, system_prompt=system_prompt, temperature=temperature)
+    if mode != "regenerate":
+        content = _validated_content(content)
+    elif conversation_id is None:
+        raise InvalidTurn(NOTHING_TO_REDO)
+    now = timezone.now()
+    with transaction.atomic():
+        if conversation_id is None:
+            conversation = Conversation.objects.create(user_id=user_id, title=title_from(content), model=route.id, created_at=now)
+        else:
+            conversation = _owned(user_id=user_id, conversation_id=conversation_id, lock=True)
+        if mode == "send":
+            message = Message.objects.create(conversation=conversation, role=Message.Role.USER, content=content, created_at=now)
+        else:
+            last_question = conversation.messages.filter(role=Message.Role.USER).order_by("-id").first()
+            if last_question is None:
+                raise InvalidTurn(NOTHING_TO_REDO)
+            conversation.messages.filter(pk__gt=last_question.pk).delete()
+            if mode == "edit":
+                last_question.delete()
+                message = Message.objects.create(conversation=conversation, role=Message.Role.USER, content=content, created_at=now)
+            else:
+                message = last_question
+        conversation.model = route.id
+        conversation.system_prompt = system_prompt
+        conversation.temperature = temperature
+        conversation.updated_at = now
+        conversation.save(update_fields=["model", "system_prompt", "temperature", "updated_at"])
+        history = [
+            {"role": role, "content": text}
+            for role, text in conversation.messages.exclude(content="").order_by("id").values_list("role", "content")
+        ]
+        context = fit_context(system_prompt=system_prompt, history=history, route=route)
+    return Turn(conversation=conversation, message=message, route=route, context=context)
+
+
+def answer_record(
+    *,
+    user_id: int,
+    conversation_id: uuid.UUID,
+    content: str,
+    state: str,
+    error: str = "",
+    model: str = "",
+    request_id: uuid.UUID | None = None,
+) -> Message:
+    """Save the answer to the conversation's last message: whole, stopped, cut off or failed.
+
+    Its tokens and cost are the ledger row's of `request_id` (see `chat.models`)."""
+    if state not in Message.State.values:
+        raise InvalidTurn(BAD_STATE.format(state=state))
+    if state == Message.State.FAILED and content:
+        raise InvalidTurn(FAILED_WITH_TEXT)
+    if len(content) > MESSAGE_MAX_CHARS:
+        raise InvalidTurn(MESSAGE_TOO_LONG)
+    with transaction.atomic():
+        conversation = _owned(user_id=user_id, conversation_id=conversation_id, lock=True)
+        last = conversation.messages.order_by("-id").first()
+        if last is None or last.role != Message.Role.USER:
+            raise InvalidTurn(ANSWER_WITHOUT_MESSAGE)
+        if request_id is not None and Message.objects.filter(request_id=request_id).exists():
+            raise InvalidTurn(ANSWER_SAVED)
+        now = timezone.now()
+        answer = Message.objects.create(
+            conversation=conversation,
+            role=Message.Role.ASSISTANT,
+            content=content,
+            state=state,
+            error=error[:ERROR_MAX_CHARS],
+            model=model[:100],
+            request_id=request_id,
+            created_at=now,
+        )
+        Conversation.objects.filter(pk=conversation.pk).update(updated_at=now)
+    return answer
+
+
+def conversation_rename(*, user_id: int, conversation_id: uuid.UUID, title: str) -> Conversation:
+    title = re.sub(r"\s+", " ", title).strip()
+    if not title:
+        raise InvalidTurn(EMPTY_TITLE)
+    if len(title) > TITLE_MAX_LENGTH:
+        raise InvalidTurn(TITLE_TOO_LONG)
+    with transaction.atomic():
+        conversation = _owned(user_id=user_id, conversation_id=conversation_id, lock=True)
+        conversation.title = title
+        conversation.save(update_fields=["title"])
+    return conversation
+
+
+def conversation_delete(*, user_id: int, conversation_id: uuid.UUID) -> None:
+    """Delete a conversation and its messages (its calls stay in the ledger)."""
+    deleted, _ = Conversation.objects.filter(pk=conversation_id, user_id=user_id).delete()
+    if not deleted:
+        raise ConversationNotFound(NOT_FOUND)
