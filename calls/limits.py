@@ -6,6 +6,11 @@ Per call, before the upstream is contacted:
   concurrent streams per key as a lease. A key's own limits win, else the global defaults.
   Tokens per minute reserve prompt tokens + max_tokens (or GATEWAY_DEFAULT_MAX_TOKENS) and the
   unused part is refunded when the call ends.
+- the web chat page's calls (a session, no key) instead of a key's limits: the user's chat-page
+  requests per minute, tokens per minute and concurrent streams (LIMITS_CHAT_USER_RPM,
+  LIMITS_CHAT_USER_TPM, LIMITS_CHAT_USER_MAX_CONCURRENT), on by default, so one person at the
+  page cannot flood the upstream; and the per-user limits above, which count the page and the
+  user's keys together.
 - per upstream model: a shared bucket sized to the provider's published limits minus a headroom.
   Here a request *waits* (up to UPSTREAM_MAX_WAIT) instead of being refused, so bursts are
   smoothed instead of turned into upstream 429s. Its burst is the headroom share and its refill
@@ -50,7 +55,7 @@ MINUTE = 60.0
 REQUESTS_EXCEEDED = "Rate limit reached for requests on {scope}: limit {limit} per minute. Try again in {retry}."
 TOKENS_EXCEEDED = "Rate limit reached for tokens on {scope}: limit {limit} per minute, requested {requested}. Try again in {retry}."
 TOKENS_TOO_LARGE = "Request too large for {scope}: tokens per minute limit {limit}, requested {requested}. Lower max_tokens or the prompt."
-CONCURRENCY_EXCEEDED = "Too many concurrent requests on this API key: limit {limit}. Try again when a stream ends."
+CONCURRENCY_EXCEEDED = "Too many concurrent requests on {scope}: limit {limit}. Try again when a stream ends."
 UPSTREAM_BUSY = "The upstream for model `{model}` is at capacity. Try again in {retry}."
 LIMITER_DOWN = "Rate limiting is unavailable and this gateway is configured to fail closed."
 
@@ -123,6 +128,8 @@ def _scope_specs(principal: Principal, tokens: int) -> tuple[list[LimitSpec], li
                 principal.tpm_limit or settings.LIMITS_KEY_TPM,
             )
         )
+    else:
+        scopes.append((f"chat:{principal.user_id}", settings.LIMITS_CHAT_USER_RPM, settings.LIMITS_CHAT_USER_TPM))
     scopes.append((f"user:{principal.user_id}", settings.LIMITS_USER_RPM, settings.LIMITS_USER_TPM))
     for scope, rpm, tpm in scopes:
         if rpm:
@@ -148,7 +155,17 @@ def _headers(decision: Decision) -> dict[str, str]:
 
 
 def _scope_name(spec: LimitSpec) -> str:
-    return "this API key" if spec.key.startswith("key:") else "this user"
+    if spec.key.startswith("key:"):
+        return "this API key"
+    return "the chat page" if spec.key.startswith("chat:") else "this user"
+
+
+def _stream_lease(principal: Principal) -> tuple[str, int, str]:
+    """The concurrent-streams lease a call takes: its key and limit (0: none), and whose it is."""
+    if principal.api_key_id is not None:
+        limit = principal.max_concurrent or settings.LIMITS_KEY_MAX_CONCURRENT
+        return f"key:{principal.api_key_id}:streams", limit, "this API key"
+    return f"chat:{principal.user_id}:streams", settings.LIMITS_CHAT_USER_MAX_CONCURRENT, "the chat page"
 
 
 async def admit(*, principal: Principal, estimated_tokens: int) -> Admission:
@@ -167,9 +184,9 @@ async def admit(*, principal: Principal, estimated_tokens: int) -> Admission:
         observability.REJECTIONS.labels("rate_limit").inc()
         raise _rejection(decision, headers, estimated_tokens)
     admission = Admission(group=group, decision=decision, tpm_specs=token_specs, reserved_tokens=estimated_tokens, headers=headers)
-    max_concurrent = principal.max_concurrent or settings.LIMITS_KEY_MAX_CONCURRENT
-    if principal.api_key_id is not None and max_concurrent:
-        lease_key, lease_id = f"key:{principal.api_key_id}:streams", uuid.uuid4().hex
+    lease_key, max_concurrent, lease_scope = _stream_lease(principal)
+    if max_concurrent:
+        lease_id = uuid.uuid4().hex
         try:
             lease = await limiter.acquire_lease(
                 lease_key,
@@ -184,7 +201,7 @@ async def admit(*, principal: Principal, estimated_tokens: int) -> Admission:
         if not lease.allowed:
             await release(admission, used_tokens=0)
             observability.REJECTIONS.labels("concurrency").inc()
-            raise LimitExceeded(CONCURRENCY_EXCEEDED.format(limit=max_concurrent), kind="concurrency", headers={"Retry-After": "1", **headers})
+            raise LimitExceeded(CONCURRENCY_EXCEEDED.format(scope=lease_scope, limit=max_concurrent), kind="concurrency", headers={"Retry-After": "1", **headers})
         admission.lease = (lease_key, lease_id)
     return admission
 

@@ -276,6 +276,10 @@ LIMITS_KEY_TPM = _env_int("LIMITS_KEY_TPM", 2_000_000)
 LIMITS_KEY_MAX_CONCURRENT = _env_int("LIMITS_KEY_MAX_CONCURRENT", 64)
 LIMITS_USER_RPM = _env_int("LIMITS_USER_RPM", 0)
 LIMITS_USER_TPM = _env_int("LIMITS_USER_TPM", 0)
+# The web chat page's calls (no key) per user, so one person at the page cannot flood the upstream.
+LIMITS_CHAT_USER_RPM = _env_int("LIMITS_CHAT_USER_RPM", 20)
+LIMITS_CHAT_USER_TPM = _env_int("LIMITS_CHAT_USER_TPM", 0)
+LIMITS_CHAT_USER_MAX_CONCURRENT = _env_int("LIMITS_CHAT_USER_MAX_CONCURRENT", 2)
 # Requests per minute as a token bucket (burst = the limit, refilled over a minute) or an exact
 # sliding window.
 LIMITS_RPM_ALGORITHM = os.environ.get("LIMITS_RPM_ALGORITHM", "token_bucket")

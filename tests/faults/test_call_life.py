@@ -262,7 +262,8 @@ def logged_in_client(gateway, username: str, password: str) -> httpx.Client:
 def test_chat_page_streams_hold_no_database_connection(gateway_factory, api_key_factory, fake_upstream) -> None:
     key = api_key_factory("apiuser")
     get_user_model().objects.create_user(username="chatter", password="correct horse battery")
-    gateway = gateway_factory(DATABASE_POOL_MAX_SIZE="2", DATABASE_POOL_TIMEOUT="3")
+    # Four streams of one user at the page at once: past the chat page's default concurrency.
+    gateway = gateway_factory(DATABASE_POOL_MAX_SIZE="2", DATABASE_POOL_TIMEOUT="3", LIMITS_CHAT_USER_MAX_CONCURRENT="4")
     fake_upstream.tokens = 60
     fake_upstream.inter_token_delay = 0.05
     browser = logged_in_client(gateway, "chatter", "correct horse battery")
