@@ -25,6 +25,7 @@ from chat.models import (
 )
 from streaming.catalog import ModelRoute, route_for
 
+TEMPERATURE_STEP = Decimal("0.01")
 TurnMode = Literal["send", "regenerate", "edit"]
 TURN_MODES: tuple[TurnMode, ...] = ("send", "regenerate", "edit")
 
@@ -105,6 +106,8 @@ def turn_begin(
     does not fit the model (ContextTooLong).
     """
     route = _validated_settings(model=model, system_prompt=system_prompt, temperature=temperature)
+    if temperature is not None:
+        temperature = temperature.quantize(TEMPERATURE_STEP)  # as the column keeps it
     if mode != "regenerate":
         content = _validated_content(content)
     elif conversation_id is None:
