@@ -10,6 +10,7 @@ from decimal import Decimal
 
 import openai
 import pytest
+from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.utils import timezone
 
@@ -22,6 +23,7 @@ from tests.portal.conftest import PASSWORD
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True), pytest.mark.ledger]
 
 WIDE, NARROW = 1280, 390
+SERVED_SECRET_KEY = "test-only-secret-key-for-served-gateways"  # tests.conftest.start_gateway's
 
 
 def logged_in_page(browser, gateway, username: str, width: int):
@@ -104,3 +106,38 @@ def test_a_key_made_on_the_page_works_with_the_openai_sdk_until_revoked_there(br
     page.screenshot(path=str(screenshot_dir / "account-keys-390.png"), full_page=True)
     assert page.evaluate("document.documentElement.scrollWidth") <= NARROW
     context.close()
+
+
+def test_a_user_given_a_link_by_createlogin_sets_a_password_logs_in_and_changes_it(browser, gateway, screenshot_dir, settings) -> None:
+    settings.SECRET_KEY = SERVED_SECRET_KEY  # the link is signed: made with the server's secret key
+    api_key_create(username="wanda")  # a user with a key and no password, as createapikey makes them
+    out = io.StringIO()
+    call_command("createlogin", "wanda", "--base-url", gateway.base_url, stdout=out, stderr=io.StringIO())
+    link = out.getvalue().strip()
+    context = browser.new_context(viewport={"width": NARROW, "height": 800})
+    page = context.new_page()
+
+    page.goto(link)
+    page.screenshot(path=str(screenshot_dir / "password-set-390.png"), full_page=True)
+    page.fill("#id_new_password1", "first chosen passphrase")
+    page.fill("#id_new_password2", "first chosen passphrase")
+    page.click("#set-password")
+    page.wait_for_selector("#password-set-done")
+    page.goto(link)
+    assert page.locator("#invalid-link").is_visible()  # it worked once
+
+    page.goto(f"{gateway.base_url}/accounts/login/?next=/account/")
+    page.fill("#id_username", "wanda")
+    page.fill("#id_password", "first chosen passphrase")
+    page.click("#login")
+    page.wait_for_url(f"{gateway.base_url}/account/")
+    assert page.locator("#key-list tr[data-prefix]").count() == 1
+
+    page.click("text=Change your password")
+    page.fill("#id_old_password", "first chosen passphrase")
+    page.fill("#id_new_password1", "second chosen passphrase")
+    page.fill("#id_new_password2", "second chosen passphrase")
+    page.click("#change-password")
+    page.wait_for_selector("#password-changed")
+    context.close()
+    assert get_user_model().objects.get(username="wanda").check_password("second chosen passphrase")

@@ -102,13 +102,14 @@ def test_the_page_costs_the_same_queries_whatever_the_keys_and_days(
     alice = user_factory("alice")
     account_quota_set(user_id=alice.pk, monthly_spend_limit_usd=Decimal("10"), daily_token_limit=100_000)
     client = client_for(alice)
-    with django_assert_max_num_queries(8):
+    # The session, the user, the usage, the keys and their spend, the account and its budgets' use.
+    with django_assert_max_num_queries(7):
         assert client.get("/account/").status_code == 200
     for index in range(12):
         api_key, _ = api_key_create(username="alice", name=f"key {index}")
         for days_ago in range(0, 60, 3):
             call_factory(alice, at=frozen_clock - timedelta(days=days_ago), api_key=api_key, model=("gpt-4o", "gpt-4o-mini")[index % 2])
-    with django_assert_max_num_queries(8):
+    with django_assert_max_num_queries(7):
         response = client.get("/account/", {"days": "90"})
     assert response.status_code == 200
     assert len(response.context["keys"]) == 12
