@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import re
 import time
+import uuid
+from decimal import Decimal
 from typing import Any
 
 import pytest
 from django.contrib.auth import get_user_model
+from django.utils import timezone
 
 from billing.models import UsageRecord
-from billing.services import account_quota_set
+from billing.selectors import rates_for
+from billing.services import account_get_or_create, account_quota_set, usage_record_create
 from chat.models import Conversation, Message
 from tests.chat.conftest import screenshot, wait_for_js, wait_for_records
 
@@ -310,6 +314,28 @@ def test_the_composer_stays_pinned_and_the_header_stays_when_the_conversation_is
     assert page.locator("body > header").bounding_box()["y"] == 0
     composer = page.locator("#composer").bounding_box()
     assert composer["y"] + composer["height"] <= 800 + 1
+
+
+def test_spend_and_what_is_left_are_always_shown_with_the_soft_threshold_warning(page_factory, answer, user, screenshot_dir) -> None:
+    now = timezone.now()
+    account = account_get_or_create(user_id=user.pk)
+    usage_record_create(
+        request_id=uuid.uuid4(), user_id=user.pk, api_key_id=None, model=MODEL, upstream_model=MODEL, provider="openai",
+        stream=True, status="completed", error_kind="", prompt_tokens=280_000, completion_tokens=0, cached_tokens=0,
+        reasoning_tokens=0, token_source="upstream", ttft_us=300_000, duration_us=2_000_000, created_at=now,
+        rates=rates_for(account=account, model=MODEL, at=now),
+    )  # $0.042
+    account_quota_set(user_id=user.pk, monthly_spend_limit_usd=Decimal("0.05"))
+    page = page_factory()
+    assert page.locator("#spend-line").inner_text() == "This month $0.042 spent · $0.008 left of $0.05"
+    assert page.locator("#spend .warning").inner_text() == "You have used 84% of this month's spend budget."
+
+    answer.tokens, answer.token_text = 2000, "x "  # 2,000 output tokens: $0.0012
+    send(page, "One more, please")
+    wait_for_answer(page).locator(".meta .cost").wait_for()
+    assert page.locator("#spend-line").inner_text().startswith("This month $0.043 spent · $0.0068 left of $0.05")
+    assert page.locator("#spend .warning").inner_text() == "You have used 86% of this month's spend budget."
+    screenshot(page, screenshot_dir, "chat-budget-1280.png")
 
 
 def test_the_chat_page_requires_login(browser, served) -> None:

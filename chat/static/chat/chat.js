@@ -47,6 +47,10 @@
     "em", "strong", "s", "del", "a", "table", "thead", "tbody", "tr", "th", "td",
   ];
   const ALLOWED_ATTR = ["href", "title", "class", "start"];
+  // A class only names a code block's language: model output cannot borrow the page's own classes.
+  window.DOMPurify.addHook("uponSanitizeAttribute", (node, data) => {
+    if (data.attrName === "class" && !/^language-[\w+#.-]+$/.test(data.attrValue)) data.keepAttr = false;
+  });
   window.DOMPurify.addHook("afterSanitizeAttributes", (node) => {
     if (node.tagName === "A") {
       node.setAttribute("target", "_blank");
