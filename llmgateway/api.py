@@ -113,7 +113,7 @@ async def _chat_completion(
     request: HttpRequest, authenticate: Callable[[], Awaitable[Principal]], request_id: uuid.UUID, headers: dict[str, str]
 ) -> HttpResponseBase:
     if request.method != "POST":
-        raise MethodNotAllowed(f"{request.method} is not allowed on this endpoint; use POST.")
+        raise MethodNotAllowed(str(request.method), allowed="POST")
     principal = await authenticate()
     params = validate_chat_body(parse_json_object(_read_body(request)))
     call = ChatCall(principal=principal, params=params, request_id=request_id, simulator=_simulator_headers(request))
@@ -137,7 +137,7 @@ async def _chat_completion(
 async def models_list(request: HttpRequest) -> HttpResponse:
     try:
         if request.method != "GET":
-            raise MethodNotAllowed(f"{request.method} is not allowed on this endpoint; use GET.")
+            raise MethodNotAllowed(str(request.method), allowed="GET")
         await aauthenticate(request.headers.get("Authorization"))
     except Exception as error:
         return _error_answer(error)
@@ -151,6 +151,8 @@ async def models_list(request: HttpRequest) -> HttpResponse:
 @csrf_exempt
 async def model_detail(request: HttpRequest, model: str) -> HttpResponse:
     try:
+        if request.method != "GET":
+            raise MethodNotAllowed(str(request.method), allowed="GET")
         await aauthenticate(request.headers.get("Authorization"))
         for route in available_routes():
             if route.id == model:

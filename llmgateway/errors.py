@@ -75,9 +75,14 @@ class NotFound(ApiError):
 
 
 class MethodNotAllowed(ApiError):
+    """A method the endpoint does not take; the answer's `Allow` lists the one it does."""
+
     status = 405
     type = "invalid_request_error"
     code = "method_not_allowed"
+
+    def __init__(self, method: str, *, allowed: str) -> None:
+        super().__init__(f"{method} is not allowed on this endpoint; use {allowed}.", headers={"Allow": allowed})
 
 
 class PayloadTooLarge(ApiError):

@@ -115,6 +115,8 @@ def _validate_message(index: int, message: Any) -> None:
     role = message.get("role")
     if role is None:
         raise InvalidChatRequest(MISSING_PARAM.format(param=f"{param}.role"), param=f"{param}.role", code="missing_required_parameter")
+    if not isinstance(role, str):
+        raise _type_error(f"{param}.role", "a string")
     if role not in ROLES:
         raise _value_error(f"{param}.role", f"'{role}' is not one of {sorted(ROLES)}.")
     content = message.get("content")
