@@ -27,7 +27,7 @@ from django.shortcuts import get_object_or_404, render
 from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.cache import never_cache
-from django.views.decorators.http import require_GET, require_POST
+from django.views.decorators.http import require_POST, require_safe
 from django_ratelimit.decorators import ratelimit
 
 from billing.console.chart import spend_chart_svg
@@ -54,6 +54,12 @@ RANGE_TOO_LONG = f"A range is at most {MAX_DAYS} days."
 BOTH_DAYS = "Give both the first and the last day."
 KEY_REVOKED = "Revoked {prefix}…: it is refused from now on, and calls running with it were stopped."
 KEY_RENAMED = "Renamed {prefix}…."
+# The page runs no script at all (every action is a form), and may show a key's secret: nothing
+# drawn into it could run, load or send anything.
+ACCOUNT_PAGE_CSP = (
+    "default-src 'self'; script-src 'none'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+    "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
 
 
 def _page_rate(group: str, request: HttpRequest) -> str:
@@ -157,11 +163,13 @@ def _account_page(
         "created": created,
         "billing_time_zone": billing_zone().key,
     }
-    return render(request, "portal/account.html", context, status=status)
+    response = render(request, "portal/account.html", context, status=status)
+    response["Content-Security-Policy"] = ACCOUNT_PAGE_CSP
+    return response
 
 
 @never_cache
-@require_GET
+@require_safe
 @login_required
 def account_page(request: HttpRequest) -> HttpResponse:
     """The user's usage, budgets and keys."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from decimal import Decimal
 
 from django.db.models import Sum
@@ -74,7 +74,7 @@ def user_usage(*, user_id: int, days: Period) -> UserUsage:
             "cancelled_requests", "failed_requests",
         )
     )
-    per_day: dict[object, list[UsageSums]] = defaultdict(list)
+    per_day: dict[date, list[UsageSums]] = defaultdict(list)
     per_model: dict[str, list[UsageSums]] = defaultdict(list)
     everything = []
     for day, model, requests, prompt, completion, cached, cost, cancelled, failed in rows:

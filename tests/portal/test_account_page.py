@@ -60,6 +60,7 @@ def test_a_user_sees_only_their_own_usage_by_day_and_by_model(user_factory, clie
     day_two = next(day for day in response.context["usage"].by_day if day.day == (frozen_clock - timedelta(days=2)).date())
     assert day_two.requests == 2 and day_two.cost_usd == mine[0].cost_usd + mine[1].cost_usd
     assert response["Cache-Control"].startswith("max-age=0") and "no-store" in response["Cache-Control"]
+    assert "script-src 'none'" in response["Content-Security-Policy"]  # the page runs no script
 
 
 def test_a_chosen_range_of_days_includes_both_ends(user_factory, client_for, call_factory, frozen_clock) -> None:
@@ -151,7 +152,7 @@ def test_a_new_key_is_shown_once_then_only_its_prefix(user_factory, client_for) 
     response = client.post("/account/keys/", {"name": "laptop"})
 
     assert response.status_code == 201
-    assert "no-store" in response["Cache-Control"]
+    assert "no-store" in response["Cache-Control"] and "script-src 'none'" in response["Content-Security-Policy"]
     secret = re.search(rb'id="new-key-secret" type="text" readonly value="([^"]+)"', response.content).group(1).decode()
     api_key = ApiKey.objects.get(user=alice)
     assert api_key.name == "laptop" and api_key.key_hash == hash_api_key(secret) and secret.startswith(api_key.prefix)
