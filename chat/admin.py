@@ -1,4 +1,5 @@
-"""Staff see users' saved conversations (read-only: what a user and a model said is theirs)."""
+"""Staff see users' saved conversations, read-only (what a user and a model said is theirs; a
+conversation can be deleted, e.g. when its user asks)."""
 
 from __future__ import annotations
 
@@ -28,8 +29,7 @@ class ConversationAdmin(admin.ModelAdmin):
     list_filter = ("model",)
     search_fields = ("title", "user__username")
     date_hierarchy = "updated_at"
-    readonly_fields = ("id", "user", "model", "system_prompt", "temperature", "created_at", "updated_at")
-    fields = ("title", *readonly_fields)
+    fields = ("title", "id", "user", "model", "system_prompt", "temperature", "created_at", "updated_at")
     inlines = [MessageInline]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Conversation]:
@@ -40,4 +40,7 @@ class ConversationAdmin(admin.ModelAdmin):
         return conversation.message_total  # type: ignore[attr-defined]
 
     def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Conversation | None = None) -> bool:
         return False

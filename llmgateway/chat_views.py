@@ -203,6 +203,8 @@ def _spend(user_id: int) -> dict[str, Any]:
 
     budgets = [
         {
+            "kind": budget.kind,
+            "period": budget.period,
             "label": BUDGET_LABELS[(budget.kind, budget.period)],
             "used": amount(budget.kind, budget.used),
             "left": amount(budget.kind, budget.left),

@@ -151,6 +151,20 @@ def test_stop_mid_answer_keeps_what_arrived_and_the_ledger_row_is_cancelled_with
     assert f"{record.completion_tokens} out" in stopped.locator(".meta").inner_text()
 
 
+def test_reloading_mid_answer_keeps_what_arrived_as_a_stopped_answer(page, answer) -> None:
+    answer.tokens, answer.token_text, answer.inter_token_delay = 200, "slow ", 0.03
+    send(page, "Tell me a long story")
+    wait_for_js(page, "document.querySelector('.msg.assistant .body')?.textContent.length > 20")
+    page.reload()
+    kept = wait_for_answer(page, "stopped")  # saved by the old page's last request, which may land after the reload
+    assert kept.locator(".body").inner_text().startswith("slow slow slow slow")
+    assert "the page was left or reloaded" in kept.locator(".notice").inner_text()
+    [record] = wait_for_records(1)
+    saved = Message.objects.get(role="assistant")
+    assert record.status == "cancelled" and saved.request_id == record.request_id
+    assert 0 < record.completion_tokens < 200 and saved.content.startswith("slow slow slow slow")
+
+
 def test_a_rate_limited_call_says_so_with_a_countdown_from_retry_after(page, answer) -> None:
     answer.fault, answer.retry_after = "429", 30
     send(page, "hello?")

@@ -279,3 +279,21 @@ def test_spend_counts_this_months_calls_and_warns_past_the_soft_threshold(alice)
     account_quota_set(user_id=alice.pk, monthly_spend_limit_usd=Decimal("1.20"))  # 83%, past the default 80%
     nearly_spent = selectors.spend_summary(user_id=alice.pk, at=timezone.now())
     assert [budget.left for budget in nearly_spent.past_threshold] == [Decimal("0.20")]
+
+
+# --- The admin ----------------------------------------------------------------------------------
+
+
+def test_staff_read_conversations_in_the_admin_without_changing_them(alice, admin_client, django_assert_max_num_queries) -> None:
+    for index in range(5):
+        conversation = send(alice, f"Question {index}").conversation
+        answer(alice, conversation, f"Answer {index}")
+    with django_assert_max_num_queries(12):
+        listing = admin_client.get("/admin/chat/conversation/")
+    assert listing.status_code == 200
+    assert "Question 4" in listing.content.decode() and "alice" in listing.content.decode()
+    detail = admin_client.get(f"/admin/chat/conversation/{conversation.pk}/change/")
+    assert detail.status_code == 200
+    assert "Answer 4" in detail.content.decode()
+    assert admin_client.post(f"/admin/chat/conversation/{conversation.pk}/change/", {"title": "edited"}).status_code == 403
+    assert Conversation.objects.get(pk=conversation.pk).title == "Question 4"

@@ -28,13 +28,14 @@
   const search = $("search");
 
   const CONNECTION_LOST = "The connection to the gateway was lost. Check your network, then retry.";
+  const LEFT_PAGE = "Stopped: the page was left or reloaded while the answer arrived.";
   const DEFAULT_RETRY_SECONDS = 10;
   const USAGE_POLLS = 15;
   const USAGE_POLL_MS = 300;
 
   let conversation = boot.conversation; // the open conversation with its messages, or null
   let conversations = boot.conversations; // the sidebar's list
-  let streaming = null; // {controller} while an answer streams
+  let streaming = null; // {controller, answer} while an answer streams
   let busy = false;
   const timers = new Set();
 
@@ -149,10 +150,11 @@
     spendEl.replaceChildren();
     const line = el("span");
     line.append("This month ", el("strong", "", spend.month_spent), " spent");
-    const monthly = spend.budgets.find((budget) => budget.label === "this month's spend") || spend.budgets[0];
+    const isMonthlySpend = (budget) => budget.kind === "spend" && budget.period === "month";
+    const monthly = spend.budgets.find(isMonthlySpend) || spend.budgets[0];
     if (monthly) {
       line.append(" · ", el("strong", "", monthly.left), ` left of ${monthly.limit}`);
-      if (monthly.label !== "this month's spend") line.append(` (${monthly.label})`);
+      if (!isMonthlySpend(monthly)) line.append(` (${monthly.label})`);
       const bar = el("span", "bar");
       const fill = el("span");
       fill.style.width = `${Math.round(Number(monthly.share) * 100)}%`;
@@ -525,7 +527,7 @@
       if (follow) scrollToBottom();
     };
     const controller = new AbortController();
-    streaming = { controller };
+    streaming = { controller, answer };
     setBusy(true, true);
     let warning = "";
     try {
@@ -698,6 +700,26 @@
 
   stopButton.addEventListener("click", () => streaming && streaming.controller.abort());
 
+  // Leaving or reloading the page mid-answer ends the call (the gateway sees the hang-up): keep
+  // what arrived, as a stopped answer, with a request that outlives the page.
+  window.addEventListener("pagehide", () => {
+    if (!streaming || !conversation) return;
+    const { answer } = streaming;
+    fetch(`${urls.conversations}/${conversation.id}/answers`, {
+      method: "POST",
+      keepalive: true,
+      credentials: "same-origin",
+      headers: { "Content-Type": "application/json", "X-CSRFToken": boot.csrf },
+      body: JSON.stringify({
+        content: answer.content,
+        state: answer.content ? "stopped" : "failed",
+        error: LEFT_PAGE,
+        model: answer.model,
+        request_id: answer.request_id,
+      }),
+    });
+  });
+
   // --- Start ------------------------------------------------------------------------------
 
   for (const model of boot.models) {
@@ -710,5 +732,17 @@
   renderSpend(boot.spend);
   renderSidebar();
   renderConversation();
+  const messages = conversation ? conversation.messages : [];
+  if (messages.length && messages[messages.length - 1].role === "user") {
+    // Reloaded mid-answer: the previous page's last request, saving what arrived, may land just after this one.
+    later(async () => {
+      if (busy || !conversation) return;
+      const fresh = await api("GET", `${urls.conversations}/${conversation.id}`).catch(() => null);
+      if (fresh && !busy && fresh.messages.length > conversation.messages.length) {
+        conversation = fresh;
+        renderConversation();
+      }
+    }, 800);
+  }
   prompt.focus();
 })();
