@@ -4,7 +4,7 @@ API keys are created here or with `manage.py createapikey`, both through `api_ke
 secret is shown once, on the page that answers the add form (never stored, never put in a message
 or a cookie); after that only its prefix. Revocation goes through `api_key_revoke` (the "Revoke"
 action) and is final: `revoked_at` is not editable. The list shows each key's state at a glance
-and what it spent this month, in the list's one query.
+and what it spent this month (from the key rollups), in the list's one query.
 
 Suspending a user stops their running calls, which only the edge may do (billing is below the
 call's life), so the accounts list registered by `billing.admin` is registered again here with
@@ -33,7 +33,7 @@ from django.utils.safestring import SafeString
 from billing import admin as billing_admin
 from billing import display
 from billing.fields import ExactDecimalField
-from billing.models import TOTAL_DIGITS, Account, UsageRecord
+from billing.models import TOTAL_DIGITS, Account, DailyKeyUsage
 from billing.periods import period_containing
 from llmgateway.logins import password_set_path
 from llmgateway.models import ApiKey
@@ -129,9 +129,12 @@ class ApiKeyAdmin(admin.ModelAdmin):
         self._secrets: WeakKeyDictionary[HttpRequest, str] = WeakKeyDictionary()
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[ApiKey]:
+        # From the key rollups (one row per key and billing day, equal to the ledger's sums): a
+        # month of a key's calls is a month of its days, whatever its traffic; summing its ledger
+        # rows instead took 0.2 s for the list sorted by spend on a million rows.
         month = period_containing("month", timezone.now())
         spend = (
-            UsageRecord.objects.filter(api_key_id=OuterRef("pk"), created_at__gte=month.start, created_at__lt=month.end)
+            DailyKeyUsage.objects.filter(api_key_id=OuterRef("pk"), day__gte=month.first_day, day__lt=month.end_day)
             .order_by()
             .values("api_key_id")
             .annotate(total=Sum("cost_usd"))
