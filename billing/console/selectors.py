@@ -24,7 +24,17 @@ from typing import Any, Literal
 
 from django.contrib.auth import get_user_model
 from django.db import connections
-from django.db.models import Aggregate, BigIntegerField, Count, F, Q, Sum, Window
+from django.db.models import (
+    Aggregate,
+    BigIntegerField,
+    Count,
+    F,
+    OuterRef,
+    Q,
+    Subquery,
+    Sum,
+    Window,
+)
 from django.db.models.functions import RowNumber
 
 from billing.models import Account, DailyKeyUsage, DailyUsage, Reservation, UsageRecord
@@ -123,24 +133,6 @@ def console_days(*, at: datetime, days: int) -> Period:
     return days_ending(at, days=days)
 
 
-def daily_spend(*, days: Period) -> list[DaySpend]:
-    """Spend per calendar day of `days`, one entry per day (zero where nothing was spent). One query."""
-    rows = (
-        DailyUsage.objects.filter(_days(days))
-        .order_by()
-        .values("day")
-        .annotate(cost=Sum("cost_usd"), n=Sum("requests"))
-        .values_list("day", "cost", "n")
-    )
-    by_day = {day: (cost, n) for day, cost, n in rows}
-    spend = []
-    for offset in range(days.days):
-        day = days.first_day + timedelta(days=offset)
-        cost, n = by_day.get(day, (Decimal(0), 0))
-        spend.append(DaySpend(day=day, cost_usd=cost, requests=n))
-    return spend
-
-
 @dataclass(frozen=True, slots=True)
 class UsageSums:
     requests: int
@@ -178,6 +170,7 @@ def _sums(row: Mapping[str, Any], *, ended: bool) -> UsageSums:
 class RangeTotals:
     all_calls: UsageSums
     with_a_key: UsageSums  # the part made with an API key that still exists
+    by_day: list[DaySpend]  # spend per calendar day of the range, one entry per day (zero where none)
 
     @property
     def without_a_key_usd(self) -> Decimal:
@@ -186,10 +179,25 @@ class RangeTotals:
 
 
 def range_totals(*, days: Period) -> RangeTotals:
-    """Requests, tokens, spend and how calls ended over `days`; and how much of it had a key. Two queries."""
-    every = DailyUsage.objects.filter(_days(days)).aggregate(**_SUMS, **_ENDED)
+    """Requests, tokens, spend and how calls ended over `days`, per day and in all; and how much of
+    it had a key. Two queries.
+
+    The range's sums are added up here from its days' (at most 366 rows): one pass over the
+    rollups gives both the chart and the totals.
+    """
+    per_day: Any = DailyUsage.objects.filter(_days(days)).order_by().values("day").annotate(**_SUMS, **_ENDED)
+    rows: dict[date, Mapping[str, Any]] = {row["day"]: row for row in per_day}
+    every = {
+        name: money_sum([row[name] for row in rows.values()]) if name == "cost_usd" else sum(row[name] for row in rows.values())
+        for name in (*_SUMS, *_ENDED)
+    }
     keyed = DailyKeyUsage.objects.filter(_days(days)).aggregate(**_SUMS)
-    return RangeTotals(all_calls=_sums(every, ended=True), with_a_key=_sums(keyed, ended=False))
+    by_day = []
+    for offset in range(days.days):
+        day = days.first_day + timedelta(days=offset)
+        row = rows.get(day)
+        by_day.append(DaySpend(day=day, cost_usd=row["cost_usd"], requests=row["requests"]) if row else DaySpend(day=day, cost_usd=Decimal(0), requests=0))
+    return RangeTotals(all_calls=_sums(every, ended=True), with_a_key=_sums(keyed, ended=False), by_day=by_day)
 
 
 # --- Top spenders ----------------------------------------------------------------------------
@@ -213,6 +221,25 @@ def sort_order(value: str) -> str:
     return ("-" if value.startswith("-") else "") + SORT_KEYS[key]
 
 
+class _GroupName(Subquery):
+    """A name for each group of an aggregate, read after grouping, from the group's key alone.
+
+    Django groups a `values()` query by every annotation that is no aggregate; this one depends
+    only on the group's key, already grouped, so it is left out of the GROUP BY (as the
+    documented `get_group_by_cols()` of an aggregate is). Grouping by the key alone is what keeps
+    a year of rollups fast: grouped by the joined names too, PostgreSQL sorted every rollup row by
+    them (0.1 s for a year of 300 users or 1,000 keys, a third of that grouped by the key).
+    """
+
+    def get_group_by_cols(self) -> list[Any]:
+        return []
+
+
+def _named(model: Any, field: str, *, key: str) -> _GroupName:
+    """`field` of the `model` row the group's `key` column points at."""
+    return _GroupName(model.objects.filter(pk=OuterRef(key)).order_by().values(field)[:1])
+
+
 def top_spenders(*, by: Dimension, days: Period, sort: str = "-cost", limit: int = 10) -> list[SpendRow]:
     """The first `limit` users, keys or models over `days` in `sort` order. One query.
 
@@ -221,46 +248,41 @@ def top_spenders(*, by: Dimension, days: Period, sort: str = "-cost", limit: int
     order = sort_order(sort)
     rows: Any  # values() of one of three shapes
     if by == "user":
-        username = f"user__{get_user_model().USERNAME_FIELD}"
+        user_model = get_user_model()
         rows = (
             DailyUsage.objects.filter(_days(days))
             .order_by()
-            .values("user_id")
-            .annotate(label=F(username), **_SUMS, **_ENDED)
-            .order_by(order, "user_id")
+            .values(group_key=F("user_id"))
+            .annotate(label=_named(user_model, user_model.USERNAME_FIELD, key="user_id"), **_SUMS, **_ENDED)
         )
-        key_field = "user_id"
     elif by == "key":
+        api_key_model = DailyKeyUsage._meta.get_field("api_key").related_model  # the edge's model
         rows = (
             DailyKeyUsage.objects.filter(_days(days))
             .order_by()
-            .values("api_key_id")
+            .values(group_key=F("api_key_id"))
             .annotate(
-                label=F("api_key__prefix"),
-                detail=F("api_key__name"),
-                owner=F(f"api_key__user__{get_user_model().USERNAME_FIELD}"),
+                label=_named(api_key_model, "prefix", key="api_key_id"),
+                detail=_named(api_key_model, "name", key="api_key_id"),
+                owner=_named(api_key_model, f"user__{get_user_model().USERNAME_FIELD}", key="api_key_id"),
                 **_SUMS,
             )
-            .order_by(order, "api_key_id")
         )
-        key_field = "api_key_id"
     elif by == "model":
         rows = (
             DailyUsage.objects.filter(_days(days))
             .order_by()
-            .values("model")
+            .values(group_key=F("model"))
             .annotate(label=F("model"), **_SUMS, **_ENDED)
-            .order_by(order, "model")
         )
-        key_field = "model"
     else:
         raise ValueError(f"Unknown dimension {by!r}.")
     result = []
-    for row in rows[:limit]:
+    for row in rows.order_by(order, "group_key")[:limit]:
         detail = ""
         if by == "key":  # the key's name, and whose it is
             detail = " · ".join(part for part in (row["detail"], row["owner"]) if part)
-        result.append(SpendRow(id=row[key_field], label=row["label"], detail=detail, sums=_sums(row, ended=by != "key")))
+        result.append(SpendRow(id=row["group_key"], label=row["label"], detail=detail, sums=_sums(row, ended=by != "key")))
     return result
 
 

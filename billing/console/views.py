@@ -149,6 +149,7 @@ def console_view(request: HttpRequest, *, admin_site: AdminSite) -> TemplateResp
         for dimension in ("user", "key", "model")
     }
     budgets = selectors.account_budgets(at=at)
+    totals = selectors.range_totals(days=days)
 
     def day_ledger(day: date) -> str:
         return ledger_url(period=Period("day", day, day + timedelta(days=1), days.zone))
@@ -163,8 +164,8 @@ def console_view(request: HttpRequest, *, admin_site: AdminSite) -> TemplateResp
         "days": days,
         "day_choices": [(n, _with(request.GET, days=n), n == days.days) for n in DAY_CHOICES],
         "top_choices": [(n, _with(request.GET, top=n), n == top) for n in TOP_CHOICES],
-        "chart": spend_chart_svg(selectors.daily_spend(days=days), link=day_ledger),
-        "totals": selectors.range_totals(days=days),
+        "chart": spend_chart_svg(totals.by_day, link=day_ledger),
+        "totals": totals,
         "range_ledger_url": ledger_url(period=days),
         "users": tables["user"],
         "keys": tables["key"],

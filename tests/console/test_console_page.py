@@ -25,8 +25,8 @@ from .conftest import NOW
 
 pytestmark = [pytest.mark.django_db, pytest.mark.ledger]
 
-# Session and user, permissions, then the console's own reads: spend per period, per day, the
-# range's totals (two), three tables, latency, budgets (three).
+# Session and user, permissions, then the console's own reads: spend per period, the range's days
+# and totals (two), three tables, latency, budgets (three).
 MAX_QUERIES = 16
 
 
