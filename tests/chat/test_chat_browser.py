@@ -165,7 +165,7 @@ def test_reloading_mid_answer_keeps_what_arrived_as_a_stopped_answer(page, answe
     assert 0 < record.completion_tokens < 200 and saved.content.startswith("slow slow slow slow")
 
 
-def test_a_rate_limited_call_says_so_with_a_countdown_from_retry_after(page, answer) -> None:
+def test_a_rate_limited_call_says_so_with_a_countdown_from_retry_after(page, answer, screenshot_dir) -> None:
     answer.fault, answer.retry_after = "429", 30
     send(page, "hello?")
     failed = wait_for_answer(page, "failed")
@@ -178,9 +178,11 @@ def test_a_rate_limited_call_says_so_with_a_countdown_from_retry_after(page, ans
         page, f"/retry in (\\d+) s/.exec(document.querySelector('.msg.assistant .countdown').textContent)[1] < {first}", timeout=3
     )
     assert Message.objects.get(role="assistant").state == "failed"
+    screenshot(page, screenshot_dir, "chat-rate-limited-1280.png")
 
 
-def test_an_upstream_failure_mid_answer_keeps_what_arrived_marked_cut_off(page, answer) -> None:
+def test_an_upstream_failure_mid_answer_keeps_what_arrived_marked_cut_off(page_factory, answer, screenshot_dir) -> None:
+    page = page_factory(390, 844)
     answer.tokens, answer.token_text, answer.fault, answer.fault_after_tokens = 20, "part ", "error_frame", 5
     send(page, "go")
     cut = wait_for_answer(page, "cut_off")
@@ -189,6 +191,7 @@ def test_an_upstream_failure_mid_answer_keeps_what_arrived_marked_cut_off(page, 
     assert cut.locator("button.regenerate").inner_text() == "Retry"
     saved = Message.objects.get(role="assistant")
     assert saved.state == "cut_off" and saved.content.strip() == ("part " * 5).strip()
+    screenshot(page, screenshot_dir, "chat-cut-off-390.png")
 
 
 def test_a_spent_budget_is_explained_in_the_conversation(page, answer) -> None:
