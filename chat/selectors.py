@@ -14,7 +14,8 @@ from billing.console.selectors import Budget
 from billing.models import Account, DailyUsage, UsageRecord
 from billing.money import Rates
 from billing.periods import period_containing
-from billing.selectors import period_usage, price_in_effect, rates_for
+from billing.portal.selectors import user_budgets
+from billing.selectors import price_in_effect, rates_for
 from chat.exceptions import ConversationNotFound
 from chat.models import Conversation, Message
 from chat.services import NOT_FOUND
@@ -129,33 +130,16 @@ class SpendSummary:
 
 
 def spend_summary(*, user_id: int, at: datetime) -> SpendSummary:
-    """Spend in the day and month containing `at`, and each budget's use, as an admission counts it."""
-    account = Account.objects.filter(user_id=user_id).first()
-    if account is None:
-        month = period_containing("month", at)
-        day = period_containing("day", at)
-        rows = DailyUsage.objects.filter(user_id=user_id, day__gte=month.first_day, day__lt=month.end_day)
-        return SpendSummary(
-            month_spent_usd=rows.aggregate(total=Sum("cost_usd"))["total"] or Decimal(0),
-            day_spent_usd=rows.filter(day=day.first_day).aggregate(total=Sum("cost_usd"))["total"] or Decimal(0),
-            budgets=(),
-            soft_threshold=None,
-        )
-    usage = period_usage(account=account, at=at)
-    candidates = (
-        ("spend", "day", account.daily_spend_limit_usd, usage.day_cost_usd, usage.reserved_usd),
-        ("spend", "month", account.monthly_spend_limit_usd, usage.month_cost_usd, usage.reserved_usd),
-        ("tokens", "day", account.daily_token_limit, Decimal(usage.day_tokens), Decimal(usage.reserved_tokens)),
-        ("tokens", "month", account.monthly_token_limit, Decimal(usage.month_tokens), Decimal(usage.reserved_tokens)),
+    """Spend in the day and month containing `at`, and each budget's use as an admission counts it."""
+    month = period_containing("month", at)
+    today = Q(day=period_containing("day", at).first_day)
+    spent = DailyUsage.objects.filter(user_id=user_id, day__gte=month.first_day, day__lt=month.end_day).aggregate(
+        month=Sum("cost_usd"), day=Sum("cost_usd", filter=today)
     )
-    budgets = tuple(
-        Budget(kind=kind, period=period, limit=Decimal(limit), spent=spent, held=held)  # type: ignore[arg-type]
-        for kind, period, limit, spent, held in candidates
-        if limit is not None
-    )
+    board = user_budgets(user_id=user_id, at=at)
     return SpendSummary(
-        month_spent_usd=usage.month_cost_usd,
-        day_spent_usd=usage.day_cost_usd,
-        budgets=budgets,
-        soft_threshold=account.soft_threshold,
+        month_spent_usd=spent["month"] or Decimal(0),
+        day_spent_usd=spent["day"] or Decimal(0),
+        budgets=board.budgets if board is not None else (),
+        soft_threshold=board.soft_threshold if board is not None else None,
     )
