@@ -186,3 +186,24 @@ def test_the_favicon_is_an_icon(client) -> None:
     response = Client().get("/favicon.ico")
     assert response.status_code == 200 and response["Content-Type"] == "image/x-icon"
     assert response.content.startswith(b"\x00\x00\x01\x00")  # an ICO header
+
+
+def test_the_pages_queries_do_not_grow_with_conversations_or_messages(client, django_assert_num_queries) -> None:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    def queries_for_page() -> int:
+        conversation = Conversation.objects.order_by("-updated_at").first()
+        with CaptureQueriesContext(connection) as captured:
+            assert client.get(f"/chat/c/{conversation.pk}/").status_code == 200
+        return len(captured)
+
+    for _ in range(2):
+        start(client)
+    few = queries_for_page()
+    first = Conversation.objects.order_by("-updated_at").first()
+    for index in range(10):
+        start(client, f"more {index}")
+        start(client, "again", conversation=str(first.pk))
+    assert queries_for_page() == few
+    assert few <= 40, few  # mostly prices: a few per model in the catalog
