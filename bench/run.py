@@ -1,6 +1,6 @@
 """Benchmark the gateway as production serves it, against a fast fake upstream, in one command.
 
-    scripts/bench [--quick] [--workers N] [--tokens N] [--phases streaming,memory,storm,limiter,chaos]
+    scripts/bench [--quick] [--workers N] [--tokens N] [--phases streaming,memory,storm,limiter,chaos,admin]
 
 One invocation starts, on 127.0.0.1 only:
 
@@ -75,7 +75,7 @@ BODY: dict[str, Any] = {
     "stream_options": {"include_usage": True},
 }
 CHAT_PATH = "/v1/chat/completions"
-PHASES = ("streaming", "memory", "storm", "accuracy", "limiter", "chaos")
+PHASES = ("streaming", "memory", "storm", "accuracy", "limiter", "chaos", "admin")
 GATEWAY_PHASES = ("streaming", "memory", "storm", "accuracy")  # these share the run's gateway
 BENCH_LIMITS = {
     "LIMITS_KEY_RPM": str(10**9),
@@ -1146,6 +1146,31 @@ class Bench:
             _log(f"chaos: failed: {type(error).__name__}: {error}")
             self.results["chaos"] = {"status": "failed", "reason": f"{type(error).__name__}: {error}"}
 
+    def phase_admin(self) -> None:
+        """Issue 11's acceptance: the console and every admin list on a 1,000,000-row ledger in
+        PostgreSQL (``bench/admin_pages.py``, in a process of its own: it sets Django up on a
+        database of its own). ``--quick`` fills 100,000 rows."""
+        from bench import admin_pages
+
+        server = self.pg_server or admin_pages.DEFAULT_SERVER
+        out = self.workdir / "admin_pages.json"
+        command = [sys.executable, "-m", "bench.admin_pages", "--postgres", server, "--output", str(out)]
+        if self.args.quick:
+            command += ["--rows", "100000", "--runs", "3"]
+        if self.args.keep:
+            command.append("--keep")
+        try:
+            done = subprocess.run(command, cwd=ROOT, env=os.environ.copy(), capture_output=True, text=True, timeout=1800)
+        except subprocess.TimeoutExpired:
+            self.results["admin"] = {"status": "n/a", "reason": "bench.admin_pages timed out after 1,800 s"}
+            return
+        sys.stderr.write(done.stderr)
+        if not out.exists():
+            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or [""]
+            self.results["admin"] = {"status": "n/a", "reason": f"exit {done.returncode}: {tail[0][:200]}"}
+            return
+        self.results["admin"] = {"status": "ok", **json.loads(out.read_text())}
+
     def run(self, phases: Sequence[str]) -> dict[str, Any]:
         began = time.monotonic()
         self.results["meta"] = _meta(self.args, self.plan)
@@ -1167,6 +1192,9 @@ class Bench:
         if "chaos" in phases:
             _log("phase chaos")
             self.phase_chaos()
+        if "admin" in phases:
+            _log("phase admin")
+            self.phase_admin()
         self.results["meta"]["elapsed_s"] = round(time.monotonic() - began, 1)
         gateway_log = self.workdir / "gateway.log"
         log = gateway_log.read_text(errors="replace") if gateway_log.exists() else ""
@@ -1474,6 +1502,14 @@ def _targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         from bench import chaos
 
         targets.append(Target(*chaos.target(results["chaos"])))
+    if "admin" in results:
+        from bench import admin_pages
+
+        admin = results["admin"]
+        if admin.get("status") == "ok":
+            targets.append(Target(*admin_pages.target(admin)))
+        else:
+            targets.append(Target(f"admin pages p50 ({admin.get('reason', 'not run')[:60]})", "n/a", f"< {admin_pages.BOUND_MS:g} ms", None))
     return [
         {"name": t.name, "measured": t.measured, "target": t.target, "status": t.status}
         for t in targets
@@ -1605,6 +1641,11 @@ def render(results: dict[str, Any]) -> str:
         from bench import chaos
 
         lines += chaos.render(results["chaos"])
+    admin = results.get("admin")
+    if admin:
+        from bench import admin_pages
+
+        lines += [*admin_pages.table(admin), ""] if admin.get("status") == "ok" else [f"Admin pages: n/a ({admin.get('reason')})", ""]
     ledger = results.get("ledger")
     if ledger:
         restarts = ", ".join(
