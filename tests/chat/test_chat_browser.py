@@ -199,7 +199,8 @@ def test_a_spent_budget_is_explained_in_the_conversation(page, answer) -> None:
     send(page, "anything")
     failed = wait_for_answer(page, "failed")
     assert "budget is used up" in failed.locator(".notice").inner_text()
-    assert answer.requests == []
+    assert "not charged" in failed.locator(".meta").inner_text()
+    assert answer.requests == [] and not UsageRecord.objects.exists()
 
 
 def test_a_lost_connection_shows_a_retry_button_that_answers_again(page, answer) -> None:

@@ -385,8 +385,10 @@
         el("span", "cost", usage.cost),
         el("span", "ttft", usage.ttft ? `first token ${usage.ttft}` : "no token arrived"),
       );
+    } else if (message.state === "failed") {
+      meta.append(el("span", "cost", "not charged")); // refused before any upstream call: no ledger row
     } else if (message.request_id) {
-      meta.append(el("span", "pending", "cost: waiting for the ledger…"));
+      meta.append(el("span", "pending", "cost: not in the ledger yet"));
     }
     if (message.left_out) meta.append(el("span", "left-out", `${message.left_out} earlier messages left out to fit the model's context window`));
     element.append(meta);
@@ -642,7 +644,7 @@
     element.replaceWith(drawn);
     updateTurnActions();
     if (nearBottom()) scrollToBottom();
-    if (!saved.unsaved && saved.request_id && !saved.usage) awaitUsage(saved, conversation.id);
+    if (!saved.unsaved && saved.request_id && !saved.usage && saved.state !== "failed") awaitUsage(saved, conversation.id);
   }
 
   /* A stopped call reaches the ledger a moment after the page hangs up: fetch its figures then. */
