@@ -14,6 +14,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHt
 from django.views.decorators.csrf import csrf_exempt
 
 from calls.chat import ChatCall
+from llmgateway import openapi
 from llmgateway.auth import Principal, aauthenticate, aprincipal_for_api_call
 from llmgateway.errors import (
     ApiError,
@@ -160,6 +161,14 @@ async def model_detail(request: HttpRequest, model: str) -> HttpResponse:
         raise NotFound(f"The model `{model}` does not exist or you do not have access to it.", param="model", code="model_not_found")
     except Exception as error:
         return _error_answer(error)
+
+
+@csrf_exempt
+async def openapi_document(request: HttpRequest) -> HttpResponse:
+    """`GET /v1/openapi.json`: the API's OpenAPI document (no key needed)."""
+    if request.method != "GET":
+        return error_response(MethodNotAllowed(str(request.method), allowed="GET"))
+    return HttpResponse(openapi.document_bytes(), content_type="application/json")
 
 
 @csrf_exempt

@@ -8,6 +8,7 @@ from llmgateway import api, chat_views, logins, ops, pages, portal
 urlpatterns = [
     path("v1/chat/completions", api.chat_completions, name="chat-completions"),
     path("v1/models", api.models_list, name="models"),
+    path("v1/openapi.json", api.openapi_document, name="openapi"),
     # [\s\S], not `.` or a path converter: a path with an encoded newline is still the API's.
     re_path(r"^v1/models/(?P<model>[\s\S]+)$", api.model_detail, name="model-detail"),
     re_path(r"^v1/(?P<path>[\s\S]*)$", api.unknown_endpoint),

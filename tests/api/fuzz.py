@@ -17,6 +17,9 @@ from urllib.parse import quote
 
 import orjson
 from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from streaming.schema import ChatCompletion, ChatCompletionChunk, ErrorResponse
 
 # Fast ones first (the simulator's sim-fast, and the test's fake upstream behind gpt-4o-mini).
 MODELS = ["sim-fast", "gpt-4o-mini", "no-such-model", "", "sim-fast\n", "../sim-fast", "sim-chat"]
@@ -170,24 +173,38 @@ def problems(request: FuzzRequest, status: int, headers: dict[str, str], body: b
         found.append("no x-request-id")
     if status >= 400 and request.method != "HEAD":
         try:
-            error = orjson.loads(body)["error"]
-            if set(error) != {"message", "type", "param", "code"} or not error["message"]:
+            error = ErrorResponse.model_validate_json(body).error
+            if set(orjson.loads(body)["error"]) != {"message", "type", "param", "code"} or not error.message:
                 found.append(f"an error body of the wrong shape: {body[:200]!r}")
-        except (ValueError, KeyError, TypeError):
+        except ValidationError:
             found.append(f"an error that is not OpenAI's JSON: {body[:200]!r}")
     if status == 405 and not headers.get("allow"):
         found.append("a 405 without Allow")
     if status == 200 and request.method == "POST" and request.path == CHAT_PATH:
         if headers.get("content-type", "").startswith("text/event-stream"):
-            lines = [line for line in body.decode().split("\n") if line]
-            ended = lines and (lines[-1] == "data: [DONE]" or lines[-1].startswith('data: {"error"'))
-            if not ended or not all(line.startswith(("data: ", ":")) for line in lines):
-                found.append(f"a stream that does not end well: {body[-200:]!r}")
+            found += _stream_problems(body)
         else:
             try:
-                completion = orjson.loads(body)
-                if completion.get("object") != "chat.completion" or not completion.get("choices"):
-                    found.append(f"a 200 that is not a completion: {body[:200]!r}")
-            except ValueError:
-                found.append(f"a 200 that is not JSON: {body[:200]!r}")
+                ChatCompletion.model_validate_json(body)
+            except ValidationError as invalid:
+                found.append(f"a 200 that is not a completion ({invalid.error_count()} errors): {body[:200]!r}")
     return found
+
+
+def _stream_problems(body: bytes) -> list[str]:
+    """Every event a chunk, and the stream ends with [DONE] or an error event."""
+    lines = [line for line in body.decode().split("\n") if line and not line.startswith(":")]
+    if not lines or not all(line.startswith("data: ") for line in lines):
+        return [f"a stream with lines that are not events: {body[-200:]!r}"]
+    *events, last = (line.removeprefix("data: ") for line in lines)
+    if last != "[DONE]":
+        try:
+            ErrorResponse.model_validate_json(last)
+        except ValidationError:
+            return [f"a stream that does not end with [DONE] or an error: {body[-200:]!r}"]
+    for event in events:
+        try:
+            ChatCompletionChunk.model_validate_json(event)
+        except ValidationError:
+            return [f"an event that is not a chunk: {event[:200]!r}"]
+    return []

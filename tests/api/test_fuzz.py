@@ -10,6 +10,7 @@ every run whatever the seed.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 
 import httpx
@@ -52,3 +53,16 @@ def send(client: httpx.Client, request: FuzzRequest) -> list[str]:
 @given(request=requests())
 def test_whatever_arrives_the_answer_is_never_a_5xx_and_every_error_is_openais(keyed_client: httpx.Client, request: FuzzRequest) -> None:
     assert send(keyed_client, request) == []
+
+
+@pytest.mark.parametrize("value", [b"a\x01b", b"a\x7fb", b"a\x00b"], ids=["control-byte", "delete", "nul"])
+def test_a_header_with_a_control_byte_is_refused_by_the_server_before_the_gateway(gateway: Gateway, value: bytes) -> None:
+    """RFC 9110 forbids these bytes in a field value; Granian answers a bare 400 and closes, with
+    no setting to say more (the README says so). The gateway never sees the request."""
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as connection:
+        connection.sendall(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Odd: " + value + b"\r\n\r\n")
+        answer = connection.recv(4096)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ")
+    assert b"connection: close" in head.lower() and b"x-request-id" not in head.lower()
+    assert body == b""

@@ -1,0 +1,138 @@
+"""The OpenAPI 3.1 document of the gateway's API, served at `GET /v1/openapi.json`.
+
+Built from the schemas the gateway validates with and answers in (`streaming.schema`), so what
+is published is what is enforced. A streamed answer is described by its media type
+(`text/event-stream`) and the schema of each event (`ChatCompletionChunk`, `x-event-schema`),
+since OpenAPI has no way to type server-sent events.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import orjson
+from pydantic import BaseModel
+
+from streaming import schema
+
+ERRORS = {
+    "400": "The body is not valid JSON, or does not match the schema: `param` names the first wrong field.",
+    "401": "No API key, or one that is unknown, revoked or expired (`invalid_api_key`).",
+    "403": "The key may not use this model, or the call was stopped (staff, a revoked key, a suspended user).",
+    "404": "An unknown model (`model_not_found`) or path (`unknown_url`).",
+    "405": "A method the path does not take; `Allow` says which it does.",
+    "408": "The body did not arrive within the gateway's body timeout.",
+    "413": "The body is larger than the gateway accepts.",
+    "429": "A rate limit (`rate_limit_exceeded`, with `Retry-After` and `x-ratelimit-*`), or the budget (`insufficient_quota`).",
+    "502": "The upstream failed before the first token.",
+    "503": "The database, the ledger journal or the rate limiter is unavailable; retry after `Retry-After`.",
+    "504": "The upstream sent no first token in time.",
+}
+REQUEST_ID = {
+    "x-request-id": {
+        "description": "The call's id: its ledger row's `request_id` when it reached an upstream.",
+        "schema": {"type": "string"},
+    }
+}
+
+
+def _package_version() -> str:
+    try:
+        return version("llmgateway")
+    except PackageNotFoundError:
+        return "0"
+
+
+class _Components:
+    """The document's `components.schemas`, filled from pydantic models as they are referenced."""
+
+    def __init__(self) -> None:
+        self.schemas: dict[str, Any] = {}
+
+    def ref(self, model: type[BaseModel]) -> dict[str, str]:
+        if model.__name__ not in self.schemas:
+            generated = model.model_json_schema(by_alias=True, ref_template="#/components/schemas/{model}")
+            self.schemas.update(generated.pop("$defs", {}))
+            self.schemas[model.__name__] = generated
+        return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _errors(components: _Components, statuses: list[str]) -> dict[str, Any]:
+    error = {"application/json": {"schema": components.ref(schema.ErrorResponse)}}
+    return {status: {"description": ERRORS[status], "headers": REQUEST_ID, "content": error} for status in statuses}
+
+
+def build_document() -> dict[str, Any]:
+    components = _Components()
+    chat_answers = {
+        "200": {
+            "description": "The completion; with `stream: true`, server-sent events, one chunk per `data:` line, then `data: [DONE]`.",
+            "headers": REQUEST_ID,
+            "content": {
+                "application/json": {"schema": components.ref(schema.ChatCompletion)},
+                "text/event-stream": {"schema": {"type": "string"}, "x-event-schema": components.ref(schema.ChatCompletionChunk)},
+            },
+        },
+        **_errors(components, ["400", "401", "403", "404", "405", "408", "413", "429", "502", "503", "504"]),
+    }
+    model_parameter = {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "llmgateway",
+            "version": _package_version(),
+            "description": "An OpenAI-compatible gateway: point any OpenAI SDK's base URL at `/v1`.",
+        },
+        "servers": [{"url": "/v1"}],
+        "security": [{"apiKey": []}],
+        "paths": {
+            "/chat/completions": {
+                "post": {
+                    "operationId": "createChatCompletion",
+                    "summary": "Create a chat completion, streamed or not.",
+                    "requestBody": {"required": True, "content": {"application/json": {"schema": components.ref(schema.ChatCompletionRequest)}}},
+                    "responses": chat_answers,
+                }
+            },
+            "/models": {
+                "get": {
+                    "operationId": "listModels",
+                    "summary": "The models this gateway serves.",
+                    "responses": {
+                        "200": {"description": "The models.", "headers": REQUEST_ID, "content": {"application/json": {"schema": components.ref(schema.ModelList)}}},
+                        **_errors(components, ["401", "405"]),
+                    },
+                }
+            },
+            "/models/{model}": {
+                "get": {
+                    "operationId": "retrieveModel",
+                    "summary": "One model.",
+                    "parameters": [model_parameter],
+                    "responses": {
+                        "200": {"description": "The model.", "headers": REQUEST_ID, "content": {"application/json": {"schema": components.ref(schema.Model)}}},
+                        **_errors(components, ["401", "404", "405"]),
+                    },
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "operationId": "getOpenApiDocument",
+                    "summary": "This document.",
+                    "security": [],
+                    "responses": {"200": {"description": "The OpenAPI document.", "content": {"application/json": {"schema": {"type": "object"}}}}},
+                }
+            },
+        },
+        "components": {
+            "schemas": components.schemas,
+            "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer", "description": "An API key of this gateway (`manage.py createapikey`)."}},
+        },
+    }
+
+
+@cache
+def document_bytes() -> bytes:
+    return orjson.dumps(build_document())
