@@ -247,3 +247,15 @@ def test_key_forms_need_the_csrf_token(user_factory, client_for) -> None:
 def test_the_chat_page_links_to_the_account_page(user_factory, client_for) -> None:
     response = client_for(user_factory("alice")).get("/chat/")
     assert b'href="/account/"' in response.content
+
+
+def test_a_suspended_user_is_sent_to_log_in_and_makes_no_key(user_factory, client_for) -> None:
+    from llmgateway.services import user_suspend
+
+    alice = user_factory("alice")
+    client = client_for(alice)
+    user_suspend(user_id=alice.pk)
+
+    assert client.get("/account/").status_code == 302
+    assert client.post("/account/keys/", {"name": "after"}).status_code == 302
+    assert not ApiKey.objects.filter(user=alice).exists()

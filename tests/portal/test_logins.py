@@ -118,3 +118,17 @@ def test_a_user_changes_their_password(user_factory, client_for) -> None:
 def test_changing_a_password_needs_a_login() -> None:
     response = Client().get("/accounts/password/")
     assert response.status_code == 302 and response["Location"].startswith("/accounts/login/")
+
+
+def test_staff_set_a_password_on_the_users_admin_page(admin_client) -> None:
+    api_key_create(username="nadia")
+    nadia = get_user_model().objects.get(username="nadia")
+    form = admin_client.get(f"/admin/auth/user/{nadia.pk}/password/")
+    assert form.status_code == 200
+
+    response = admin_client.post(
+        f"/admin/auth/user/{nadia.pk}/password/", {"usable_password": "true", "password1": NEW_PASSWORD, "password2": NEW_PASSWORD}
+    )
+
+    assert response.status_code == 302
+    assert Client().login(username="nadia", password=NEW_PASSWORD)
