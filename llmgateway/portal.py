@@ -52,6 +52,8 @@ KEYS_SHOWN = 100  # newest first; older revoked keys are of no use on this page
 BAD_RANGE = "The last day must not be before the first."
 RANGE_TOO_LONG = f"A range is at most {MAX_DAYS} days."
 BOTH_DAYS = "Give both the first and the last day."
+EARLIEST_DAY, LATEST_DAY = date(2000, 1, 1), date(2999, 12, 31)  # far from date.min and date.max
+OUT_OF_RANGE = f"Days are from {EARLIEST_DAY} to {LATEST_DAY}."
 KEY_REVOKED = "Revoked {prefix}…: it is refused from now on, and calls running with it were stopped."
 KEY_RENAMED = "Renamed {prefix}…."
 # The page runs no script at all (every action is a form), and may show a key's secret: nothing
@@ -77,6 +79,8 @@ class PeriodQuery(forms.Form):
         if (first is None) != (last is None) and not self.errors:
             raise forms.ValidationError(BOTH_DAYS)
         if first is not None and last is not None:
+            if not EARLIEST_DAY <= first <= LATEST_DAY or not EARLIEST_DAY <= last <= LATEST_DAY:
+                raise forms.ValidationError(OUT_OF_RANGE)
             if last < first:
                 raise forms.ValidationError(BAD_RANGE)
             if (last - first).days + 1 > MAX_DAYS:

@@ -87,8 +87,11 @@ def test_a_chosen_range_of_days_includes_both_ends(user_factory, client_for, cal
         {"first": "2025-06-10", "last": "2025-06-01"},
         {"first": "2024-01-01", "last": "2025-06-01"},
         {"first": "'; DROP TABLE x", "last": "\x00"},
+        {"first": "9999-12-31", "last": "9999-12-31"},
+        {"first": "0001-01-01", "last": "0001-01-02"},
     ],
-    ids=["not-a-number", "zero-days", "too-many-days", "no-such-month", "first-alone", "backwards", "over-a-year", "garbage"],
+    ids=["not-a-number", "zero-days", "too-many-days", "no-such-month", "first-alone", "backwards", "over-a-year", "garbage",
+         "last-day-of-the-calendar", "first-day-of-the-calendar"],
 )
 def test_bad_parameters_give_the_default_range_and_a_400(user_factory, client_for, query) -> None:
     response = client_for(user_factory("alice")).get("/account/", query)
