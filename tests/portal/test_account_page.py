@@ -226,8 +226,15 @@ def test_a_key_is_renamed(user_factory, client_for) -> None:
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("get", "/account/keys/"), ("get", "/account/keys/1/revoke"), ("post", "/account/"), ("post", "/account/keys/abc/revoke")],
-    ids=["get-create", "get-revoke", "post-page", "not-an-id"],
+    [
+        ("get", "/account/keys/"),
+        ("get", "/account/keys/1/revoke"),
+        ("post", "/account/"),
+        ("post", "/account/keys/abc/revoke"),
+        ("post", f"/account/keys/{10**20}/revoke"),
+        ("post", f"/account/keys/{10**20}/rename"),
+    ],
+    ids=["get-create", "get-revoke", "post-page", "not-an-id", "id-past-bigint", "rename-id-past-bigint"],
 )
 def test_wrong_methods_and_paths_are_4xx(user_factory, client_for, method, path) -> None:
     response = getattr(client_for(user_factory("alice")), method)(path)
