@@ -426,7 +426,7 @@ def pages(ledger_rows: int) -> list[Page]:
         Page("ledger ?user, last 7 days", changelist(ledger, user=username, since=last_7[0], until=last_7[1])),
         Page(
             "ledger from the console (a user, 30 days)",
-            changelist(ledger, user__id__exact=user_id, created_at__gte=last_30.start.isoformat(), created_at__lt=last_30.end.isoformat()),
+            changelist(ledger, user__id__exact=user_id, since=last_30.first_day.isoformat(), until=last_30.end_day.isoformat()),
         ),
         Page("ledger search (a request id)", changelist(ledger, q=str(request_id))),
         Page("ledger row", reverse(f"admin:{ledger}_change", args=[record_id])),

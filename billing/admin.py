@@ -160,10 +160,14 @@ class LedgerPaginator(TotalsPaginator):
         return self._get_page(self.object_list.filter(pk__in=ids), number, self)  # type: ignore[attr-defined]
 
 
-# The ledger list's parameters that choose rows the rollups also add up: `billing.admin_filters`'
-# date range (billing days), user, model and key prefix. Any other (status, search, a lookup from
-# a link) is answered by the ledger itself.
-ROLLUP_FILTERS = frozenset({"since", "until", "user", "model", "key"})
+# The ledger list's parameters that choose rows the rollups also add up, and the rollup field each
+# is: `billing.admin_filters`' date range (billing days), user, model and key prefix, and the
+# lookups of the console's links (a user, key or model by id or name). Any other (status, search,
+# an instant) is answered by the ledger itself.
+USER_FILTERS = {"user": "username", "user__id__exact": "id"}
+MODEL_FILTERS = ("model", "model__exact")
+KEY_FILTERS = {"key": "prefix__startswith", "api_key__id__exact": "id"}
+ROLLUP_FILTERS = frozenset({"since", "until", *USER_FILTERS, *MODEL_FILTERS, *KEY_FILTERS})
 PAGE_PARAMETERS = frozenset({PAGE_VAR, ORDER_VAR, ALL_VAR})
 
 
@@ -171,33 +175,35 @@ def ledger_rollup(params: Mapping[str, str]) -> QuerySet[DailyUsage] | QuerySet[
     """Rollup rows whose sums equal the ledger rows the list's `params` select, or None.
 
     The rollups are kept in each ledger row's transaction, by local day in BILLING_TIME_ZONE
-    (`billing.services`), so for a filter made of billing days, a user, a model or a key prefix
-    their sums are the ledger's, exactly, from thousands of rows instead of a million. A key
-    prefix reads the key rollups (without a model: they have none). Blank values are no filter,
-    as in the filters themselves; the last value of a repeated parameter counts, as there.
+    (`billing.services`), so for a filter made of billing days, a user, a model or a key their
+    sums are the ledger's, exactly, from thousands of rows instead of a million. A key reads the
+    key rollups (without a model: they have none). Blank values are no filter, as in the filters
+    themselves; the last value of a repeated parameter counts, as there.
     """
     given = {name: value.strip() for name, value in params.items() if name not in PAGE_PARAMETERS and value.strip()}
     if not given.keys() <= ROLLUP_FILTERS:
         return None
-    days = Q()
     try:
+        days = Q()
         if "since" in given:
             days &= Q(day__gte=date.fromisoformat(given["since"]))
         if "until" in given:
             days &= Q(day__lt=date.fromisoformat(given["until"]))
+        for name in ("user__id__exact", "api_key__id__exact"):
+            if name in given:
+                int(given[name])
     except ValueError:
-        return None  # the list refuses it (`LedgerDateFilter`)
-    if "key" in given:
-        if "model" in given:
+        return None  # the list refuses it
+    users = {f"user__{field}": given[name] for name, field in USER_FILTERS.items() if name in given}
+    models = {given[name] for name in MODEL_FILTERS if name in given}
+    keys = {f"api_key__{field}": given[name] for name, field in KEY_FILTERS.items() if name in given}
+    if keys:
+        if models:
             return None
-        keyed = DailyKeyUsage.objects.filter(days, api_key__prefix__startswith=given["key"])
-        return keyed.filter(api_key__user__username=given["user"]) if "user" in given else keyed
-    rows = DailyUsage.objects.filter(days)
-    if "user" in given:
-        rows = rows.filter(user__username=given["user"])
-    if "model" in given:
-        rows = rows.filter(model=given["model"])
-    return rows
+        return DailyKeyUsage.objects.filter(days, **keys, **{f"api_key__{name}": value for name, value in users.items()})
+    if len(models) > 1:
+        return DailyUsage.objects.none()  # two models: no call is of both
+    return DailyUsage.objects.filter(days, **users, **({"model": models.pop()} if models else {}))
 
 
 class RollupPaginator(TotalsPaginator):

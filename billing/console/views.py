@@ -92,10 +92,15 @@ def console_permitted(request: HttpRequest, admin_site: AdminSite) -> bool:
     return admin_site.get_model_admin(UsageRecord).has_view_permission(request)
 
 
-def ledger_url(*, period: Period, **filters: Any) -> str:
-    """The ledger's admin list, filtered to `period`'s instants and `filters`."""
-    query = {**filters, "created_at__gte": period.start.isoformat(), "created_at__lt": period.end.isoformat()}
-    return f"{reverse('admin:billing_usagerecord_changelist')}?{urlencode(query)}"
+def ledger_url(*, period: Period, ledger: str = "", **filters: Any) -> str:
+    """The ledger's admin list (at `ledger`, else reversed), filtered to `period`'s days and `filters`.
+
+    The days are the list's own date filter (`since`, `until`: billing days, as the rollups the
+    console reads), which the list answers from the rollups too; the chart links each of its
+    days, so its page reverses the list's path once and passes it.
+    """
+    query = {**filters, "since": period.first_day.isoformat(), "until": period.end_day.isoformat()}
+    return f"{ledger or reverse('admin:billing_usagerecord_changelist')}?{urlencode(query)}"
 
 
 def _with(query: QueryDict, **changes: Any) -> str:
@@ -118,12 +123,14 @@ def _columns(query: QueryDict, param: str, current: str) -> list[Column]:
     return columns
 
 
-def _table(dimension: Dimension, *, query: QueryDict, sort: str, days: Period, top: int, latency: dict[str, Latency]) -> Table:
+def _table(
+    dimension: Dimension, *, query: QueryDict, sort: str, days: Period, top: int, latency: dict[str, Latency], ledger: str
+) -> Table:
     spenders = selectors.top_spenders(by=dimension, days=days, sort=sort, limit=top)
     rows = [
         Row(
             spend=row,
-            ledger_url=ledger_url(period=days, **{_LEDGER_FILTER[dimension]: row.id}),
+            ledger_url=ledger_url(period=days, ledger=ledger, **{_LEDGER_FILTER[dimension]: row.id}),
             latency=latency.get(str(row.id)) if dimension == "model" else None,
         )
         for row in spenders
@@ -142,9 +149,11 @@ def console_view(request: HttpRequest, *, admin_site: AdminSite) -> TemplateResp
     top = query.setting("top", TOP_CHOICES[0])
     since, until = selectors.latency_window(at=at, hours=LATENCY_HOURS)
     latency = selectors.ttft_by_model(since=since, until=until)
+    ledger = reverse("admin:billing_usagerecord_changelist")
     tables = {
         dimension: _table(
-            dimension, query=request.GET, sort=query.setting(f"o_{dimension}", DEFAULT_SORT), days=days, top=top, latency=latency
+            dimension, query=request.GET, sort=query.setting(f"o_{dimension}", DEFAULT_SORT), days=days, top=top,
+            latency=latency, ledger=ledger,
         )
         for dimension in ("user", "key", "model")
     }
@@ -152,7 +161,7 @@ def console_view(request: HttpRequest, *, admin_site: AdminSite) -> TemplateResp
     totals = selectors.range_totals(days=days)
 
     def day_ledger(day: date) -> str:
-        return ledger_url(period=Period("day", day, day + timedelta(days=1), days.zone))
+        return ledger_url(period=Period("day", day, day + timedelta(days=1), days.zone), ledger=ledger)
 
     context = {
         **admin_site.each_context(request),
@@ -166,7 +175,7 @@ def console_view(request: HttpRequest, *, admin_site: AdminSite) -> TemplateResp
         "top_choices": [(n, _with(request.GET, top=n), n == top) for n in TOP_CHOICES],
         "chart": spend_chart_svg(totals.by_day, link=day_ledger),
         "totals": totals,
-        "range_ledger_url": ledger_url(period=days),
+        "range_ledger_url": ledger_url(period=days, ledger=ledger),
         "users": tables["user"],
         "keys": tables["key"],
         "models": tables["model"],

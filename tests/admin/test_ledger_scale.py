@@ -78,6 +78,14 @@ ROLLUP_CASES: list[tuple[str, Callable[[Any], dict[str, str]], Callable[[Any], Q
     ),
     ("key and another user", lambda ledger: {"key": ledger.keys[2].prefix, "user": ledger.users[0].username}, lambda ledger: UsageRecord.objects.none()),
     ("blank values and a page", lambda ledger: {"user": " ", "model": "", "p": "1", "o": "-1"}, lambda ledger: UsageRecord.objects.all()),
+    (
+        "the console's link for a user",
+        lambda ledger: {"user__id__exact": str(ledger.users[1].pk), "since": "2000-01-01", "until": "2100-01-01"},
+        lambda ledger: UsageRecord.objects.filter(user=ledger.users[1]),
+    ),
+    ("the console's link for a key", lambda ledger: {"api_key__id__exact": str(ledger.keys[3].pk)}, lambda ledger: UsageRecord.objects.filter(api_key=ledger.keys[3])),
+    ("the console's link for a model", lambda ledger: {"model__exact": "gpt-4o-mini"}, lambda ledger: UsageRecord.objects.filter(model="gpt-4o-mini")),
+    ("two models", lambda ledger: {"model__exact": "gpt-4o-mini", "model": "gpt-4o"}, lambda ledger: UsageRecord.objects.none()),
 ]
 
 
@@ -97,7 +105,7 @@ OTHER_FILTERS: list[tuple[str, Callable[[Any], dict[str, str]], Callable[[Any], 
     ("status", lambda ledger: {"status__exact": "cancelled"}, lambda ledger: UsageRecord.objects.filter(status="cancelled")),
     ("key and model", lambda ledger: {"key": "sk-gw-", "model": "gpt-4o"}, lambda ledger: UsageRecord.objects.filter(api_key__isnull=False, model="gpt-4o")),
     ("user and status", lambda ledger: {"user": ledger.users[0].username, "status__exact": "completed"}, lambda ledger: UsageRecord.objects.filter(user=ledger.users[0], status="completed")),
-    ("a link from the console", lambda ledger: {"user__id__exact": str(ledger.users[1].pk)}, lambda ledger: UsageRecord.objects.filter(user=ledger.users[1])),
+    ("an instant", lambda ledger: {"created_at__gte": (timezone.now() - timedelta(days=1)).isoformat()}, lambda ledger: UsageRecord.objects.filter(created_at__gte=timezone.now() - timedelta(days=1))),
     ("a request id", lambda ledger: {"q": str(ledger.records[3].request_id)}, lambda ledger: UsageRecord.objects.filter(pk=ledger.records[3].pk)),
 ]
 
@@ -125,9 +133,12 @@ def test_other_filters_are_summed_over_the_ledger(admin_client, two_months, para
         ("q=0b7f5b9e-1c1a-4e8e-9a55-3c2f4f1d2e10", None),
         ("created_at__gte=2025-06-01T00:00:00%2B00:00", None),
         ("since=yesterday", None),
+        ("api_key__id__exact=7&user__id__exact=3&until=2025-07-01", DailyKeyUsage),
+        ("api_key__id__exact=seven", None),
+        ("model__exact=gpt-4o&model=gpt-4o&user__id__exact=3", DailyUsage),
         ("user=alice&user=", DailyUsage),  # the last value counts, as in the filter: blank, no filter
     ],
-    ids=["nothing", "days-user-model", "key-user-days", "key-model", "status", "search", "instant", "bad-date", "repeated"],
+    ids=["nothing", "days-user-model", "key-user-days", "key-model", "status", "search", "instant", "bad-date", "key-id-user-id", "bad-id", "model-twice", "repeated"],
 )
 def test_which_list_parameters_the_rollups_answer(query, rollup) -> None:
     rows = ledger_rollup(QueryDict(query))
