@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 
 from tests.api.fuzz import CHAT_PATH, FuzzRequest, problems, requests
 from tests.conftest import Gateway
@@ -34,6 +34,7 @@ def keyed_client(gateway: Gateway, api_key_factory) -> Iterator[httpx.Client]:
 
 def send(client: httpx.Client, request: FuzzRequest) -> list[str]:
     response = client.request(request.method, request.path, content=request.body, headers=request.headers)
+    event(f"answered {response.status_code}")  # the spread of answers, in --hypothesis-show-statistics
     return problems(request, response.status_code, {name.lower(): value for name, value in response.headers.items()}, response.content)
 
 
