@@ -46,6 +46,7 @@ LOGIN_REQUIRED = "Your session has ended. Log in again to continue."
 METHOD_NOT_ALLOWED = "{method} is not allowed here."
 BAD_JSON = "The request body is not a JSON object."
 BAD_FIELD = "`{field}` must be {kind}."
+TEXT_WITHOUT_NUL = "text without NUL characters"
 DEFAULT_MODEL = "sim-chat"
 # The chat page runs only its own scripts, from this origin: model output drawn into the page can
 # never load or run anything, even if it got past the sanitiser.
@@ -126,6 +127,13 @@ def _text(body: dict[str, Any], field: str, default: str = "") -> str:
         return default
     if not isinstance(value, str):
         raise services.InvalidTurn(BAD_FIELD.format(field=field, kind="text"))
+    return _no_nul(value, field)
+
+
+def _no_nul(value: str, field: str) -> str:
+    """`value`, refused if it holds a NUL character, which a PostgreSQL text column cannot keep."""
+    if "\x00" in value:
+        raise services.InvalidTurn(BAD_FIELD.format(field=field, kind=TEXT_WITHOUT_NUL))
     return value
 
 
@@ -285,7 +293,8 @@ def chat_page(request: HttpRequest, conversation_id: uuid.UUID | None = None) ->
 @_json_api("GET")
 def conversations(request: HttpRequest) -> HttpResponse:
     """The sidebar: the user's conversations, newest first; `?q=` searches titles and messages."""
-    found = selectors.conversations_for(user_id=_user_id(request), search=request.GET.get("q", ""))
+    search = _no_nul(request.GET.get("q", ""), "q")
+    found = selectors.conversations_for(user_id=_user_id(request), search=search)
     return _json({"conversations": [_conversation_summary(item) for item in found]})
 
 

@@ -118,20 +118,34 @@ def test_rename_delete_and_search(client) -> None:
         ("patch", f"/chat/api/conversations/{uuid.uuid4()}", {"title": "x"}, 404, "conversation_not_found"),
         ("post", f"/chat/api/conversations/{uuid.uuid4()}/answers", {"content": "x"}, 404, "conversation_not_found"),
         ("post", "/chat/api/conversations", {}, 405, "method_not_allowed"),
+        ("get", "/chat/api/conversations?q=a%00b", None, 400, "invalid_request"),
+        ("post", TURNS, {"content": "a\x00b", "model": MODEL}, 400, "invalid_request"),
+        ("post", TURNS, {"content": "hi", "model": MODEL, "system_prompt": "x\x00"}, 400, "invalid_request"),
+        ("post", TURNS, {"content": "hi", "model": MODEL + "\x00"}, 400, "invalid_request"),
+        ("patch", "{mine}", {"title": "t\x00"}, 400, "invalid_request"),
+        ("post", "{mine}/answers", {"content": "x\x00", "state": "complete"}, 400, "invalid_request"),
+        ("post", "{mine}/answers", {"content": "", "state": "failed", "error": "e\x00"}, 400, "invalid_request"),
+        ("post", "{mine}/answers", {"content": "x", "model": "m\x00"}, 400, "invalid_request"),
     ],
     ids=[
         "not-json", "not-an-object", "content-not-text", "unknown-mode", "unknown-model", "temperature-word",
         "temperature-bool", "temperature-list", "temperature-huge", "bad-conversation-id", "conversation-id-number",
         "missing-conversation", "regenerate-nothing", "context-too-long", "get-turns", "read-missing",
-        "delete-missing", "rename-missing", "answer-missing", "post-list",
+        "delete-missing", "rename-missing", "answer-missing", "post-list", "search-nul", "content-nul",
+        "system-prompt-nul", "model-nul", "title-nul", "answer-content-nul", "answer-error-nul", "answer-model-nul",
     ],
 )
 def test_bad_input_is_a_clean_4xx_with_a_message(client, method, url, body, status, code) -> None:
+    """`{mine}` is a conversation of the user's own, with their first message in it."""
+    if "{mine}" in url:
+        url = url.format(mine=f"/chat/api/conversations/{start(client)['conversation']['id']}")
+    before = list(Message.objects.values_list("pk", "content"))
     response = post(client, url, body, method=method) if body is not None else getattr(client, method)(url)
     assert response.status_code == status, response.content
     error = response.json()["error"]
     assert error["code"] == code and error["message"]
-    assert not Message.objects.exists()
+    assert list(Message.objects.values_list("pk", "content")) == before
+    assert "\x00" not in "".join(Conversation.objects.values_list("title", flat=True))
 
 
 @pytest.mark.parametrize(

@@ -89,9 +89,10 @@ def test_a_chosen_range_of_days_includes_both_ends(user_factory, client_for, cal
         {"first": "'; DROP TABLE x", "last": "\x00"},
         {"first": "9999-12-31", "last": "9999-12-31"},
         {"first": "0001-01-01", "last": "0001-01-02"},
+        {"days": "7\x00"},
     ],
     ids=["not-a-number", "zero-days", "too-many-days", "no-such-month", "first-alone", "backwards", "over-a-year", "garbage",
-         "last-day-of-the-calendar", "first-day-of-the-calendar"],
+         "last-day-of-the-calendar", "first-day-of-the-calendar", "days-nul"],
 )
 def test_bad_parameters_give_the_default_range_and_a_400(user_factory, client_for, query) -> None:
     response = client_for(user_factory("alice")).get("/account/", query)
@@ -164,7 +165,7 @@ def test_a_new_key_is_shown_once_then_only_its_prefix(user_factory, client_for) 
     assert api_key.prefix.encode() in again.content
 
 
-@pytest.mark.parametrize("name", ["x" * 101], ids=["too-long"])
+@pytest.mark.parametrize("name", ["x" * 101, "a\x00b"], ids=["too-long", "nul"])
 def test_a_bad_key_name_is_a_400_and_no_key(user_factory, client_for, name) -> None:
     alice = user_factory("alice")
     response = client_for(alice).post("/account/keys/", {"name": name})
@@ -222,6 +223,9 @@ def test_a_key_is_renamed(user_factory, client_for) -> None:
     api_key.refresh_from_db()
     assert api_key.name == "new name"
     assert client.post(f"/account/keys/{api_key.pk}/rename", {"name": "y" * 101}).status_code == 400
+    assert client.post(f"/account/keys/{api_key.pk}/rename", {"name": "n\x00"}).status_code == 400
+    api_key.refresh_from_db()
+    assert api_key.name == "new name"
 
 
 @pytest.mark.parametrize(
