@@ -280,6 +280,7 @@ def chat_page(request: HttpRequest, conversation_id: uuid.UUID | None = None) ->
             "conversations": reverse("chat-conversations"),
             "turns": reverse("chat-turns"),
             "spend": reverse("chat-spend"),
+            "account": reverse("account"),
         },
     }
     response = render(request, "chat.html", {"boot": boot})

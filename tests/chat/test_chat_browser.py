@@ -165,6 +165,44 @@ def test_reloading_mid_answer_keeps_what_arrived_as_a_stopped_answer(page, answe
     assert 0 < record.completion_tokens < 200 and saved.content.startswith("slow slow slow slow")
 
 
+def test_stopping_before_the_first_token_says_where_any_charge_shows_not_that_it_was_free(page, answer) -> None:
+    """The gateway answers when the upstream's first token arrives: a Stop before that leaves the
+    page without the call's request id, though the ledger bills the prompt (a cancelled row)."""
+    answer.tokens, answer.token_text, answer.ttft = 3, "late ", 3.0
+    send(page, "Take your time")
+    page.wait_for_selector(f"{ANSWER}[data-state=streaming]")
+    deadline = time.monotonic() + 5
+    while not answer.requests and time.monotonic() < deadline:  # the call reaches the upstream, which waits
+        time.sleep(0.02)
+    assert answer.requests and not page.evaluate("document.querySelector('.msg.assistant .body').textContent")
+    page.click("#stop")
+    stopped = wait_for_answer(page, "stopped")
+    [record] = wait_for_records(1)
+    assert record.status == "cancelled" and record.cost_usd > 0
+    saved = Message.objects.get(role="assistant")
+    assert saved.state == "stopped" and saved.request_id is None
+    meta = stopped.locator(".meta").inner_text()
+    assert "not charged" not in meta
+    assert "Any charge for it shows in your usage on the account page." in meta
+    assert stopped.locator(".meta a").get_attribute("href") == "/account/"
+
+
+def test_a_stream_that_ends_without_text_after_a_200_is_cut_off_and_shows_its_cost(page, answer) -> None:
+    """After a 200 the upstream was called and the prompt may be billed: an end with no text is
+    cut off (not "failed, not charged"), and the page reads its cost from the ledger."""
+    answer.tokens, answer.fault, answer.fault_after_tokens = 5, "error_frame", 0
+    send(page, "Say nothing")
+    cut = wait_for_answer(page, "cut_off")
+    assert cut.locator(".body").inner_text().strip() == ""
+    assert "Cut off" in cut.locator(".notice").inner_text()
+    [record] = wait_for_records(1)
+    saved = Message.objects.get(role="assistant")
+    assert saved.state == "cut_off" and saved.request_id == record.request_id
+    cut.locator(".meta .cost").wait_for(timeout=5_000)
+    meta = cut.locator(".meta").inner_text()
+    assert f"{record.prompt_tokens} in" in meta and "not charged" not in meta
+
+
 def test_a_rate_limited_call_says_so_with_a_countdown_from_retry_after(page, answer, screenshot_dir) -> None:
     answer.fault, answer.retry_after = "429", 30
     send(page, "hello?")
@@ -178,6 +216,7 @@ def test_a_rate_limited_call_says_so_with_a_countdown_from_retry_after(page, ans
         page, f"/retry in (\\d+) s/.exec(document.querySelector('.msg.assistant .countdown').textContent)[1] < {first}", timeout=3
     )
     assert Message.objects.get(role="assistant").state == "failed"
+    assert "$0.00" in failed.locator(".meta").inner_text()  # the upstream refused before any token: a cost-0 row
     screenshot(page, screenshot_dir, "chat-rate-limited-1280.png")
 
 
@@ -209,6 +248,7 @@ def test_a_lost_connection_shows_a_retry_button_that_answers_again(page, answer)
     send(page, "are you there?")
     failed = wait_for_answer(page, "failed")
     assert "connection to the gateway was lost" in failed.locator(".notice").inner_text()
+    assert "Any charge for it shows in your usage" in failed.locator(".meta").inner_text()  # no headers, no request id
     page.unroute("**/chat/completions")
     failed.locator("button.regenerate").click()
     done = wait_for_answer(page)

@@ -30,6 +30,9 @@
   const CONNECTION_LOST = "The connection to the gateway was lost. Check your network, then retry.";
   const LEFT_PAGE = "Stopped: the page was left or reloaded while the answer arrived.";
   const DEFAULT_RETRY_SECONDS = 10;
+  // An answer ended before the gateway's response headers came has no request id to look up, yet
+  // the gateway may have called the upstream and billed the prompt: never say "not charged" then.
+  const CHARGE_UNKNOWN = "Any charge for it shows in your usage on the ";
   const USAGE_POLLS = 15;
   const USAGE_POLL_MS = 300;
 
@@ -385,9 +388,18 @@
         el("span", "cost", usage.cost),
         el("span", "ttft", usage.ttft ? `first token ${usage.ttft}` : "no token arrived"),
       );
+    } else if (!message.request_id) {
+      // Ended before the response headers: the call may be in the ledger, under an id we never saw.
+      const unknown = el("span", "charge-unknown", CHARGE_UNKNOWN);
+      const link = el("a", "", "account page");
+      link.href = urls.account;
+      unknown.append(link, ".");
+      meta.append(unknown);
     } else if (message.state === "failed") {
-      meta.append(el("span", "cost", "not charged")); // refused before any upstream call: no ledger row
-    } else if (message.request_id) {
+      // Only a call the gateway refused with a non-2xx answer is saved as failed with an id: it made
+      // no ledger row (or a cost-0 one, shown above once it is read).
+      meta.append(el("span", "cost", "not charged"));
+    } else {
       meta.append(el("span", "pending", "cost: not in the ledger yet"));
     }
     if (message.left_out) meta.append(el("span", "left-out", `${message.left_out} earlier messages left out to fit the model's context window`));
@@ -548,6 +560,7 @@
       }
       answer.request_id = response.headers.get("x-request-id");
       warning = response.headers.get("x-budget-warning") || "";
+      answer.refused = !response.ok;
       if (!response.ok) {
         const data = await response.json().catch(() => null);
         throw refusal(response, data && data.error);
@@ -589,9 +602,11 @@
         answer.state = "stopped";
         answer.error = "Stopped. What arrived is kept.";
       } else {
-        answer.state = answer.content ? "cut_off" : "failed";
-        answer.error = answer.content && error.kind !== "network" ? `Cut off: ${error.message}` : error.message;
-        if (error.kind === "network" && answer.content) answer.error = `Cut off: ${CONNECTION_LOST}`;
+        // "failed" is only for a call that never began: no answer, or a refusal (non-2xx). After a
+        // 200 the call reached the upstream and may be billed, text or not: it is cut off.
+        const began = answer.request_id && !answer.refused;
+        answer.state = answer.content || began ? "cut_off" : "failed";
+        answer.error = answer.state === "cut_off" ? `Cut off: ${error.message}` : error.message;
         if (error.retryAfter) answer.retryAt = Date.now() + error.retryAfter * 1000;
       }
     } finally {
@@ -644,7 +659,7 @@
     element.replaceWith(drawn);
     updateTurnActions();
     if (nearBottom()) scrollToBottom();
-    if (!saved.unsaved && saved.request_id && !saved.usage && saved.state !== "failed") awaitUsage(saved, conversation.id);
+    if (!saved.unsaved && saved.request_id && !saved.usage && !answer.refused) awaitUsage(saved, conversation.id);
   }
 
   /* A stopped call reaches the ledger a moment after the page hangs up: fetch its figures then. */
@@ -714,7 +729,7 @@
       headers: { "Content-Type": "application/json", "X-CSRFToken": boot.csrf },
       body: JSON.stringify({
         content: answer.content,
-        state: answer.content ? "stopped" : "failed",
+        state: answer.refused ? "failed" : "stopped",
         error: LEFT_PAGE,
         model: answer.model,
         request_id: answer.request_id,
