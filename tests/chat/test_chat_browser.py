@@ -156,7 +156,7 @@ def test_reloading_mid_answer_keeps_what_arrived_as_a_stopped_answer(page, answe
     send(page, "Tell me a long story")
     wait_for_js(page, "document.querySelector('.msg.assistant .body')?.textContent.length > 20")
     page.reload()
-    kept = wait_for_answer(page, "stopped")  # saved by the old page's last request, which may land after the reload
+    kept = wait_for_answer(page, "stopped")  # the new page shows it once the old page's save lands
     assert kept.locator(".body").inner_text().startswith("slow slow slow slow")
     assert "the page was left or reloaded" in kept.locator(".notice").inner_text()
     [record] = wait_for_records(1)
@@ -201,6 +201,22 @@ def test_a_stream_that_ends_without_text_after_a_200_is_cut_off_and_shows_its_co
     cut.locator(".meta .cost").wait_for(timeout=5_000)
     meta = cut.locator(".meta").inner_text()
     assert f"{record.prompt_tokens} in" in meta and "not charged" not in meta
+
+
+def test_an_answer_saved_seconds_after_a_reload_still_appears_in_the_reloaded_page(page, answer) -> None:
+    answer.tokens, answer.token_text, answer.inter_token_delay = 200, "slow ", 0.03
+    send(page, "Tell me a long story")
+    wait_for_js(page, "document.querySelector('.msg.assistant .body')?.textContent.length > 20")
+    # The old page's save is held back (as by a slow network), and lands well after the new page loaded.
+    page.evaluate("const send = window.fetch; window.fetch = (url, options) => options?.keepalive ? new Promise(() => {}) : send(url, options)")
+    page.reload()
+    page.wait_for_selector(".msg.user")
+    time.sleep(1.5)
+    conversation = Conversation.objects.get()
+    Message.objects.create(conversation=conversation, role="assistant", content="slow slow", state="stopped", model=MODEL)
+    kept = wait_for_answer(page, "stopped", timeout=5_000)
+    assert kept.locator(".body").inner_text() == "slow slow"
+    assert not page.locator("button.regenerate", has_text="Answer this").count()
 
 
 def test_a_rate_limited_call_says_so_with_a_countdown_from_retry_after(page, answer, screenshot_dir) -> None:

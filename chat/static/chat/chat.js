@@ -35,6 +35,8 @@
   const CHARGE_UNKNOWN = "Any charge for it shows in your usage on the ";
   const USAGE_POLLS = 15;
   const USAGE_POLL_MS = 300;
+  const SAVED_POLL_MS = 300;
+  const SAVED_WAIT_MS = 5000;
 
   let conversation = boot.conversation; // the open conversation with its messages, or null
   let conversations = boot.conversations; // the sidebar's list
@@ -687,6 +689,21 @@
     }, USAGE_POLL_MS);
   }
 
+  /* The answer a previous page (left mid-answer) was saving: show it once it is saved. */
+  function awaitSavedAnswer(conversationId, deadline) {
+    later(async () => {
+      if (busy || !conversation || conversation.id !== conversationId) return;
+      const fresh = await api("GET", `${urls.conversations}/${conversationId}`).catch(() => null);
+      if (busy || !conversation || conversation.id !== conversationId) return;
+      if (fresh && fresh.messages.length > conversation.messages.length) {
+        conversation = fresh;
+        renderConversation();
+      } else if (Date.now() < deadline) {
+        awaitSavedAnswer(conversationId, deadline);
+      }
+    }, SAVED_POLL_MS);
+  }
+
   // --- The composer -----------------------------------------------------------------------
 
   function fitPrompt() {
@@ -751,15 +768,9 @@
   renderConversation();
   const messages = conversation ? conversation.messages : [];
   if (messages.length && messages[messages.length - 1].role === "user") {
-    // Reloaded mid-answer: the previous page's last request, saving what arrived, may land just after this one.
-    later(async () => {
-      if (busy || !conversation) return;
-      const fresh = await api("GET", `${urls.conversations}/${conversation.id}`).catch(() => null);
-      if (fresh && !busy && fresh.messages.length > conversation.messages.length) {
-        conversation = fresh;
-        renderConversation();
-      }
-    }, 800);
+    // Reloaded mid-answer: the previous page's last request, saving what arrived, may land after
+    // this one. Look for it every SAVED_POLL_MS until SAVED_WAIT_MS have passed.
+    awaitSavedAnswer(conversation.id, Date.now() + SAVED_WAIT_MS);
   }
   prompt.focus();
 })();
