@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Literal
 
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from billing.models import UsageRecord
 from chat.context import Context, fit_context
 from chat.exceptions import ConversationNotFound, InvalidTurn
 from chat.models import (
@@ -40,6 +41,8 @@ ANSWER_WITHOUT_MESSAGE = "An answer is saved after a message of yours; this conv
 BAD_STATE = "Unknown answer state {state!r}."
 FAILED_WITH_TEXT = "An answer that failed has no text; one with text is cut off or stopped."
 ANSWER_SAVED = "This answer is already saved."
+NOT_YOUR_CALL = "That request id names another user's call."
+UNKNOWN_ANSWER_MODEL = "The model `{model}` is not one this gateway serves, so it answered nothing here."
 EMPTY_TITLE = "A conversation needs a title."
 TITLE_TOO_LONG = f"A title can be at most {TITLE_MAX_LENGTH} characters."
 
@@ -155,32 +158,45 @@ def answer_record(
 ) -> Message:
     """Save the answer to the conversation's last message: whole, stopped, cut off or failed.
 
-    Its tokens and cost are the ledger row's of `request_id` (see `chat.models`)."""
+    Its tokens and cost are the ledger row's of `request_id` (see `chat.models`). The page says
+    what arrived, so the text is the client's word; what it may claim is bounded: text at most
+    MESSAGE_MAX_CHARS (a model's longest answer through this gateway is far shorter), a model
+    this gateway serves, and a call that is not another user's. A request id whose ledger row is
+    not written yet (a stopped call is recorded a moment later) is taken; the unique constraint,
+    not a read before the write, makes a call's answer saved once, however many saves race.
+    """
     if state not in Message.State.values:
         raise InvalidTurn(BAD_STATE.format(state=state))
     if state == Message.State.FAILED and content:
         raise InvalidTurn(FAILED_WITH_TEXT)
     if len(content) > MESSAGE_MAX_CHARS:
         raise InvalidTurn(MESSAGE_TOO_LONG)
-    with transaction.atomic():
-        conversation = _owned(user_id=user_id, conversation_id=conversation_id, lock=True)
-        last = conversation.messages.order_by("-id").first()
-        if last is None or last.role != Message.Role.USER:
-            raise InvalidTurn(ANSWER_WITHOUT_MESSAGE)
-        if request_id is not None and Message.objects.filter(request_id=request_id).exists():
-            raise InvalidTurn(ANSWER_SAVED)
-        now = timezone.now()
-        answer = Message.objects.create(
-            conversation=conversation,
-            role=Message.Role.ASSISTANT,
-            content=content,
-            state=state,
-            error=error[:ERROR_MAX_CHARS],
-            model=model[:100],
-            request_id=request_id,
-            created_at=now,
-        )
-        Conversation.objects.filter(pk=conversation.pk).update(updated_at=now)
+    if model and route_for(model) is None:
+        raise InvalidTurn(UNKNOWN_ANSWER_MODEL.format(model=model[:100]))
+    if request_id is not None and UsageRecord.objects.filter(request_id=request_id).exclude(user_id=user_id).exists():
+        raise InvalidTurn(NOT_YOUR_CALL)
+    try:
+        with transaction.atomic():
+            conversation = _owned(user_id=user_id, conversation_id=conversation_id, lock=True)
+            last = conversation.messages.order_by("-id").first()
+            if last is None or last.role != Message.Role.USER:
+                raise InvalidTurn(ANSWER_WITHOUT_MESSAGE)
+            now = timezone.now()
+            answer = Message.objects.create(
+                conversation=conversation,
+                role=Message.Role.ASSISTANT,
+                content=content,
+                state=state,
+                error=error[:ERROR_MAX_CHARS],
+                model=model,
+                request_id=request_id,
+                created_at=now,
+            )
+            Conversation.objects.filter(pk=conversation.pk).update(updated_at=now)
+    except IntegrityError:
+        # The one constraint a checked answer can break: its call's answer is saved (by another
+        # request, perhaps at the same moment).
+        raise InvalidTurn(ANSWER_SAVED) from None
     return answer
 
 

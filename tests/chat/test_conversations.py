@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 from decimal import Decimal
 from typing import Any
 
 import pytest
 from django.contrib.auth import get_user_model
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connections, transaction
 from django.utils import timezone
 
 from billing.models import AccountPrice, UsageRecord
@@ -178,18 +179,21 @@ def test_an_answer_follows_a_message_of_the_user(alice) -> None:
 
 
 @pytest.mark.parametrize(
-    ("content", "state", "message"),
+    ("content", "state", "fields", "message"),
     [
-        ("text", "finished", "Unknown answer state 'finished'."),
-        ("some text", "failed", services.FAILED_WITH_TEXT),
+        ("text", "finished", {}, "Unknown answer state 'finished'."),
+        ("some text", "failed", {}, services.FAILED_WITH_TEXT),
+        ("x" * 100_001, "complete", {}, services.MESSAGE_TOO_LONG),
+        ("text", "complete", {"model": "made-up-model"}, services.UNKNOWN_ANSWER_MODEL.format(model="made-up-model")),
     ],
-    ids=["unknown-state", "failed-with-text"],
+    ids=["unknown-state", "failed-with-text", "longer-than-any-answer", "model-not-served"],
 )
-def test_a_bad_answer_is_refused(alice, content, state, message) -> None:
+def test_a_bad_answer_is_refused(alice, content, state, fields, message) -> None:
     conversation = send(alice, "hi").conversation
     with pytest.raises(InvalidTurn) as refused:
-        answer(alice, conversation, content, state=state)
+        answer(alice, conversation, content, state=state, **fields)
     assert refused.value.message == message
+    assert not Message.objects.filter(role="assistant").exists()
 
 
 def test_an_answer_is_saved_once_per_call(alice) -> None:
@@ -215,9 +219,52 @@ def test_an_answer_shows_its_calls_tokens_cost_and_time_to_first_token_from_the_
 
 def test_an_answer_shows_no_figures_until_its_call_is_in_the_ledger_and_never_another_users(alice, bob) -> None:
     conversation = send(alice, "hi").conversation
-    bobs_call = ledger_row(bob)
-    answer(alice, conversation, "hello", request_id=bobs_call.request_id)
+    waiting = answer(alice, conversation, "hello", request_id=uuid.uuid4())
     assert selectors.messages_with_usage(conversation)[1].usage is None
+    waiting.delete()
+    bobs_call = ledger_row(bob)  # an answer saved before bob's row was written, say
+    Message.objects.create(conversation=conversation, role="assistant", content="hello", request_id=bobs_call.request_id)
+    assert selectors.messages_with_usage(conversation)[1].usage is None
+
+
+def test_an_answer_cannot_claim_another_users_call(alice, bob) -> None:
+    conversation = send(alice, "hi").conversation
+    bobs_call = ledger_row(bob)
+    with pytest.raises(InvalidTurn, match=services.NOT_YOUR_CALL):
+        answer(alice, conversation, "hello", request_id=bobs_call.request_id)
+    assert not Message.objects.filter(role="assistant").exists()
+    own_call = ledger_row(alice)
+    assert answer(alice, conversation, "hello", request_id=own_call.request_id).request_id == own_call.request_id
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_saves_of_one_call_at_the_same_moment_keep_one_answer_and_refuse_the_other(alice) -> None:
+    """The second save passes every check while the first is uncommitted, then meets the unique
+    constraint: a 4xx (ANSWER_SAVED), not an IntegrityError."""
+    first, second = send(alice, "one").conversation, send(alice, "two").conversation
+    request_id = uuid.uuid4()
+    inserted, release = threading.Event(), threading.Event()
+
+    def save_and_hold() -> None:
+        try:
+            with transaction.atomic():
+                answer(alice, first, "hello", request_id=request_id)
+                inserted.set()
+                release.wait(10)
+        finally:
+            connections.close_all()
+
+    holder = threading.Thread(target=save_and_hold)
+    holder.start()
+    try:
+        assert inserted.wait(10)
+        threading.Timer(0.3, release.set).start()  # the second save waits on the first's row meanwhile
+        with pytest.raises(InvalidTurn, match=services.ANSWER_SAVED):
+            answer(alice, second, "hello", request_id=request_id)
+    finally:
+        release.set()
+        holder.join(10)
+    assert list(Message.objects.filter(role="assistant").values_list("conversation_id", flat=True)) == [first.pk]
 
 
 def test_the_database_refuses_an_empty_or_billed_user_message(alice) -> None:
