@@ -20,8 +20,10 @@ from weakref import WeakKeyDictionary
 from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
+from django.contrib.admin.utils import unquote
 from django.contrib.auth import get_permission_codename, get_user_model
 from django.contrib.auth.admin import UserAdmin
+from django.core.exceptions import PermissionDenied
 from django.db.models import OuterRef, Q, QuerySet, Subquery, Sum, Value
 from django.db.models.functions import Coalesce, Now
 from django.http import HttpRequest, HttpResponse
@@ -264,6 +266,14 @@ class AccountAdmin(billing_admin.AccountAdmin):
 User = get_user_model()
 admin.site.unregister(User)
 
+PRIVILEGED_PASSWORD = "Only a superuser may set the password of a staff member or a superuser."
+
+
+def _may_take_over(request: HttpRequest, user: Any) -> bool:
+    """Whether the acting user may set `user`'s password: anyone's for a superuser, else only
+    an end user's (not staff, not a superuser)."""
+    return bool(request.user.is_superuser) or not (user.is_staff or user.is_superuser)
+
 
 @admin.register(User)
 class GatewayUserAdmin(UserAdmin):
@@ -271,13 +281,29 @@ class GatewayUserAdmin(UserAdmin):
 
     A user made by `createapikey` has no password. Staff either set one on the user's page
     (Django's "Set password" form) or make a one-time link with the action below and send it.
+    Either takes the account over, so for a staff member or a superuser only a superuser may:
+    otherwise any staff with `change_user` could become a superuser.
     """
 
     actions = ["password_set_links"]
 
+    def user_change_password(self, request: HttpRequest, id: str, form_url: str = "") -> HttpResponse:
+        user = self.get_object(request, unquote(id))
+        if user is not None and not _may_take_over(request, user):
+            raise PermissionDenied(PRIVILEGED_PASSWORD)
+        return super().user_change_password(request, id, form_url)
+
     @admin.action(description="Make one-time set-password links for the selected users", permissions=["change"])
-    def password_set_links(self, request: HttpRequest, queryset: QuerySet[Any]) -> TemplateResponse:
-        links = [(user, request.build_absolute_uri(password_set_path(user=user))) for user in queryset.order_by(User.USERNAME_FIELD)]
+    def password_set_links(self, request: HttpRequest, queryset: QuerySet[Any]) -> TemplateResponse | None:
+        users = list(queryset.order_by(User.USERNAME_FIELD))
+        refused = [user for user in users if not _may_take_over(request, user)]
+        if refused:
+            names = ", ".join(user.get_username() for user in refused)
+            self.message_user(request, f"{PRIVILEGED_PASSWORD} No link for: {names}.", messages.ERROR)
+            users = [user for user in users if user not in refused]
+            if not users:
+                return None  # back to the list, with the message
+        links = [(user, request.build_absolute_uri(password_set_path(user=user))) for user in users]
         context = {
             **self.admin_site.each_context(request),
             "opts": self.opts,

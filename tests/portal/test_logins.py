@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import io
 import re
+from typing import Any
 
 import pytest
 from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Permission
 from django.core.management import CommandError, call_command
 from django.test import Client
 
+from llmgateway.admin import PRIVILEGED_PASSWORD
 from llmgateway.services import api_key_create
 from tests.portal.conftest import PASSWORD
 
@@ -99,6 +102,42 @@ def test_staff_make_set_password_links_in_the_admin(admin_client) -> None:
     assert set(links) == {b"nadia", b"omar"}
     set_password_through(links[b"omar"].decode().removeprefix("http://testserver"), NEW_PASSWORD)
     assert Client().login(username="omar", password=NEW_PASSWORD)
+
+
+@pytest.fixture
+def helpdesk(django_user_model: Any) -> Client:
+    """A staff member who may change users, and is not a superuser."""
+    staff = django_user_model.objects.create_user(username="helpdesk", password=PASSWORD, is_staff=True)
+    staff.user_permissions.set(Permission.objects.filter(content_type__app_label="auth", codename__in=["view_user", "change_user"]))
+    client = Client()
+    client.force_login(staff)
+    return client
+
+
+def test_staff_who_are_not_superusers_get_no_link_or_password_form_for_staff_or_superusers(helpdesk, django_user_model) -> None:
+    api_key_create(username="nadia")
+    django_user_model.objects.create_superuser(username="root", password=PASSWORD)
+    django_user_model.objects.create_user(username="colleague", password=PASSWORD, is_staff=True)
+    users = {user.username: user.pk for user in django_user_model.objects.filter(username__in=["nadia", "root", "colleague"])}
+
+    response = helpdesk.post("/admin/auth/user/", {"action": "password_set_links", "_selected_action": list(users.values())}, follow=True)
+
+    links = dict(re.findall(rb'data-user="(\w+)" type="text" readonly value="([^"]+)"', response.content))
+    assert set(links) == {b"nadia"}
+    assert [str(message) for message in response.context["messages"]] == [f"{PRIVILEGED_PASSWORD} No link for: colleague, root."]
+    only_privileged = helpdesk.post(
+        "/admin/auth/user/", {"action": "password_set_links", "_selected_action": [users["root"]]}, follow=True
+    )
+    assert only_privileged.redirect_chain and b"data-user=" not in only_privileged.content
+    assert helpdesk.get(f"/admin/auth/user/{users['root']}/password/").status_code == 403
+    assert helpdesk.get(f"/admin/auth/user/{users['colleague']}/password/").status_code == 403
+    assert helpdesk.get(f"/admin/auth/user/{users['nadia']}/password/").status_code == 200
+
+
+def test_a_superuser_makes_a_link_for_a_staff_member(admin_client, django_user_model) -> None:
+    colleague = django_user_model.objects.create_user(username="colleague", password=PASSWORD, is_staff=True)
+    response = admin_client.post("/admin/auth/user/", {"action": "password_set_links", "_selected_action": [colleague.pk]})
+    assert re.findall(rb'data-user="(\w+)"', response.content) == [b"colleague"]
 
 
 def test_a_user_changes_their_password(user_factory, client_for) -> None:
