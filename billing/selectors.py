@@ -82,6 +82,38 @@ def rates_for(*, account: Account, model: str, at: datetime, upstream_model: str
     return price.rates(multiplier=plan.multiplier if plan is not None else Decimal(1), source="catalog")
 
 
+def rates_for_models(*, account: Account | None, models: Sequence[tuple[str, str | None]], at: datetime) -> dict[str, Rates | None]:
+    """`rates_for` of each `(model, upstream_model)` in `models`, by model, in three queries
+    whatever their number (a page listing the catalog). `account` None: the catalog price, as a
+    user's first call, which creates their account without a plan, would pay it."""
+    wanted = {name for model, upstream in models for name in _price_names(model, upstream)}
+    overrides: list[AccountPrice] = []
+    plan_prices: list[PlanPrice] = []
+    plan = account.plan if account is not None else None
+    if account is not None:
+        overrides = list(AccountPrice.objects.filter(account=account, model__in=wanted))
+    if plan is not None:
+        plan_prices = list(PlanPrice.objects.filter(plan=plan, model__in=wanted))
+    latest: dict[str, Price] = {}
+    for row in Price.objects.filter(model__in=wanted, effective_from__lte=at).order_by("model", "-effective_from"):
+        latest.setdefault(row.model, row)  # the first of each model is the one in effect at `at`
+    rates: dict[str, Rates | None] = {}
+    for model, upstream in models:
+        names = _price_names(model, upstream)
+        override = _first_by_name(overrides, names)
+        plan_price = _first_by_name(plan_prices, names)
+        price = _first_by_name([latest[name] for name in names if name in latest], names)
+        if override is not None:
+            rates[model] = override.rates(source="account")
+        elif plan_price is not None:
+            rates[model] = plan_price.rates(source="plan")
+        elif price is not None:
+            rates[model] = price.rates(multiplier=plan.multiplier if plan is not None else Decimal(1), source="catalog")
+        else:
+            rates[model] = None
+    return rates
+
+
 @dataclass(frozen=True, slots=True)
 class PeriodUsage:
     """What counts against an account's budgets at one instant: settled usage plus live holds."""

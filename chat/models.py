@@ -76,6 +76,9 @@ class Message(models.Model):
 
     class Meta:
         ordering = ["id"]  # the order they were said in
+        # A conversation's messages, newest first: its last message (answers, regenerate, edit)
+        # and the history a turn sends, read until the model's window is full.
+        indexes = [models.Index(fields=["conversation", "-id"], name="chat_message_newest")]
         constraints = [
             # The user's side of a conversation is what they typed: never empty, never a call.
             models.CheckConstraint(

@@ -7,15 +7,15 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from typing import Literal
 
 from django.db.models import Exists, OuterRef, Q, QuerySet, Sum
 
 from billing.console.selectors import Budget
 from billing.models import Account, DailyUsage, UsageRecord
-from billing.money import Rates
 from billing.periods import period_containing
 from billing.portal.selectors import user_budgets
-from billing.selectors import price_in_effect, rates_for
+from billing.selectors import rates_for_models
 from chat.exceptions import ConversationNotFound
 from chat.models import Conversation, Message
 from chat.services import NOT_FOUND
@@ -90,17 +90,20 @@ class ModelChoice:
     output_usd_per_1m: Decimal | None
 
 
-def model_choices(*, user_id: int, at: datetime) -> list[ModelChoice]:
-    """The models this gateway serves, each with the price this user pays for it at `at`."""
-    account = Account.objects.filter(user_id=user_id).select_related("plan").first()
+def account_of(user_id: int) -> Account | None:
+    """The user's account with its plan, read once for `model_choices` and `spend_summary`."""
+    return Account.objects.filter(user_id=user_id).select_related("plan").first()
+
+
+def model_choices(*, account: Account | None, at: datetime) -> list[ModelChoice]:
+    """The models this gateway serves, each with the price the account's user pays for it at
+    `at` (the catalog's with no account yet, as their first call would create it). Three queries
+    at most, however many models the catalog holds."""
+    routes = list(available_routes())
+    prices = rates_for_models(account=account, models=[(route.id, route.upstream_model) for route in routes], at=at)
     choices = []
-    for route in available_routes():
-        rates: Rates | None
-        if account is not None:
-            rates = rates_for(account=account, model=route.id, upstream_model=route.upstream_model, at=at)
-        else:  # no account yet: the catalog's price, as its first call would create it
-            price = price_in_effect(model=route.id, upstream_model=route.upstream_model, at=at)
-            rates = price.rates() if price is not None else None
+    for route in routes:
+        rates = prices[route.id]
         choices.append(
             ModelChoice(
                 id=route.id,
@@ -129,14 +132,19 @@ class SpendSummary:
         return [budget for budget in self.budgets if budget.fraction >= self.soft_threshold]
 
 
-def spend_summary(*, user_id: int, at: datetime) -> SpendSummary:
-    """Spend in the day and month containing `at`, and each budget's use as an admission counts it."""
+def spend_summary(*, user_id: int, at: datetime, account: Account | None | Literal["unread"] = "unread") -> SpendSummary:
+    """Spend in the day and month containing `at`, and each budget's use as an admission counts it.
+
+    `account`: the user's (`account_of`), None if they have none, when the caller read it already."""
     month = period_containing("month", at)
     today = Q(day=period_containing("day", at).first_day)
     spent = DailyUsage.objects.filter(user_id=user_id, day__gte=month.first_day, day__lt=month.end_day).aggregate(
         month=Sum("cost_usd"), day=Sum("cost_usd", filter=today)
     )
-    board = user_budgets(user_id=user_id, at=at)
+    if account is None:
+        board = None  # no account: no budget
+    else:
+        board = user_budgets(user_id=user_id, at=at, account=account if isinstance(account, Account) else None)
     return SpendSummary(
         month_spent_usd=spent["month"] or Decimal(0),
         day_spent_usd=spent["day"] or Decimal(0),

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 from functools import wraps
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from django.conf import settings
@@ -36,6 +36,7 @@ from django.views.decorators.http import require_GET
 from django_ratelimit.decorators import ratelimit
 
 from billing import display
+from billing.models import Account
 from chat import selectors, services
 from chat.exceptions import ChatError, ContextTooLong, ConversationNotFound
 from chat.models import Conversation
@@ -203,8 +204,8 @@ def _conversation_detail(conversation: Conversation) -> dict[str, Any]:
     return {**_conversation_summary(conversation), "messages": [_message(shown) for shown in selectors.messages_with_usage(conversation)]}
 
 
-def _spend(user_id: int) -> dict[str, Any]:
-    summary = selectors.spend_summary(user_id=user_id, at=timezone.now())
+def _spend(user_id: int, account: Account | None | Literal["unread"] = "unread") -> dict[str, Any]:
+    summary = selectors.spend_summary(user_id=user_id, at=timezone.now(), account=account)
 
     def amount(kind: str, value: Decimal) -> str:
         return display.usd_brief(value) if kind == "spend" else f"{display.count(int(value))} tokens"
@@ -234,9 +235,9 @@ def _spend(user_id: int) -> dict[str, Any]:
     }
 
 
-def _models(user_id: int) -> list[dict[str, Any]]:
+def _models(account: Account | None) -> list[dict[str, Any]]:
     choices = []
-    for choice in selectors.model_choices(user_id=user_id, at=timezone.now()):
+    for choice in selectors.model_choices(account=account, at=timezone.now()):
         if choice.input_usd_per_1m is None or choice.output_usd_per_1m is None:
             price = "price not set"
         else:
@@ -261,7 +262,8 @@ def chat_page(request: HttpRequest, conversation_id: uuid.UUID | None = None) ->
             conversation = selectors.conversation_for(user_id=user_id, conversation_id=conversation_id)
         except ConversationNotFound:
             raise Http404(services.NOT_FOUND) from None
-    models = _models(user_id)
+    account = selectors.account_of(user_id)
+    models = _models(account)
     ids = [model["id"] for model in models]
     if conversation is not None and conversation.model in ids:
         default = conversation.model
@@ -273,7 +275,7 @@ def chat_page(request: HttpRequest, conversation_id: uuid.UUID | None = None) ->
         "default_model": default,
         "conversations": [_conversation_summary(item) for item in selectors.conversations_for(user_id=user_id)],
         "conversation": None if conversation is None else _conversation_detail(conversation),
-        "spend": _spend(user_id),
+        "spend": _spend(user_id, account),
         "urls": {
             "page": reverse("chat"),
             "stream": reverse("chat-stream"),

@@ -123,11 +123,13 @@ def user_key_spend(*, user_id: int, days: Period) -> dict[int, UsageSums]:
     }
 
 
-def user_budgets(*, user_id: int, at: datetime) -> AccountBudgets | None:
+def user_budgets(*, user_id: int, at: datetime, account: Account | None = None) -> AccountBudgets | None:
     """The user's budgets at `at`, as an admission counts them (settled + held); None when the
-    user has no account or no limit. Two queries (one when there is no account).
+    user has no account or no limit. Two queries (one when there is no account); one fewer when
+    the caller has read the user's `account` (with its plan) already.
     """
-    account = Account.objects.select_related("plan").filter(user_id=user_id).first()
+    if account is None:
+        account = Account.objects.select_related("plan").filter(user_id=user_id).first()
     if account is None or not account.has_limits:
         return None
     usage = period_usage(account=account, at=at)

@@ -12,12 +12,13 @@ from django.contrib.auth import get_user_model
 from django.db import IntegrityError, connections, transaction
 from django.utils import timezone
 
-from billing.models import AccountPrice, UsageRecord
+from billing.models import AccountPrice, PlanPrice, PricingPlan, UsageRecord
 from billing.selectors import rates_for
 from billing.services import account_get_or_create, account_quota_set, usage_record_create
 from chat import selectors, services
 from chat.exceptions import ContextTooLong, ConversationNotFound, InvalidTurn
 from chat.models import Conversation, Message
+from streaming.catalog import available_routes
 
 pytestmark = pytest.mark.django_db
 
@@ -302,13 +303,39 @@ def test_rename_and_delete(alice) -> None:
 
 
 def test_models_are_offered_with_the_price_this_user_pays(alice) -> None:
-    catalog = {choice.id: choice for choice in selectors.model_choices(user_id=alice.pk, at=timezone.now())}
+    catalog = {choice.id: choice for choice in selectors.model_choices(account=selectors.account_of(alice.pk), at=timezone.now())}
     assert (catalog[MODEL].input_usd_per_1m, catalog[MODEL].output_usd_per_1m) == (Decimal(1), Decimal(2))
     assert catalog[MODEL].context_window == 16_384
     account = account_get_or_create(user_id=alice.pk)
     AccountPrice.objects.create(account=account, model=MODEL, input_usd_per_1m=Decimal("0.5"), output_usd_per_1m=Decimal("1.5"))
-    negotiated = {choice.id: choice for choice in selectors.model_choices(user_id=alice.pk, at=timezone.now())}
+    negotiated = {choice.id: choice for choice in selectors.model_choices(account=selectors.account_of(alice.pk), at=timezone.now())}
     assert (negotiated[MODEL].input_usd_per_1m, negotiated[MODEL].output_usd_per_1m) == (Decimal("0.5"), Decimal("1.5"))
+
+
+def test_every_offered_price_is_what_a_call_pays_and_is_read_in_three_queries(alice, django_assert_num_queries) -> None:
+    """The page prices the whole catalog at once; a call prices its own model (`rates_for`): the same rule."""
+    routes = list(available_routes())
+    others = [route for route in routes if route.id != MODEL]
+    assert len(others) >= 2
+    plan = PricingPlan.objects.create(name="reseller", multiplier=Decimal("1.5"))
+    account = account_get_or_create(user_id=alice.pk)
+    account.plan = plan
+    account.save(update_fields=["plan"])
+    AccountPrice.objects.create(account=account, model=others[0].id, input_usd_per_1m=Decimal("0.5"), output_usd_per_1m=Decimal("1.5"))
+    PlanPrice.objects.create(plan=plan, model=others[1].id, input_usd_per_1m=Decimal("7"), output_usd_per_1m=Decimal("9"))
+    account = selectors.account_of(alice.pk)
+    at = timezone.now()
+    with django_assert_num_queries(3):
+        offered = {choice.id: choice for choice in selectors.model_choices(account=account, at=at)}
+    for route in routes:
+        rates = rates_for(account=account, model=route.id, upstream_model=route.upstream_model, at=at)
+        expected = (None, None) if rates is None else (
+            rates.cost(prompt_tokens=1_000_000, cached_tokens=0, completion_tokens=0),
+            rates.cost(prompt_tokens=0, cached_tokens=0, completion_tokens=1_000_000),
+        )
+        assert (offered[route.id].input_usd_per_1m, offered[route.id].output_usd_per_1m) == expected, route.id
+    assert offered[MODEL].input_usd_per_1m == Decimal("1.5")  # the catalog's $1, times the plan's 1.5
+    assert offered[others[0].id].input_usd_per_1m == Decimal("0.5") and offered[others[1].id].input_usd_per_1m == Decimal(7)
 
 
 def test_spend_counts_this_months_calls_and_warns_past_the_soft_threshold(alice) -> None:
@@ -344,3 +371,12 @@ def test_staff_read_conversations_in_the_admin_without_changing_them(alice, admi
     assert "Answer 4" in detail.content.decode()
     assert admin_client.post(f"/admin/chat/conversation/{conversation.pk}/change/", {"title": "edited"}).status_code == 403
     assert Conversation.objects.get(pk=conversation.pk).title == "Question 4"
+
+
+def test_a_conversations_newest_messages_have_an_index() -> None:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        indexes = connection.introspection.get_constraints(cursor, Message._meta.db_table)
+    assert indexes["chat_message_newest"]["columns"] == ["conversation_id", "id"]
+    assert indexes["chat_message_newest"]["orders"] == ["ASC", "DESC"]
