@@ -8,7 +8,7 @@ with the gateway's own counter (`streaming.tokens`), the one its admission and b
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from django.conf import settings
@@ -41,6 +41,12 @@ def reply_allowance(route: ModelRoute) -> int:
 def fit_context(*, system_prompt: str, history: Sequence[ChatMessage], route: ModelRoute) -> Context:
     """The newest messages of `history` (oldest first) that fit `route`'s window with the system
     prompt and the reply's allowance; raise ContextTooLong if the newest alone does not."""
+    return fit_newest(system_prompt=system_prompt, newest_first=reversed(history), total=len(history), route=route)
+
+
+def fit_newest(*, system_prompt: str, newest_first: Iterable[ChatMessage], total: int, route: ModelRoute) -> Context:
+    """`fit_context` of a history given newest first (`total` messages in all), read only until
+    the window is full: a long conversation's older messages are never loaded."""
     model = route.upstream_model
     reply = reply_allowance(route)
     budget = route.context_window - reply
@@ -52,17 +58,17 @@ def fit_context(*, system_prompt: str, history: Sequence[ChatMessage], route: Mo
         return count_chat_prompt_tokens([message], model=model) - priming
 
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    total = priming + sum(own_tokens(message) for message in system)
+    used = priming + sum(own_tokens(message) for message in system)
     kept: list[ChatMessage] = []
-    for message in reversed(history):
+    for message in newest_first:
         tokens = own_tokens(message)
-        if total + tokens > budget:
+        if used + tokens > budget:
             if not kept:
                 raise ContextTooLong(
-                    TOO_LONG.format(model=route.id, tokens=total + tokens, budget=budget, window=route.context_window, reply=reply)
+                    TOO_LONG.format(model=route.id, tokens=used + tokens, budget=budget, window=route.context_window, reply=reply)
                 )
             break
-        total += tokens
+        used += tokens
         kept.append(message)
     kept.reverse()
-    return Context(messages=system + kept, prompt_tokens=total, left_out=len(history) - len(kept))
+    return Context(messages=system + kept, prompt_tokens=used, left_out=total - len(kept))

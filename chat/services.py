@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Literal
 
+from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from billing.models import UsageRecord
-from chat.context import Context, fit_context
+from chat.context import Context, fit_newest
 from chat.exceptions import ConversationNotFound, InvalidTurn
 from chat.models import (
     ERROR_MAX_CHARS,
@@ -45,6 +47,9 @@ NOT_YOUR_CALL = "That request id names another user's call."
 UNKNOWN_ANSWER_MODEL = "The model `{model}` is not one this gateway serves, so it answered nothing here."
 EMPTY_TITLE = "A conversation needs a title."
 TITLE_TOO_LONG = f"A title can be at most {TITLE_MAX_LENGTH} characters."
+TOO_MANY_CONVERSATIONS = "You have {count:,} conversations, the most kept for one user: delete some to start a new one."
+CONVERSATION_FULL = "This conversation has reached {count:,} messages, the most one can hold: start a new chat to go on."
+HISTORY_PAGE = 50  # messages read at a time, newest first, until the model's window is full
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +111,9 @@ def turn_begin(
     `regenerate` answers the last message of theirs again, dropping the answer after it; `edit`
     replaces their last message (and its answer) with `content`. The conversation keeps the
     model, system prompt and temperature for its next turn. Nothing is saved if the context
-    does not fit the model (ContextTooLong).
+    does not fit the model (ContextTooLong), nor past the caps CHAT_MAX_CONVERSATIONS (per user)
+    and CHAT_MAX_MESSAGES (per conversation, the answer counted). Two new conversations started
+    at the same moment may pass the first cap by one: it bounds growth, it is not a quota.
     """
     route = _validated_settings(model=model, system_prompt=system_prompt, temperature=temperature)
     if temperature is not None:
@@ -118,9 +125,16 @@ def turn_begin(
     now = timezone.now()
     with transaction.atomic():
         if conversation_id is None:
+            count = Conversation.objects.filter(user_id=user_id).count()
+            if count >= settings.CHAT_MAX_CONVERSATIONS:
+                raise InvalidTurn(TOO_MANY_CONVERSATIONS.format(count=count))
             conversation = Conversation.objects.create(user_id=user_id, title=title_from(content), model=route.id, created_at=now)
         else:
             conversation = _owned(user_id=user_id, conversation_id=conversation_id, lock=True)
+            if mode == "send":
+                count = conversation.messages.count()
+                if count + 2 > settings.CHAT_MAX_MESSAGES:  # room for the message and its answer
+                    raise InvalidTurn(CONVERSATION_FULL.format(count=count))
         if mode == "send":
             message = Message.objects.create(conversation=conversation, role=Message.Role.USER, content=content, created_at=now)
         else:
@@ -138,12 +152,27 @@ def turn_begin(
         conversation.temperature = temperature
         conversation.updated_at = now
         conversation.save(update_fields=["model", "system_prompt", "temperature", "updated_at"])
-        history = [
-            {"role": role, "content": text}
-            for role, text in conversation.messages.exclude(content="").order_by("id").values_list("role", "content")
-        ]
-        context = fit_context(system_prompt=system_prompt, history=history, route=route)
+        context = fit_newest(
+            system_prompt=system_prompt,
+            newest_first=_history_newest_first(conversation),
+            total=conversation.messages.exclude(content="").count(),
+            route=route,
+        )
     return Turn(conversation=conversation, message=message, route=route, context=context)
+
+
+def _history_newest_first(conversation: Conversation) -> Iterator[dict[str, str]]:
+    """The conversation's messages with text, newest first, HISTORY_PAGE at a time (by index), as
+    long as the reader asks for more."""
+    said = conversation.messages.exclude(content="").order_by("-id")
+    before: int | None = None
+    while True:
+        page = list((said if before is None else said.filter(id__lt=before)).values_list("id", "role", "content")[:HISTORY_PAGE])
+        for _, role, text in page:
+            yield {"role": role, "content": text}
+        if len(page) < HISTORY_PAGE:
+            return
+        before = page[-1][0]
 
 
 def answer_record(

@@ -181,6 +181,10 @@ RATELIMIT_FAIL_OPEN = True
 RATELIMIT_VIEW = "llmgateway.pages.ratelimited"
 LOGIN_RATE = os.environ.get("LOGIN_RATE", "10/m")
 CHAT_PAGE_RATE = os.environ.get("CHAT_PAGE_RATE", "60/m")
+# What one user may keep on the chat page: a new conversation past the first cap, or a message in a
+# conversation past the second (its answer counted), is refused with a plain 400.
+CHAT_MAX_CONVERSATIONS = _env_int("CHAT_MAX_CONVERSATIONS", 1_000)
+CHAT_MAX_MESSAGES = _env_int("CHAT_MAX_MESSAGES", 500)
 SILENCED_SYSTEM_CHECKS = ["django_ratelimit.W001"] + ([] if REDIS_URL else ["django_ratelimit.E003"])
 
 AUTH_PASSWORD_VALIDATORS = [

@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 from django.contrib.auth import get_user_model
-from django.db import IntegrityError, connections, transaction
+from django.db import IntegrityError, connection, connections, transaction
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from billing.models import AccountPrice, PlanPrice, PricingPlan, UsageRecord
@@ -130,6 +131,52 @@ def test_a_message_too_long_for_the_model_saves_nothing(alice, settings) -> None
     finally:
         all_routes.cache_clear()
     assert not Conversation.objects.exists() and not Message.objects.exists()
+
+
+def test_a_user_keeps_at_most_the_set_number_of_conversations(alice, bob, settings) -> None:
+    settings.CHAT_MAX_CONVERSATIONS = 2
+    first = send(alice, "one").conversation
+    send(alice, "two")
+    with pytest.raises(InvalidTurn) as refused:
+        send(alice, "three")
+    assert refused.value.message == services.TOO_MANY_CONVERSATIONS.format(count=2)
+    assert Conversation.objects.filter(user=alice).count() == 2 and not Message.objects.filter(content="three").exists()
+    send(alice, "still fine", first)  # an existing conversation goes on
+    send(bob, "bob's first")  # the cap is each user's
+    first.delete()
+    send(alice, "three")
+
+
+def test_a_conversation_holds_at_most_the_set_number_of_messages_its_answers_counted(alice, settings) -> None:
+    settings.CHAT_MAX_MESSAGES = 4
+    conversation = send(alice, "one").conversation
+    answer(alice, conversation, "1")
+    send(alice, "two", conversation)
+    answer(alice, conversation, "2")
+    with pytest.raises(InvalidTurn) as refused:
+        send(alice, "three", conversation)
+    assert refused.value.message == services.CONVERSATION_FULL.format(count=4)
+    assert conversation.messages.count() == 4
+    edited = services.turn_begin(user_id=alice.pk, conversation_id=conversation.pk, mode="edit", content="TWO", model=MODEL)
+    assert edited.message.content == "TWO"  # editing or regenerating the last message does not grow it
+
+
+def test_a_turn_reads_a_long_conversation_newest_first_only_until_the_window_is_full(alice, django_assert_max_num_queries) -> None:
+    conversation = send(alice, "first").conversation
+    answer(alice, conversation, "ok")
+    long_text = "word " * 2_000  # about 2,000 tokens: a handful fill sim-chat's window
+    Message.objects.bulk_create(
+        Message(conversation=conversation, role=role, content=long_text) for _ in range(100) for role in ("user", "assistant")
+    )
+    with CaptureQueriesContext(connection) as captured:
+        turn = send(alice, "last", conversation)
+    selected = [query["sql"] for query in captured.captured_queries if query["sql"].startswith("SELECT")]
+    read = [sql for sql in selected if '"chat_message"."content"' in sql.split(" FROM ")[0]]  # messages' text loaded
+    assert read and all("LIMIT" in sql for sql in read), read
+    assert len(read) == 1  # one page of the newest messages held more than the window
+    assert turn.context.messages[-1] == {"role": "user", "content": "last"}
+    assert 1 <= len(turn.context.messages) - 1 < services.HISTORY_PAGE
+    assert turn.context.left_out == 203 - len(turn.context.messages)
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ import pytest
 from django.contrib.auth import get_user_model
 from django.test import Client
 
+from chat import services
 from chat.models import Conversation, Message
 from llmgateway.chat_views import CHAT_PAGE_CSP
 from streaming.catalog import available_routes
@@ -225,3 +226,11 @@ def test_the_pages_queries_do_not_grow_with_the_catalog_conversations_or_message
     more_models = routes + [dataclasses.replace(route, id=f"{route.id}-copy-{n}") for n in range(5) for route in routes]
     monkeypatch.setattr("chat.selectors.available_routes", lambda: more_models)
     page_of_last_conversation()
+
+
+def test_past_the_conversation_cap_a_new_chat_is_a_400_in_plain_words(client, settings) -> None:
+    settings.CHAT_MAX_CONVERSATIONS = 1
+    start(client)
+    response = post(client, TURNS, {"content": "another", "model": MODEL})
+    assert response.status_code == 400
+    assert response.json()["error"] == {"message": services.TOO_MANY_CONVERSATIONS.format(count=1), "code": "invalid_request"}
