@@ -272,6 +272,19 @@ def test_a_lost_connection_shows_a_retry_button_that_answers_again(page, answer)
     assert list(Message.objects.order_by("id").values_list("role", "state")) == [("user", "complete"), ("assistant", "complete")]
 
 
+def test_a_stale_csrf_token_says_to_reload_the_page(page, answer) -> None:
+    def without_token(route: Any) -> None:
+        headers = {name: value for name, value in route.request.headers.items() if name.lower() != "x-csrftoken"}
+        route.continue_(headers=headers)
+
+    page.route("**/chat/completions", without_token)  # as after a new login in another tab
+    send(page, "hello")
+    failed = wait_for_answer(page, "failed")
+    assert "Reload the page to go on." in failed.locator(".notice").inner_text()
+    assert "403" not in failed.locator(".notice").inner_text()
+    assert answer.requests == []
+
+
 def test_reload_reopen_and_continue_sends_the_prior_messages(page, answer, served) -> None:
     answer.tokens, answer.token_text = 2, "blue "
     send(page, "My favourite colour is blue.")

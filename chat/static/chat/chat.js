@@ -28,6 +28,9 @@
   const search = $("search");
 
   const CONNECTION_LOST = "The connection to the gateway was lost. Check your network, then retry.";
+  // Django's CSRF refusal is an HTML 403: the page's token is stale (a new login elsewhere, or an
+  // expired session), and only a reload gets a fresh one.
+  const SESSION_EXPIRED = "Your session has expired or changed since this page was opened. Reload the page to go on.";
   const LEFT_PAGE = "Stopped: the page was left or reloaded while the answer arrived.";
   const DEFAULT_RETRY_SECONDS = 10;
   // An answer ended before the gateway's response headers came has no request id to look up, yet
@@ -134,7 +137,8 @@
     if (response.status === 204) return null;
     const data = await response.json().catch(() => null);
     if (!response.ok) {
-      const error = new Error((data && data.error && data.error.message) || `The gateway answered ${response.status}.`);
+      const fallback = response.status === 403 ? SESSION_EXPIRED : `The gateway answered ${response.status}.`;
+      const error = new Error((data && data.error && data.error.message) || fallback);
       error.status = response.status;
       throw error;
     }
@@ -633,6 +637,7 @@
       return Object.assign(new Error(`Too many requests right now: ${message}`), { kind: "rate_limited", retryAfter: seconds });
     }
     if (response.status === 401) return new Error("Your session has ended. Log in again to continue.");
+    if (response.status === 403 && !error) return new Error(SESSION_EXPIRED);
     if (response.status >= 500) return Object.assign(new Error(`The model could not answer: ${message}`), { kind: "upstream" });
     return new Error(message);
   }
