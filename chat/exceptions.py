@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+NOT_FOUND = "This conversation does not exist, or it is not yours."
+
 
 class ChatError(Exception):
     def __init__(self, message: str) -> None:

@@ -16,9 +16,8 @@ from billing.models import Account, DailyUsage, UsageRecord
 from billing.periods import period_containing
 from billing.portal.selectors import user_budgets
 from billing.selectors import rates_for_models
-from chat.exceptions import ConversationNotFound
+from chat.exceptions import NOT_FOUND, ConversationNotFound
 from chat.models import Conversation, Message
-from chat.services import NOT_FOUND
 from streaming.catalog import available_routes
 
 CONVERSATIONS_LISTED = 200

@@ -16,7 +16,7 @@ from django.utils import timezone
 
 from billing.models import UsageRecord
 from chat.context import Context, fit_newest
-from chat.exceptions import ConversationNotFound, InvalidTurn
+from chat.exceptions import NOT_FOUND, ConversationNotFound, InvalidTurn
 from chat.models import (
     ERROR_MAX_CHARS,
     MESSAGE_MAX_CHARS,
@@ -32,7 +32,6 @@ TEMPERATURE_STEP = Decimal("0.01")
 TurnMode = Literal["send", "regenerate", "edit"]
 TURN_MODES: tuple[TurnMode, ...] = ("send", "regenerate", "edit")
 
-NOT_FOUND = "This conversation does not exist, or it is not yours."
 EMPTY_MESSAGE = "Type a message first."
 MESSAGE_TOO_LONG = f"A message can be at most {MESSAGE_MAX_CHARS:,} characters."
 SYSTEM_PROMPT_TOO_LONG = f"The system prompt can be at most {SYSTEM_PROMPT_MAX_CHARS:,} characters."

@@ -24,9 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import orjson
-from django.conf import settings
 from django.contrib.auth.decorators import login_required
-from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse
 from django.middleware.csrf import get_token
 from django.shortcuts import render
@@ -38,12 +36,12 @@ from django_ratelimit.decorators import ratelimit
 from billing import display
 from billing.models import Account
 from chat import selectors, services
-from chat.exceptions import ChatError, ContextTooLong, ConversationNotFound
+from chat.exceptions import NOT_FOUND, ChatError, ContextTooLong, ConversationNotFound
 from chat.models import Conversation
+from llmgateway.page_helpers import LOGIN_REQUIRED, page_rate, user_id_of
 
 JsonView = Callable[..., HttpResponse]
 
-LOGIN_REQUIRED = "Your session has ended. Log in again to continue."
 METHOD_NOT_ALLOWED = "{method} is not allowed here."
 BAD_JSON = "The request body is not a JSON object."
 BAD_FIELD = "`{field}` must be {kind}."
@@ -62,10 +60,6 @@ BUDGET_LABELS = {
     ("tokens", "day"): "today's tokens",
     ("tokens", "month"): "this month's tokens",
 }
-
-
-def _page_rate(group: str, request: HttpRequest) -> str:
-    return str(settings.CHAT_PAGE_RATE)
 
 
 def _json(payload: object, status: int = 200) -> HttpResponse:
@@ -98,18 +92,10 @@ def _json_api(*methods: str) -> Callable[[JsonView], JsonView]:
             except ChatError as error:
                 return _error(error.message, 400, "invalid_request")
 
-        limited = ratelimit(key="user_or_ip", rate=_page_rate, block=True)(wrapped)
+        limited = ratelimit(key="user_or_ip", rate=page_rate, block=True)(wrapped)
         return limited
 
     return decorate
-
-
-def _user_id(request: HttpRequest) -> int:
-    """The logged-in user's id (the views are behind a login check)."""
-    user_id = request.user.pk
-    if user_id is None:
-        raise PermissionDenied(LOGIN_REQUIRED)
-    return int(user_id)
 
 
 def _body(request: HttpRequest) -> dict[str, Any]:
@@ -249,19 +235,19 @@ def _models(account: Account | None) -> list[dict[str, Any]]:
 # --- The page ---------------------------------------------------------------------------------
 
 
-@ratelimit(key="ip", rate=_page_rate, block=True)
-@ratelimit(key="user_or_ip", rate=_page_rate, block=True)
+@ratelimit(key="ip", rate=page_rate, block=True)
+@ratelimit(key="user_or_ip", rate=page_rate, block=True)
 @login_required
 @require_GET
 def chat_page(request: HttpRequest, conversation_id: uuid.UUID | None = None) -> HttpResponse:
     """The page: a conversation (or a new one), the sidebar of conversations, the spend."""
-    user_id = _user_id(request)
+    user_id = user_id_of(request)
     conversation = None
     if conversation_id is not None:
         try:
             conversation = selectors.conversation_for(user_id=user_id, conversation_id=conversation_id)
         except ConversationNotFound:
-            raise Http404(services.NOT_FOUND) from None
+            raise Http404(NOT_FOUND) from None
     account = selectors.account_of(user_id)
     models = _models(account)
     ids = [model["id"] for model in models]
@@ -297,14 +283,14 @@ def chat_page(request: HttpRequest, conversation_id: uuid.UUID | None = None) ->
 def conversations(request: HttpRequest) -> HttpResponse:
     """The sidebar: the user's conversations, newest first; `?q=` searches titles and messages."""
     search = _no_nul(request.GET.get("q", ""), "q")
-    found = selectors.conversations_for(user_id=_user_id(request), search=search)
+    found = selectors.conversations_for(user_id=user_id_of(request), search=search)
     return _json({"conversations": [_conversation_summary(item) for item in found]})
 
 
 @_json_api("GET", "PATCH", "DELETE")
 def conversation(request: HttpRequest, conversation_id: uuid.UUID) -> HttpResponse:
     """One conversation: read it with its messages, rename it (`{"title"}`), or delete it."""
-    user_id = _user_id(request)
+    user_id = user_id_of(request)
     if request.method == "DELETE":
         services.conversation_delete(user_id=user_id, conversation_id=conversation_id)
         return HttpResponse(status=204)
@@ -322,7 +308,7 @@ def turns(request: HttpRequest) -> HttpResponse:
     if mode not in services.TURN_MODES:
         raise services.InvalidTurn(BAD_FIELD.format(field="mode", kind=" or ".join(services.TURN_MODES)))
     turn = services.turn_begin(
-        user_id=_user_id(request),
+        user_id=user_id_of(request),
         conversation_id=_uuid(body.get("conversation"), "conversation"),
         mode=mode,
         content=_text(body, "content"),
@@ -353,7 +339,7 @@ def answers(request: HttpRequest, conversation_id: uuid.UUID) -> HttpResponse:
     """Save the answer to the conversation's last message; answer with it and the spend now."""
     body = _body(request)
     answer = services.answer_record(
-        user_id=_user_id(request),
+        user_id=user_id_of(request),
         conversation_id=conversation_id,
         content=_text(body, "content"),
         state=_text(body, "state", "complete"),
@@ -361,13 +347,13 @@ def answers(request: HttpRequest, conversation_id: uuid.UUID) -> HttpResponse:
         model=_text(body, "model"),
         request_id=_uuid(body.get("request_id"), "request_id"),
     )
-    [shown] = selectors.with_usage([answer], user_id=_user_id(request))
-    return _json({"message": _message(shown), "spend": _spend(_user_id(request))}, status=201)
+    [shown] = selectors.with_usage([answer], user_id=user_id_of(request))
+    return _json({"message": _message(shown), "spend": _spend(user_id_of(request))}, status=201)
 
 
 @_json_api("GET")
 def spend(request: HttpRequest) -> HttpResponse:
-    return _json(_spend(_user_id(request)))
+    return _json(_spend(user_id_of(request)))
 
 
 def favicon(request: HttpRequest) -> HttpResponse:

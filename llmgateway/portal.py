@@ -19,7 +19,6 @@ from datetime import date, datetime, timedelta
 from typing import Any
 
 from django import forms
-from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
@@ -35,6 +34,7 @@ from billing.console.selectors import UsageSums
 from billing.periods import DAYS, Period, billing_zone, days_ending, period_containing
 from billing.portal.selectors import user_budgets, user_key_spend, user_usage
 from llmgateway.models import ApiKey
+from llmgateway.page_helpers import page_rate, user_id_of
 from llmgateway.services import (
     ApiKeyLimitReached,
     api_key_create_own,
@@ -62,10 +62,6 @@ ACCOUNT_PAGE_CSP = (
     "default-src 'self'; script-src 'none'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
     "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
 )
-
-
-def _page_rate(group: str, request: HttpRequest) -> str:
-    return str(settings.CHAT_PAGE_RATE)
 
 
 class PeriodQuery(forms.Form):
@@ -128,12 +124,6 @@ def _range_links(at: datetime, current: Period) -> list[tuple[str, str, bool]]:
     return links
 
 
-def _user_id(request: HttpRequest) -> int:
-    user_id = request.user.pk
-    assert isinstance(user_id, int)  # every view here requires a logged-in user
-    return user_id
-
-
 def _account_page(
     request: HttpRequest,
     *,
@@ -143,7 +133,7 @@ def _account_page(
     status: int = 200,
 ) -> HttpResponse:
     at = now()
-    user_id = _user_id(request)
+    user_id = user_id_of(request)
     period = query.period(at)
     usage = user_usage(user_id=user_id, days=period)
     key_spend = user_key_spend(user_id=user_id, days=period)
@@ -182,7 +172,7 @@ def account_page(request: HttpRequest) -> HttpResponse:
 
 
 @never_cache
-@ratelimit(key="user_or_ip", rate=_page_rate, method="POST", block=True)
+@ratelimit(key="user_or_ip", rate=page_rate, method="POST", block=True)
 @require_POST
 @login_required
 def key_create(request: HttpRequest) -> HttpResponse:
@@ -192,7 +182,7 @@ def key_create(request: HttpRequest) -> HttpResponse:
     if not form.is_valid():
         return _account_page(request, query=query, key_form=form, status=400)
     try:
-        created = api_key_create_own(user_id=_user_id(request), name=form.cleaned_data["name"], max_active=MAX_ACTIVE_KEYS)
+        created = api_key_create_own(user_id=user_id_of(request), name=form.cleaned_data["name"], max_active=MAX_ACTIVE_KEYS)
     except ApiKeyLimitReached as error:
         form.add_error(None, str(error))
         return _account_page(request, query=query, key_form=form, status=400)
@@ -200,7 +190,7 @@ def key_create(request: HttpRequest) -> HttpResponse:
 
 
 def _own_key(request: HttpRequest, key_id: int) -> ApiKey:
-    return get_object_or_404(ApiKey, pk=key_id, user_id=_user_id(request))
+    return get_object_or_404(ApiKey, pk=key_id, user_id=user_id_of(request))
 
 
 def _back(request: HttpRequest) -> HttpResponseRedirect:
@@ -208,7 +198,7 @@ def _back(request: HttpRequest) -> HttpResponseRedirect:
 
 
 @never_cache
-@ratelimit(key="user_or_ip", rate=_page_rate, method="POST", block=True)
+@ratelimit(key="user_or_ip", rate=page_rate, method="POST", block=True)
 @require_POST
 @login_required
 def key_revoke(request: HttpRequest, key_id: int) -> HttpResponse:
@@ -219,7 +209,7 @@ def key_revoke(request: HttpRequest, key_id: int) -> HttpResponse:
 
 
 @never_cache
-@ratelimit(key="user_or_ip", rate=_page_rate, method="POST", block=True)
+@ratelimit(key="user_or_ip", rate=page_rate, method="POST", block=True)
 @require_POST
 @login_required
 def key_rename(request: HttpRequest, key_id: int) -> HttpResponse:
