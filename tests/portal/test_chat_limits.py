@@ -43,8 +43,15 @@ def ask(client: httpx.Client, model: str = "sim-fast") -> httpx.Response:
     return client.post("/chat/completions", json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8})
 
 
-def test_the_defaults_limit_the_chat_page() -> None:
-    assert settings.LIMITS_CHAT_USER_RPM > 0 and settings.LIMITS_CHAT_USER_MAX_CONCURRENT > 0
+def test_by_default_one_user_at_the_chat_page_is_held_to_a_number_of_requests_a_minute(gateway_factory, user_factory, clean_redis) -> None:
+    gateway = gateway_factory(REDIS_URL=clean_redis)  # no limit set: the defaults
+    user_factory("sam")
+    client = chat_session(gateway.base_url, "sam")
+    allowed = settings.LIMITS_CHAT_USER_RPM
+    assert 0 < allowed <= 100
+    assert {ask(client).status_code for _ in range(allowed)} == {200}
+    refused = ask(client)
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "rate_limit_exceeded"
 
 
 def test_chat_page_requests_per_minute_are_counted_per_user_across_gateways_in_redis(

@@ -54,10 +54,17 @@ def test_a_user_made_by_createapikey_cannot_log_in_until_given_a_login(monkeypat
 def test_a_set_password_link_works_once() -> None:
     api_key_create(username="nadia")
     link = createlogin("nadia").removeprefix("http://127.0.0.1:8000")
-    set_password_through(link, NEW_PASSWORD)
+    browser = Client()
+    form_page = browser.get(link, follow=True)
+    form_url = form_page.redirect_chain[-1][0]
+    done = browser.post(form_url, {"new_password1": NEW_PASSWORD, "new_password2": NEW_PASSWORD})
+    assert done.status_code == 302 and Client().login(username="nadia", password=NEW_PASSWORD)
 
+    replayed = browser.post(form_url, {"new_password1": "someone else's choice", "new_password2": "someone else's choice"})
     again = Client().get(link, follow=True)
 
+    assert replayed.status_code == 200 and b'id="invalid-link"' in replayed.content
+    assert Client().login(username="nadia", password=NEW_PASSWORD)
     assert b'id="invalid-link"' in again.content and b'id="password-set"' not in again.content
 
 
