@@ -46,6 +46,7 @@
   let streaming = null; // {controller, answer} while an answer streams
   let busy = false;
   const timers = new Set();
+  let leaving = false; // set when the page is hidden for good (reload, navigation, tab closed)
 
   // --- Safe Markdown ----------------------------------------------------------------------
 
@@ -643,6 +644,9 @@
   }
 
   async function saveAnswer(answer) {
+    // The page is going away: the hang-up ends the stream, and the pagehide handler saves what
+    // arrived (stopped). A second save, racing it as "cut off", would win as often as not.
+    if (leaving) return;
     const { element, warning } = answer;
     delete answer.element;
     delete answer.warning;
@@ -741,7 +745,9 @@
 
   // Leaving or reloading the page mid-answer ends the call (the gateway sees the hang-up): keep
   // what arrived, as a stopped answer, with a request that outlives the page.
+  window.addEventListener("pageshow", () => { leaving = false; }); // back from the back-forward cache
   window.addEventListener("pagehide", () => {
+    leaving = true;
     if (!streaming || !conversation) return;
     const { answer } = streaming;
     fetch(`${urls.conversations}/${conversation.id}/answers`, {
