@@ -14,6 +14,7 @@ from billing.models import UsageRecord
 from billing.selectors import rates_for
 from billing.services import account_get_or_create, usage_record_create
 from llmgateway.models import ApiKey
+from tests.gating.conftest import clean_redis  # noqa: F401 - a fixture (the shared test Redis, emptied)
 
 PASSWORD = "correct horse battery"
 

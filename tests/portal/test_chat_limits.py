@@ -3,8 +3,6 @@ one person at the page cannot flood the upstream, and is told when to come back.
 
 from __future__ import annotations
 
-import os
-
 import httpx
 import pytest
 import redis
@@ -14,16 +12,6 @@ from llmgateway.services import api_key_create
 from tests.portal.conftest import PASSWORD
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-
-
-@pytest.fixture
-def clean_redis() -> str:
-    client = redis.Redis.from_url(TEST_REDIS_URL)
-    client.flushdb()
-    client.close()
-    return TEST_REDIS_URL
 
 
 def chat_session(base_url: str, username: str) -> httpx.Client:
