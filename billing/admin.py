@@ -25,7 +25,7 @@ from decimal import Decimal
 from typing import Any, ClassVar
 
 from django.contrib import admin
-from django.contrib.admin.views.main import ALL_VAR, ORDER_VAR, PAGE_VAR
+from django.contrib.admin.views.main import ALL_VAR, ORDER_VAR, PAGE_VAR, ChangeList
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Page, Paginator
 from django.db.models import Aggregate, Count, OuterRef, Q, QuerySet, Subquery, Sum, Value
@@ -534,6 +534,29 @@ class RequestIdSearch(admin.ModelAdmin):
         return queryset.filter(request_id=request_id), False
 
 
+class SortableByChangeList(ChangeList):
+    """Django's ChangeList, sorting only by the columns `sortable_by` names. Django leaves out the
+    links for the others but still honours a sort typed into the URL (`?o=2`), which on a
+    million-row ledger reads every row; here it is ignored, as the page offers no such sort."""
+
+    def get_ordering(self, request: HttpRequest, queryset: QuerySet[Any]) -> list[Any]:
+        asked = self.params.get(ORDER_VAR)
+        if asked is not None:
+            kept = [part for part in str(asked).split(".") if self._sortable(part)]
+            if kept:
+                self.params[ORDER_VAR] = ".".join(kept)
+            else:
+                del self.params[ORDER_VAR]  # the list's own order, as if none was asked
+        return super().get_ordering(request, queryset)
+
+    def _sortable(self, part: str) -> bool:
+        try:
+            field_name = self.list_display[int(part.rpartition("-")[2])]
+        except (IndexError, ValueError):
+            return False
+        return self.sortable_by is None or field_name in self.sortable_by
+
+
 @admin.register(UsageRecord)
 class UsageRecordAdmin(RequestIdSearch, TotalsAdmin):
     """The ledger: one row per call. Read-only; a correction is a new row, never an edit."""
@@ -567,6 +590,9 @@ class UsageRecordAdmin(RequestIdSearch, TotalsAdmin):
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[UsageRecord]:
         return super().get_queryset(request).select_related("user", "api_key")
+
+    def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
+        return SortableByChangeList
 
     def get_paginator(
         self, request: HttpRequest, queryset: QuerySet[UsageRecord], per_page: int, orphans: int = 0, allow_empty_first_page: bool = True

@@ -166,6 +166,16 @@ def test_the_ledger_sorts_by_the_columns_an_index_serves(admin_client, ledger_fa
     assert sortable == {"time", "cost"}
 
 
+@pytest.mark.parametrize("column", ["user", "key", "model", "status_badge"])
+def test_a_sort_typed_into_the_url_by_another_column_is_ignored(admin_client, ledger_factory, column) -> None:
+    ledger_factory(10)
+    default = admin_client.get(reverse(LEDGER)).context["cl"]
+    index = default.list_display.index(column)  # as the list numbers its columns (after the checkbox)
+    by_hand = admin_client.get(reverse(LEDGER), {"o": str(index)}).context["cl"]
+    assert by_hand.result_list.query.order_by == default.result_list.query.order_by
+    assert [row.pk for row in by_hand.result_list] == [row.pk for row in default.result_list]
+
+
 @pytest.mark.parametrize("spelling", [str, lambda request_id: str(request_id).upper(), lambda request_id: f"  {request_id.hex} "])
 def test_the_search_finds_a_call_by_its_request_id(admin_client, ledger_factory, spelling) -> None:
     record = ledger_factory(10).records[4]
