@@ -57,6 +57,7 @@ from django.db import IntegrityError, InterfaceError, OperationalError, connecti
 
 from billing.money import Rates
 from infra.db import db_task
+from infra.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -394,12 +395,7 @@ class LedgerOutbox:
     async def aclose(self) -> None:
         """Stop the loop; try once more to write what waits (what fails stays journaled)."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(task)
         if self._late_writes:
             await asyncio.wait(self._late_writes, timeout=DRAIN_RETRY_SECONDS * 10)
         if self._pending:

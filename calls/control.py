@@ -3,7 +3,7 @@
 Each process keeps a registry of the calls it is running (`active_calls`). A stop is an order
 published on the channel layer's `CONTROL_GROUP`: channels-redis when `REDIS_URL` is set, so it
 reaches every gateway process; the in-memory layer otherwise (one process, which is then all
-there is). Every process listens from its start (`start_listening`, run by the ASGI lifespan)
+there is). Every process listens from its start (`listener`, started by the ASGI lifespan)
 and stops the matching calls it runs: a stream ends with an SSE error event whose code is the
 order's reason, a non-stream call with an error, and the ledger row says why in `error_kind`.
 
@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
+
+from infra.tasks import ProcessTask
 
 if TYPE_CHECKING:
     from calls.chat import ChatCall
@@ -122,7 +124,6 @@ on_principal_stopped: list[Callable[[StopOrder], None]] = []
 # Other messages sent to CONTROL_GROUP, by their type (a console asking for live reports).
 message_handlers: dict[str, Callable[[dict[str, Any]], None]] = {}
 
-_listener: asyncio.Task[None] | None = None
 LISTEN_RETRY_SECONDS = 1.0
 REJOIN_SECONDS = 3600.0
 
@@ -161,19 +162,5 @@ async def _listen() -> None:
             await asyncio.sleep(LISTEN_RETRY_SECONDS)
 
 
-def start_listening() -> None:
-    """Listen for stop orders for the life of the process (the ASGI lifespan calls this)."""
-    global _listener
-    if _listener is None or _listener.done():
-        _listener = asyncio.get_running_loop().create_task(_listen(), name="llmgateway-stop-orders")
-
-
-async def stop_listening() -> None:
-    global _listener
-    listener, _listener = _listener, None
-    if listener is not None:
-        listener.cancel()
-        try:
-            await listener
-        except asyncio.CancelledError:
-            pass
+# Started and stopped by the ASGI lifespan: stop orders are heard for the life of the process.
+listener = ProcessTask(_listen, name="llmgateway-stop-orders")

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 from channels.layers import get_channel_layer
 
 from calls.control import CONTROL_GROUP, ActiveCalls, active_calls
+from infra.tasks import ProcessTask
 
 if TYPE_CHECKING:
     from calls.chat import ChatCall
@@ -143,25 +144,8 @@ class LiveReporter:
 
 live_reporter = LiveReporter(active_calls, process=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}")
 
-_reporting: asyncio.Task[None] | None = None
-
-
-def start_reporting() -> None:
-    """Report for the life of the process (the ASGI lifespan calls this)."""
-    global _reporting
-    if _reporting is None or _reporting.done():
-        _reporting = asyncio.get_running_loop().create_task(live_reporter.run(), name="llmgateway-live-reports")
-
-
-async def stop_reporting() -> None:
-    global _reporting
-    reporting, _reporting = _reporting, None
-    if reporting is not None:
-        reporting.cancel()
-        try:
-            await reporting
-        except asyncio.CancelledError:
-            pass
+# Started and stopped by the ASGI lifespan.
+reporting = ProcessTask(live_reporter.run, name="llmgateway-live-reports")
 
 
 async def ask_for_reports() -> None:

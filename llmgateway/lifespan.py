@@ -44,16 +44,16 @@ async def lifespan(scope: dict[str, Any], receive: Any, send: Any) -> None:
             get_outbox().start()  # replays the ledger journals of stopped processes
             control.on_principal_stopped.append(lambda order: forget_verified_keys())
             control.message_handlers[live.ASK_MESSAGE] = live.on_ask
-            control.start_listening()
-            live.start_reporting()
+            control.listener.start()
+            live.reporting.start()
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
             try:
                 await aclose_providers()
                 await aclose_limiter()
                 await aclose_outbox()
-                await control.stop_listening()
-                await live.stop_reporting()
+                await control.listener.stop()
+                await live.reporting.stop()
             except Exception:
                 logger.exception("closing upstream clients failed")
             await send({"type": "lifespan.shutdown.complete"})
