@@ -216,8 +216,18 @@ class TotalsAdmin(ReadOnlyAdmin):
     paginator = TotalsPaginator
     show_facets = admin.ShowFacets.NEVER  # a count per choice would scan the table once per choice
 
+    # Which of the paginator's totals counts the calls: its rows (one per call in the ledger), or
+    # the rollups' `requests`.
+    requests_total: ClassVar[str] = "rows"
+
     def usage_totals(self, totals: dict[str, Any]) -> UsageTotals:
-        raise NotImplementedError
+        return UsageTotals(
+            requests=int(totals[self.requests_total]),
+            prompt_tokens=int(totals["prompt_tokens"]),
+            completion_tokens=int(totals["completion_tokens"]),
+            cached_tokens=int(totals["cached_tokens"]),
+            cost_usd=Decimal(totals["cost_usd"]),
+        )
 
     def changelist_view(self, request: HttpRequest, extra_context: dict[str, Any] | None = None) -> HttpResponse:
         response = super().changelist_view(request, extra_context)
@@ -599,15 +609,6 @@ class UsageRecordAdmin(RequestIdSearch, TotalsAdmin):
     ) -> LedgerPaginator:
         return LedgerPaginator(queryset, per_page, orphans, allow_empty_first_page, rollup=ledger_rollup(request.GET))
 
-    def usage_totals(self, totals: dict[str, Any]) -> UsageTotals:
-        return UsageTotals(
-            requests=int(totals["rows"]),
-            prompt_tokens=int(totals["prompt_tokens"]),
-            completion_tokens=int(totals["completion_tokens"]),
-            cached_tokens=int(totals["cached_tokens"]),
-            cost_usd=Decimal(totals["cost_usd"]),
-        )
-
     @admin.display(description="time", ordering="created_at")
     def when(self, obj: UsageRecord) -> SafeString:
         return format_html('<span title="{}">{}</span>', display.when_exact(obj.created_at), display.when_brief(obj.created_at))
@@ -718,6 +719,7 @@ class DailyUsageAdmin(TotalsAdmin):
     """The ledger summed per user, model and calendar day (BILLING_TIME_ZONE); equal to the ledger's sums."""
 
     paginator = RollupPaginator
+    requests_total = "requests"
     list_display = ("day", "user", "model", "request_count", "tokens_in", "tokens_out", "cost")
     list_filter = (RollupDateFilter, UserFilter, ModelFilter)
     list_select_related = ("user",)
@@ -730,15 +732,6 @@ class DailyUsageAdmin(TotalsAdmin):
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[DailyUsage]:
         return super().get_queryset(request).select_related("user")
-
-    def usage_totals(self, totals: dict[str, Any]) -> UsageTotals:
-        return UsageTotals(
-            requests=int(totals["requests"]),
-            prompt_tokens=int(totals["prompt_tokens"]),
-            completion_tokens=int(totals["completion_tokens"]),
-            cached_tokens=int(totals["cached_tokens"]),
-            cost_usd=Decimal(totals["cost_usd"]),
-        )
 
     @admin.display(description="requests", ordering="requests")
     def request_count(self, obj: DailyUsage) -> str:
