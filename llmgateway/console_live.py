@@ -31,10 +31,13 @@ from typing import Any
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.contrib import admin
+from django.http import HttpRequest
 from django.utils import timezone
 
 from billing import display
 from billing.console.selectors import PeriodSpend, spend_by_period
+from billing.console.views import console_permitted
 from billing.templatetags.console import change, direction
 from calls.control import StopOrder, stop_calls
 from calls.live import ASK_SECONDS, LIVE_GROUP, REPORT_EXPIRY_SECONDS, RunningCall, ask_for_reports
@@ -52,10 +55,12 @@ NOT_UNDERSTOOD = "The console did not understand that message."
 
 
 def _rights(user: Any) -> tuple[str, bool] | None:
-    """(username, may stop calls) for staff who may read costs; None for anyone else."""
-    if user is None or not user.is_active or not user.is_staff:
+    """(username, may stop calls) for whoever may read the console page; None for anyone else."""
+    if user is None or not user.is_active or not user.is_staff:  # as the admin lets in its pages
         return None
-    if not (user.has_perm("billing.view_usagerecord") or user.has_perm("billing.change_usagerecord")):
+    as_a_request = HttpRequest()
+    as_a_request.user = user
+    if not console_permitted(as_a_request, admin.site):
         return None
     return user.get_username(), user.has_perm("billing.stop_call")
 

@@ -19,14 +19,13 @@ import pytest
 from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
 from django.contrib.auth import get_user_model
-from django.contrib.auth.models import AnonymousUser, Group, Permission
+from django.contrib.auth.models import AnonymousUser
 from django.utils import timezone
 
 from billing.money import Rates
 from calls import live
 from calls.control import CONTROL_GROUP, STOP_MESSAGE, ActiveCalls
 from llmgateway.console_live import ConsoleLiveConsumer
-from llmgateway.staff import COST_VIEWERS
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
 
@@ -47,13 +46,10 @@ def a_running_call(*, user: str = "alice", key_prefix: str | None = "gw_ab12cd",
     )
 
 
-def staff(*, view: bool = True, stop: bool = False, name: str = "olivia") -> Any:
-    user = get_user_model().objects.create_user(name, password="x", is_staff=True)
-    if view:
-        user.groups.add(Group.objects.get(name=COST_VIEWERS))
-    if stop:
-        user.user_permissions.add(Permission.objects.get(codename="stop_call"))
-    return get_user_model().objects.get(pk=user.pk)  # permissions are cached per instance
+@pytest.fixture
+def operator(staff_factory) -> Any:
+    """Staff who may read costs and stop calls."""
+    return staff_factory("oscar", "billing.view_usagerecord", "billing.stop_call")
 
 
 async def connected(user: Any, *, settled: bool = True) -> WebsocketCommunicator:
@@ -81,21 +77,21 @@ async def next_of(communicator: WebsocketCommunicator, kind: str, within: float 
 
 
 @pytest.mark.parametrize("who", ["visitor", "not staff", "staff without the cost permission"])
-async def test_only_staff_who_may_read_costs_are_let_in(who: str) -> None:
+async def test_only_staff_who_may_read_costs_are_let_in(who: str, staff_factory) -> None:
     if who == "visitor":
         user: Any = AnonymousUser()
     elif who == "not staff":
         user = await asyncio.to_thread(lambda: get_user_model().objects.create_user("mallory", password="x"))
     else:
-        user = await asyncio.to_thread(staff, view=False)
+        user = await asyncio.to_thread(staff_factory, "sam")
     communicator = WebsocketCommunicator(ConsoleLiveConsumer.as_asgi(), "/ws/console/")
     communicator.scope["user"] = user
     accepted, _ = await communicator.connect()
     assert not accepted
 
 
-async def test_a_cost_viewer_gets_the_spend_and_the_running_calls_and_may_not_stop() -> None:
-    communicator = await connected(await asyncio.to_thread(staff), settled=False)
+async def test_a_cost_viewer_gets_the_spend_and_the_running_calls_and_may_not_stop(cost_viewer) -> None:
+    communicator = await connected(cost_viewer, settled=False)
     hello = await communicator.receive_json_from()
     assert hello == {"type": "hello", "may_stop": False}
     spend = await next_of(communicator, "spend")
@@ -157,8 +153,8 @@ def test_a_process_says_nothing_when_no_console_has_asked_lately(monkeypatch) ->
     assert reporter.report() is None  # the console left: it stopped asking
 
 
-async def test_reports_from_other_processes_are_merged_and_shown_as_money() -> None:
-    communicator = await connected(await asyncio.to_thread(staff))
+async def test_reports_from_other_processes_are_merged_and_shown_as_money(cost_viewer) -> None:
+    communicator = await connected(cost_viewer)
     layer = get_channel_layer()
     first, second = a_running_call(user="alice", tokens=10), a_running_call(user="bob", key_prefix=None, tokens=2500)
     for process, call in (("host-a:1", first), ("host-b:2", second)):
@@ -173,10 +169,10 @@ async def test_reports_from_other_processes_are_merged_and_shown_as_money() -> N
     await communicator.disconnect()
 
 
-async def test_a_process_that_stops_reporting_is_forgotten(monkeypatch) -> None:
+async def test_a_process_that_stops_reporting_is_forgotten(monkeypatch, cost_viewer) -> None:
     monkeypatch.setattr("llmgateway.console_live.REPORT_EXPIRY_SECONDS", 0.3)
     monkeypatch.setattr("llmgateway.console_live.TICK_SECONDS", 0.1)
-    communicator = await connected(await asyncio.to_thread(staff))
+    communicator = await connected(cost_viewer)
     report = live.LiveReporter(ActiveCalls(), "gone:1").report(always=True)
     await get_channel_layer().group_send(live.LIVE_GROUP, {**report, "calls": [live.running_call(a_running_call())]})  # type: ignore[dict-item]
     assert len((await next_of(communicator, "streams"))["calls"]) == 1
@@ -184,11 +180,10 @@ async def test_a_process_that_stops_reporting_is_forgotten(monkeypatch) -> None:
     await communicator.disconnect()
 
 
-async def test_the_spend_is_read_again_when_a_process_records_a_call(call) -> None:
-    viewer = await asyncio.to_thread(staff)
-    communicator = await connected(viewer, settled=False)
+async def test_the_spend_is_read_again_when_a_process_records_a_call(call, cost_viewer) -> None:
+    communicator = await connected(cost_viewer, settled=False)
     assert (await next_of(communicator, "spend"))["periods"][0]["spent"] == "$0.00"
-    await asyncio.to_thread(call, viewer, at=timezone.now(), prompt=1250)  # $1.25 at the tests' rates
+    await asyncio.to_thread(call, cost_viewer, at=timezone.now(), prompt=1250)  # $1.25 at the tests' rates
     await asyncio.sleep(1.0)  # the consumer reads the spend at most once a second
     report = live.LiveReporter(ActiveCalls(), "p9").report(always=True)
     await get_channel_layer().group_send(live.LIVE_GROUP, {**report, "recorded": 1})  # type: ignore[dict-item]
@@ -200,11 +195,11 @@ async def test_the_spend_is_read_again_when_a_process_records_a_call(call) -> No
 # -- stopping a call -----------------------------------------------------------------------------
 
 
-async def test_staff_with_the_permission_stop_a_call_in_every_process() -> None:
+async def test_staff_with_the_permission_stop_a_call_in_every_process(operator) -> None:
     layer = get_channel_layer()
     elsewhere = await layer.new_channel()
     await layer.group_add(CONTROL_GROUP, elsewhere)  # another gateway process's listener
-    communicator = await connected(await asyncio.to_thread(staff, stop=True), settled=False)
+    communicator = await connected(operator, settled=False)
     assert (await communicator.receive_json_from())["may_stop"] is True
     request_id = str(uuid.uuid4())
     await communicator.send_json_to({"action": "stop", "request_id": request_id})
@@ -216,11 +211,11 @@ async def test_staff_with_the_permission_stop_a_call_in_every_process() -> None:
     await communicator.disconnect()
 
 
-async def test_a_cost_viewer_cannot_stop_a_call() -> None:
+async def test_a_cost_viewer_cannot_stop_a_call(cost_viewer) -> None:
     layer = get_channel_layer()
     elsewhere = await layer.new_channel()
     await layer.group_add(CONTROL_GROUP, elsewhere)
-    communicator = await connected(await asyncio.to_thread(staff))
+    communicator = await connected(cost_viewer)
     await communicator.send_json_to({"action": "stop", "request_id": str(uuid.uuid4())})
     error = await next_of(communicator, "error")
     assert "permission" in error["message"]
@@ -232,8 +227,8 @@ async def test_a_cost_viewer_cannot_stop_a_call() -> None:
 
 
 @pytest.mark.parametrize("sent", ["not json", '{"action": "stop", "request_id": "not-a-uuid"}', '{"action": "reboot"}', "[1, 2]"])
-async def test_a_message_it_does_not_understand_gets_an_error_and_the_feed_goes_on(sent: str) -> None:
-    communicator = await connected(await asyncio.to_thread(staff, stop=True))
+async def test_a_message_it_does_not_understand_gets_an_error_and_the_feed_goes_on(sent: str, operator) -> None:
+    communicator = await connected(operator)
     await communicator.send_to(text_data=sent)
     assert (await next_of(communicator, "error"))["message"] == "The console did not understand that message."
     await communicator.send_to(bytes_data=b"\x00\x01")
