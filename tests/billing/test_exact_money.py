@@ -235,9 +235,8 @@ def test_a_cost_round_trips_exactly(db: None, user: Any, value: str) -> None:
     assert not type(account).objects.filter(pk=account.pk, monthly_spend_limit_usd__gt=Decimal(value)).exists()
 
 
+@pytest.mark.skipif(connection.vendor != "sqlite", reason="PostgreSQL keeps numeric(20, 10), as DecimalField does")
 def test_sqlite_stores_the_scaled_integer(db: None, user: Any) -> None:
-    if connection.vendor != "sqlite":
-        pytest.skip("PostgreSQL keeps numeric(20, 10), as DecimalField does")
     account = account_get_or_create(user_id=user.pk)
     type(account).objects.filter(pk=account.pk).update(daily_spend_limit_usd=Decimal("0.1000000001"))
     with connection.cursor() as cursor:
@@ -309,9 +308,8 @@ def _manage(database: Path, *args: str) -> None:
     subprocess.run([sys.executable, "manage.py", *args, "-v", "0"], cwd=ROOT, env=env, check=True, timeout=120)
 
 
+@pytest.mark.skipif(connection.vendor != "sqlite", reason="runs once, in the SQLite pass (it migrates its own SQLite file)")
 def test_migrating_an_sqlite_database_turns_its_real_values_into_exact_scaled_integers(tmp_path: Path) -> None:
-    if connection.vendor != "sqlite":
-        pytest.skip("runs once, in the SQLite pass (it migrates its own SQLite file)")
     database = tmp_path / "before.sqlite3"
     _manage(database, "migrate", "auth")
     _manage(database, "migrate", "billing", "0002")

@@ -87,9 +87,8 @@ def _manage(database: Path, *args: str) -> None:
     subprocess.run([sys.executable, "manage.py", *args, "-v", "0"], cwd=ROOT, env=env, check=True, timeout=120)
 
 
+@pytest.mark.skipif(connection.vendor != "sqlite", reason="runs once, in the SQLite pass (it migrates its own SQLite file)")
 def test_the_migration_fills_the_new_rollups_from_the_ledger(tmp_path: Path) -> None:
-    if connection.vendor != "sqlite":
-        pytest.skip("runs once, in the SQLite pass (it migrates its own SQLite file)")
     database = tmp_path / "before.sqlite3"
     _manage(database, "migrate", "auth")
     _manage(database, "migrate", "llmgateway")
