@@ -19,7 +19,8 @@ reads them once, when it starts, so a test may change them between requests):
 - Prompt tokens are ``prompt_tokens`` when set, else :func:`prompt_tokens_for`: the characters
   of all message contents // 4, plus 3 per message, plus 3. Completion tokens are the content
   chunks sent.
-- ``fault``: "429", "500", "401", "400" answer with that status and an OpenAI error body;
+- ``fault``: "429" (with ``retry_after``), "500", "401", "400" answer with that status and an
+  OpenAI error body;
   "stall" sends ``fault_after_tokens`` content chunks and then nothing, holding the connection
   until the client closes it; "cut" sends them and then closes the connection mid-body (no
   last chunk, no ``[DONE]``); "error_frame" sends them, then an SSE ``{"error": ...}`` event, and
@@ -27,9 +28,26 @@ reads them once, when it starts, so a test may change them between requests):
   and blocks on ``drain()`` when the reader is slow (the back-pressure probe). Without
   ``stream`` the faults are: stall holds without answering, cut closes without answering,
   error_frame answers 500, endless sends an endless JSON body.
-- ``rpm_limit``: the server's own requests-per-minute over a sliding 60 s window, counted on
-  chat completions only; the excess is answered 429 with ``retry-after``. Every 429, fault or
+- ``fault_schedule``: a list of faults (``None`` for a normal answer) used in turn, cyclically,
+  one entry per chat request the limits admit; while set it overrides ``fault`` (``["429",
+  None]``: every second request is a 429; ``["500", "500", None]``). Setting it starts again at
+  its first entry. Each record's ``fault`` is the fault that request got.
+- ``rpm_limit`` and ``tpm_limit``: the server's own requests and tokens per minute, each over a
+  sliding 60 s window, counted on chat completions only (a request the limits refuse does not
+  count). A request costs its prompt tokens plus the completion tokens it will produce (``tokens``
+  capped by its ``max_completion_tokens``/``max_tokens``), counted when it is admitted, as
+  OpenAI counts a request's estimate; a fault after admission does not give them back. The excess
+  is answered 429 (error type "requests" or "tokens", code "rate_limit_exceeded") with
+  ``retry-after`` (whole seconds) and ``retry-after-ms``: the time until the window has room for
+  it (60 s for a request larger than ``tpm_limit``, which never fits). Every 429, fault or
   limit, counts in ``rejected_429``.
+- ``rate_limit_headers`` (on by default): every answer to a chat request, success or error,
+  carries OpenAI's ``x-ratelimit-limit-requests``, ``x-ratelimit-remaining-requests`` and
+  ``x-ratelimit-reset-requests`` when ``rpm_limit`` is set, and the ``-tokens`` trio when
+  ``tpm_limit`` is; remaining counts this request, reset (``250ms``, ``1.5s``, ``6m0s``) is when
+  the oldest entry leaves the window. A "429" fault without limits advertises a nominal 60
+  requests, 0 remaining. Off, none are sent (an upstream such as vLLM, which publishes nothing:
+  a client can only learn its limits from the 429s, whose ``retry-after`` is still sent).
 
 Observability: ``requests`` holds one :class:`UpstreamRequest` per request, appended when the
 request has been read and updated in place by the server's loop. Reading the fields from
@@ -80,7 +98,7 @@ _STATUS_FAULTS = frozenset({"429", "500", "401", "400"})
 _MID_STREAM_FAULTS = frozenset({"stall", "cut", "error_frame"})
 
 WRITE_BLOCKED_AFTER = 0.05  # seconds a drain may wait before the record says write_blocked
-RPM_WINDOW = 60.0  # seconds
+RPM_WINDOW = 60.0  # seconds: the window of rpm_limit and tpm_limit
 DEFAULT_MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "gpt-4.1-nano")
 
 _BATCH = 256  # content chunks per write when there is no inter-token delay
@@ -97,6 +115,10 @@ _KEEP_ALIVE = b"connection: keep-alive\r\n"
 _CLOSE = b"connection: close\r\n"
 
 ERROR_429 = "Rate limit reached for requests. Please try again later."
+ERROR_429_TOKENS = (
+    "Rate limit reached for tokens per min (TPM): Limit {limit}, Used {used}, Requested "
+    "{requested}. Please try again in {retry}."
+)
 ERROR_500 = "The server had an error while processing your request. Sorry about that!"
 ERROR_401 = "Incorrect API key provided. You can find your API key at the fake upstream."
 ERROR_400 = "Invalid request: the fake upstream was told to reject it."
@@ -108,6 +130,11 @@ ERROR_MODEL_NOT_FOUND = "The model '{model}' does not exist."
 
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def _check_fault(fault: object) -> None:
+    if fault is not None and fault not in FAULTS:
+        raise ValueError(f"unknown fault {fault!r}; expected one of {FAULTS}")
 
 
 def _chunk(payload: bytes) -> bytes:
@@ -125,6 +152,8 @@ _STREAM_ERROR_EVENT = b"data: %s\n\n" % _error_body(ERROR_STREAM, "server_error"
 
 def _reset_text(seconds: float) -> str:
     """Format a duration as OpenAI's x-ratelimit-reset-* headers do: 120ms, 7.66s, 6m0s."""
+    if seconds <= 0:
+        return "0s"
     if seconds < 1:
         return f"{max(1, round(seconds * 1000))}ms"
     if seconds < 60:
@@ -486,11 +515,13 @@ class FakeUpstream:
         fault_after_tokens: int = 3,
         retry_after: float = 1.0,
         rpm_limit: int | None = None,
+        tpm_limit: int | None = None,
+        rate_limit_headers: bool = True,
+        fault_schedule: list[Fault | None] | None = None,
         models: tuple[str, ...] = DEFAULT_MODELS,
         max_records: int | None = 100_000,
     ) -> None:
-        if fault is not None and fault not in FAULTS:
-            raise ValueError(f"unknown fault {fault!r}; expected one of {FAULTS}")
+        _check_fault(fault)
         self.host = host
         self.port = port
         self.tokens = tokens
@@ -502,6 +533,9 @@ class FakeUpstream:
         self.fault_after_tokens = fault_after_tokens
         self.retry_after = retry_after
         self.rpm_limit = rpm_limit
+        self.tpm_limit = tpm_limit
+        self.rate_limit_headers = rate_limit_headers
+        self.fault_schedule = fault_schedule
         self.models = models
         # Keep at most this many records (the oldest half is dropped past it); 0 keeps none.
         self.max_records = max_records
@@ -512,13 +546,40 @@ class FakeUpstream:
         self.rejected_429 = 0
 
         self._records_lock = threading.Lock()
-        self._rpm_window: deque[float] = deque()
+        self._rpm_window: deque[float] = deque()  # admission times
+        self._tpm_window: deque[tuple[float, int]] = deque()  # (admission time, tokens)
+        self._tpm_used = 0  # the tokens in _tpm_window
         self._ids = itertools.count(1)
         self._id_prefix = os.urandom(4).hex()
         self._server: asyncio.Server | None = None
         self._connections: set[_Connection] = set()
         self._connection_tasks: set[asyncio.Task[None]] = set()
         self._pacers: dict[float, _Pacer] = {}
+
+    @property
+    def fault_schedule(self) -> list[Fault | None] | None:
+        return self._fault_schedule
+
+    @fault_schedule.setter
+    def fault_schedule(self, schedule: list[Fault | None] | None) -> None:
+        """Use ``schedule`` from its first entry on (None: ``fault`` again)."""
+        if schedule is not None:
+            if not schedule:
+                raise ValueError("an empty fault_schedule; use None for no schedule")
+            for fault in schedule:
+                _check_fault(fault)
+            schedule = list(schedule)
+        self._fault_schedule = schedule
+        self._schedule_index = 0
+
+    def _next_fault(self) -> Fault | None:
+        """The fault of the next admitted chat request: the schedule's next entry, else ``fault``."""
+        schedule = self._fault_schedule
+        if schedule is None:
+            return self.fault
+        index = self._schedule_index
+        self._schedule_index = index + 1
+        return schedule[index % len(schedule)]
 
     # -- running -------------------------------------------------------------------------------
 
@@ -595,9 +656,11 @@ class FakeUpstream:
             self.requests = []
 
     def reset_rate_limit(self) -> None:
-        """Start `rpm_limit`'s window afresh and zero `rejected_429`."""
+        """Start the windows of `rpm_limit` and `tpm_limit` afresh and zero `rejected_429`."""
         with self._records_lock:
             self._rpm_window.clear()
+            self._tpm_window.clear()
+            self._tpm_used = 0
             self.rejected_429 = 0
 
     def _remember(self, record: UpstreamRequest) -> None:
@@ -817,65 +880,139 @@ class FakeUpstream:
             out, 404, message, keep_alive, param="model", code="model_not_found"
         )
 
-    def _rate_limit_headers(self, remaining: int, reset: float) -> bytes:
-        # Without an rpm_limit (a "429" fault) advertise a nominal limit.
-        limit = self.rpm_limit if self.rpm_limit is not None else 60
+    def _admit(self, tokens: int) -> tuple[str | None, float, bytes]:
+        """Count one chat request costing ``tokens`` against ``rpm_limit`` and ``tpm_limit``.
+
+        Return the limit that refused it ("requests", "tokens") or None, the seconds until it
+        would fit, and the ``x-ratelimit-*`` headers of its answer.
+        """
+        rpm, tpm = self.rpm_limit, self.tpm_limit
+        if rpm is None and tpm is None:
+            return None, 0.0, b""
+        now = time.monotonic()
+        horizon = now - RPM_WINDOW
+        requests = self._rpm_window
+        while requests and requests[0] <= horizon:
+            requests.popleft()
+        spent = self._tpm_window
+        while spent and spent[0][0] <= horizon:
+            self._tpm_used -= spent.popleft()[1]
+        refused: str | None = None
+        retry = 0.0
+        if rpm is not None and len(requests) >= rpm:
+            refused = "requests"
+            retry = requests[0] + RPM_WINDOW - now if requests else RPM_WINDOW
+        elif tpm is not None and self._tpm_used + tokens > tpm:
+            refused = "tokens"
+            retry = self._tokens_fit_in(tokens, tpm, now)
+        else:
+            if rpm is not None:
+                requests.append(now)
+            if tpm is not None:
+                spent.append((now, tokens))
+                self._tpm_used += tokens
+        headers = self._limit_headers(now) if self.rate_limit_headers else b""
+        return refused, retry, headers
+
+    def _tokens_fit_in(self, tokens: int, limit: int, now: float) -> float:
+        """Seconds until ``tokens`` more fit in the token window (a full window if never)."""
+        if tokens > limit:
+            return RPM_WINDOW
+        excess = self._tpm_used + tokens - limit
+        for admitted_at, cost in self._tpm_window:
+            excess -= cost
+            if excess <= 0:
+                return admitted_at + RPM_WINDOW - now
+        return RPM_WINDOW  # unreachable: the window holds the tokens counted in _tpm_used
+
+    def _limit_headers(self, now: float) -> bytes:
+        """OpenAI's ``x-ratelimit-*`` headers for the limits set, as the windows stand."""
+        headers = b""
+        rpm, tpm = self.rpm_limit, self.tpm_limit
+        if rpm is not None:
+            requests = self._rpm_window
+            reset = requests[0] + RPM_WINDOW - now if requests else 0.0
+            headers += self._requests_headers(rpm, max(0, rpm - len(requests)), reset)
+        if tpm is not None:
+            spent = self._tpm_window
+            reset = spent[0][0] + RPM_WINDOW - now if spent else 0.0
+            headers += (
+                f"x-ratelimit-limit-tokens: {tpm}\r\n"
+                f"x-ratelimit-remaining-tokens: {max(0, tpm - self._tpm_used)}\r\n"
+                f"x-ratelimit-reset-tokens: {_reset_text(reset)}\r\n"
+            ).encode()
+        return headers
+
+    @staticmethod
+    def _requests_headers(limit: int, remaining: int, reset: float) -> bytes:
         return (
             f"x-ratelimit-limit-requests: {limit}\r\n"
             f"x-ratelimit-remaining-requests: {remaining}\r\n"
             f"x-ratelimit-reset-requests: {_reset_text(reset)}\r\n"
         ).encode()
 
-    def _check_rpm(self) -> tuple[bool, bytes]:
-        """Admit or reject one request against ``rpm_limit``; return (admitted, headers)."""
-        limit = self.rpm_limit
-        if limit is None:
-            return True, b""
-        now = time.monotonic()
-        window = self._rpm_window
-        while window and window[0] <= now - RPM_WINDOW:
-            window.popleft()
-        if len(window) >= limit:
-            return False, self._retry_headers(window[0] + RPM_WINDOW - now, 0)
-        window.append(now)
-        return True, self._rate_limit_headers(limit - len(window), window[0] + RPM_WINDOW - now)
-
-    def _retry_headers(self, retry_after: float, remaining: int) -> bytes:
+    @staticmethod
+    def _retry_headers(retry_after: float) -> bytes:
         retry_after = max(retry_after, 0.001)
         return (
             f"retry-after: {math.ceil(retry_after)}\r\n"
-            f"retry-after-ms: {round(retry_after * 1000)}\r\n".encode()
-            + self._rate_limit_headers(remaining, retry_after)
+            f"retry-after-ms: {round(retry_after * 1000)}\r\n"
+        ).encode()
+
+    def _refuse(
+        self,
+        out: _Out,
+        refused: str,
+        retry: float,
+        tokens: int,
+        limit_headers: bytes,
+        keep_alive: bool,
+    ) -> bool:
+        """Answer 429 for a request past ``rpm_limit`` or ``tpm_limit``."""
+        self.rejected_429 += 1
+        if refused == "tokens":
+            message = ERROR_429_TOKENS.format(
+                limit=self.tpm_limit,
+                used=self._tpm_used,
+                requested=tokens,
+                retry=_reset_text(retry),
+            )
+        else:
+            message = ERROR_429
+        return self._write_error(
+            out,
+            429,
+            message,
+            keep_alive,
+            type_=refused,
+            code="rate_limit_exceeded",
+            extra_headers=self._retry_headers(retry) + limit_headers,
         )
 
     async def _chat_completion(self, out: _Out, body: dict[str, Any], keep_alive: bool) -> bool:
         record = out.record
         record.stream = body.get("stream") is True
-        admitted, rpm_headers = self._check_rpm()
-        if not admitted:
-            self.rejected_429 += 1
-            return self._write_error(
-                out,
-                429,
-                ERROR_429,
-                keep_alive,
-                type_="requests",
-                code="rate_limit_exceeded",
-                extra_headers=rpm_headers,
-            )
-        fault = self.fault
-        record.fault = fault
-        if fault in _STATUS_FAULTS:
-            return self._write_status_fault(out, fault, keep_alive)
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            return self._write_error(out, 400, ERROR_MODEL, keep_alive, param="model")
-
         tokens = max(self.tokens, 0)
         cap = body.get("max_completion_tokens")
         if cap is None:
             cap = body.get("max_tokens")
         capped = isinstance(cap, int) and 0 <= cap < tokens
+        completion_tokens = cast(int, cap) if capped else tokens
+        prompt_tokens = prompt_tokens_for(body, self.prompt_tokens)
+        refused, retry, limit_headers = self._admit(prompt_tokens + completion_tokens)
+        if refused is not None:
+            cost = prompt_tokens + completion_tokens
+            return self._refuse(out, refused, retry, cost, limit_headers, keep_alive)
+        fault = self._next_fault()
+        record.fault = fault
+        if fault in _STATUS_FAULTS:
+            return self._write_status_fault(out, fault, keep_alive, limit_headers)
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            return self._write_error(
+                out, 400, ERROR_MODEL, keep_alive, param="model", extra_headers=limit_headers
+            )
+
         stream_options = body.get("stream_options")
         plan = _Plan(
             id=f"chatcmpl-{self._id_prefix}{next(self._ids):08d}",
@@ -884,8 +1021,8 @@ class FakeUpstream:
             stream=record.stream,
             include_usage=isinstance(stream_options, dict)
             and stream_options.get("include_usage") is True,
-            prompt_tokens=prompt_tokens_for(body, self.prompt_tokens),
-            completion_tokens=cast(int, cap) if capped else tokens,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
             finish_reason="length" if capped else "stop",
             token_text=self.token_text,
             ttft=self.ttft,
@@ -893,7 +1030,7 @@ class FakeUpstream:
             fault=fault,
             fault_after=max(self.fault_after_tokens, 0),
             keep_alive=keep_alive,
-            extra_headers=rpm_headers,
+            extra_headers=limit_headers,
         )
         if plan.stream:
             await self._stream(out, plan)
@@ -901,9 +1038,14 @@ class FakeUpstream:
             await self._complete(out, plan)
         return plan.keep_alive and not out.conn.closed.is_set()
 
-    def _write_status_fault(self, out: _Out, fault: str, keep_alive: bool) -> bool:
+    def _write_status_fault(
+        self, out: _Out, fault: str, keep_alive: bool, limit_headers: bytes
+    ) -> bool:
         if fault == "429":
             self.rejected_429 += 1
+            if not limit_headers and self.rate_limit_headers:
+                # No limit is set: advertise a nominal one, spent until the retry-after.
+                limit_headers = self._requests_headers(60, 0, self.retry_after)
             return self._write_error(
                 out,
                 429,
@@ -911,13 +1053,19 @@ class FakeUpstream:
                 keep_alive,
                 type_="requests",
                 code="rate_limit_exceeded",
-                extra_headers=self._retry_headers(self.retry_after, 0),
+                extra_headers=self._retry_headers(self.retry_after) + limit_headers,
             )
         if fault == "500":
-            return self._write_error(out, 500, ERROR_500, keep_alive, type_="server_error")
+            return self._write_error(
+                out, 500, ERROR_500, keep_alive, type_="server_error", extra_headers=limit_headers
+            )
         if fault == "401":
-            return self._write_error(out, 401, ERROR_401, keep_alive, code="invalid_api_key")
-        return self._write_error(out, 400, ERROR_400, keep_alive, param="messages")
+            return self._write_error(
+                out, 401, ERROR_401, keep_alive, code="invalid_api_key", extra_headers=limit_headers
+            )
+        return self._write_error(
+            out, 400, ERROR_400, keep_alive, param="messages", extra_headers=limit_headers
+        )
 
     @staticmethod
     def _response_headers(plan: _Plan) -> bytes:
@@ -1025,7 +1173,14 @@ class FakeUpstream:
             conn.close_by_server()
             return
         if fault == "error_frame":
-            self._write_error(out, 500, ERROR_STREAM, plan.keep_alive, type_="server_error")
+            self._write_error(
+                out,
+                500,
+                ERROR_STREAM,
+                plan.keep_alive,
+                type_="server_error",
+                extra_headers=plan.extra_headers,
+            )
             return
         if fault == "endless":
             await self._complete_endlessly(out, plan)
@@ -1112,9 +1267,41 @@ def _build_parser() -> argparse.ArgumentParser:
         "--rpm-limit", type=int, default=None, help="requests per minute before answering 429"
     )
     parser.add_argument(
+        "--tpm-limit", type=int, default=None, help="tokens per minute before answering 429"
+    )
+    parser.add_argument(
+        "--no-rate-limit-headers",
+        dest="rate_limit_headers",
+        action="store_false",
+        help="send no x-ratelimit-* headers (as vLLM): limits show only as 429s",
+    )
+    parser.add_argument(
+        "--fault-schedule",
+        type=_fault_schedule,
+        default=None,
+        metavar="F1,F2,...",
+        help="faults used in turn, one per admitted request, 'none' for a normal answer "
+        "(e.g. 429,none); overrides --fault",
+    )
+    parser.add_argument(
         "--record", action="store_true", help="keep per-request records (off: saves memory)"
     )
     return parser
+
+
+def _fault_schedule(text: str) -> list[Fault | None]:
+    schedule: list[Fault | None] = []
+    for item in text.split(","):
+        item = item.strip()
+        if item.lower() == "none":
+            schedule.append(None)
+        elif item in FAULTS:
+            schedule.append(cast(Fault, item))
+        else:
+            raise argparse.ArgumentTypeError(
+                f"unknown fault {item!r}; expected 'none' or one of {FAULTS}"
+            )
+    return schedule
 
 
 async def _serve(args: argparse.Namespace) -> None:
@@ -1130,6 +1317,9 @@ async def _serve(args: argparse.Namespace) -> None:
         fault_after_tokens=args.fault_after_tokens,
         retry_after=args.retry_after,
         rpm_limit=args.rpm_limit,
+        tpm_limit=args.tpm_limit,
+        rate_limit_headers=args.rate_limit_headers,
+        fault_schedule=args.fault_schedule,
         max_records=None if args.record else 0,
     )
     stop = asyncio.Event()

@@ -91,7 +91,13 @@ def upstream() -> Iterator[FakeUpstream]:
 @pytest.fixture
 def fake_upstream(upstream: FakeUpstream) -> Iterator[FakeUpstream]:
     """The session's fake upstream, with its default behaviour restored after each test."""
-    defaults = {name: getattr(upstream, name) for name in ("tokens", "inter_token_delay", "ttft", "fault", "fault_after_tokens", "retry_after")}
+    defaults = {
+        name: getattr(upstream, name)
+        for name in (
+            "tokens", "inter_token_delay", "ttft", "fault", "fault_after_tokens", "retry_after",
+            "rpm_limit", "tpm_limit", "rate_limit_headers", "fault_schedule",
+        )
+    }
     yield upstream
     for name, value in defaults.items():
         setattr(upstream, name, value)

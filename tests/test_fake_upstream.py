@@ -3,6 +3,8 @@
 import asyncio
 import contextlib
 import json
+import math
+import re
 import select
 import signal
 import socket
@@ -19,8 +21,10 @@ import pytest
 from bench.fake_upstream import (
     ERROR_429,
     ERROR_STREAM,
+    RPM_WINDOW,
     WRITE_BLOCKED_AFTER,
     FakeUpstream,
+    _reset_text,
     prompt_tokens_for,
 )
 
@@ -262,6 +266,184 @@ def test_rpm_limit_rejects_requests_past_the_limit(
     client.models.list()  # other endpoints are not limited
 
 
+REQUEST_HEADERS = (
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-reset-requests",
+)
+TOKEN_HEADERS = (
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-tokens",
+)
+# OpenAI's reset durations: 250ms, 1s, 7.66s, 6m0s.
+RESET = re.compile(r"\d+ms|\d+(\.\d+)?s|\d+m\d+(\.\d+)?s")
+
+
+def seconds_of(reset: str) -> float:
+    """Read back a reset duration (``250ms``, ``7.66s``, ``1m0s``)."""
+    if reset.endswith("ms"):
+        return int(reset[:-2]) / 1000
+    minutes, _, rest = reset[:-1].rpartition("m")
+    return int(minutes or 0) * 60 + float(rest)
+
+
+def rate_limit_headers(response: httpx.Response) -> dict[str, str]:
+    return {k: v for k, v in response.headers.items() if k.startswith("x-ratelimit-")}
+
+
+def chat(client: httpx.Client, **body: Any) -> httpx.Response:
+    return client.post("/chat/completions", json={"model": MODEL, "messages": MESSAGES, **body})
+
+
+def test_tpm_limit_counts_prompt_and_capped_completion_tokens_and_refuses_past_it(
+    make_upstream: MakeUpstream,
+) -> None:
+    # Each request costs 10 prompt + 5 completion tokens, or 10 + 0 when max_tokens caps it at 0.
+    upstream = make_upstream(tpm_limit=40, prompt_tokens=10, tokens=5)
+    with httpx.Client(base_url=upstream.base_url, timeout=10.0) as client:
+        first = chat(client)
+        second = chat(client, stream=True)
+        refused = chat(client)
+        capped = chat(client, max_tokens=0)  # 30 + 10 fits exactly
+        too_large = chat(client, max_tokens=1000)  # 40 + 15: refused too
+
+    assert [first.status_code, second.status_code, refused.status_code] == [200, 200, 429]
+    assert capped.status_code == 200 and too_large.status_code == 429
+    assert first.json()["usage"]["total_tokens"] == 15
+    assert first.headers["x-ratelimit-limit-tokens"] == "40"
+    assert first.headers["x-ratelimit-remaining-tokens"] == "25"
+    assert second.headers["x-ratelimit-remaining-tokens"] == "10"
+    assert capped.headers["x-ratelimit-remaining-tokens"] == "0"
+    error = refused.json()["error"]
+    assert error["type"] == "tokens" and error["code"] == "rate_limit_exceeded"
+    assert "Limit 40, Used 30, Requested 15" in error["message"]
+    # It fits again when the first request (15 tokens) leaves the 60 s window.
+    retry_ms = int(refused.headers["retry-after-ms"])
+    assert (RPM_WINDOW - 10) * 1000 < retry_ms <= RPM_WINDOW * 1000
+    assert refused.headers["retry-after"] == str(math.ceil(retry_ms / 1000))
+    assert refused.headers["x-ratelimit-remaining-tokens"] == "10"
+    assert not any(name in refused.headers for name in REQUEST_HEADERS)  # no rpm_limit set
+    assert [r.status for r in upstream.requests] == [200, 200, 429, 200, 429]
+    assert [r.fault for r in upstream.requests] == [None] * 5
+    assert upstream.rejected_429 == 2
+
+    upstream.reset_rate_limit()
+    assert upstream.rejected_429 == 0
+    with httpx.Client(base_url=upstream.base_url, timeout=10.0) as client:
+        assert chat(client).headers["x-ratelimit-remaining-tokens"] == "25"
+
+
+def test_a_request_larger_than_tpm_limit_never_fits(make_upstream: MakeUpstream) -> None:
+    upstream = make_upstream(tpm_limit=10, prompt_tokens=8, tokens=5)
+    with httpx.Client(base_url=upstream.base_url, timeout=10.0) as client:
+        response = chat(client)
+    assert response.status_code == 429 and response.json()["error"]["type"] == "tokens"
+    assert response.headers["retry-after"] == "60"
+    assert response.headers["x-ratelimit-remaining-tokens"] == "10"
+
+
+def test_every_chat_answer_carries_both_limits_headers(make_upstream: MakeUpstream) -> None:
+    upstream = make_upstream(rpm_limit=3, tpm_limit=1000, prompt_tokens=10, tokens=2)
+    with httpx.Client(base_url=upstream.base_url, timeout=10.0) as client:
+        plain = chat(client)
+        with client.stream(
+            "POST", "/chat/completions", json={"model": MODEL, "messages": [], "stream": True}
+        ) as streamed:
+            streamed.read()
+        upstream.fault = "500"
+        failed = chat(client)
+        upstream.fault = None
+        refused = chat(client)
+
+    assert [plain.status_code, streamed.status_code, failed.status_code] == [200, 200, 500]
+    assert refused.status_code == 429 and refused.json()["error"]["type"] == "requests"
+    for response in (plain, streamed, failed, refused):
+        headers = rate_limit_headers(response)
+        assert set(headers) == {*REQUEST_HEADERS, *TOKEN_HEADERS}
+        assert headers["x-ratelimit-limit-requests"] == "3"
+        assert headers["x-ratelimit-limit-tokens"] == "1000"
+        assert RESET.fullmatch(headers["x-ratelimit-reset-requests"])
+        assert RESET.fullmatch(headers["x-ratelimit-reset-tokens"])
+    remaining = [
+        (r.headers["x-ratelimit-remaining-requests"], r.headers["x-ratelimit-remaining-tokens"])
+        for r in (plain, streamed, failed, refused)
+    ]
+    assert remaining == [("2", "988"), ("1", "976"), ("0", "964"), ("0", "964")]
+    # Reset is when the oldest request leaves the window: about a minute away.
+    assert 58 < seconds_of(plain.headers["x-ratelimit-reset-requests"]) <= RPM_WINDOW
+    assert 58 < seconds_of(refused.headers["x-ratelimit-reset-tokens"]) <= RPM_WINDOW
+    assert 58 < float(refused.headers["retry-after-ms"]) / 1000 <= RPM_WINDOW
+
+
+def test_without_rate_limit_headers_only_the_429s_retry_after_shows_a_limit(
+    make_upstream: MakeUpstream,
+) -> None:
+    upstream = make_upstream(rpm_limit=1, tpm_limit=1000, rate_limit_headers=False)
+    with httpx.Client(base_url=upstream.base_url, timeout=10.0) as client:
+        admitted = chat(client)
+        refused = chat(client)
+        upstream.rpm_limit = upstream.tpm_limit = None
+        upstream.fault = "429"
+        faulted = chat(client)
+
+    assert [admitted.status_code, refused.status_code, faulted.status_code] == [200, 429, 429]
+    for response in (admitted, refused, faulted):
+        assert rate_limit_headers(response) == {}
+    assert 58 < int(refused.headers["retry-after-ms"]) / 1000 <= RPM_WINDOW
+    assert faulted.headers["retry-after"] == "1" and faulted.headers["retry-after-ms"] == "1000"
+
+
+def test_fault_schedule_is_used_in_turn_one_entry_per_admitted_request(
+    make_upstream: MakeUpstream,
+) -> None:
+    upstream = make_upstream(fault_schedule=["429", None], retry_after=2, tokens=1)
+    with httpx.Client(base_url=upstream.base_url, timeout=10.0) as client:
+        first = [chat(client) for _ in range(4)]
+        # It overrides `fault`, and setting a schedule starts it at its first entry.
+        upstream.fault = "401"
+        upstream.fault_schedule = ["500", "500", None]
+        second = [chat(client) for _ in range(4)]
+        # A request the limits refuse takes no entry.
+        upstream.fault_schedule = ["500", None]
+        upstream.rpm_limit = 2
+        third = [chat(client) for _ in range(3)]
+        upstream.rpm_limit = None
+        fourth = chat(client)
+        upstream.fault_schedule = None
+        back_to_fault = chat(client)
+
+    assert [r.status_code for r in first] == [429, 200, 429, 200]
+    assert first[0].headers["retry-after"] == "2"
+    assert first[0].json()["error"]["code"] == "rate_limit_exceeded"
+    assert first[1].json()["choices"][0]["message"]["content"] == "tok "
+    assert [r.status_code for r in second] == [500, 500, 200, 500]
+    assert [r.status_code for r in third] == [500, 200, 429]
+    assert fourth.status_code == 500  # the third request took no entry
+    assert back_to_fault.status_code == 401
+    assert [r.fault for r in upstream.requests] == [
+        *["429", None, "429", None],
+        *["500", "500", None, "500"],
+        *["500", None, None],  # the last of these was refused by rpm_limit, before any fault
+        "500",
+        "401",
+    ]
+    assert upstream.rejected_429 == 3  # two scheduled, one over rpm_limit
+
+    with pytest.raises(ValueError, match="unknown fault"):
+        upstream.fault_schedule = ["429", "teapot"]  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="empty"):
+        upstream.fault_schedule = []
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(0, "0s"), (0.25, "250ms"), (0.0001, "1ms"), (1, "1s"), (7.66, "7.66s"), (360, "6m0s")],
+)
+def test_reset_durations_are_written_as_openai_writes_them(seconds: float, text: str) -> None:
+    assert _reset_text(seconds) == text
+
+
 def test_error_frame_raises_api_error_mid_stream(
     make_upstream: MakeUpstream, make_client: MakeClient
 ) -> None:
@@ -484,6 +666,38 @@ def test_cli_prints_its_url_and_stops_on_sigterm() -> None:
             completion = client.chat.completions.create(model=MODEL, messages=MESSAGES)
         assert completion.choices[0].message.content == "tok tok "
 
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+def test_cli_sets_the_token_limit_the_fault_schedule_and_no_rate_limit_headers() -> None:
+    root = Path(__file__).resolve().parent.parent
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "bench.fake_upstream", "--port", "0", "--tokens", "5",
+            "--prompt-tokens", "5", "--tpm-limit", "20", "--fault-schedule", "500,none",
+            "--no-rate-limit-headers",
+        ],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        ready, _, _ = select.select([process.stdout], [], [], 10)
+        assert ready, "the CLI did not print its URL"
+        base_url = process.stdout.readline().strip()
+        with httpx.Client(base_url=base_url, timeout=10.0) as client:
+            responses = [chat(client) for _ in range(3)]
+        assert [r.status_code for r in responses] == [500, 200, 429]
+        assert responses[2].json()["error"]["type"] == "tokens"
+        assert all(rate_limit_headers(r) == {} for r in responses)
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=10) == 0
     finally:
