@@ -240,9 +240,16 @@ class UsageRecord(models.Model):
     api_key = models.ForeignKey(
         "llmgateway.ApiKey", null=True, blank=True, on_delete=models.SET_NULL, related_name="usage_records"
     )
-    model = models.CharField(max_length=100, help_text="The public model name the client asked for.")
+    model = models.CharField(max_length=100, help_text="The public model that answered (the one asked for, or its fallback).")
+    # Defaults in the database too, so rows inserted by SQL (bulk loads, benchmarks) need not name them.
+    requested_model = models.CharField(max_length=100, blank=True, default="", db_default="", help_text="The model the client asked for, when a fallback answered.")
     upstream_model = models.CharField(max_length=100)
     provider = models.CharField(max_length=40)
+    # A call may try several upstreams before one answers: each attempt is a row, linked by the
+    # call's id (the client's x-request-id). The last attempt's request_id is the call's id; the
+    # ones before it failed before any token and cost nothing. Null on rows from before attempts.
+    call_id = models.UUIDField(null=True, blank=True, editable=False)
+    attempt = models.PositiveSmallIntegerField(default=1, db_default=1)
     stream = models.BooleanField()
     status = models.CharField(max_length=20, choices=Status.choices)
     error_kind = models.CharField(max_length=40, blank=True)
@@ -276,6 +283,7 @@ class UsageRecord(models.Model):
             # deep in a million rows is found in the index alone (`billing.admin.LedgerPaginator`).
             models.Index(fields=["created_at", "id"], name="usage_created_id"),
             models.Index(fields=["cost_usd", "id"], name="usage_cost_id"),
+            models.Index(fields=["call_id"], name="usage_call"),
         ]
         # Given to staff who may end someone's running call from the cost console.
         permissions = [("stop_call", "Can stop a running call")]

@@ -98,6 +98,8 @@ def _encode(row: Row) -> dict[str, Any]:
 def _decode(encoded: dict[str, Any]) -> Row:
     row = dict(encoded)
     row["request_id"] = uuid.UUID(row["request_id"])
+    if row.get("call_id") is not None:
+        row["call_id"] = uuid.UUID(row["call_id"])
     row["created_at"] = datetime.fromisoformat(row["created_at"])
     rates = row["rates"]
     row["rates"] = Rates(

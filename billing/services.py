@@ -291,6 +291,9 @@ def usage_record_create(
     created_at: datetime,
     rates: Rates,
     reserved_usd: Decimal | None = None,
+    call_id: uuid.UUID | None = None,
+    attempt: int = 1,
+    requested_model: str = "",
 ) -> UsageRecord:
     """Append a finished call's ledger row, add it to its rollup and settle its hold: one transaction.
 
@@ -324,6 +327,9 @@ def usage_record_create(
             price_multiplier=rates.multiplier,
             price_source=rates.source,
             reserved_usd=reserved_usd,
+            call_id=call_id,
+            attempt=attempt,
+            requested_model=requested_model,
         )
         day = billing_day(created_at)
         _daily_usage_add(

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack
@@ -37,17 +38,19 @@ from typing import Any, Self
 from django.conf import settings
 from django.utils import timezone
 
+from billing.exceptions import PriceMissing, QuotaExceeded
 from billing.outbox import LedgerOutbox, Row, get_outbox
 from billing.services import Admission, abudget_release, abudget_reserve, ausage_record_create
 from calls import limits as call_limits
 from calls.control import active_calls
-from calls.exceptions import LedgerUnavailable, ModelUnavailable, UpstreamRefused
+from calls.exceptions import CallError, LedgerUnavailable, ModelUnavailable, UpstreamRefused
 from calls.live import live_reporter
 from calls.principal import Principal
 from infra import observability
+from limits import Permit
 from streaming import _sse
 from streaming.aggregate import CompletionBuilder
-from streaming.catalog import ModelRoute, all_routes, route_for
+from streaming.catalog import Catalog, Deployment, ModelRoute
 from streaming.pipeline import (
     END,
     CallOutcome,
@@ -61,6 +64,9 @@ from streaming.pipeline import (
 from streaming.providers import ChatRequest, ProviderChunk, UpstreamError, get_provider
 from streaming.tokens import acount_chat_prompt_tokens, count_text_tokens
 from streaming.validation import ChatParams
+from upstreams.catalog import acatalog
+from upstreams.health import health
+from upstreams.routing import attempt_order, call_ended, call_started
 
 logger = logging.getLogger(__name__)
 
@@ -68,17 +74,31 @@ MODEL_NOT_FOUND = "The model `{model}` does not exist or you do not have access 
 MODEL_NOT_CONFIGURED = "The model `{model}` is not available: its provider `{provider}` is not configured on this gateway."
 LEDGER_UNAVAILABLE = "The gateway cannot record calls right now (its ledger journal is not writable). Try again shortly."
 BUDGET_WARNING_HEADER = "x-budget-warning"
+MODEL_HEADER = "x-gateway-model"
+DEPLOYMENT_HEADER = "x-gateway-deployment"
+ATTEMPTS_HEADER = "x-gateway-attempts"
+DEPLOYMENTS_DOWN = "Every upstream deployment of `{model}` is failing; the gateway is letting them recover. Try again shortly."
+# Failures another attempt may not meet; after "auth" (the deployment's credentials are wrong)
+# only other deployments are tried.
+RETRYABLE = frozenset({"rate_limited", "server_error", "connection", "timeout", "auth"})
+# Failures that count against a deployment's health (a refused request does not).
+DEPLOYMENT_FAULTS = frozenset({"rate_limited", "server_error", "connection", "timeout", "auth"})
 BUDGET_CAP_ERROR_KIND = "budget_cap"
 
 
-def resolve_route(model: str) -> ModelRoute:
-    route = route_for(model)
+def resolve_route(catalog: Catalog, model: str) -> ModelRoute:
+    route = catalog.route_for(model)
     if route is not None:
         return route
-    known = all_routes().get(model)
+    known = catalog.routes.get(model)
     if known is not None:
         raise ModelUnavailable(MODEL_NOT_CONFIGURED.format(model=model, provider=known.provider))
     raise ModelUnavailable(MODEL_NOT_FOUND.format(model=model))
+
+
+def _backoff(retry: int) -> float:
+    """Seconds before retrying the same deployment: exponential, with full jitter."""
+    return random.uniform(0, min(settings.UPSTREAM_BACKOFF_MAX, settings.UPSTREAM_BACKOFF_BASE * 2**retry))
 
 
 def upstream_error_frame(error: UpstreamError) -> bytes:
@@ -110,7 +130,12 @@ class ChatCall:
         self.request_id = request_id
         self.simulator = simulator
         self.created_at = timezone.now()
-        self.route: ModelRoute | None = None
+        self.route: ModelRoute | None = None  # the model asked for
+        self.serving: ModelRoute | None = None  # the model of the current attempt (it or a fallback)
+        self.deployment: Deployment | None = None  # the current attempt's
+        self.attempt = 0  # attempts that reached an upstream so far
+        self._catalog: Catalog | None = None
+        self._upstream_headers: dict[str, str] = {}
         self.limits: call_limits.Admission | None = None
         self.admission: Admission | None = None
         self.relay: StreamRelay | None = None
@@ -142,7 +167,8 @@ class ChatCall:
     async def _admit(self) -> None:
         self._loop = asyncio.get_running_loop()
         params = self.params
-        route = self.route = resolve_route(params.model)
+        catalog = self._catalog = await acatalog()
+        route = self.route = self.serving = resolve_route(catalog, params.model)
         self.prompt_tokens_estimate = await acount_chat_prompt_tokens(
             params.body["messages"], model=route.upstream_model, tools=params.body.get("tools")
         )
@@ -165,7 +191,6 @@ class ChatCall:
             ),
             self._give_back_hold,
         )
-        await call_limits.await_upstream_capacity(route=route, estimated_tokens=self.limits.reserved_tokens)
 
     async def _acquire[T](self, acquisition: Coroutine[Any, Any, T], give_back: Callable[[T], Awaitable[None]]) -> T:
         """Run one acquisition to its end even if cancelled; its give-back runs in `finish()`."""
@@ -194,47 +219,194 @@ class ChatCall:
                 await abudget_release(request_id=self.request_id)
 
     def response_headers(self) -> dict[str, str]:
-        """Rate-limit headers as OpenAI sends them, and a soft-threshold budget warning if any."""
+        """Rate-limit headers as OpenAI sends them, a soft-threshold budget warning if any, and
+        (once the upstream was called) which model and deployment answered, after how many attempts."""
         headers = dict(self.limits.headers) if self.limits is not None else {}
         if self.admission is not None and self.admission.warning:
             headers[BUDGET_WARNING_HEADER] = self.admission.warning
+        if self.deployment is not None and self.serving is not None:
+            headers[MODEL_HEADER] = self.serving.id
+            headers[DEPLOYMENT_HEADER] = self.deployment.name
+            headers[ATTEMPTS_HEADER] = str(self.attempt)
         return headers
 
     # -- the upstream call --------------------------------------------------------------------
 
     async def start(self) -> QueueItem:
-        """Call the upstream; return its first chunk (or END). Raise `UpstreamRefused` if it
-        failed before any token."""
-        route, admission = self.route, self.admission
-        assert route is not None and admission is not None
+        """Call the upstream; return its first chunk (or END). Raise `UpstreamRefused` if every
+        attempt failed before any token.
+
+        Retries happen here, before anything reaches the client: on a 429, a 5xx, a failed
+        connection or a first-token timeout, the next deployment of the model is tried at once,
+        or the same one after a backoff (its retry-after when it gave one), while the call is
+        within UPSTREAM_RETRY_DEADLINE and UPSTREAM_MAX_ATTEMPTS per model; then the model's
+        fallbacks, in order. Every attempt that reached an upstream is a ledger row; the ones
+        before the last cost nothing.
+        """
+        assert self.route is not None and self._loop is not None
+        deadline = self._loop.time() + settings.UPSTREAM_RETRY_DEADLINE
+        refused: CallError | None = None  # why no attempt could start (capacity, breakers)
+        for route in self._models_to_try():
+            if route is not self.serving and not await self._switch_model(route):
+                continue
+            tries = 0
+            retries: dict[str, int] = {}
+            order = attempt_order(route)
+            while order and tries < max(settings.UPSTREAM_MAX_ATTEMPTS, len(order)):
+                deployment = order[tries % len(order)]
+                tries += 1
+                permit = health.allow(deployment.name)
+                if permit is None:
+                    refused = refused or UpstreamRefused(UpstreamError("server_error", DEPLOYMENTS_DOWN.format(model=route.id)))
+                    continue
+                try:
+                    await call_limits.await_upstream_capacity(
+                        deployment=deployment, model=route.id, estimated_tokens=self._reserved_tokens()
+                    )
+                except CallError as error:
+                    health.release(deployment.name, permit)
+                    refused = error
+                    continue
+                first = await self._attempt(deployment, permit)
+                if not isinstance(first, UpstreamError) or isinstance(first, CompletionCapReached):
+                    return first
+                if first.kind not in RETRYABLE:
+                    raise UpstreamRefused(first)
+                if first.kind == "auth":  # its credentials are wrong: no use trying it again
+                    order = [other for other in order if other is not deployment]
+                    if not order:
+                        break
+                # Another deployment goes at once; the same one again after a backoff.
+                wait = 0.0
+                if order[tries % len(order)] is deployment or tries >= len(order):
+                    retry = retries[deployment.name] = retries.get(deployment.name, 0) + 1
+                    wait = max(first.retry_after or 0.0, _backoff(retry))
+                if self._loop.time() + wait >= deadline:
+                    break
+                if wait:
+                    await asyncio.sleep(wait)
+            if self._loop.time() >= deadline:
+                break
+        if self.relay is not None:  # the last attempt's error is the call's
+            last = self.relay.outcome.error
+            assert last is not None
+            raise UpstreamRefused(last)
+        raise refused or UpstreamRefused(UpstreamError("server_error", DEPLOYMENTS_DOWN.format(model=self.route.id)))
+
+    def _models_to_try(self) -> list[ModelRoute]:
+        """The model asked for, then its fallbacks that this gateway serves."""
+        assert self.route is not None and self._catalog is not None
+        routes = [self.route]
+        for name in self.route.fallbacks:
+            fallback = self._catalog.route_for(name)
+            if fallback is not None and fallback not in routes:
+                routes.append(fallback)
+        return routes
+
+    def _reserved_tokens(self) -> int:
+        assert self.limits is not None
+        return self.limits.reserved_tokens
+
+    async def _switch_model(self, route: ModelRoute) -> bool:
+        """Fall back to `route`: hold the budget at its price instead. False if the budget or
+        its price refuses it (the call then ends with the last upstream error)."""
+        admission = self.admission
+        assert admission is not None
+        try:
+            if admission.reserved_usd is not None:
+                await abudget_release(request_id=self.request_id)
+            self.admission = await abudget_reserve(
+                user_id=self.principal.user_id,
+                model=route.id,
+                upstream_model=route.upstream_model,
+                prompt_tokens=self.prompt_tokens_estimate,
+                completion_tokens=self.completion_token_cap,
+                request_id=self.request_id,
+                now=self.created_at,
+            )
+        except (QuotaExceeded, PriceMissing) as error:
+            logger.info("call %s cannot fall back to %s: %s", self.request_id, route.id, error)
+            return False
+        self.serving = route
+        return True
+
+    async def _attempt(self, deployment: Deployment, permit: Permit) -> QueueItem:
+        """One attempt on one deployment: its first item, with its verdict given to the breaker
+        and the upstream's word on its limits taken in."""
+        route = self.serving
+        assert route is not None
+        if self.relay is not None:
+            await self._record_failed_attempt()
+        self.attempt += 1
+        self.deployment = deployment
+        self._upstream_headers = {}
         relay = self.relay = StreamRelay(
-            provider=get_provider(route.provider),
+            provider=get_provider(deployment.provider),
             request=ChatRequest(
-                route=route,
+                deployment=deployment,
                 body=dict(self.params.body),
-                simulator=self.simulator if route.is_simulated else {},
+                simulator=self.simulator if deployment.provider.kind == "simulator" else {},
                 request_id=str(self.request_id),
+                attempt=self.attempt,
+                on_response_headers=self._upstream_headers.update,
             ),
             queue_size=settings.GATEWAY_STREAM_QUEUE_SIZE,
             timeouts=_timeouts(),
-            count_text=partial(count_text_tokens, model=route.upstream_model),
+            count_text=partial(count_text_tokens, model=deployment.upstream_model),
             completion_token_cap=self.completion_token_cap,
         )
         try:
             _outbox().call_opened(self._row_opened(), progress=lambda: relay.outcome.content_chunks)
         except OSError as error:  # a call that could not be journaled might never be billed
+            health.release(deployment.name, permit)
             logger.error("journaling call %s failed (%s); refusing it", self.request_id, error)
             raise LedgerUnavailable(LEDGER_UNAVAILABLE) from error
-        self._exit.push_async_callback(_logged(self._end_upstream, "recording a call"))
-        observability.ACTIVE_STREAMS.inc()
+        if self.attempt == 1:
+            self._exit.push_async_callback(_logged(self._end_upstream, "recording a call"))
+            observability.ACTIVE_STREAMS.inc()
+            active_calls.add(self)
+        call_started(deployment)
         relay.start()
-        active_calls.add(self)
-        first = await relay.get()
-        if isinstance(first, UpstreamError) and not isinstance(first, CompletionCapReached):
+        try:
+            first = await relay.get()
+        except BaseException:
+            health.release(deployment.name, permit)
+            raise
+        failed = isinstance(first, UpstreamError) and not isinstance(first, CompletionCapReached)
+        if failed:
+            assert isinstance(first, UpstreamError)
+            observability.UPSTREAM_ATTEMPTS.labels(deployment.name, first.kind).inc()
             if first.kind == "rate_limited":
-                await call_limits.note_upstream_rate_limited(route=route, retry_after=first.retry_after)
-            raise UpstreamRefused(first)
+                await call_limits.note_upstream_rate_limited(
+                    deployment=deployment, retry_after=first.retry_after, headers=first.headers
+                )
+            elif first.headers:
+                await call_limits.note_upstream_answer(deployment=deployment, headers=first.headers)
+            # The simulator fails only when a request asks it to: that says nothing of its health.
+            if first.kind in DEPLOYMENT_FAULTS and deployment.provider.kind != "simulator":
+                health.failed(deployment.name, permit)
+            else:
+                health.release(deployment.name, permit)
+        else:
+            observability.UPSTREAM_ATTEMPTS.labels(deployment.name, "answered").inc()
+            health.succeeded(deployment.name, permit)
+            if self._upstream_headers:
+                await call_limits.note_upstream_answer(deployment=deployment, headers=self._upstream_headers)
+            if route is not self.route:
+                observability.UPSTREAM_FALLBACKS.labels(self.route.id if self.route else "", route.id).inc()
         return first
+
+    async def _record_failed_attempt(self) -> None:
+        """The attempt before a retry: its row under an id of its own, linked to the call."""
+        relay = self.relay
+        assert relay is not None and self.deployment is not None
+        await relay.aclose()
+        call_ended(self.deployment)
+        row = self._row_finished(relay.outcome)
+        row["request_id"] = uuid.uuid4()
+        row["reserved_usd"] = None  # the call's hold is settled by its last attempt
+        self.billed_usage = None
+        await self._write_row(row)
 
     def stream_frames(self, first: QueueItem) -> AsyncIterator[bytes]:
         """The SSE body; from now on the stream ends the call (and `close()` as a backstop)."""
@@ -309,17 +481,26 @@ class ChatCall:
         loop.call_soon_threadsafe(begin)
 
     async def _end_upstream(self) -> None:
-        relay = self.relay
-        assert relay is not None
+        relay, deployment = self.relay, self.deployment
+        assert relay is not None and deployment is not None
         active_calls.remove(self)
         try:
             await relay.aclose()
         except Exception:  # its outcome is final all the same: record it
             logger.exception("closing the upstream call of %s failed", self.request_id)
         finally:
+            call_ended(deployment)
             observability.ACTIVE_STREAMS.dec()
         outcome = relay.outcome
         row = self._row_finished(outcome)
+        self.cost = await self._write_row(row)
+        self._recorded = True
+        live_reporter.call_recorded()
+        self._observe(outcome)
+
+    async def _write_row(self, row: Row) -> Decimal:
+        """Write a ledger row, or keep it durably in the outbox if the database does not take it
+        within GATEWAY_LEDGER_WRITE_TIMEOUT. Returns its cost."""
         outbox = _outbox()
         # A database thread cannot be cancelled: a write that outruns its deadline is left to
         # finish (the outbox owns it), and the row is deferred; the outbox's write is idempotent.
@@ -329,30 +510,30 @@ class ChatCall:
         if error is not None:
             if not done:
                 outbox.adopt(write)
-            logger.warning("ledger write for %s failed (%s: %s); kept in the outbox", self.request_id, type(error).__name__, error)
+            logger.warning("ledger write for %s failed (%s: %s); kept in the outbox", row["request_id"], type(error).__name__, error)
             await outbox.defer(row)
             observability.OUTBOX_DEFERRED.inc()
-            self.cost = row["rates"].cost(
+            cost: Decimal = row["rates"].cost(
                 prompt_tokens=row["prompt_tokens"], cached_tokens=row["cached_tokens"], completion_tokens=row["completion_tokens"]
             )
-        else:
-            outbox.call_recorded(self.request_id)
-            self.cost = write.result().cost_usd
-        self._recorded = True
-        live_reporter.call_recorded()
-        self._observe(outcome)
+            return cost
+        outbox.call_recorded(row["request_id"])
+        return write.result().cost_usd
 
     def _row_opened(self) -> Row:
         """What the ledger row holds before the call's usage is known (journaled at its start)."""
-        route, admission = self.route, self.admission
-        assert route is not None and admission is not None
+        route, serving, deployment, admission = self.route, self.serving, self.deployment, self.admission
+        assert route is not None and serving is not None and deployment is not None and admission is not None
         return {
             "request_id": self.request_id,
+            "call_id": self.request_id,
+            "attempt": self.attempt,
             "user_id": self.principal.user_id,
             "api_key_id": self.principal.api_key_id,
-            "model": route.id,
-            "upstream_model": route.upstream_model,
-            "provider": route.provider,
+            "model": serving.id,
+            "requested_model": route.id if serving is not route else "",
+            "upstream_model": deployment.upstream_model,
+            "provider": deployment.provider.name,
             "stream": self.params.stream,
             "created_at": self.created_at,
             "rates": admission.rates,
@@ -393,8 +574,8 @@ class ChatCall:
         return row
 
     def _observe(self, outcome: CallOutcome) -> None:
-        assert self.route is not None
-        model = self.route.id
+        assert self.serving is not None and self.deployment is not None
+        model = self.serving.id
         usage = self.billed_usage or {}
         cost = self.cost
         observability.CALLS.labels(model, outcome.status).inc()
@@ -414,7 +595,9 @@ class ChatCall:
                 "user": self.principal.username,
                 "key_prefix": self.principal.key_prefix,
                 "model": model,
-                "provider": self.route.provider,
+                "provider": self.deployment.provider.name,
+                "deployment": self.deployment.name,
+                "attempts": self.attempt,
                 "stream": self.params.stream,
                 "status": outcome.status,
                 "error_kind": outcome.error.kind if outcome.error else None,

@@ -49,7 +49,9 @@ from limits import (
     ResilientLimiter,
     acquire_waiting,
 )
-from streaming.catalog import ModelRoute
+from streaming.catalog import Deployment
+from streaming.providers.openai import parse_duration
+from upstreams.learned import Unit, learned_limits
 
 MINUTE = 60.0
 REQUESTS_EXCEEDED = "Rate limit reached for requests on {scope}: limit {limit} per minute. Try again in {retry}."
@@ -239,39 +241,38 @@ async def release(admission: Admission, *, used_tokens: int) -> None:
         pass  # fail-closed with Redis gone: the lease expires by its TTL, refunds are lost
 
 
-def _upstream_specs(route: ModelRoute, tokens: int) -> list[LimitSpec]:
-    published = settings.UPSTREAM_LIMITS.get(route.id) or settings.UPSTREAM_LIMITS.get(route.upstream_model)
-    if not published:
-        return []
+def _upstream_specs(deployment: Deployment, tokens: int) -> list[LimitSpec]:
+    learned = learned_limits()
     headroom = settings.UPSTREAM_LIMIT_HEADROOM
     specs = []
     for unit, cost in (("rpm", 1), ("tpm", tokens)):
-        limit = published.get(unit)
+        limit = learned.current(deployment, cast(Unit, unit))
         if not limit:
             continue
-        # Burst = the headroom share, refill = the rest per minute: any 60 s window stays within
-        # the published limit (burst + refill * 60 s = limit).
+        # Burst = the headroom's share, refill = the rest per minute: any 60 s window stays within
+        # the limit (burst + refill * 60 s = limit).
         burst = max(1, math.floor(limit * headroom))
-        sustained = limit - burst
+        sustained = max(limit - burst, 1.0)
         specs.append(
             LimitSpec(
-                key=_upstream_key(route, unit),
+                key=_upstream_key(deployment, unit),
                 kind="token_bucket",
                 limit=burst,
-                period_seconds=MINUTE * burst / max(1, sustained),
+                period_seconds=MINUTE * burst / sustained,
                 cost=min(cost, burst),
             )
         )
     return specs
 
 
-def _upstream_key(route: ModelRoute, unit: str) -> str:
-    return f"upstream:{route.provider}:{route.upstream_model}:{unit}"
+def _upstream_key(deployment: Deployment, unit: str) -> str:
+    return f"upstream:{deployment.provider.name}:{deployment.upstream_model}:{unit}"
 
 
-async def await_upstream_capacity(*, route: ModelRoute, estimated_tokens: int) -> None:
-    """Wait for room in the upstream's shared bucket (up to UPSTREAM_MAX_WAIT), or raise LimitExceeded."""
-    specs = _upstream_specs(route, estimated_tokens)
+async def await_upstream_capacity(*, deployment: Deployment, model: str, estimated_tokens: int) -> None:
+    """Wait for room in the deployment's shared bucket (up to UPSTREAM_MAX_WAIT), or raise LimitExceeded."""
+    await learned_limits().refresh(deployment)
+    specs = _upstream_specs(deployment, estimated_tokens)
     if not specs:
         return
     try:
@@ -282,18 +283,35 @@ async def await_upstream_capacity(*, route: ModelRoute, estimated_tokens: int) -
         observability.REJECTIONS.labels("upstream_capacity").inc()
         retry = decision.retry_after if math.isfinite(decision.retry_after) else MINUTE
         raise LimitExceeded(
-            UPSTREAM_BUSY.format(model=route.id, retry=format_duration(retry)),
+            UPSTREAM_BUSY.format(model=model, retry=format_duration(retry)),
             kind="upstream_capacity",
             headers={"Retry-After": _retry_after_header(retry)},
         )
 
 
-async def note_upstream_rate_limited(*, route: ModelRoute, retry_after: float | None) -> None:
-    """The upstream said 429: hold its bucket for every process until it says to come back."""
+async def note_upstream_answer(*, deployment: Deployment, headers: dict[str, str]) -> None:
+    """Keep the deployment's bucket in step with what the upstream's answer says of its limits:
+    its real limits (learned), and none left until its reset (the bucket is held till then)."""
+    await learned_limits().upstream_said(deployment, headers)
+    for unit, suffix in (("rpm", "requests"), ("tpm", "tokens")):
+        remaining = headers.get(f"x-ratelimit-remaining-{suffix}")
+        reset = parse_duration(headers.get(f"x-ratelimit-reset-{suffix}") or "")
+        if remaining is not None and remaining.strip() == "0" and reset:
+            try:
+                await get_limiter().block(_upstream_key(deployment, unit), reset, group="upstream")
+            except LimiterUnavailable:
+                pass
+
+
+async def note_upstream_rate_limited(*, deployment: Deployment, retry_after: float | None, headers: dict[str, str]) -> None:
+    """The upstream said 429: hold its bucket for every process until it says to come back, and
+    learn that its limit is lower than the gateway kept to."""
     seconds = retry_after if retry_after and retry_after > 0 else 1.0
     limiter = get_limiter()
     try:
         for unit in ("rpm", "tpm"):
-            await limiter.block(_upstream_key(route, unit), seconds, group="upstream")
+            await limiter.block(_upstream_key(deployment, unit), seconds, group="upstream")
     except LimiterUnavailable:
         pass
+    await learned_limits().upstream_said(deployment, headers)
+    await learned_limits().rate_limited(deployment)

@@ -18,7 +18,7 @@ from billing.portal.selectors import user_budgets
 from billing.selectors import rates_for_models
 from chat.exceptions import NOT_FOUND, ConversationNotFound
 from chat.models import Conversation, Message
-from streaming.catalog import available_routes
+from upstreams.catalog import available_routes
 
 CONVERSATIONS_LISTED = 200
 MILLION = 1_000_000

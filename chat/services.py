@@ -26,7 +26,8 @@ from chat.models import (
     Conversation,
     Message,
 )
-from streaming.catalog import ModelRoute, route_for
+from streaming.catalog import ModelRoute
+from upstreams.catalog import route_for
 
 TEMPERATURE_STEP = Decimal("0.01")
 TurnMode = Literal["send", "regenerate", "edit"]

@@ -37,6 +37,24 @@ TOKENS = Counter("llmgateway_tokens_total", "Tokens billed.", ["model", "directi
 COST = Counter("llmgateway_cost_usd_total", "Cost billed in USD (exact values are in the ledger).", ["model"])
 CALLS = Counter("llmgateway_calls_total", "Upstream calls by final status.", ["model", "status"])
 UPSTREAM_ERRORS = Counter("llmgateway_upstream_errors_total", "Upstream failures by kind.", ["kind"])
+UPSTREAM_ATTEMPTS = Counter(
+    "llmgateway_upstream_attempts_total",
+    "Upstream attempts by deployment and result (answered, or the failure's kind).",
+    ["deployment", "result"],
+)
+UPSTREAM_FALLBACKS = Counter("llmgateway_upstream_fallbacks_total", "Calls answered by a fallback model.", ["model", "fallback"])
+UPSTREAM_BREAKER_STATE = Gauge(
+    "llmgateway_upstream_breaker_state",
+    "A deployment's circuit breaker: 0 closed, 1 probing, 2 open (the highest across processes).",
+    ["deployment"],
+    multiprocess_mode="livemax",
+)
+UPSTREAM_LEARNED_LIMIT = Gauge(
+    "llmgateway_upstream_learned_limit",
+    "The limit per minute the gateway keeps to for a deployment, learned from the upstream (shared in Redis).",
+    ["deployment", "unit"],
+    multiprocess_mode="mostrecent",
+)
 REJECTIONS = Counter("llmgateway_rejections_total", "Requests refused before the upstream.", ["reason"])
 BACKPRESSURE_WAITS = Counter(
     "llmgateway_backpressure_waits_total", "Times a producer found the stream queue full (slow client)."

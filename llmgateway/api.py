@@ -25,8 +25,8 @@ from llmgateway.errors import (
     error_response,
 )
 from llmgateway.middleware import REQUEST_ID_HEADER, stamp_upstream_call
-from streaming.catalog import available_routes
 from streaming.validation import parse_json_object, validate_chat_body
+from upstreams.catalog import acatalog
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,10 @@ async def _chat_completion(
     call = ChatCall(principal=principal, params=params, request_id=request_id, simulator=_simulator_headers(request))
     async with call:
         headers.update(call.response_headers())
-        first = await call.start()
+        try:
+            first = await call.start()
+        finally:  # which model and deployment answered (or failed last)
+            headers.update(call.response_headers())
         if params.stream:
             response: HttpResponseBase = CallStreamingResponse(call.stream_frames(first), content_type="text/event-stream; charset=utf-8")
             response.call = call  # type: ignore[attr-defined]
@@ -144,7 +147,7 @@ async def models_list(request: HttpRequest) -> HttpResponse:
         return _error_answer(error)
     data = [
         {"id": route.id, "object": "model", "created": route.created, "owned_by": route.owned_by}
-        for route in available_routes()
+        for route in (await acatalog()).available()
     ]
     return _json({"object": "list", "data": data})
 
@@ -155,7 +158,7 @@ async def model_detail(request: HttpRequest, model: str) -> HttpResponse:
         if request.method != "GET":
             raise MethodNotAllowed(str(request.method), allowed="GET")
         await aauthenticate(request.headers.get("Authorization"))
-        for route in available_routes():
+        for route in (await acatalog()).available():
             if route.id == model:
                 return _json({"id": route.id, "object": "model", "created": route.created, "owned_by": route.owned_by})
         raise NotFound(f"The model `{model}` does not exist or you do not have access to it.", param="model", code="model_not_found")

@@ -35,6 +35,7 @@ async def lifespan(scope: dict[str, Any], receive: Any, send: Any) -> None:
     from calls.limits import aclose_limiter
     from llmgateway.auth import forget_verified_keys
     from streaming.providers import aclose_providers
+    from upstreams.learned import aclose_learned_limits
 
     while True:
         message = await receive()
@@ -51,6 +52,7 @@ async def lifespan(scope: dict[str, Any], receive: Any, send: Any) -> None:
             try:
                 await aclose_providers()
                 await aclose_limiter()
+                await aclose_learned_limits()
                 await aclose_outbox()
                 await control.listener.stop()
                 await live.reporting.stop()

@@ -77,6 +77,7 @@ INSTALLED_APPS = [
     "streaming",
     "billing",
     "chat",
+    "upstreams",
 ]
 
 MIDDLEWARE = [
@@ -253,6 +254,12 @@ SIMULATOR_COMPLETION_TOKENS = _env_int("SIMULATOR_COMPLETION_TOKENS", 64)
 # Extra catalog entries or overrides, as JSON: {"model-id": {"provider": "openai", ...}}.
 GATEWAY_MODELS_JSON = os.environ.get("GATEWAY_MODELS_JSON", "")
 
+# Providers and models from a YAML or JSON document (see README, "Upstreams"), read at start;
+# staff add and edit more in the admin (`manage.py import_upstreams FILE` loads a file there).
+UPSTREAMS_FILE = os.environ.get("UPSTREAMS_FILE", "")
+# Seconds a process reuses the catalog it read; edits in this process apply at once.
+UPSTREAMS_CACHE_SECONDS = _env_float("UPSTREAMS_CACHE_SECONDS", 2.0)
+
 # Decimal cap for requests that give no max_tokens (billing reserves against it).
 GATEWAY_DEFAULT_MAX_TOKENS = _env_int("GATEWAY_DEFAULT_MAX_TOKENS", 4096)
 
@@ -302,6 +309,23 @@ LIMITS_REDIS_PREFIX = os.environ.get("LIMITS_REDIS_PREFIX", "llmgw:rl")
 UPSTREAM_LIMITS = json.loads(os.environ.get("UPSTREAM_LIMITS_JSON") or "{}")
 UPSTREAM_LIMIT_HEADROOM = _env_float("UPSTREAM_LIMIT_HEADROOM", 0.2)
 UPSTREAM_MAX_WAIT = _env_float("UPSTREAM_MAX_WAIT", 10.0)
+# Seconds a call may spend on retries and fallbacks before its first token; no attempt starts
+# and no backoff sleeps past it. Attempts per model (its deployments, then retries after backoff).
+UPSTREAM_RETRY_DEADLINE = _env_float("UPSTREAM_RETRY_DEADLINE", 30.0)
+UPSTREAM_MAX_ATTEMPTS = _env_int("UPSTREAM_MAX_ATTEMPTS", 3)
+# Backoff before retrying the same deployment: base * 2^n with full jitter, capped; an upstream's
+# retry-after / retry-after-ms wins when it asks for longer.
+UPSTREAM_BACKOFF_BASE = _env_float("UPSTREAM_BACKOFF_BASE", 0.25)
+UPSTREAM_BACKOFF_MAX = _env_float("UPSTREAM_BACKOFF_MAX", 8.0)
+# A deployment that fails this many times in a row is skipped for the cool-down (seconds), then probed.
+UPSTREAM_BREAKER_FAILURES = _env_int("UPSTREAM_BREAKER_FAILURES", 5)
+UPSTREAM_BREAKER_COOLDOWN = _env_float("UPSTREAM_BREAKER_COOLDOWN", 30.0)
+# Learned limits: an upstream 429 cuts a deployment's limit by this fraction (at most once per
+# UPSTREAM_LIMIT_CUT_INTERVAL seconds), and it regains UPSTREAM_LIMIT_RECOVERY of its ceiling
+# per minute without one.
+UPSTREAM_LIMIT_CUT = _env_float("UPSTREAM_LIMIT_CUT", 0.2)
+UPSTREAM_LIMIT_CUT_INTERVAL = _env_float("UPSTREAM_LIMIT_CUT_INTERVAL", 2.0)
+UPSTREAM_LIMIT_RECOVERY = _env_float("UPSTREAM_LIMIT_RECOVERY", 0.05)
 
 # Seconds a process may reuse a user's account and rates for a model (billing/pricing_cache.py);
 # and a verified API key (llmgateway/auth.py). Edits in this process apply at once; in other

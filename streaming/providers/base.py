@@ -7,11 +7,11 @@ Failures are raised as `UpstreamError`, before or during the stream.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from streaming.catalog import ModelRoute
+from streaming.catalog import Deployment
 
 UpstreamErrorKind = Literal[
     "rate_limited",  # upstream 429
@@ -25,13 +25,18 @@ UpstreamErrorKind = Literal[
 
 @dataclass(frozen=True, slots=True)
 class ChatRequest:
-    route: ModelRoute
+    deployment: Deployment
     # The client's validated request body, forwarded to the upstream (model renamed).
     body: dict[str, Any]
     # Per-request simulator directives (from x-simulator-* headers); ignored by real upstreams.
     simulator: dict[str, str] = field(default_factory=dict)
     # The gateway's id of the call (its ledger row's request_id), sent to upstreams that take one.
     request_id: str = ""
+    # Which attempt of the call this is (1 first; retries and fallbacks count on).
+    attempt: int = 1
+    # Told the headers of the upstream's answer as soon as it starts (its rate-limit headers
+    # teach the gateway the upstream's real limits); a failure's headers are on `UpstreamError`.
+    on_response_headers: Callable[[Mapping[str, str]], None] | None = None
 
 
 @dataclass(frozen=True, slots=True)

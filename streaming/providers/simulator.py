@@ -9,6 +9,8 @@ with headers (the gateway passes `x-simulator-*` headers only to this provider):
 - `x-simulator-ttft-ms`: time to the first token
 - `x-simulator-fault`: `429` | `500` | `stall` | `cut` | `error`, after `x-simulator-fault-after`
   tokens for the mid-stream ones (default 3). `429` honours `x-simulator-retry-after` (seconds).
+- `x-simulator-fault-attempts`: how many of the call's attempts meet the fault (default: all), so
+  `x-simulator-fault: 429` with `x-simulator-fault-attempts: 1` shows the gateway's retry answering.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def _option(request: ChatRequest, header: str, route_key: str, default: float) -
             value = math.nan
         if math.isfinite(value):
             return max(0.0, value)
-    return float(request.route.options.get(route_key, default))
+    return float(request.deployment.options.get(route_key, default))
 
 
 def simulated_text(token_index: int) -> str:
@@ -70,6 +72,8 @@ class SimulatorProvider:
         tokens_per_second = _option(request, "tps", "tokens_per_second", settings.SIMULATOR_TOKENS_PER_SECOND)
         ttft = _option(request, "ttft-ms", "ttft_ms", settings.SIMULATOR_TTFT_SECONDS * 1000) / 1000
         fault = request.simulator.get("fault")
+        if fault is not None and request.attempt > _option(request, "fault-attempts", "fault_attempts", math.inf):
+            fault = None
         fault_after = int(_option(request, "fault-after", "fault_after", 3))
         limit = body.get("max_completion_tokens") or body.get("max_tokens")
         finish_reason = "stop"
@@ -88,10 +92,10 @@ class SimulatorProvider:
         if fault == "500":
             raise UpstreamError("server_error", "Simulated upstream server error.", status=500)
 
-        prompt_tokens = await acount_chat_prompt_tokens(body.get("messages") or [], model=request.route.upstream_model)
+        prompt_tokens = await acount_chat_prompt_tokens(body.get("messages") or [], model=request.deployment.upstream_model)
         completion_id = f"chatcmpl-sim-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
-        model = request.route.upstream_model
+        model = request.deployment.upstream_model
 
         def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
             return {

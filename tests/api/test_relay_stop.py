@@ -8,11 +8,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from streaming.catalog import ModelRoute
+from streaming.catalog import Deployment, ProviderSpec
 from streaming.pipeline import CallStopped, StreamRelay, Timeouts
 from streaming.providers.base import ChatRequest, ProviderChunk, UpstreamError
 
-ROUTE = ModelRoute(id="m", provider="fake", upstream_model="m", owned_by="test")
+DEPLOYMENT = Deployment(provider=ProviderSpec(name="fake", kind="openai"), upstream_model="m")
 TIMEOUTS = Timeouts(first_token=5, idle=5, total=10, heartbeat=5)
 
 
@@ -40,7 +40,7 @@ class FailingAfter:
 
 async def items_after_a_stop(provider: FailingAfter) -> list[object]:
     relay = StreamRelay(
-        provider=provider, request=ChatRequest(route=ROUTE, body={}), queue_size=2, timeouts=TIMEOUTS,
+        provider=provider, request=ChatRequest(deployment=DEPLOYMENT, body={}), queue_size=2, timeouts=TIMEOUTS,
         count_text=len, completion_token_cap=1_000,
     )
     relay.start()

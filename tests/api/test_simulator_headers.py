@@ -72,15 +72,19 @@ def expected_text(tokens: int) -> str:
     return "".join(simulated_text(index) for index in range(tokens))
 
 
-def wait_for_record(timeout: float = 5.0) -> UsageRecord:
-    """The call's one ledger row (a stream's row may land just after its last frame)."""
+def wait_for_record(timeout: float = 5.0, *, attempts: int = 1) -> UsageRecord:
+    """The call's ledger row: its last attempt's (a stream's row may land just after its last
+    frame). The attempts before it failed, were retried, and are rows that cost nothing."""
     deadline = time.monotonic() + timeout
-    while not UsageRecord.objects.exists():
-        assert time.monotonic() < deadline, "no usage record was written"
+    while UsageRecord.objects.count() < attempts:
+        assert time.monotonic() < deadline, "the call's usage records were not written"
         time.sleep(0.01)
-    records = list(UsageRecord.objects.all())
-    assert len(records) == 1, records
-    return records[0]
+    records = list(UsageRecord.objects.order_by("attempt"))
+    assert [record.attempt for record in records] == list(range(1, attempts + 1)), records
+    call = records[-1]
+    assert all(record.call_id == call.request_id for record in records)
+    assert all(record.cost_usd == 0 for record in records[:-1])
+    return call
 
 
 def assert_error(response: httpx.Response, status: int, *, type: str, code: str) -> dict:
@@ -157,14 +161,17 @@ def test_fault_500_is_a_502_before_any_token(gateway, api_key, spell, stream) ->
     response = post(gateway, api_key, headers=simulator_headers(spell, fault=500), stream=stream)
     error = assert_error(response, 502, type="api_error", code="upstream_error")
     assert "Simulated upstream server error" in error["message"]
-    record = wait_for_record()
+    # Every attempt met the fault: the gateway retried (UPSTREAM_MAX_ATTEMPTS), then gave up.
+    assert response.headers["x-gateway-attempts"] == "3"
+    record = wait_for_record(attempts=3)
+    assert str(record.request_id) == response.headers["x-request-id"]
     assert (record.status, record.error_kind) == ("upstream_error", "server_error")
     assert record.completion_tokens == 0
 
 
 @pytest.mark.parametrize(
     ("options", "retry_after"),
-    [({}, "1"), ({"retry_after": 3}, "3")],
+    [({}, "1"), ({"retry_after": 2}, "2")],
     ids=["default-retry-after", "retry-after-header"],
 )
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
@@ -173,7 +180,7 @@ def test_fault_429_is_a_429_with_retry_after(gateway, api_key, options, retry_af
     response = post(gateway, api_key, headers=headers, stream=stream)
     assert_error(response, 429, type="requests", code="upstream_rate_limited")
     assert response.headers["retry-after"] == retry_after
-    record = wait_for_record()
+    record = wait_for_record(attempts=3)  # retried after each retry-after, then passed on
     assert (record.status, record.error_kind) == ("upstream_error", "rate_limited")
     assert record.completion_tokens == 0
 

@@ -14,7 +14,7 @@ from billing.money import Rates
 from billing.selectors import rates_for
 from billing.services import PRICE_MISSING, account_get_or_create, account_quota_set, budget_reserve
 from llmgateway.errors import api_error_for
-from streaming.catalog import DEFAULT_ROUTES
+from streaming.catalog import environment_catalog
 
 from .conftest import NOW, record_call
 
@@ -49,7 +49,7 @@ def test_a_fresh_database_has_the_default_catalog(model, input, cached, output) 
 
 def test_every_model_the_gateway_ships_has_a_price() -> None:
     priced = set(Price.objects.values_list("model", flat=True))
-    assert {route.id for route in DEFAULT_ROUTES} <= priced
+    assert set(environment_catalog().routes) <= priced
 
 
 def test_a_model_without_a_cached_price_bills_cached_tokens_at_the_input_rate(user) -> None:

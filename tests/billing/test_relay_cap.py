@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from streaming.catalog import ModelRoute
+from streaming.catalog import Deployment, ProviderSpec
 from streaming.pipeline import (
     CAP_REACHED,
     END,
@@ -20,7 +20,7 @@ from streaming.pipeline import (
 )
 from streaming.providers.base import ChatRequest, ProviderChunk, Usage
 
-ROUTE = ModelRoute(id="m", provider="fake", upstream_model="m", owned_by="test")
+DEPLOYMENT = Deployment(provider=ProviderSpec(name="fake", kind="openai"), upstream_model="m")
 TIMEOUTS = Timeouts(first_token=5, idle=5, total=10, heartbeat=5)
 
 
@@ -52,7 +52,7 @@ async def relay_frames(tokens: int, cap: int) -> tuple[list[bytes], list[CallOut
     recorded: list[CallOutcome] = []
     relay = StreamRelay(
         provider=provider,
-        request=ChatRequest(route=ROUTE, body={}),
+        request=ChatRequest(deployment=DEPLOYMENT, body={}),
         queue_size=4,
         timeouts=TIMEOUTS,
         count_text=lambda text: len(text.split()),
@@ -104,7 +104,7 @@ async def test_the_cap_stops_the_call_after_exactly_cap_tokens(tokens, cap, deli
 
 async def test_the_cap_error_reaches_a_non_streaming_consumer_as_an_upstream_error() -> None:
     provider = CountingProvider(10)
-    relay = StreamRelay(provider=provider, request=ChatRequest(route=ROUTE, body={}), queue_size=64, timeouts=TIMEOUTS, count_text=len, completion_token_cap=2)
+    relay = StreamRelay(provider=provider, request=ChatRequest(deployment=DEPLOYMENT, body={}), queue_size=64, timeouts=TIMEOUTS, count_text=len, completion_token_cap=2)
     relay.start()
     items = []
     while (item := await relay.get()) is not END and not isinstance(item, CompletionCapReached):

@@ -7,14 +7,15 @@ from django.test import override_settings
 
 from chat.context import fit_context, reply_allowance
 from chat.exceptions import ContextTooLong
-from streaming.catalog import ModelRoute
+from streaming.catalog import ModelRoute, ProviderSpec, single_route
 from streaming.tokens import count_chat_prompt_tokens
 
-GPT = ModelRoute(id="gpt-4o-mini", provider="openai", upstream_model="gpt-4o-mini", owned_by="openai")
+OPENAI = ProviderSpec(name="openai", kind="openai", base_url="https://api.openai.com/v1")
+GPT = single_route(id="gpt-4o-mini", provider=OPENAI)
 
 
 def route(window: int) -> ModelRoute:
-    return ModelRoute(id="small", provider="openai", upstream_model="gpt-4o-mini", owned_by="test", context_window=window)
+    return single_route(id="small", provider=OPENAI, upstream_model="gpt-4o-mini", context_window=window)
 
 
 def turns(count: int, words: int = 50) -> list[dict[str, str]]:

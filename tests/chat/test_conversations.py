@@ -19,7 +19,7 @@ from billing.services import account_get_or_create, account_quota_set, usage_rec
 from chat import selectors, services
 from chat.exceptions import ContextTooLong, ConversationNotFound, InvalidTurn
 from chat.models import Conversation, Message
-from streaming.catalog import available_routes
+from upstreams.catalog import available_routes
 
 pytestmark = pytest.mark.django_db
 
@@ -122,14 +122,14 @@ def test_edit_replaces_the_last_message_and_its_answer(alice) -> None:
 
 def test_a_message_too_long_for_the_model_saves_nothing(alice, settings) -> None:
     settings.GATEWAY_MODELS_JSON = '{"tiny": {"provider": "simulator", "context_window": 64}}'
-    from streaming.catalog import all_routes
+    from upstreams.catalog import forget
 
-    all_routes.cache_clear()
+    forget()
     try:
         with pytest.raises(ContextTooLong):
             send(alice, "word " * 200, model="tiny")
     finally:
-        all_routes.cache_clear()
+        forget()
     assert not Conversation.objects.exists() and not Message.objects.exists()
 
 

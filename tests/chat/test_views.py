@@ -14,7 +14,7 @@ from django.test import Client
 from chat import services
 from chat.models import Conversation, Message
 from llmgateway.chat_views import CHAT_PAGE_CSP
-from streaming.catalog import available_routes
+from upstreams.catalog import available_routes
 
 pytestmark = pytest.mark.django_db
 
