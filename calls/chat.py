@@ -136,6 +136,8 @@ class ChatCall:
         self.attempt = 0  # attempts that reached an upstream so far
         self._catalog: Catalog | None = None
         self._upstream_headers: dict[str, str] = {}
+        self._attempt_closed = False  # the current attempt's upstream call was stopped
+        self._attempt_recorded = False  # the current attempt's row was written as a retried one
         self.limits: call_limits.Admission | None = None
         self.admission: Admission | None = None
         self.relay: StreamRelay | None = None
@@ -312,6 +314,9 @@ class ChatCall:
         its price refuses it (the call then ends with the last upstream error)."""
         admission = self.admission
         assert admission is not None
+        # The last attempt on the model before: its row is written as the model it tried, once the
+        # switch is made (if the switch fails, that attempt stays the call's last).
+        failed = await self._retire_attempt() if self.relay is not None and not self._attempt_recorded else None
         try:
             if admission.reserved_usd is not None:
                 await abudget_release(request_id=self.request_id)
@@ -328,6 +333,9 @@ class ChatCall:
             logger.info("call %s cannot fall back to %s: %s", self.request_id, route.id, error)
             return False
         self.serving = route
+        if failed is not None:
+            await self._write_row(failed)
+            self._attempt_recorded = True
         return True
 
     async def _attempt(self, deployment: Deployment, permit: Permit) -> QueueItem:
@@ -335,8 +343,9 @@ class ChatCall:
         and the upstream's word on its limits taken in."""
         route = self.serving
         assert route is not None
-        if self.relay is not None:
-            await self._record_failed_attempt()
+        if self.relay is not None and not self._attempt_recorded:
+            await self._write_row(await self._retire_attempt())
+        self._attempt_recorded = self._attempt_closed = False
         self.attempt += 1
         self.deployment = deployment
         self._upstream_headers = {}
@@ -396,17 +405,28 @@ class ChatCall:
                 observability.UPSTREAM_FALLBACKS.labels(self.route.id if self.route else "", route.id).inc()
         return first
 
-    async def _record_failed_attempt(self) -> None:
-        """The attempt before a retry: its row under an id of its own, linked to the call."""
-        relay = self.relay
-        assert relay is not None and self.deployment is not None
-        await relay.aclose()
-        call_ended(self.deployment)
-        row = self._row_finished(relay.outcome)
+    async def _close_attempt(self) -> None:
+        """Stop the current attempt's upstream call, once."""
+        relay, deployment = self.relay, self.deployment
+        assert relay is not None and deployment is not None
+        if self._attempt_closed:
+            return
+        self._attempt_closed = True
+        try:
+            await relay.aclose()
+        finally:
+            call_ended(deployment)
+
+    async def _retire_attempt(self) -> Row:
+        """The row of an attempt that failed and will be retried: an id of its own, linked to the
+        call, and no hold to settle (the call's last attempt settles it)."""
+        assert self.relay is not None
+        await self._close_attempt()
+        row = self._row_finished(self.relay.outcome)
         row["request_id"] = uuid.uuid4()
-        row["reserved_usd"] = None  # the call's hold is settled by its last attempt
+        row["reserved_usd"] = None
         self.billed_usage = None
-        await self._write_row(row)
+        return row
 
     def stream_frames(self, first: QueueItem) -> AsyncIterator[bytes]:
         """The SSE body; from now on the stream ends the call (and `close()` as a backstop)."""
@@ -481,16 +501,17 @@ class ChatCall:
         loop.call_soon_threadsafe(begin)
 
     async def _end_upstream(self) -> None:
-        relay, deployment = self.relay, self.deployment
-        assert relay is not None and deployment is not None
+        relay = self.relay
+        assert relay is not None
         active_calls.remove(self)
         try:
-            await relay.aclose()
+            await self._close_attempt()
         except Exception:  # its outcome is final all the same: record it
             logger.exception("closing the upstream call of %s failed", self.request_id)
         finally:
-            call_ended(deployment)
             observability.ACTIVE_STREAMS.dec()
+        if self._attempt_recorded:  # it fell back, then found no deployment to try: nothing left to write
+            return
         outcome = relay.outcome
         row = self._row_finished(outcome)
         self.cost = await self._write_row(row)

@@ -41,8 +41,12 @@ class UpstreamProvider(models.Model):
         help_text="Its name in deployments, the ledger and metrics, e.g. azure-east.",
     )
     kind = models.CharField(max_length=20, choices=Kind.choices, default=Kind.OPENAI)
-    base_url = models.URLField(
-        blank=True, help_text="For OpenAI-compatible APIs: e.g. https://api.groq.com/openai/v1 or http://127.0.0.1:8000/v1."
+    # Not a URLField: its validator refuses hosts without a dot (`http://vllm:8000/v1`, a
+    # compose service); the catalog's validator (clean) checks the scheme.
+    base_url = models.CharField(
+        max_length=300,
+        blank=True,
+        help_text="For OpenAI-compatible APIs: e.g. https://api.groq.com/openai/v1 or http://vllm:8000/v1.",
     )
     api_key_env = models.CharField(
         "API key variable",
