@@ -6,7 +6,10 @@ comes from (`langchain-openai`, `langchain-anthropic`, your own). Its options na
 The attribute is a chat model class (`langchain_openai:ChatOpenAI`) or any callable returning a
 Runnable, called once with `kwargs`, or a Runnable object itself (then `kwargs` must be empty). It is
 built once per provider, on its first call and off the event loop, so every call reuses one model
-and its HTTP client. `load_runnable()` builds one alone (to check a configuration before use).
+and its HTTP client. The provider's `base_url` and the key its `api_key_env` names, when set, are
+passed as `base_url=` and `api_key=` (the names LangChain's chat models take; `kwargs` win), so a
+key is never written in the kwargs; its headers and timeouts are not used (the pipeline enforces
+the timeouts). `load_runnable()` builds one alone (to check a configuration before use).
 
 A call, step by step:
 
@@ -116,18 +119,20 @@ class LangChainConfigError(ValueError):
     """The provider's options do not name a usable runnable; the message says which and why."""
 
 
-def load_runnable(options: Mapping[str, Any]) -> Runnable[Any, Any]:
-    """The Runnable `options` name (`{"runnable": path, "kwargs": {...}}`), built with its kwargs.
+def load_runnable(options: Mapping[str, Any], *, provided: Mapping[str, Any] | None = None) -> Runnable[Any, Any]:
+    """The Runnable `options` name (`{"runnable": path, "kwargs": {...}}`), built with its kwargs,
+    after `provided` ones (the provider's key and base URL; the options' kwargs win).
 
     Raises `LangChainConfigError` naming the path (and the `[langchain]` extra when langchain-core
     is missing). Never puts the kwargs in a message: they may hold a key.
     """
     path = options.get("runnable")
-    kwargs = options.get("kwargs") or {}
+    configured = options.get("kwargs") or {}
     if not isinstance(path, str) or not path.strip():
         raise LangChainConfigError("options.runnable must name a chat model or runnable, as 'package.module:attribute'")
-    if not isinstance(kwargs, Mapping) or not all(isinstance(key, str) for key in kwargs):
+    if not isinstance(configured, Mapping) or not all(isinstance(key, str) for key in configured):
         raise LangChainConfigError(f"options.kwargs of runnable {path!r} must be a mapping of names to values")
+    kwargs = {**(provided or {}), **configured}
     try:
         from langchain_core.runnables import Runnable
     except ImportError as error:
@@ -152,7 +157,9 @@ def load_runnable(options: Mapping[str, Any]) -> Runnable[Any, Any]:
             raise LangChainConfigError(f"runnable {path!r}: {module_name!r} has no attribute {attribute!r}") from None
     if isinstance(target, Runnable):
         if kwargs:
-            raise LangChainConfigError(f"runnable {path!r} is a Runnable object already: it takes no kwargs")
+            raise LangChainConfigError(
+                f"runnable {path!r} is a Runnable object already: it takes no kwargs (nor the provider's base_url or api_key_env)"
+            )
         return target
     if not callable(target):
         raise LangChainConfigError(f"runnable {path!r} is neither a Runnable nor a class or factory that makes one")
@@ -178,7 +185,7 @@ class LangChainProvider:
 
     def __init__(self, spec: ProviderSpec) -> None:
         self.name = spec.name
-        self._options = spec.options
+        self._spec = spec
         self._building: asyncio.Future[Runnable[Any, Any]] | None = None
 
     async def aclose(self) -> None:
@@ -188,8 +195,16 @@ class LangChainProvider:
         return None
 
     def _build(self) -> Runnable[Any, Any]:
+        spec = self._spec
+        # The provider's own fields, under the names LangChain's chat models take: so a key stays
+        # in the environment (api_key_env names it) instead of in the stored kwargs.
+        provided: dict[str, Any] = {}
+        if spec.base_url:
+            provided["base_url"] = spec.base_url
+        if spec.api_key_env:
+            provided["api_key"] = spec.api_key()
         try:
-            return load_runnable(self._options)
+            return load_runnable(spec.options, provided=provided)
         except LangChainConfigError as error:
             logger.error("langchain provider %s: %s", self.name, error, exc_info=error.__cause__ is not None)
             raise

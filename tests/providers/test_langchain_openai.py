@@ -117,6 +117,24 @@ async def test_the_upstream_receives_what_the_client_asked(chat_openai: Provider
     assert "seed" not in sent  # not a parameter every chat model takes: dropped
 
 
+async def test_the_providers_base_url_and_key_variable_reach_the_model(
+    fake_upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LC_TEST_API_KEY", "sk-from-the-environment")
+    spec = ProviderSpec(
+        name="lc-openai-env",
+        kind="langchain",
+        base_url=fake_upstream.base_url,
+        api_key_env="LC_TEST_API_KEY",
+        options={"runnable": "langchain_openai:ChatOpenAI", "kwargs": {"model": "gpt-4o-mini", "max_retries": 0}},
+    )
+
+    chunks = [chunk async for chunk in LangChainProvider(spec).stream(request_for(spec))]
+
+    assert "".join(chunk.text for chunk in chunks) == fake_upstream.token_text * fake_upstream.tokens
+    assert fake_upstream.requests[-1].headers["authorization"] == "Bearer sk-from-the-environment"
+
+
 @pytest.mark.parametrize(
     ("fault", "kind", "status"),
     [("429", "rate_limited", 429), ("500", "server_error", 500), ("401", "auth", 401), ("400", "bad_request", 400)],
