@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from datetime import date
 from decimal import Decimal
 from typing import Any, ClassVar
+from urllib.parse import urlencode
 
 from django.contrib import admin
 from django.contrib.admin.views.main import ALL_VAR, ORDER_VAR, PAGE_VAR, ChangeList
@@ -32,7 +33,7 @@ from django.db.models import Aggregate, Count, OuterRef, Q, QuerySet, Subquery, 
 from django.db.models.functions import Coalesce
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.template.response import TemplateResponse
-from django.urls import URLPattern, path
+from django.urls import URLPattern, path, reverse
 from django.utils import timezone
 from django.utils.functional import cached_property
 from django.utils.html import format_html, format_html_join
@@ -527,11 +528,13 @@ class RequestIdSearch(admin.ModelAdmin):
     """A search box for one request id, answered by the unique index on `request_id`.
 
     Django's `=request_id` search compares text (`UPPER(request_id::text)` on PostgreSQL): a scan
-    of the whole ledger, 0.7 s on a million rows. A term that is no UUID matches nothing.
+    of the whole ledger, 0.7 s on a million rows. A term that is no UUID matches nothing. With
+    `matches_calls`, the id also finds every attempt of that call (the indexed `call_id`).
     """
 
     search_fields = ("request_id",)
     search_help_text = "A request id (the x-request-id response header)."
+    matches_calls = False
 
     def get_search_results(self, request: HttpRequest, queryset: QuerySet[Any], search_term: str) -> tuple[QuerySet[Any], bool]:
         term = search_term.strip()
@@ -541,6 +544,8 @@ class RequestIdSearch(admin.ModelAdmin):
             request_id = uuid.UUID(term)
         except ValueError:
             return queryset.none(), False
+        if self.matches_calls:
+            return queryset.filter(Q(request_id=request_id) | Q(call_id=request_id)), False
         return queryset.filter(request_id=request_id), False
 
 
@@ -575,6 +580,8 @@ class UsageRecordAdmin(RequestIdSearch, TotalsAdmin):
     # Fits 1,280 px beside the admin's two sidebars; the duration and rates are on the row's page.
     list_display = ("when", "user", "key", "model", "status_badge", "tokens", "ttft", "cost")
     list_display_links = ("when",)
+    matches_calls = True
+    search_help_text = "A request id (the x-request-id response header): the call and every attempt it made."
     list_filter = (LedgerDateFilter, UserFilter, ApiKeyFilter, ModelFilter, "status", "price_source", "token_source")
     list_select_related = ("user", "api_key")
     list_per_page = 50
@@ -585,7 +592,15 @@ class UsageRecordAdmin(RequestIdSearch, TotalsAdmin):
     sortable_by = ("when", "cost")
     actions = ["export_csv"]
     fieldsets = (
-        ("Call", {"fields": ("user", "key_detail", "model", "route", "stream", "status", "error_kind", "request_id", "started")}),
+        (
+            "Call",
+            {
+                "fields": (
+                    "user", "key_detail", "model", "requested_model", "route", "stream", "status", "error_kind",
+                    "request_id", "attempt_detail", "started",
+                )
+            },
+        ),
         ("Tokens", {"fields": ("prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens", "token_source")}),
         ("Timing", {"fields": ("ttft_detail", "duration")}),
         (
@@ -596,7 +611,9 @@ class UsageRecordAdmin(RequestIdSearch, TotalsAdmin):
             },
         ),
     )
-    readonly_fields = ("key_detail", "route", "started", "ttft_detail", "duration", "cost_exact", "rates", "held_at_admission")
+    readonly_fields = (
+        "key_detail", "route", "attempt_detail", "started", "ttft_detail", "duration", "cost_exact", "rates", "held_at_admission",
+    )
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[UsageRecord]:
         return super().get_queryset(request).select_related("user", "api_key")
@@ -653,6 +670,16 @@ class UsageRecordAdmin(RequestIdSearch, TotalsAdmin):
     @admin.display(description="upstream")
     def route(self, obj: UsageRecord) -> str:
         return f"{obj.upstream_model} via {obj.provider}"
+
+    @admin.display(description="attempt")
+    def attempt_detail(self, obj: UsageRecord) -> SafeString | str:
+        if obj.call_id is None:
+            return "1 (the only one)"
+        attempts = UsageRecord.objects.filter(call_id=obj.call_id).count()
+        if attempts == 1:
+            return "1 (the only one)"
+        url = reverse("admin:billing_usagerecord_changelist") + "?" + urlencode({"q": str(obj.call_id)})
+        return format_html('{} of <a href="{}">{} attempts of call {}</a>', obj.attempt, url, attempts, obj.call_id)
 
     @admin.display(description="rates (USD per 1M tokens)")
     def rates(self, obj: UsageRecord) -> str:

@@ -439,6 +439,7 @@ class ChatCall:
             include_usage=self.params.include_usage,
             heartbeat=settings.GATEWAY_HEARTBEAT_INTERVAL,
             on_error=upstream_error_frame,
+            billed_usage=lambda: self.billed_usage,
         )
 
     async def complete(self, first: QueueItem) -> dict[str, Any]:

@@ -329,16 +329,21 @@ async def sse_stream(
     include_usage: bool,
     heartbeat: float,
     on_error: Callable[[UpstreamError], bytes],
+    billed_usage: Callable[[], dict[str, int] | None] = lambda: None,
 ) -> AsyncIterator[bytes]:
     """The response body: SSE frames from the relay's queue, batched when several are ready.
 
     Ends with `[DONE]` after a complete stream, or with an error event (and no `[DONE]`) after an
     upstream failure. A heartbeat comment keeps idle connections alive. `finish` ends the call
     (stops the upstream, records it): it runs before the last frame, so a client that sees
-    `[DONE]` is in the ledger, and when this generator is closed (the client went away).
+    `[DONE]` is in the ledger, and when this generator is closed (the client went away). A client
+    that asked for usage gets it as OpenAI sends it, the upstream's or, from an upstream that sent
+    none (a LangChain model without usage metadata), what the call was billed (`billed_usage`).
     """
     queue = relay.queue
     item: QueueItem = first
+    head: dict[str, Any] = {}
+    usage_sent = False
     try:
         while True:
             frames: list[bytes] = []
@@ -347,9 +352,17 @@ async def sse_stream(
                     frame = _chunk_frame(item, include_usage)
                     if frame:
                         frames.append(frame)
+                    if not head:
+                        head = {key: item.data.get(key) for key in ("id", "object", "created", "model")}
+                    usage_sent = usage_sent or item.usage is not None
                 else:
                     if isinstance(item, _End):
                         last = _sse.DONE
+                        if include_usage and not usage_sent:
+                            await finish()
+                            usage = billed_usage()
+                            if usage is not None:
+                                last = _sse.data_frame({**head, "choices": [], "usage": usage}) + last
                     elif isinstance(item, CompletionCapReached | CallStopped):
                         last = item.frame()
                     else:

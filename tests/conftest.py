@@ -84,7 +84,9 @@ def _ledger_outbox_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pat
 def upstream() -> Iterator[FakeUpstream]:
     from bench.fake_upstream import FakeUpstream
 
-    with FakeUpstream().running_in_thread() as server:
+    # Without x-ratelimit-* headers by default: the session's gateway would learn limits from
+    # one test's answers and keep them for the next. Tests of learning turn them on.
+    with FakeUpstream(rate_limit_headers=False).running_in_thread() as server:
         yield server
 
 
@@ -144,6 +146,10 @@ def start_gateway(
         "GATEWAY_IDLE_TIMEOUT": "2",
         "GATEWAY_FIRST_TOKEN_TIMEOUT": "5",
         "GATEWAY_MAX_BODY_BYTES": str(256 * 1024),
+        # The session's gateway and fake upstream outlive a test, and tests fail the upstream on
+        # purpose: a breaker opened by one test would refuse the next one's calls. Breaker tests
+        # set their own.
+        "UPSTREAM_BREAKER_FAILURES": "1000000",
         "LOG_LEVEL": "WARNING",
         # A served gateway refuses the public development key (llmgateway/asgi.py).
         "DJANGO_SECRET_KEY": "test-only-secret-key-for-served-gateways",

@@ -110,13 +110,21 @@ def test_a_non_stream_call_returns_a_chat_completion(client, fake_upstream) -> N
 )
 def test_upstream_failures_before_the_stream_are_typed_http_errors(client, fake_upstream, fault, exception, status, error_kind) -> None:
     fake_upstream.fault = fault
+    fake_upstream.retry_after = 0.1
     with pytest.raises(exception) as raised:
         client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)
     assert raised.value.status_code == status
     if fault == "429":
         assert raised.value.response.headers["retry-after"] == "1"
-    record = the_only_record()
-    assert record.status == "upstream_error" and record.error_kind == error_kind
+    # A refused request is not retried, nor a deployment with wrong credentials (it has no other);
+    # a 429 or a 5xx is, UPSTREAM_MAX_ATTEMPTS times: each attempt is a row, the last the call's.
+    attempts = 3 if fault in ("429", "500") else 1
+    assert raised.value.response.headers["x-gateway-attempts"] == str(attempts)
+    records = list(UsageRecord.objects.order_by("attempt"))
+    assert [record.attempt for record in records] == list(range(1, attempts + 1))
+    record = records[-1]
+    assert str(record.request_id) == raised.value.response.headers["x-request-id"]
+    assert all(row.status == "upstream_error" and row.error_kind == error_kind and row.cost_usd == 0 for row in records)
     assert record.completion_tokens == 0
 
 
@@ -130,8 +138,9 @@ def test_an_unreachable_upstream_is_a_502_not_a_timeout(gateway_factory, api_key
     assert time.monotonic() - started < 5  # refused at once, not waited out
     assert raised.value.status_code == 502
     assert "Could not reach the upstream" in raised.value.message
-    record = the_only_record()
-    assert (record.status, record.error_kind) == ("upstream_error", "connection")
+    records = list(UsageRecord.objects.order_by("attempt"))
+    assert len(records) == 3  # retried after a backoff, then given up
+    assert all((record.status, record.error_kind) == ("upstream_error", "connection") for record in records)
 
 
 @pytest.mark.parametrize("fault", ["error_frame", "cut"])

@@ -82,7 +82,6 @@ def test_an_upstream_that_answers_every_second_request_429_gives_every_client_an
 ) -> None:
     fake_upstream.fault_schedule = ["429", None]
     fake_upstream.retry_after = 0.2
-    fake_upstream.rate_limit_headers = False  # learning is tested below; here only the retry
     path = upstreams_file(
         tmp_path,
         providers={"primary": fake_upstream.base_url},
@@ -201,7 +200,6 @@ def test_nothing_is_retried_once_a_token_reached_the_client(gateway_factory, api
 def test_the_retry_deadline_bounds_how_long_a_client_waits(gateway_factory, api_key, fake_upstream, tmp_path) -> None:
     fake_upstream.fault = "429"
     fake_upstream.retry_after = 5
-    fake_upstream.rate_limit_headers = False
     path = upstreams_file(
         tmp_path, providers={"primary": fake_upstream.base_url}, models=[{"name": "gpt-4o-mini", "deployments": [{"provider": "primary"}]}]
     )
@@ -248,6 +246,7 @@ def test_a_failing_deployment_is_skipped_while_its_breaker_is_open_then_probed(
 
 def test_the_upstreams_own_limit_is_learned_from_its_headers(gateway_factory, api_key, fake_upstream, clean_redis, tmp_path) -> None:
     fake_upstream.rpm_limit = 30
+    fake_upstream.rate_limit_headers = True
     fake_upstream.reset_rate_limit()
     path = upstreams_file(
         tmp_path,
@@ -263,7 +262,8 @@ def test_the_upstreams_own_limit_is_learned_from_its_headers(gateway_factory, ap
 def test_an_upstream_429_cuts_the_learned_limit_by_a_fifth(gateway_factory, api_key, fake_upstream, clean_redis, tmp_path) -> None:
     fake_upstream.fault_schedule = ["429", None]
     fake_upstream.retry_after = 0.1
-    fake_upstream.rate_limit_headers = False  # an upstream that publishes nothing: only its 429s teach
+    # The session's fake sends no x-ratelimit-* headers: an upstream that publishes nothing,
+    # whose 429s alone teach.
     path = upstreams_file(
         tmp_path,
         providers={"primary": fake_upstream.base_url},
