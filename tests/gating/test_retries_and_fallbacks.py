@@ -273,3 +273,30 @@ def test_an_upstream_429_cuts_the_learned_limit_by_a_fifth(gateway_factory, api_
     assert post(gateway, api_key).status_code == 200
     learned = metric(gateway, "llmgateway_upstream_learned_limit", deployment="primary/gpt-4o-mini", unit="rpm")
     assert learned is not None and 80 <= learned < 81  # cut to 80, then regaining 5 per minute
+
+
+def test_an_upstream_that_sends_no_first_token_in_time_is_left_for_another_deployment(
+    gateway_factory, api_key, fake_upstream, backup_upstream, tmp_path
+) -> None:
+    fake_upstream.ttft = 30  # headers at once, then nothing
+    path = upstreams_file(
+        tmp_path,
+        providers={"primary": fake_upstream.base_url, "backup": backup_upstream.base_url},
+        models=[
+            {
+                "name": "gpt-4o-mini",
+                "deployments": [{"provider": "primary", "priority": 0}, {"provider": "backup", "priority": 1}],
+            }
+        ],
+    )
+    gateway = gateway_factory(UPSTREAMS_FILE=path, GATEWAY_FIRST_TOKEN_TIMEOUT="1")
+    started = time.monotonic()
+    response = post(gateway, api_key, stream=True)
+    assert response.status_code == 200 and "data: [DONE]" in response.text
+    assert time.monotonic() - started < 3
+    assert response.headers["x-gateway-deployment"] == "backup/gpt-4o-mini"
+    timed_out, answered = call_rows(response)
+    assert (timed_out.provider, timed_out.status, timed_out.error_kind, timed_out.cost_usd) == ("primary", "timeout", "timeout", 0)
+    assert answered.status == "completed"
+    # The stalled upstream call was closed, not left hanging.
+    assert fake_upstream.wait_until(lambda: fake_upstream.requests[-1].closed_at is not None, timeout=5)
