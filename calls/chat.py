@@ -7,9 +7,11 @@
         return JSON(await call.complete(first))
 
 Entering admits the call: its route and prompt tokens, the rate limits and the concurrency lease,
-the budget hold, room in the upstream's shared bucket. Every acquisition runs to its end even if
-the request is cancelled meanwhile (a hang-up during admission), and pushes its own give-back on
-one `AsyncExitStack`. `finish()` is the single exit: it stops the upstream call, writes the
+the budget hold. Every acquisition runs to its end even if the request is cancelled meanwhile (a
+hang-up during admission), and pushes its own give-back on one `AsyncExitStack`. `start()` makes
+the upstream attempts (retries, other deployments, fallback models: see its docstring), each
+after room in its deployment's shared bucket; every attempt that reached an upstream is a ledger
+row, linked to the call by `call_id`, and only the last one's `request_id` is the call's. `finish()` is the single exit: it stops the upstream call, writes the
 ledger row (or, if the database does not take it within `GATEWAY_LEDGER_WRITE_TIMEOUT`, puts it
 durably in the outbox, `billing.outbox`), gives back the budget hold when no row settled it, and
 refunds the limits. It is shielded from cancellation, idempotent, and runs exactly once,

@@ -11,11 +11,13 @@ Per call, before the upstream is contacted:
   LIMITS_CHAT_USER_TPM, LIMITS_CHAT_USER_MAX_CONCURRENT), on by default, so one person at the
   page cannot flood the upstream; and the per-user limits above, which count the page and the
   user's keys together.
-- per upstream model: a shared bucket sized to the provider's published limits minus a headroom.
-  Here a request *waits* (up to UPSTREAM_MAX_WAIT) instead of being refused, so bursts are
-  smoothed instead of turned into upstream 429s. Its burst is the headroom share and its refill
-  the rest, so no 60-second window ever sends more than the published RPM. An upstream 429
-  blocks the bucket for its retry-after, for every process.
+- per deployment, before each attempt: a shared bucket sized to the deployment's limit as
+  learned from the upstream (`upstreams.learned`: the published figure to start with, then its
+  headers and its 429s). Here a request *waits* (up to UPSTREAM_MAX_WAIT) instead of being
+  refused, so bursts are smoothed instead of turned into upstream 429s. Its burst is the
+  headroom share and its refill the rest, so no 60-second window ever sends more than the
+  limit. An upstream 429 blocks the bucket for its retry-after, and an answer saying nothing
+  remains blocks it until its reset, for every process.
 
 Failure policy: with REDIS_URL the limiter is Redis behind a circuit breaker; when Redis is slow
 or gone (LIMITS_REDIS_TIMEOUT, 2 s by default: never a hang) decisions fall back to the in-process limiter

@@ -72,7 +72,7 @@ class Report(TypedDict):
 
 def running_call(call: ChatCall) -> RunningCall:
     """What the console shows of one running call, now."""
-    route, admission, relay = call.route, call.admission, call.relay
+    route, admission, relay = call.serving, call.admission, call.relay  # the model answering: a fallback shows as itself
     assert route is not None and admission is not None and relay is not None
     completion = relay.outcome.content_chunks
     cost: Decimal = admission.rates.cost(prompt_tokens=call.prompt_tokens_estimate, cached_tokens=0, completion_tokens=completion)

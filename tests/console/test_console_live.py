@@ -37,7 +37,7 @@ def a_running_call(*, user: str = "alice", key_prefix: str | None = "gw_ab12cd",
     return SimpleNamespace(
         request_id=uuid.uuid4(),
         principal=SimpleNamespace(username=user, user_id=7, key_prefix=key_prefix, api_key_id=3),
-        route=SimpleNamespace(id="gpt-4o-mini"),
+        serving=SimpleNamespace(id="gpt-4o-mini"),
         admission=SimpleNamespace(rates=RATES),
         relay=SimpleNamespace(outcome=SimpleNamespace(content_chunks=tokens)),
         params=SimpleNamespace(stream=True),
