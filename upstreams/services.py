@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from django.core.exceptions import ValidationError
@@ -45,7 +46,7 @@ PROVIDER_IN_USE = (
 ROW_INVALID = "{where}: {errors}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ImportResult:
     """What an import changed, each entry a label: `provider groq`, `model team-chat`,
     `deployment team-chat: groq/llama-3.1-8b-instant`. Deployments of a removed model are
@@ -100,6 +101,24 @@ def _differs(row: Any, values: Mapping[str, Any]) -> bool:
     return any(getattr(row, name) != value for name, value in values.items())
 
 
+def _upsert[R: UpstreamProvider | PublicModel | UpstreamDeployment](
+    result: ImportResult, row: R | None, *, create: Callable[[], R], values: Mapping[str, Any], where: str, label: str
+) -> R:
+    """Save `create()` if there is no row, else the row with `values` if they differ; tell `result`."""
+    if row is None:
+        row = create()
+        _row_save(row, where)
+        result.added.append(label)
+    elif _differs(row, values):
+        for attribute, value in values.items():
+            setattr(row, attribute, value)
+        _row_save(row, where)
+        result.updated.append(label)
+    else:
+        result.unchanged += 1
+    return row
+
+
 def _provider_values(spec: ProviderSpec) -> dict[str, Any]:
     return {
         "kind": spec.kind,
@@ -144,10 +163,7 @@ def upstreams_import(*, document: Any, replace: bool = False, dry_run: bool = Fa
     provider_names = _names(document.get("providers") or [], "providers")
     model_entries: list[dict[str, Any]] = document.get("models") or []
     model_names = _names(model_entries, "models")
-    added: list[str] = []
-    updated: list[str] = []
-    removed: list[str] = []
-    unchanged = 0
+    result = ImportResult(dry_run=dry_run)
 
     with transaction.atomic():
         providers = {provider.name: provider for provider in UpstreamProvider.objects.select_for_update()}
@@ -156,18 +172,14 @@ def upstreams_import(*, document: Any, replace: bool = False, dry_run: bool = Fa
 
         for index, name in enumerate(provider_names):
             values = _provider_values(catalog.providers[name])
-            provider = providers.get(name)
-            if provider is None:
-                provider = providers[name] = UpstreamProvider(name=name, **values)
-                _row_save(provider, f"providers[{index}]")
-                added.append(f"provider {name}")
-            elif _differs(provider, values):
-                for attribute, value in values.items():
-                    setattr(provider, attribute, value)
-                _row_save(provider, f"providers[{index}]")
-                updated.append(f"provider {name}")
-            else:
-                unchanged += 1
+            providers[name] = _upsert(
+                result,
+                providers.get(name),
+                create=partial(UpstreamProvider, name=name, **values),
+                values=values,
+                where=f"providers[{index}]",
+                label=f"provider {name}",
+            )
 
         models = {model.name: model for model in PublicModel.objects.select_for_update()}
         for index, (name, entry) in enumerate(zip(model_names, model_entries, strict=True)):
@@ -179,18 +191,14 @@ def upstreams_import(*, document: Any, replace: bool = False, dry_run: bool = Fa
                 "context_window": route.context_window,
                 "enabled": True,
             }
-            model = models.get(name)
-            if model is None:
-                model = models[name] = PublicModel(name=name, **values)
-                _row_save(model, f"models[{index}]")
-                added.append(f"model {name}")
-            elif _differs(model, values):
-                for attribute, value in values.items():
-                    setattr(model, attribute, value)
-                _row_save(model, f"models[{index}]")
-                updated.append(f"model {name}")
-            else:
-                unchanged += 1
+            model = models[name] = _upsert(
+                result,
+                models.get(name),
+                create=partial(PublicModel, name=name, **values),
+                values=values,
+                where=f"models[{index}]",
+                label=f"model {name}",
+            )
 
             existing = {
                 (deployment.provider.name, deployment.upstream_model): deployment
@@ -210,31 +218,26 @@ def upstreams_import(*, document: Any, replace: bool = False, dry_run: bool = Fa
                     "options": dict(spec.options),
                     "enabled": True,
                 }
-                deployment = existing.pop((spec.provider.name, spec.upstream_model), None)
-                label = f"deployment {name}: {spec.name}"
-                if deployment is None:
-                    deployment = UpstreamDeployment(
-                        model=model, provider=provider, upstream_model=spec.upstream_model, **deployment_values
-                    )
-                    _row_save(deployment, f"models[{index}].deployments ({spec.name})")
-                    added.append(label)
-                elif _differs(deployment, deployment_values):
-                    for attribute, value in deployment_values.items():
-                        setattr(deployment, attribute, value)
-                    _row_save(deployment, f"models[{index}].deployments ({spec.name})")
-                    updated.append(label)
-                else:
-                    unchanged += 1
+                _upsert(
+                    result,
+                    existing.pop((spec.provider.name, spec.upstream_model), None),
+                    create=partial(
+                        UpstreamDeployment, model=model, provider=provider, upstream_model=spec.upstream_model, **deployment_values
+                    ),
+                    values=deployment_values,
+                    where=f"models[{index}].deployments ({spec.name})",
+                    label=f"deployment {name}: {spec.name}",
+                )
             for (provider_name, upstream_model), deployment in existing.items():
                 if replace or (deployment.enabled and provider_name in served):
                     deployment.delete()
-                    removed.append(f"deployment {name}: {provider_name}/{upstream_model}")
+                    result.removed.append(f"deployment {name}: {provider_name}/{upstream_model}")
 
         if replace:
             for name, model in models.items():
                 if name not in model_names:
                     model.delete()
-                    removed.append(f"model {name}")
+                    result.removed.append(f"model {name}")
             absent = [name for name in providers if name not in provider_names]
             users = (
                 UpstreamDeployment.objects.filter(provider__name__in=absent)
@@ -250,7 +253,7 @@ def upstreams_import(*, document: Any, replace: bool = False, dry_run: bool = Fa
                 )
             for name in absent:
                 providers[name].delete()
-                removed.append(f"provider {name}")
+                result.removed.append(f"provider {name}")
 
         upstreams_catalog_check()
         if dry_run:
@@ -259,4 +262,4 @@ def upstreams_import(*, document: Any, replace: bool = False, dry_run: bool = Fa
             # The signals forgot the catalog as each row was saved; a read between then and the
             # commit would have cached the old rows.
             transaction.on_commit(forget)
-    return ImportResult(added=added, updated=updated, removed=removed, unchanged=unchanged, dry_run=dry_run)
+    return result

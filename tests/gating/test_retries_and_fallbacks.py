@@ -45,6 +45,29 @@ def upstreams_file(tmp_path: Path, *, providers: dict[str, str], models: list[di
     return str(path)
 
 
+def primary_only(tmp_path: Path, primary: Any, **deployment: Any) -> str:
+    """gpt-4o-mini served by one deployment."""
+    return upstreams_file(
+        tmp_path,
+        providers={"primary": primary.base_url},
+        models=[{"name": "gpt-4o-mini", "deployments": [{"provider": "primary", **deployment}]}],
+    )
+
+
+def primary_then_backup(tmp_path: Path, primary: Any, backup: Any) -> str:
+    """gpt-4o-mini served by two deployments, tried in that order."""
+    return upstreams_file(
+        tmp_path,
+        providers={"primary": primary.base_url, "backup": backup.base_url},
+        models=[
+            {
+                "name": "gpt-4o-mini",
+                "deployments": [{"provider": "primary", "priority": 0}, {"provider": "backup", "priority": 1}],
+            }
+        ],
+    )
+
+
 def post(gateway: Any, key: str, *, model: str = "gpt-4o-mini", stream: bool = False) -> httpx.Response:
     return httpx.post(
         f"{gateway.api_url}/chat/completions",
@@ -82,11 +105,7 @@ def test_an_upstream_that_answers_every_second_request_429_gives_every_client_an
 ) -> None:
     fake_upstream.fault_schedule = ["429", None]
     fake_upstream.retry_after = 0.2
-    path = upstreams_file(
-        tmp_path,
-        providers={"primary": fake_upstream.base_url},
-        models=[{"name": "gpt-4o-mini", "deployments": [{"provider": "primary"}]}],
-    )
+    path = primary_only(tmp_path, fake_upstream)
     gateway = gateway_factory(UPSTREAMS_FILE=path)
     client = openai.OpenAI(base_url=gateway.api_url, api_key=api_key, max_retries=0)
     answers = []
@@ -107,16 +126,7 @@ def test_an_upstream_that_answers_every_second_request_429_gives_every_client_an
 
 def test_another_deployment_answers_at_once_when_the_first_fails(gateway_factory, api_key, fake_upstream, backup_upstream, tmp_path) -> None:
     fake_upstream.fault = "500"
-    path = upstreams_file(
-        tmp_path,
-        providers={"primary": fake_upstream.base_url, "backup": backup_upstream.base_url},
-        models=[
-            {
-                "name": "gpt-4o-mini",
-                "deployments": [{"provider": "primary", "priority": 0}, {"provider": "backup", "priority": 1}],
-            }
-        ],
-    )
+    path = primary_then_backup(tmp_path, fake_upstream, backup_upstream)
     gateway = gateway_factory(UPSTREAMS_FILE=path)
     started = time.monotonic()
     response = post(gateway, api_key)
@@ -161,9 +171,7 @@ def test_when_every_attempt_fails_the_client_gets_the_upstreams_error_and_each_a
     gateway_factory, api_key, fake_upstream, tmp_path
 ) -> None:
     fake_upstream.fault = "500"
-    path = upstreams_file(
-        tmp_path, providers={"primary": fake_upstream.base_url}, models=[{"name": "gpt-4o-mini", "deployments": [{"provider": "primary"}]}]
-    )
+    path = primary_only(tmp_path, fake_upstream)
     gateway = gateway_factory(UPSTREAMS_FILE=path, UPSTREAM_BACKOFF_BASE="0.05")
     response = post(gateway, api_key, stream=True)
     assert response.status_code == 502
@@ -177,9 +185,7 @@ def test_when_every_attempt_fails_the_client_gets_the_upstreams_error_and_each_a
 def test_nothing_is_retried_once_a_token_reached_the_client(gateway_factory, api_key, fake_upstream, tmp_path) -> None:
     fake_upstream.fault = "cut"
     fake_upstream.fault_after_tokens = 2
-    path = upstreams_file(
-        tmp_path, providers={"primary": fake_upstream.base_url}, models=[{"name": "gpt-4o-mini", "deployments": [{"provider": "primary"}]}]
-    )
+    path = primary_only(tmp_path, fake_upstream)
     gateway = gateway_factory(UPSTREAMS_FILE=path)
     fake_upstream.clear_requests()
     response = post(gateway, api_key, stream=True)
@@ -200,9 +206,7 @@ def test_nothing_is_retried_once_a_token_reached_the_client(gateway_factory, api
 def test_the_retry_deadline_bounds_how_long_a_client_waits(gateway_factory, api_key, fake_upstream, tmp_path) -> None:
     fake_upstream.fault = "429"
     fake_upstream.retry_after = 5
-    path = upstreams_file(
-        tmp_path, providers={"primary": fake_upstream.base_url}, models=[{"name": "gpt-4o-mini", "deployments": [{"provider": "primary"}]}]
-    )
+    path = primary_only(tmp_path, fake_upstream)
     gateway = gateway_factory(UPSTREAMS_FILE=path, UPSTREAM_RETRY_DEADLINE="2")
     started = time.monotonic()
     response = post(gateway, api_key)
@@ -216,16 +220,7 @@ def test_a_failing_deployment_is_skipped_while_its_breaker_is_open_then_probed(
     gateway_factory, api_key, fake_upstream, backup_upstream, tmp_path
 ) -> None:
     fake_upstream.fault = "500"
-    path = upstreams_file(
-        tmp_path,
-        providers={"primary": fake_upstream.base_url, "backup": backup_upstream.base_url},
-        models=[
-            {
-                "name": "gpt-4o-mini",
-                "deployments": [{"provider": "primary", "priority": 0}, {"provider": "backup", "priority": 1}],
-            }
-        ],
-    )
+    path = primary_then_backup(tmp_path, fake_upstream, backup_upstream)
     gateway = gateway_factory(
         UPSTREAMS_FILE=path, UPSTREAM_BREAKER_FAILURES="2", UPSTREAM_BREAKER_COOLDOWN="1.5", METRICS_TOKEN=METRICS_TOKEN
     )
@@ -248,11 +243,7 @@ def test_the_upstreams_own_limit_is_learned_from_its_headers(gateway_factory, ap
     fake_upstream.rpm_limit = 30
     fake_upstream.rate_limit_headers = True
     fake_upstream.reset_rate_limit()
-    path = upstreams_file(
-        tmp_path,
-        providers={"primary": fake_upstream.base_url},
-        models=[{"name": "gpt-4o-mini", "deployments": [{"provider": "primary", "rpm": 100}]}],
-    )
+    path = primary_only(tmp_path, fake_upstream, rpm=100)
     gateway = gateway_factory(UPSTREAMS_FILE=path, REDIS_URL=clean_redis, METRICS_TOKEN=METRICS_TOKEN)
     assert post(gateway, api_key).status_code == 200
     # Published 100 per minute, but the upstream says 30: the gateway keeps to 30.
@@ -264,11 +255,7 @@ def test_an_upstream_429_cuts_the_learned_limit_by_a_fifth(gateway_factory, api_
     fake_upstream.retry_after = 0.1
     # The session's fake sends no x-ratelimit-* headers: an upstream that publishes nothing,
     # whose 429s alone teach.
-    path = upstreams_file(
-        tmp_path,
-        providers={"primary": fake_upstream.base_url},
-        models=[{"name": "gpt-4o-mini", "deployments": [{"provider": "primary", "rpm": 100}]}],
-    )
+    path = primary_only(tmp_path, fake_upstream, rpm=100)
     gateway = gateway_factory(UPSTREAMS_FILE=path, REDIS_URL=clean_redis, METRICS_TOKEN=METRICS_TOKEN)
     assert post(gateway, api_key).status_code == 200
     learned = metric(gateway, "llmgateway_upstream_learned_limit", deployment="primary/gpt-4o-mini", unit="rpm")
@@ -279,16 +266,7 @@ def test_an_upstream_that_sends_no_first_token_in_time_is_left_for_another_deplo
     gateway_factory, api_key, fake_upstream, backup_upstream, tmp_path
 ) -> None:
     fake_upstream.ttft = 30  # headers at once, then nothing
-    path = upstreams_file(
-        tmp_path,
-        providers={"primary": fake_upstream.base_url, "backup": backup_upstream.base_url},
-        models=[
-            {
-                "name": "gpt-4o-mini",
-                "deployments": [{"provider": "primary", "priority": 0}, {"provider": "backup", "priority": 1}],
-            }
-        ],
-    )
+    path = primary_then_backup(tmp_path, fake_upstream, backup_upstream)
     gateway = gateway_factory(UPSTREAMS_FILE=path, GATEWAY_FIRST_TOKEN_TIMEOUT="1")
     started = time.monotonic()
     response = post(gateway, api_key, stream=True)
