@@ -21,7 +21,7 @@ from django.conf import settings
 from django.core.cache import cache
 
 from infra import observability
-from limits import BreakerState, CircuitBreaker, Permit
+from limits import BreakerState, CircuitBreaker, Clock, Permit, monotonic_clock
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,8 @@ class BreakerView:
 
 
 class DeploymentHealth:
-    def __init__(self) -> None:
+    def __init__(self, *, clock: Clock = monotonic_clock) -> None:
+        self._clock = clock
         self._breakers: dict[str, CircuitBreaker] = {}
         self._states: dict[str, BreakerState] = {}
 
@@ -48,7 +49,9 @@ class DeploymentHealth:
         breaker = self._breakers.get(name)
         if breaker is None:
             breaker = self._breakers[name] = CircuitBreaker(
-                failure_threshold=settings.UPSTREAM_BREAKER_FAILURES, reset_timeout=settings.UPSTREAM_BREAKER_COOLDOWN
+                failure_threshold=settings.UPSTREAM_BREAKER_FAILURES,
+                reset_timeout=settings.UPSTREAM_BREAKER_COOLDOWN,
+                clock=self._clock,
             )
         return breaker
 

@@ -51,6 +51,7 @@ class LearnedLimit:
     limit: float  # per minute, at `at`
     at: float  # time.time() of the last cut or set
     ceiling: float | None = None  # the upstream's own figure, from its headers
+    cut_at: float = 0.0  # time.time() of the last cut
 
     def now(self, *, published: int | None, at: float) -> float:
         """The limit at time `at`: recovered since the last cut, up to the ceiling."""
@@ -100,7 +101,10 @@ class LearnedLimits:
                 if stored:
                     ceiling = stored.get(b"ceiling")
                     self._state[(deployment.name, unit)] = LearnedLimit(
-                        limit=float(stored[b"limit"]), at=float(stored[b"at"]), ceiling=float(ceiling) if ceiling else None
+                        limit=float(stored[b"limit"]),
+                        at=float(stored[b"at"]),
+                        ceiling=float(ceiling) if ceiling else None,
+                        cut_at=float(stored.get(b"cut_at") or 0.0),
                     )
         except (redis.RedisError, OSError, KeyError, ValueError) as error:
             logger.info("reading learned limits of %s failed (%s); learning locally", deployment.name, error)
@@ -110,7 +114,12 @@ class LearnedLimits:
         observability.UPSTREAM_LEARNED_LIMIT.labels(deployment.name, unit).set(state.limit)
         if self._client is None:
             return
-        mapping: dict[str | bytes, str | bytes] = {"limit": repr(state.limit), "at": repr(state.at), "ceiling": "" if state.ceiling is None else repr(state.ceiling)}
+        mapping: dict[str | bytes, str | bytes] = {
+            "limit": repr(state.limit),
+            "at": repr(state.at),
+            "ceiling": "" if state.ceiling is None else repr(state.ceiling),
+            "cut_at": repr(state.cut_at),
+        }
         try:
             await self._client.hset(self._key(deployment, unit), mapping=mapping)  # type: ignore[arg-type]
         except (redis.RedisError, OSError) as error:
@@ -137,7 +146,8 @@ class LearnedLimits:
                 start = float(published) if published is not None else ceiling
                 state = LearnedLimit(limit=min(start, ceiling), at=now, ceiling=ceiling)
             else:
-                state = LearnedLimit(limit=min(state.now(published=published, at=now), ceiling), at=now, ceiling=ceiling)
+                limit = min(state.now(published=published, at=now), ceiling)
+                state = LearnedLimit(limit=limit, at=now, ceiling=ceiling, cut_at=state.cut_at)
             await self._store(deployment, unit, state)
 
     async def rate_limited(self, deployment: Deployment) -> None:
@@ -149,14 +159,14 @@ class LearnedLimits:
             if state is None:
                 if published is None:
                     continue
-                state = LearnedLimit(limit=float(published), at=now - settings.UPSTREAM_LIMIT_CUT_INTERVAL)
-            if now - state.at < settings.UPSTREAM_LIMIT_CUT_INTERVAL:
+                state = LearnedLimit(limit=float(published), at=now)
+            if now - state.cut_at < settings.UPSTREAM_LIMIT_CUT_INTERVAL:
                 continue
             current = state.now(published=published, at=now)
             floor = max(1.0, MINIMUM_SHARE * (state.ceiling or published or current))
             cut = max(floor, current * (1.0 - settings.UPSTREAM_LIMIT_CUT))
             logger.info("upstream 429 from %s: its %s limit goes from %.1f to %.1f", deployment.name, unit, current, cut)
-            await self._store(deployment, unit, LearnedLimit(limit=cut, at=now, ceiling=state.ceiling))
+            await self._store(deployment, unit, LearnedLimit(limit=cut, at=now, ceiling=state.ceiling, cut_at=now))
 
     async def aclose(self) -> None:
         if self._client is not None:
