@@ -256,7 +256,8 @@ class ChatCall:
             tries = 0
             retries: dict[str, int] = {}
             order = attempt_order(route)
-            while order and tries < max(settings.UPSTREAM_MAX_ATTEMPTS, len(order)):
+            allowed = max(settings.UPSTREAM_MAX_ATTEMPTS, len(order))  # each deployment once, at least
+            while order and tries < allowed:
                 deployment = order[tries % len(order)]
                 tries += 1
                 permit = health.allow(deployment.name)
@@ -278,8 +279,8 @@ class ChatCall:
                     raise UpstreamRefused(first)
                 if first.kind == "auth":  # its credentials are wrong: no use trying it again
                     order = [other for other in order if other is not deployment]
-                    if not order:
-                        break
+                if not order or tries >= allowed:
+                    break  # on to the fallbacks, without waiting
                 # Another deployment goes at once; the same one again after a backoff.
                 wait = 0.0
                 if order[tries % len(order)] is deployment or tries >= len(order):

@@ -224,6 +224,7 @@ async def test_the_upstreams_rate_limit_headers_reach_the_gateway(fake_upstream:
         deployment=Deployment(provider=spec, upstream_model="gpt-4o-mini"), body=USER_ONLY, on_response_headers=told.append
     )
     fake_upstream.rpm_limit, fake_upstream.tpm_limit = 10_000, 1_000_000
+    fake_upstream.rate_limit_headers = True
 
     _ = [chunk async for chunk in LangChainProvider(spec).stream(request)]
 
