@@ -66,9 +66,13 @@ def record_call(
     rates: Rates | None = None,
     request_id: uuid.UUID | None = None,
     status: str = "completed",
+    call_id: uuid.UUID | None = None,
+    attempt: int = 1,
 ) -> UsageRecord:
-    """Write one ledger row the way the gateway does when a call ends."""
+    """Write one ledger row the way the gateway does when a call (or one of its attempts) ends."""
     return usage_record_create(
+        call_id=call_id,
+        attempt=attempt,
         request_id=request_id or uuid.uuid4(),
         user_id=user.pk,
         api_key_id=None,

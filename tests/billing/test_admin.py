@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -80,3 +81,17 @@ def test_a_stuck_hold_can_be_deleted_by_staff(admin_client, user) -> None:
     response = admin_client.post(reverse("admin:billing_reservation_delete", args=[hold.pk]), {"post": "yes"})
     assert response.status_code == 302
     assert not Reservation.objects.exists()
+
+
+def test_a_calls_id_finds_every_attempt_and_each_row_says_which_it_is(admin_client, user) -> None:
+    call_id = uuid.uuid4()
+    failed = record_call(user, status="upstream_error", prompt=0, completion=0, call_id=call_id, attempt=1)
+    answered = record_call(user, request_id=call_id, call_id=call_id, attempt=2)
+    other = record_call(user)
+    found = admin_client.get(reverse("admin:billing_usagerecord_changelist"), {"q": str(call_id)})
+    shown = {record.pk for record in found.context["cl"].result_list}
+    assert shown == {failed.pk, answered.pk}
+    page = admin_client.get(reverse("admin:billing_usagerecord_change", args=[failed.pk])).content.decode()
+    assert "1 of <a" in page and f"2 attempts of call {call_id}" in page
+    alone = admin_client.get(reverse("admin:billing_usagerecord_change", args=[other.pk])).content.decode()
+    assert "1 (the only one)" in alone
