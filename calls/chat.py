@@ -138,6 +138,7 @@ class ChatCall:
         self.attempt = 0  # attempts that reached an upstream so far
         self._catalog: Catalog | None = None
         self._upstream_headers: dict[str, str] = {}
+        self._first_attempt_at: float | None = None  # time.perf_counter(), as the relays' outcomes
         self._attempt_closed = False  # the current attempt's upstream call was stopped
         self._attempt_recorded = False  # the current attempt's row was written as a retried one
         self.limits: call_limits.Admission | None = None
@@ -379,6 +380,8 @@ class ChatCall:
             active_calls.add(self)
         call_started(deployment)
         relay.start()
+        if self._first_attempt_at is None:
+            self._first_attempt_at = relay.outcome.started_at
         try:
             first = await relay.get()
         except BaseException:
@@ -466,15 +469,16 @@ class ChatCall:
             self.relay.stop(CallStopped(reason, message))
 
     def upstream_wait_seconds(self) -> float:
-        """Time spent waiting on the upstream before the response could start."""
-        if self.relay is None:
+        """Time spent waiting on the upstream before the response could start: from the first
+        attempt's start (retries and their backoff are the upstream's time, not the gateway's)."""
+        if self.relay is None or self._first_attempt_at is None:
             return 0.0
         outcome = self.relay.outcome
         if not self.params.stream and outcome.finished_at:
-            return outcome.finished_at - outcome.started_at
+            return outcome.finished_at - self._first_attempt_at
         if outcome.first_chunk_at is not None:
-            return outcome.first_chunk_at - outcome.started_at
-        return 0.0
+            return outcome.first_chunk_at - self._first_attempt_at
+        return outcome.started_at - self._first_attempt_at
 
     # -- the one exit -------------------------------------------------------------------------
 
