@@ -83,8 +83,9 @@ DEPLOYMENTS_DOWN = "Every upstream deployment of `{model}` is failing; the gatew
 # Failures another attempt may not meet; after "auth" (the deployment's credentials are wrong)
 # only other deployments are tried.
 RETRYABLE = frozenset({"rate_limited", "server_error", "connection", "timeout", "auth"})
-# Failures that count against a deployment's health (a refused request does not).
-DEPLOYMENT_FAULTS = frozenset({"rate_limited", "server_error", "connection", "timeout", "auth"})
+# Failures that count against a deployment's health. Not a refused request, and not a 429: that
+# says "slower", and the learned limits slow down; a breaker would stop the deployment instead.
+DEPLOYMENT_FAULTS = frozenset({"server_error", "connection", "timeout", "auth"})
 BUDGET_CAP_ERROR_KIND = "budget_cap"
 
 

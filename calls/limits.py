@@ -11,13 +11,13 @@ Per call, before the upstream is contacted:
   LIMITS_CHAT_USER_TPM, LIMITS_CHAT_USER_MAX_CONCURRENT), on by default, so one person at the
   page cannot flood the upstream; and the per-user limits above, which count the page and the
   user's keys together.
-- per deployment, before each attempt: a shared bucket sized to the deployment's limit as
-  learned from the upstream (`upstreams.learned`: the published figure to start with, then its
-  headers and its 429s). Here a request *waits* (up to UPSTREAM_MAX_WAIT) instead of being
-  refused, so bursts are smoothed instead of turned into upstream 429s. Its burst is the
-  headroom share and its refill the rest, so no 60-second window ever sends more than the
-  limit. An upstream 429 blocks the bucket for its retry-after, and an answer saying nothing
-  remains blocks it until its reset, for every process.
+- per deployment, before each attempt: a shared bucket refilled at the deployment's limit as
+  learned from the upstream (`upstreams.learned`: the published figure less UPSTREAM_LIMIT_HEADROOM
+  to start with, then its headers and its 429s), its burst the headroom's share, so that at the
+  start no 60-second window sends more than the published figure. Here a request *waits* (up to
+  UPSTREAM_MAX_WAIT) instead of being refused, so bursts are smoothed instead of turned into
+  upstream 429s. An upstream 429 blocks the bucket for its retry-after, and an answer saying
+  nothing remains blocks it until its reset, for every process.
 
 Failure policy: with REDIS_URL the limiter is Redis behind a circuit breaker; when Redis is slow
 or gone (LIMITS_REDIS_TIMEOUT, 2 s by default: never a hang) decisions fall back to the in-process limiter
@@ -251,16 +251,15 @@ def _upstream_specs(deployment: Deployment, tokens: int) -> list[LimitSpec]:
         limit = learned.current(deployment, cast(Unit, unit))
         if not limit:
             continue
-        # Burst = the headroom's share, refill = the rest per minute: any 60 s window stays within
-        # the limit (burst + refill * 60 s = limit).
+        # Refill = the limit per minute (it starts at the published figure less the headroom);
+        # burst = the headroom's share of it, so a burst stays within the published figure.
         burst = max(1, math.floor(limit * headroom))
-        sustained = max(limit - burst, 1.0)
         specs.append(
             LimitSpec(
                 key=_upstream_key(deployment, unit),
                 kind="token_bucket",
                 limit=burst,
-                period_seconds=MINUTE * burst / sustained,
+                period_seconds=MINUTE * burst / limit,
                 cost=min(cost, burst),
             )
         )

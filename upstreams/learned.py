@@ -1,20 +1,22 @@
 """Limits learned from the upstream: what a deployment really takes, per minute, kept in step with
 what it says and does.
 
-A deployment's limit (requests and tokens per minute, each on its own) starts at its published
-figure. Then:
+A deployment's limit (requests and tokens per minute, each on its own) is the rate its shared
+bucket lets through in a steady stream (`calls.limits` adds a burst of UPSTREAM_LIMIT_HEADROOM's
+share on top). It starts at the published figure minus that headroom. Then:
 
 - the upstream's `x-ratelimit-limit-requests` / `-tokens` headers, read on every answer, are its
   real limit: the ceiling. A limit above it comes down to it at once; a deployment with no
-  published figure starts at it.
+  published figure starts at it, minus the headroom.
 - an upstream 429 cuts the limit by UPSTREAM_LIMIT_CUT (20%), at most once per
   UPSTREAM_LIMIT_CUT_INTERVAL, since one overload answers many calls at once with 429s;
 - without 429s it regains UPSTREAM_LIMIT_RECOVERY of its ceiling (the header's, else the
   published figure) per minute, up to that ceiling: additive increase, multiplicative decrease,
-  the rule operators apply by hand after a load test.
+  the rule operators apply by hand after a load test. An upstream that publishes nothing is
+  found this way: the limit rises until the upstream refuses, and settles below where it did.
 
-`calls.limits` sizes the deployment's shared bucket from `current()` (the headroom's share is its
-burst), and blocks it when the upstream says nothing remains.
+`calls.limits` also blocks the bucket when the upstream says nothing remains (until its reset)
+or answers 429 (for its retry-after).
 
 Shared: with REDIS_URL the state is one Redis hash per deployment and unit, which each process
 reads at most once a second and writes on a cut or a new ceiling (two processes cutting at once
@@ -64,6 +66,11 @@ def _published(deployment: Deployment, unit: Unit) -> int | None:
     return deployment.rpm if unit == "rpm" else deployment.tpm
 
 
+def _starting_point(figure: float) -> float:
+    """Where learning starts from a published (or an upstream's own) figure: less the headroom."""
+    return max(1.0, figure * (1.0 - settings.UPSTREAM_LIMIT_HEADROOM))
+
+
 class LearnedLimits:
     def __init__(self, redis_url: str, *, prefix: str) -> None:
         self._client = redis.Redis.from_url(redis_url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT) if redis_url else None
@@ -80,7 +87,7 @@ class LearnedLimits:
         state = self._state.get((deployment.name, unit))
         if state is None and published is None:
             return None
-        value = float(published) if state is None and published is not None else None
+        value = _starting_point(published) if state is None and published is not None else None
         if state is not None:
             value = state.now(published=published, at=time.time())
         if value is None:
@@ -143,7 +150,7 @@ class LearnedLimits:
             now = time.time()
             published = _published(deployment, unit)
             if state is None:
-                start = float(published) if published is not None else ceiling
+                start = _starting_point(published if published is not None else ceiling)
                 state = LearnedLimit(limit=min(start, ceiling), at=now, ceiling=ceiling)
             else:
                 limit = min(state.now(published=published, at=now), ceiling)
@@ -159,7 +166,7 @@ class LearnedLimits:
             if state is None:
                 if published is None:
                     continue
-                state = LearnedLimit(limit=float(published), at=now)
+                state = LearnedLimit(limit=_starting_point(published), at=now)
             if now - state.cut_at < settings.UPSTREAM_LIMIT_CUT_INTERVAL:
                 continue
             current = state.now(published=published, at=now)

@@ -121,35 +121,38 @@ def shared_redis() -> Iterator[str]:
     yield TEST_REDIS_URL
 
 
-async def test_the_published_limit_is_where_learning_starts(clock) -> None:
+async def test_the_published_limit_less_the_headroom_is_where_learning_starts(clock, settings) -> None:
+    settings.UPSTREAM_LIMIT_HEADROOM = 0.2
     learned = LearnedLimits("", prefix="t")
-    assert learned.current(DEPLOYMENT, "rpm") == 100
+    assert learned.current(DEPLOYMENT, "rpm") == 80
     assert learned.current(Deployment(B, "m"), "rpm") is None  # nothing published, nothing learned
 
 
-async def test_the_upstreams_own_limit_is_the_ceiling(clock) -> None:
+async def test_the_upstreams_own_limit_is_the_ceiling(clock, settings) -> None:
+    settings.UPSTREAM_LIMIT_HEADROOM = 0.2
     learned = LearnedLimits("", prefix="t")
     await learned.upstream_said(DEPLOYMENT, {"x-ratelimit-limit-requests": "60", "x-ratelimit-limit-tokens": "50000"})
     assert learned.current(DEPLOYMENT, "rpm") == 60  # said lower than published: down at once
-    assert learned.current(DEPLOYMENT, "tpm") == 10_000  # said higher: the published figure stands
+    assert learned.current(DEPLOYMENT, "tpm") == 8_000  # said higher: it starts as published, less the headroom
     clock[0] += 3600
     assert learned.current(DEPLOYMENT, "tpm") == 50_000  # and it recovers up to the upstream's own
     unpublished = Deployment(B, "m")
     await learned.upstream_said(unpublished, {"x-ratelimit-limit-requests": "500"})
-    assert learned.current(unpublished, "rpm") == 500
+    assert learned.current(unpublished, "rpm") == 400  # nothing published: the upstream's own, less the headroom
 
 
 async def test_a_429_cuts_a_fifth_once_per_interval_and_the_limit_recovers_slowly(clock, settings) -> None:
+    settings.UPSTREAM_LIMIT_HEADROOM = 0.2
     settings.UPSTREAM_LIMIT_CUT_INTERVAL = 2.0
     settings.UPSTREAM_LIMIT_RECOVERY = 0.05
     learned = LearnedLimits("", prefix="t")
     await learned.rate_limited(DEPLOYMENT)
-    assert learned.current(DEPLOYMENT, "rpm") == 80
+    assert learned.current(DEPLOYMENT, "rpm") == 64  # 80, less a fifth
     await learned.rate_limited(DEPLOYMENT)  # the same overload, answered to many calls at once
-    assert learned.current(DEPLOYMENT, "rpm") == 80
+    assert learned.current(DEPLOYMENT, "rpm") == 64
     clock[0] += 2
     await learned.rate_limited(DEPLOYMENT)
-    cut = (80 + 5 * 2 / 60) * 0.8  # what it had regained in those 2 s, less a fifth
+    cut = (64 + 5 * 2 / 60) * 0.8  # what it had regained in those 2 s, less a fifth
     assert learned.current(DEPLOYMENT, "rpm") == pytest.approx(cut)
     clock[0] += 60
     assert learned.current(DEPLOYMENT, "rpm") == pytest.approx(cut + 5)  # +5% of 100 a minute
@@ -169,13 +172,14 @@ async def test_what_one_process_learns_every_process_keeps_to(clock, shared_redi
         await other.aclose()
 
 
-async def test_with_redis_unreachable_a_process_learns_on_its_own(clock) -> None:
+async def test_with_redis_unreachable_a_process_learns_on_its_own(clock, settings) -> None:
+    settings.UPSTREAM_LIMIT_HEADROOM = 0.2
     from tests.conftest import free_port
 
     learned = LearnedLimits(f"redis://127.0.0.1:{free_port()}/0", prefix="t")
     try:
         await learned.rate_limited(DEPLOYMENT)
         await learned.refresh(DEPLOYMENT)
-        assert learned.current(DEPLOYMENT, "rpm") == 80
+        assert learned.current(DEPLOYMENT, "rpm") == 64
     finally:
         await learned.aclose()
