@@ -137,7 +137,7 @@ class ProviderForm(CatalogCheckedForm):
 @admin.register(UpstreamProvider)
 class ProviderAdmin(CatalogCheckedAdmin):
     form = ProviderForm
-    list_display = ("name", "kind", "base_url", "api_key_env", "key_set", "enabled", "updated_at")
+    list_display = ("name", "kind", "base_url", "api_key_env", "key_set", "enabled")
     list_filter = ("kind", "enabled")
     search_fields = ("name", "base_url")
     readonly_fields = ("key_set", "updated_at")
@@ -226,7 +226,7 @@ class DeploymentInline(admin.TabularInline):
 class PublicModelAdmin(CatalogCheckedAdmin):
     form = PublicModelForm
     inlines = [DeploymentInline]
-    list_display = ("name", "routing", "deployment_list", "fallback_list", "context_window", "enabled", "updated_at")
+    list_display = ("name", "routing", "deployment_list", "fallback_list", "context_window", "enabled")
     list_filter = ("routing", "enabled")
     search_fields = ("name", "deployments__upstream_model")
     readonly_fields = ("updated_at",)
@@ -259,7 +259,8 @@ class DeploymentForm(CatalogCheckedForm):
 @admin.register(UpstreamDeployment)
 class DeploymentAdmin(CatalogCheckedAdmin):
     form = DeploymentForm
-    list_display = ("__str__", "model", "provider", "upstream_model", "priority", "weight", "rpm", "tpm", "enabled", "breaker")
+    list_display = ("model", "provider", "upstream_model", "priority", "weight", "rpm", "tpm", "enabled", "breaker")
+    list_display_links = ("upstream_model",)
     list_filter = ("provider", "model", "enabled")
     list_select_related = ("model", "provider")
     search_fields = ("upstream_model", "model__name", "provider__name")

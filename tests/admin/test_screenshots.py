@@ -22,6 +22,8 @@ from billing.services import account_quota_set
 from llmgateway.models import ApiKey
 from llmgateway.services import api_key_create
 from tests.conftest import Gateway, start_gateway, stop_gateway
+from upstreams.models import PublicModel
+from upstreams.services import upstreams_import
 
 from .conftest import PASSWORD
 
@@ -38,7 +40,29 @@ LISTS = [
     ("holds", "billing/reservation/", "worst_case"),
     ("plans", "billing/pricingplan/", "markup"),
     ("prices", "billing/price/", "output_rate"),
+    ("upstream-providers", "upstreams/upstreamprovider/", "enabled"),
+    ("upstream-models", "upstreams/publicmodel/", "fallback_list"),
+    ("upstream-deployments", "upstreams/upstreamdeployment/", "breaker"),
 ]
+# Upstreams as staff would configure them: two providers, a model with two deployments and a fallback.
+UPSTREAMS = {
+    "providers": [
+        {"name": "azure-east", "kind": "openai", "base_url": "https://east.example.openai.azure.com/openai/v1", "api_key_env": "AZURE_EAST_API_KEY"},
+        {"name": "vllm", "kind": "openai", "base_url": "http://vllm:8000/v1"},
+    ],
+    "models": [
+        {
+            "name": "team-chat",
+            "routing": "weighted",
+            "fallbacks": ["llama-3.1-8b"],
+            "deployments": [
+                {"provider": "azure-east", "upstream_model": "gpt-4o-mini-prod", "weight": 3, "rpm": 500, "tpm": 200000},
+                {"provider": "vllm", "upstream_model": "meta-llama/Llama-3.1-8B-Instruct", "weight": 1},
+            ],
+        },
+        {"name": "llama-3.1-8b", "deployments": [{"provider": "vllm", "upstream_model": "meta-llama/Llama-3.1-8B-Instruct"}]},
+    ],
+}
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +89,7 @@ def staff_page(browser, console, django_user_model, ledger_factory):
     ApiKey.objects.filter(pk=ledger.keys[1].pk).update(revoked_at=timezone.now())
     django_user_model.objects.filter(pk=ledger.users[2].pk).update(is_active=False)
     api_key_create(username="ops-bot", name="nightly report", expires_at=timezone.now() - timedelta(days=1))
+    upstreams_import(document=UPSTREAMS)
     context = browser.new_context(viewport={"width": WIDTH, "height": 900})
     page = context.new_page()
     page.goto(f"{console.base_url}/admin/login/?next=/admin/")
@@ -102,6 +127,7 @@ def test_detail_pages_fit_1280_px(staff_page, console, screenshot_dir) -> None:
         ("ledger-row", f"billing/usagerecord/{record.pk}/change/"),
         ("account", f"billing/account/{account.pk}/change/"),
         ("export", "billing/usagerecord/export/"),
+        ("upstream-model", f"upstreams/publicmodel/{PublicModel.objects.get(name='team-chat').pk}/change/"),
     ]
     misfits = []
     for name, path in pages:
@@ -110,6 +136,9 @@ def test_detail_pages_fit_1280_px(staff_page, console, screenshot_dir) -> None:
         page.screenshot(path=str(screenshot_dir / f"admin-{name}.png"), full_page=True)
         if (width := page.evaluate("document.documentElement.scrollWidth")) > WIDTH:
             misfits.append(f"{name}: {width} px wide")
+        inline = page.evaluate("(() => { const t = document.querySelector('.inline-group .tabular'); return t && [t.scrollWidth, t.clientWidth]; })()")
+        if inline is not None and inline[0] > inline[1]:
+            misfits.append(f"{name}: its inline table needs {inline[0]} px of {inline[1]}")
         assert page.locator("ol.breadcrumbs li").count() >= 3, name
     assert not misfits, misfits
 
