@@ -45,7 +45,13 @@ from billing.outbox import LedgerOutbox, Row, get_outbox
 from billing.services import Admission, abudget_release, abudget_reserve, ausage_record_create
 from calls import limits as call_limits
 from calls.control import active_calls
-from calls.exceptions import CallError, LedgerUnavailable, ModelUnavailable, UpstreamRefused
+from calls.exceptions import (
+    CallError,
+    LedgerUnavailable,
+    LimitExceeded,
+    ModelUnavailable,
+    UpstreamRefused,
+)
 from calls.live import live_reporter
 from calls.principal import Principal
 from infra import observability
@@ -270,11 +276,15 @@ class ChatCall:
                     await call_limits.await_upstream_capacity(
                         deployment=deployment, model=route.id, estimated_tokens=self._reserved_tokens()
                     )
-                except CallError as error:
+                    first = await self._attempt(deployment)
+                except BaseException as error:  # no verdict on the deployment: its permit goes back
                     health.release(deployment.name, permit)
-                    refused = error
+                    if not isinstance(error, LimitExceeded):
+                        raise
+                    refused = error  # no room in its bucket within UPSTREAM_MAX_WAIT: the next one
                     continue
-                first = await self._attempt(deployment, permit)
+                self._judge(deployment, permit, first)
+                await self._learn(deployment, first)
                 if not isinstance(first, UpstreamError) or isinstance(first, CompletionCapReached):
                     return first
                 if first.kind not in RETRYABLE:
@@ -343,11 +353,8 @@ class ChatCall:
             self._attempt_recorded = True
         return True
 
-    async def _attempt(self, deployment: Deployment, permit: Permit) -> QueueItem:
-        """One attempt on one deployment: its first item, with its verdict given to the breaker
-        and the upstream's word on its limits taken in."""
-        route = self.serving
-        assert route is not None
+    async def _attempt(self, deployment: Deployment) -> QueueItem:
+        """One attempt on one deployment: its first item (a chunk, END, or its failure)."""
         if self.relay is not None and not self._attempt_recorded:
             await self._write_row(await self._retire_attempt())
         self._attempt_recorded = self._attempt_closed = False
@@ -372,7 +379,6 @@ class ChatCall:
         try:
             _outbox().call_opened(self._row_opened(), progress=lambda: relay.outcome.content_chunks)
         except OSError as error:  # a call that could not be journaled might never be billed
-            health.release(deployment.name, permit)
             logger.error("journaling call %s failed (%s); refusing it", self.request_id, error)
             raise LedgerUnavailable(LEDGER_UNAVAILABLE) from error
         if self.attempt == 1:
@@ -383,34 +389,34 @@ class ChatCall:
         relay.start()
         if self._first_attempt_at is None:
             self._first_attempt_at = relay.outcome.started_at
-        try:
-            first = await relay.get()
-        except BaseException:
-            health.release(deployment.name, permit)
-            raise
-        failed = isinstance(first, UpstreamError) and not isinstance(first, CompletionCapReached)
-        if failed:
-            assert isinstance(first, UpstreamError)
+        return await relay.get()
+
+    def _judge(self, deployment: Deployment, permit: Permit, first: QueueItem) -> None:
+        """Tell the deployment's breaker (and the metrics) how its attempt went."""
+        if isinstance(first, UpstreamError) and not isinstance(first, CompletionCapReached):
             observability.UPSTREAM_ATTEMPTS.labels(deployment.name, first.kind).inc()
+            # The simulator fails only when a request asks it to: that says nothing of its health.
+            if first.kind in DEPLOYMENT_FAULTS and deployment.provider.kind != "simulator":
+                health.failed(deployment.name, permit)
+            else:
+                health.release(deployment.name, permit)
+            return
+        observability.UPSTREAM_ATTEMPTS.labels(deployment.name, "answered").inc()
+        health.succeeded(deployment.name, permit)
+        if self.serving is not self.route and self.route is not None and self.serving is not None:
+            observability.UPSTREAM_FALLBACKS.labels(self.route.id, self.serving.id).inc()
+
+    async def _learn(self, deployment: Deployment, first: QueueItem) -> None:
+        """Take in what the upstream's answer says of its limits (`upstreams.learned`)."""
+        if isinstance(first, UpstreamError) and not isinstance(first, CompletionCapReached):
             if first.kind == "rate_limited":
                 await call_limits.note_upstream_rate_limited(
                     deployment=deployment, retry_after=first.retry_after, headers=first.headers
                 )
             elif first.headers:
                 await call_limits.note_upstream_answer(deployment=deployment, headers=first.headers)
-            # The simulator fails only when a request asks it to: that says nothing of its health.
-            if first.kind in DEPLOYMENT_FAULTS and deployment.provider.kind != "simulator":
-                health.failed(deployment.name, permit)
-            else:
-                health.release(deployment.name, permit)
-        else:
-            observability.UPSTREAM_ATTEMPTS.labels(deployment.name, "answered").inc()
-            health.succeeded(deployment.name, permit)
-            if self._upstream_headers:
-                await call_limits.note_upstream_answer(deployment=deployment, headers=self._upstream_headers)
-            if route is not self.route:
-                observability.UPSTREAM_FALLBACKS.labels(self.route.id if self.route else "", route.id).inc()
-        return first
+        elif self._upstream_headers:
+            await call_limits.note_upstream_answer(deployment=deployment, headers=self._upstream_headers)
 
     async def _close_attempt(self) -> None:
         """Stop the current attempt's upstream call, once."""
