@@ -101,10 +101,11 @@ class UpstreamLimitsUser(HttpUser):
             else:
                 body = response.content or b""
             code = error_code(body) if body else None
-            if status == 0:
+            if status == 0:  # no answer: the connection failed
                 code = type(response.error).__name__ if response.error else "no answer"
+                body = repr(response.error).encode()
             now = time.monotonic()
-            outcome = tally.add(status, code, at=now - started, took=now - began)
+            outcome = tally.add(status, code, at=now - started, took=now - began, body=body)
             if outcome == OK:
                 response.success()
             else:

@@ -135,19 +135,24 @@ class Tally:
     others: Counter[str] = field(default_factory=Counter)
     timeline: dict[int, Counter[str]] = field(default_factory=dict)  # bucket start (s) -> outcomes
     longest: dict[str, float] = field(default_factory=dict)  # outcome -> its longest call, s
+    examples: dict[str, str] = field(default_factory=dict)  # other answer -> its first message
 
     @property
     def calls(self) -> int:
         return sum(self.outcomes.values())
 
-    def add(self, status: int, code: str | None, *, at: float, took: float) -> str:
+    def add(
+        self, status: int, code: str | None, *, at: float, took: float, body: bytes = b""
+    ) -> str:
         """Count one call that ended ``at`` seconds into the run after ``took`` seconds; return
-        its outcome."""
+        its outcome. ``body`` (its error, if any) is kept for the first answer of each other kind."""
         outcome = outcome_of(status, code)
         self.outcomes[outcome] += 1
         self.longest[outcome] = max(self.longest.get(outcome, 0.0), took)
         if outcome == OTHER:
-            self.others[f"{status} {code or ''}".strip()] += 1
+            label = f"{status} {code or ''}".strip()
+            self.others[label] += 1
+            self.examples.setdefault(label, body[:300].decode("utf-8", "replace"))
         bucket = int(max(at, 0.0) // TIMELINE_BUCKET) * TIMELINE_BUCKET
         self.timeline.setdefault(bucket, Counter())[outcome] += 1
         return outcome
@@ -160,6 +165,7 @@ class Tally:
             },
             "others": dict(self.others),
             "longest_s": {name: round(value, 2) for name, value in self.longest.items()},
+            "examples": self.examples,
             "timeline": [
                 {
                     "from_s": start,
@@ -175,6 +181,7 @@ class Tally:
             outcomes=Counter(data["outcomes"]),
             others=Counter(data["others"]),
             longest=dict(data["longest_s"]),
+            examples=dict(data["examples"]),
         )
         for row in data["timeline"]:
             start = row["from_s"]
@@ -618,6 +625,11 @@ def render(results: dict[str, Any]) -> str:
         "    longest call: "
         + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in clients["longest_s"].items())
         + f" (a user starts one every {s['pacing_s']:.0f} s)",
+        *(
+            f"    WARNING: {count:,} calls answered {label} (not a goal, but clients saw them), "
+            f"e.g. {clients['examples'].get(label, '')}"
+            for label, count in clients["others"].items()
+        ),
         f"  upstream: {upstream['chat_requests']:,} chat requests, {upstream['admitted']:,} admitted, "
         f"{upstream['rejected_429']:,} answered 429 of which {upstream['absorbed_429']:,} absorbed by "
         f"the gateway's retries; admitted {upstream['admitted_per_min_settled']:,} per minute over the "

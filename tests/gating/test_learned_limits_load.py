@@ -67,11 +67,12 @@ async def offer(url: str, key: str, *, per_second: float, seconds: float) -> Tal
                     headers={"Authorization": f"Bearer {key}"},
                     json=body,
                 )
-                status, code = response.status_code, error_code(response.content)
+                status, content = response.status_code, response.content
             except httpx.HTTPError as error:
-                status, code = 0, type(error).__name__
+                status, content = 0, repr(error).encode()
             now = loop.time()
-            tally.add(status, code, at=now - started, took=now - began)
+            code = error_code(content) if status else "no answer"
+            tally.add(status, code, at=now - started, took=now - began, body=content)
 
         async with asyncio.TaskGroup() as group:
             for index in range(round(per_second * seconds)):
