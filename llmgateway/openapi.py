@@ -32,9 +32,24 @@ ERRORS = {
 }
 REQUEST_ID = {
     "x-request-id": {
-        "description": "The call's id: its ledger row's `request_id` when it reached an upstream.",
+        "description": "The call's id: its last attempt's ledger row's `request_id` (and every attempt's `call_id`) when it reached an upstream.",
         "schema": {"type": "string"},
     }
+}
+# On chat completions that reached an upstream, answered or not.
+UPSTREAM_ANSWER = {
+    "x-gateway-model": {
+        "description": "The model that answered: the one asked for, or its fallback.",
+        "schema": {"type": "string"},
+    },
+    "x-gateway-deployment": {
+        "description": "The deployment that answered (or failed last): `provider/upstream_model`.",
+        "schema": {"type": "string"},
+    },
+    "x-gateway-attempts": {
+        "description": "Upstream attempts the call made (retries and fallbacks before the first token).",
+        "schema": {"type": "integer"},
+    },
 }
 
 
@@ -69,7 +84,7 @@ def build_document() -> dict[str, Any]:
     chat_answers = {
         "200": {
             "description": "The completion; with `stream: true`, server-sent events, one chunk per `data:` line, then `data: [DONE]`.",
-            "headers": REQUEST_ID,
+            "headers": {**REQUEST_ID, **UPSTREAM_ANSWER},
             "content": {
                 "application/json": {"schema": components.ref(schema.ChatCompletion)},
                 "text/event-stream": {"schema": {"type": "string"}, "x-event-schema": components.ref(schema.ChatCompletionChunk)},
