@@ -6,7 +6,9 @@ made, as a load balancer's outlier detection does; no shared store sits on the c
 Their states are in `/metrics` (`llmgateway_upstream_breaker_state`: 0 closed, 1 probing, 2
 open; the highest across processes), and each change is written to Django's cache so the admin
 shows the latest one whichever process serves it (a cache that cannot be reached is skipped:
-the breaker works without it).
+the breaker works without it). That write is synchronous, on the event loop: it happens only when
+a breaker changes state, and costs at most the cache's socket timeout (0.5 s) while Redis is
+frozen, after which the cache's own breaker stops trying (`llmgateway.cache`).
 """
 
 from __future__ import annotations
