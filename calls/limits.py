@@ -252,8 +252,13 @@ def _upstream_specs(deployment: Deployment, tokens: int) -> list[LimitSpec]:
         if not limit:
             continue
         # Refill = the limit per minute (it starts at the published figure less the headroom);
-        # burst = the headroom's share of it, so a burst stays within the published figure.
+        # burst = the headroom's share of it, so a burst stays within the published figure. Once
+        # the upstream said its own limit, burst + refill stay within it: no 60 s window sends more.
         burst = max(1, math.floor(limit * headroom))
+        ceiling = learned.ceiling(deployment, cast(Unit, unit))
+        if ceiling is not None and burst + limit > ceiling:
+            burst = max(1, math.floor(ceiling - limit))
+            limit = max(1.0, min(limit, ceiling - burst))
         specs.append(
             LimitSpec(
                 key=_upstream_key(deployment, unit),

@@ -95,6 +95,11 @@ class LearnedLimits:
         observability.UPSTREAM_LEARNED_LIMIT.labels(deployment.name, unit).set(value)
         return value
 
+    def ceiling(self, deployment: Deployment, unit: Unit) -> float | None:
+        """The upstream's own limit, from its headers; None until it said one."""
+        state = self._state.get((deployment.name, unit))
+        return None if state is None else state.ceiling
+
     async def refresh(self, deployment: Deployment) -> None:
         """Take in what other processes learned (at most once a second)."""
         client = self._client

@@ -183,3 +183,20 @@ async def test_with_redis_unreachable_a_process_learns_on_its_own(clock, setting
         assert learned.current(DEPLOYMENT, "rpm") == 64
     finally:
         await learned.aclose()
+
+
+async def test_once_the_upstream_said_its_limit_no_minute_of_the_bucket_goes_past_it(clock, settings, monkeypatch) -> None:
+    from calls import limits as call_limits
+
+    settings.UPSTREAM_LIMIT_HEADROOM = 0.2
+    learned = LearnedLimits("", prefix="t")
+    monkeypatch.setattr(call_limits, "learned_limits", lambda: learned)
+    deployment = Deployment(A, "m", rpm=100)
+    (before,) = call_limits._upstream_specs(deployment, 1)
+    # Published 100: refill 80 a minute, burst 16 on top, within the published figure.
+    assert (before.limit, round(60 * before.limit / before.period_seconds)) == (16, 80)
+    await learned.upstream_said(deployment, {"x-ratelimit-limit-requests": "120"})
+    clock[0] += 3600  # recovered to the upstream's own 120
+    (after,) = call_limits._upstream_specs(deployment, 1)
+    burst, refill = after.limit, 60 * after.limit / after.period_seconds
+    assert burst + refill <= 120 and refill >= 119
