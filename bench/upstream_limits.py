@@ -261,7 +261,8 @@ class LearnedSamples:
 
 def settled(samples: list[dict[str, Any]], unit: str, duration: float) -> dict[str, Any]:
     """Where the learned ``unit`` limit started, ended and settled (the median of the samples in
-    the last SETTLED_SHARE of the run), with the settled window's min and max."""
+    the last SETTLED_SHARE of the run), with the settled window's min and max, and the mean of
+    the second half of the run (a reading across a whole cut-and-recover cycle, for reference)."""
     known = [(row["at_s"], row[unit]) for row in samples if row.get(unit) is not None]
     if not known:
         return {
@@ -271,9 +272,11 @@ def settled(samples: list[dict[str, Any]], unit: str, duration: float) -> dict[s
             "min": None,
             "max": None,
             "samples": 0,
+            "mean_second_half": None,
         }
     since = duration * (1 - SETTLED_SHARE)
     window = [value for at, value in known if at >= since] or [known[-1][1]]
+    second_half = [value for at, value in known if at >= duration / 2] or [known[-1][1]]
     return {
         "first": known[0][1],
         "final": known[-1][1],
@@ -281,6 +284,7 @@ def settled(samples: list[dict[str, Any]], unit: str, duration: float) -> dict[s
         "min": min(window),
         "max": max(window),
         "samples": len(window),
+        "mean_second_half": statistics.fmean(second_half),
         "since_s": round(since, 1),
     }
 
@@ -639,7 +643,8 @@ def render(results: dict[str, Any]) -> str:
         lines.append(
             f"  learned {unit}: started {_num(path['first'])}, final {_num(path['final'])}, settled "
             f"{_num(path['settled'])} (median of {path['samples']} readings from {path.get('since_s', 0):.0f} s; "
-            f"min {_num(path['min'])}, max {_num(path['max'])}); real {path['real']:,}: off by {_pct(path['error'])}"
+            f"min {_num(path['min'])}, max {_num(path['max'])}); real {path['real']:,}: off by {_pct(path['error'])}; "
+            f"mean of the second half {_num(path['mean_second_half'])}"
         )
         path_values = [row.get(unit) for row in results["learned_samples"]]
         step = max(1, len(path_values) // 20)
