@@ -637,7 +637,7 @@ def render(results: dict[str, Any]) -> str:
         f"  upstream: {upstream['chat_requests']:,} chat requests, {upstream['admitted']:,} admitted, "
         f"{upstream['rejected_429']:,} answered 429 of which {upstream['absorbed_429']:,} absorbed by "
         f"the gateway's retries; admitted {upstream['admitted_per_min_settled']:,} per minute over the "
-        f"last {SETTLED_SHARE:.0%} of the run (limit {s['rpm']})",
+        f"last {SETTLED_SHARE:.0%} of the run (it takes {s['allowed_per_min']:.0f} a minute)",
     ]
     for unit, path in results["learned"].items():
         lines.append(
