@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 from django.conf import settings
+from django.test import override_settings
 
 if TYPE_CHECKING:
     from bench.fake_upstream import FakeUpstream
@@ -267,10 +268,16 @@ def screenshot_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture(autouse=True)
 def _fresh_process_caches() -> Iterator[None]:
-    """Per-process caches must not carry ids across tests (rolled-back ids are reused)."""
+    """Per-process caches must not carry ids across tests (rolled-back ids are reused). The
+    upstreams catalog is read afresh for each test and then kept for its whole length, so a test's
+    query counts do not depend on how slowly it runs (edits in the test still apply at once)."""
     from billing import pricing_cache
     from llmgateway.auth import forget_verified_keys
+    from upstreams.catalog import forget
 
     pricing_cache.clear()
     forget_verified_keys()
-    yield
+    forget()
+    with override_settings(UPSTREAMS_CACHE_SECONDS=3600):
+        yield
+    forget()

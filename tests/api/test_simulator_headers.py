@@ -170,11 +170,10 @@ def test_fault_500_is_a_502_before_any_token(gateway, api_key, spell, stream) ->
 
 
 @pytest.mark.parametrize(
-    ("options", "retry_after"),
-    [({}, "1"), ({"retry_after": 2}, "2")],
-    ids=["default-retry-after", "retry-after-header"],
+    ("stream", "options", "retry_after"),
+    [(False, {}, "1"), (True, {}, "1"), (True, {"retry_after": 2}, "2")],
+    ids=["json-default-retry-after", "stream-default-retry-after", "stream-retry-after-header"],
 )
-@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 def test_fault_429_is_a_429_with_retry_after(gateway, api_key, options, retry_after, stream) -> None:
     headers = simulator_headers(str.title, fault=429, **options)
     response = post(gateway, api_key, headers=headers, stream=stream)

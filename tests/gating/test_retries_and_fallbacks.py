@@ -24,7 +24,7 @@ from billing.models import Price, UsageRecord
 from streaming.tokens import count_text_tokens
 from tests.gating.conftest import chat_body
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.ledger]
+pytestmark = pytest.mark.django_db(transaction=True)
 
 
 @pytest.fixture
@@ -104,9 +104,9 @@ def test_an_upstream_that_answers_every_second_request_429_gives_every_client_an
     gateway_factory, api_key, fake_upstream, tmp_path
 ) -> None:
     fake_upstream.fault_schedule = ["429", None]
-    fake_upstream.retry_after = 0.2
+    fake_upstream.retry_after = 0.05
     path = primary_only(tmp_path, fake_upstream)
-    gateway = gateway_factory(UPSTREAMS_FILE=path)
+    gateway = gateway_factory(UPSTREAMS_FILE=path, UPSTREAM_BACKOFF_BASE="0.05")
     client = openai.OpenAI(base_url=gateway.api_url, api_key=api_key, max_retries=0)
     answers = []
     for _ in range(20):  # the client's own retries are off: the gateway absorbs the 429s
@@ -139,6 +139,7 @@ def test_another_deployment_answers_at_once_when_the_first_fails(gateway_factory
     assert answered.cost_usd > 0
 
 
+@pytest.mark.ledger  # the attempts' rows and the fallback's price, on SQLite too
 def test_a_fallback_model_answers_when_the_primary_is_down_and_is_billed_at_its_price(
     gateway_factory, api_key, fake_upstream, backup_upstream, tmp_path
 ) -> None:
