@@ -274,14 +274,20 @@ class ChatCall:
                     continue
                 try:
                     await call_limits.await_upstream_capacity(
-                        deployment=deployment, model=route.id, estimated_tokens=self._reserved_tokens()
+                        deployment=deployment,
+                        model=route.id,
+                        estimated_tokens=self._reserved_tokens(),
+                        max_wait=min(settings.UPSTREAM_MAX_WAIT, deadline - self._loop.time()),
                     )
                     first = await self._attempt(deployment)
                 except BaseException as error:  # no verdict on the deployment: its permit goes back
                     health.release(deployment.name, permit)
                     if not isinstance(error, LimitExceeded):
                         raise
-                    refused = error  # no room in its bucket within UPSTREAM_MAX_WAIT: the next one
+                    # No room in its bucket within the wait: it is full for this call; the next one.
+                    refused = error
+                    order = [other for other in order if other is not deployment]
+                    tries -= 1
                     continue
                 self._judge(deployment, permit, first)
                 await self._learn(deployment, first)
@@ -411,7 +417,7 @@ class ChatCall:
         if isinstance(first, UpstreamError) and not isinstance(first, CompletionCapReached):
             if first.kind == "rate_limited":
                 await call_limits.note_upstream_rate_limited(
-                    deployment=deployment, retry_after=first.retry_after, headers=first.headers
+                    deployment=deployment, retry_after=first.retry_after, headers=first.headers, limit_type=first.limit_type
                 )
             elif first.headers:
                 await call_limits.note_upstream_answer(deployment=deployment, headers=first.headers)

@@ -275,14 +275,14 @@ def _upstream_key(deployment: Deployment, unit: str) -> str:
     return f"upstream:{deployment.provider.name}:{deployment.upstream_model}:{unit}"
 
 
-async def await_upstream_capacity(*, deployment: Deployment, model: str, estimated_tokens: int) -> None:
-    """Wait for room in the deployment's shared bucket (up to UPSTREAM_MAX_WAIT), or raise LimitExceeded."""
+async def await_upstream_capacity(*, deployment: Deployment, model: str, estimated_tokens: int, max_wait: float) -> None:
+    """Wait for room in the deployment's shared bucket (up to `max_wait`), or raise LimitExceeded."""
     await learned_limits().refresh(deployment)
     specs = _upstream_specs(deployment, estimated_tokens)
     if not specs:
         return
     try:
-        decision = await acquire_waiting(get_limiter(), specs, group="upstream", max_wait=settings.UPSTREAM_MAX_WAIT)
+        decision = await acquire_waiting(get_limiter(), specs, group="upstream", max_wait=max(0.0, max_wait))
     except LimiterUnavailable:
         raise LimiterDown(LIMITER_DOWN) from None
     if not decision.allowed:
@@ -309,15 +309,20 @@ async def note_upstream_answer(*, deployment: Deployment, headers: dict[str, str
                 pass
 
 
-async def note_upstream_rate_limited(*, deployment: Deployment, retry_after: float | None, headers: dict[str, str]) -> None:
+async def note_upstream_rate_limited(
+    *, deployment: Deployment, retry_after: float | None, headers: dict[str, str], limit_type: str | None = None
+) -> None:
     """The upstream said 429: hold its bucket for every process until it says to come back, and
-    learn that its limit is lower than the gateway kept to."""
+    learn that its limit (the one it named: `requests` or `tokens`, else both) is lower than the
+    gateway kept to."""
     seconds = retry_after if retry_after and retry_after > 0 else 1.0
+    named: dict[str, tuple[Unit, ...]] = {"requests": ("rpm",), "tokens": ("tpm",)}
+    units = named.get(limit_type or "", ("rpm", "tpm"))
     limiter = get_limiter()
     try:
-        for unit in ("rpm", "tpm"):
+        for unit in units:
             await limiter.block(_upstream_key(deployment, unit), seconds, group="upstream")
     except LimiterUnavailable:
         pass
     await learned_limits().upstream_said(deployment, headers)
-    await learned_limits().rate_limited(deployment)
+    await learned_limits().rate_limited(deployment, units=units)

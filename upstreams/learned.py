@@ -162,10 +162,11 @@ class LearnedLimits:
                 state = LearnedLimit(limit=limit, at=now, ceiling=ceiling, cut_at=state.cut_at)
             await self._store(deployment, unit, state)
 
-    async def rate_limited(self, deployment: Deployment) -> None:
-        """The upstream answered 429: cut its limits (once per cut interval)."""
+    async def rate_limited(self, deployment: Deployment, *, units: tuple[Unit, ...] = UNITS) -> None:
+        """The upstream answered 429: cut its limits (`units`: the one it said was reached, else
+        both), once per cut interval."""
         now = time.time()
-        for unit in UNITS:
+        for unit in units:
             published = _published(deployment, unit)
             state = self._state.get((deployment.name, unit))
             if state is None:

@@ -76,6 +76,7 @@ class UpstreamError(Exception):
         status: int | None = None,
         retry_after: float | None = None,
         headers: dict[str, str] | None = None,
+        limit_type: Literal["requests", "tokens"] | None = None,
     ) -> None:
         super().__init__(message)
         self.kind = kind
@@ -83,6 +84,8 @@ class UpstreamError(Exception):
         self.status = status
         self.retry_after = retry_after
         self.headers = headers or {}
+        # Which of its limits a 429 says was reached (OpenAI's error `type`), when it says.
+        self.limit_type = limit_type
 
 
 class Provider(Protocol):

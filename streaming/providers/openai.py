@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from typing import Any, Literal, cast
 
 import aiohttp
 import httpx2
@@ -112,6 +112,15 @@ def _error_message(body: Any, default: str) -> str:
     return default
 
 
+def _limit_type(body: Any) -> Literal["requests", "tokens"] | None:
+    """Which limit an OpenAI 429 says was reached: its error `type` is `requests` or `tokens`."""
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and inner.get("type") in ("requests", "tokens"):
+            return cast(Literal["requests", "tokens"], inner["type"])
+    return None
+
+
 def _is_failed_connection(error: BaseException) -> bool:
     """Whether a timeout is really a refused or dropped connection: the SDK's aiohttp transport
     reports every aiohttp connection error as `httpx2.ConnectTimeout` (the SDK then raises
@@ -138,6 +147,7 @@ def translate_error(error: Exception) -> UpstreamError:
             status=error.status_code,
             retry_after=_retry_after(error.response.headers),
             headers=headers,
+            limit_type=_limit_type(error.body) if error.status_code == 429 else None,
         )
     return UpstreamError("server_error", f"Unexpected upstream failure: {type(error).__name__}")
 

@@ -279,3 +279,27 @@ def test_an_upstream_that_sends_no_first_token_in_time_is_left_for_another_deplo
     assert answered.status == "completed"
     # The stalled upstream call was closed, not left hanging.
     assert fake_upstream.wait_until(lambda: fake_upstream.requests[-1].closed_at is not None, timeout=5)
+
+
+def test_a_429_over_tokens_cuts_the_learned_tokens_limit_and_leaves_requests_alone(
+    gateway_factory, api_key, fake_upstream, clean_redis, tmp_path
+) -> None:
+    fake_upstream.tpm_limit = 5  # the call's prompt and completion are more: a 429 of type `tokens`
+    fake_upstream.reset_rate_limit()
+    path = primary_only(tmp_path, fake_upstream, rpm=100, tpm=100_000)
+    gateway = gateway_factory(UPSTREAMS_FILE=path, REDIS_URL=clean_redis, METRICS_TOKEN=METRICS_TOKEN, UPSTREAM_RETRY_DEADLINE="1")
+    response = post(gateway, api_key)
+    assert response.status_code == 429 and response.json()["error"]["code"] == "upstream_rate_limited"
+    learned = {unit: metric(gateway, "llmgateway_upstream_learned_limit", deployment="primary/gpt-4o-mini", unit=unit) for unit in ("rpm", "tpm")}
+    assert learned["tpm"] is not None and 64_000 <= learned["tpm"] < 64_100  # 100k less the headroom, less a fifth
+    assert learned["rpm"] in (None, 80)  # untouched: still the published 100 less the headroom
+
+
+def test_a_full_bucket_is_waited_on_once_per_call_not_once_per_attempt(gateway_factory, api_key, fake_upstream, clean_redis, tmp_path) -> None:
+    path = primary_only(tmp_path, fake_upstream, rpm=2)  # 1.6 a minute: one call, then a long wait
+    gateway = gateway_factory(UPSTREAMS_FILE=path, REDIS_URL=clean_redis, UPSTREAM_MAX_WAIT="1")
+    assert post(gateway, api_key).status_code == 200
+    started = time.monotonic()
+    refused = post(gateway, api_key)
+    assert time.monotonic() - started < 1.8  # one wait of UPSTREAM_MAX_WAIT, not one per attempt
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "upstream_capacity"
