@@ -315,6 +315,16 @@ class Upstream:
                 self.process.wait()
 
 
+PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
+
+
+def without_proxies(env: dict[str, str]) -> dict[str, str]:
+    """`env` for a process that talks to loopback only: no proxy may be picked up by its HTTP clients."""
+    for name in PROXY_VARIABLES:
+        env.pop(name, None)
+    return env
+
+
 class Gateway:
     """Granian serving ``llmgateway.asgi:application`` as ``scripts/serve`` does."""
 
@@ -505,17 +515,7 @@ class Bench:
         self._logs: list[IO[bytes]] = []
 
     def _environment(self) -> dict[str, str]:
-        env = dict(os.environ)
-        # Loopback only: no proxy may be picked up by httpx in the gateway.
-        for name in (
-            "http_proxy",
-            "https_proxy",
-            "all_proxy",
-            "HTTP_PROXY",
-            "HTTPS_PROXY",
-            "ALL_PROXY",
-        ):
-            env.pop(name, None)
+        env = without_proxies(dict(os.environ))
         # Per-key limits high enough that nothing is refused (one key carries all the load), but
         # still checked, so each request pays for its limiter decisions as in production. A
         # limit set in the environment wins.

@@ -412,6 +412,8 @@ def _locust(
     scenario: Scenario, *, host: str, key: str, tally_path: Path, workdir: Path
 ) -> subprocess.CompletedProcess[str]:
     """Run Locust headless for the scenario's duration; its tally lands in ``tally_path``."""
+    from bench.run import without_proxies
+
     users = scenario.users()
     stop_timeout = scenario.pacing()  # the calls in flight at the end are answered and counted
     env = {
@@ -425,15 +427,7 @@ def _locust(
         "UPSTREAM_LIMITS_PACING": str(scenario.pacing()),
         "UPSTREAM_LIMITS_TALLY": str(tally_path),
     }
-    for name in (
-        "http_proxy",
-        "https_proxy",
-        "all_proxy",
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "ALL_PROXY",
-    ):
-        env.pop(name, None)
+    env = without_proxies(env)
     command = [
         sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
         "-u", str(users), "-r", f"{scenario.offered_per_second():.3f}",
