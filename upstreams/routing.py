@@ -18,6 +18,7 @@ from collections import Counter
 from streaming.catalog import Deployment, ModelRoute
 
 _running: Counter[str] = Counter()
+_rng = random.Random()  # one per process: seeding a new one per call costs a read of os.urandom
 
 
 def _weighted_order(deployments: list[Deployment], rng: random.Random) -> list[Deployment]:
@@ -28,7 +29,7 @@ def _weighted_order(deployments: list[Deployment], rng: random.Random) -> list[D
 
 def attempt_order(route: ModelRoute, *, rng: random.Random | None = None) -> list[Deployment]:
     """The route's deployments in the order its policy tries them."""
-    rng = rng or random.Random()
+    rng = rng or _rng
     deployments = [deployment for deployment in route.deployments if deployment.provider.is_configured]
     if route.routing == "weighted":
         return _weighted_order(deployments, rng)
