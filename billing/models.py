@@ -235,6 +235,12 @@ class UsageRecord(models.Model):
         PLAN = "plan", "plan override"
         ACCOUNT = "account", "account override"
 
+    class Endpoint(models.TextChoices):
+        CHAT_COMPLETIONS = "chat.completions", "/v1/chat/completions"
+        RESPONSES = "responses", "/v1/responses"
+        COMPLETIONS = "completions", "/v1/completions"
+        EMBEDDINGS = "embeddings", "/v1/embeddings"
+
     request_id = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="usage_records")
     api_key = models.ForeignKey(
@@ -250,6 +256,13 @@ class UsageRecord(models.Model):
     # ones before it failed before any token and cost nothing. Null on rows from before attempts.
     call_id = models.UUIDField(null=True, blank=True, editable=False)
     attempt = models.PositiveSmallIntegerField(default=1, db_default=1)
+    endpoint = models.CharField(
+        max_length=24, choices=Endpoint.choices, default=Endpoint.CHAT_COMPLETIONS, db_default=Endpoint.CHAT_COMPLETIONS,
+        help_text="The API the client called.",
+    )
+    # The upstream's id of its answer (chatcmpl-..., resp_..., cmpl-...): reconciliation with the
+    # upstream's records, and the owner check of a stored response (`GET /v1/responses/{id}`).
+    upstream_id = models.CharField(max_length=100, blank=True, default="", db_default="")
     stream = models.BooleanField()
     status = models.CharField(max_length=20, choices=Status.choices)
     error_kind = models.CharField(max_length=40, blank=True)
@@ -284,6 +297,7 @@ class UsageRecord(models.Model):
             models.Index(fields=["created_at", "id"], name="usage_created_id"),
             models.Index(fields=["cost_usd", "id"], name="usage_cost_id"),
             models.Index(fields=["call_id"], name="usage_call"),
+            models.Index(fields=["upstream_id"], name="usage_upstream_id", condition=~models.Q(upstream_id="")),
         ]
         # Given to staff who may end someone's running call from the cost console.
         permissions = [("stop_call", "Can stop a running call")]

@@ -294,6 +294,8 @@ def usage_record_create(
     call_id: uuid.UUID | None = None,
     attempt: int = 1,
     requested_model: str = "",
+    endpoint: str = UsageRecord.Endpoint.CHAT_COMPLETIONS,
+    upstream_id: str = "",
 ) -> UsageRecord:
     """Append a finished call's ledger row, add it to its rollup and settle its hold: one transaction.
 
@@ -330,6 +332,8 @@ def usage_record_create(
             call_id=call_id,
             attempt=attempt,
             requested_model=requested_model,
+            endpoint=endpoint,
+            upstream_id=upstream_id,
         )
         day = billing_day(created_at)
         _daily_usage_add(

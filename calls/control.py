@@ -31,7 +31,7 @@ from channels.layers import get_channel_layer
 from infra.tasks import ProcessTask
 
 if TYPE_CHECKING:
-    from calls.chat import ChatCall
+    from calls.call import ApiCall
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class StopOrder:
     api_key_id: int | None = None
     user_id: int | None = None
 
-    def matches(self, call: ChatCall) -> bool:
+    def matches(self, call: ApiCall) -> bool:
         principal = call.principal
         return (
             (self.request_id is None or self.request_id == str(call.request_id))
@@ -68,15 +68,15 @@ class ActiveCalls:
     """The calls this process is running, from their upstream call to their end."""
 
     def __init__(self) -> None:
-        self._calls: dict[uuid.UUID, ChatCall] = {}
+        self._calls: dict[uuid.UUID, ApiCall] = {}
 
-    def add(self, call: ChatCall) -> None:
+    def add(self, call: ApiCall) -> None:
         self._calls[call.request_id] = call
 
-    def remove(self, call: ChatCall) -> None:
+    def remove(self, call: ApiCall) -> None:
         self._calls.pop(call.request_id, None)
 
-    def running(self) -> list[ChatCall]:
+    def running(self) -> list[ApiCall]:
         return list(self._calls.values())
 
     def apply(self, order: StopOrder) -> int:

@@ -36,7 +36,7 @@ from calls.control import CONTROL_GROUP, ActiveCalls, active_calls
 from infra.tasks import ProcessTask
 
 if TYPE_CHECKING:
-    from calls.chat import ChatCall
+    from calls.call import ApiCall
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class Report(TypedDict):
     recorded: int  # calls this process recorded since its previous report
 
 
-def running_call(call: ChatCall) -> RunningCall:
+def running_call(call: ApiCall) -> RunningCall:
     """What the console shows of one running call, now."""
     route, admission, relay = call.serving, call.admission, call.relay  # the model answering: a fallback shows as itself
     assert route is not None and admission is not None and relay is not None

@@ -13,7 +13,7 @@ from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from calls.chat import ChatCall
+from calls.call import ApiCall
 from llmgateway import openapi
 from llmgateway.auth import Principal, aauthenticate, aprincipal_for_api_call
 from llmgateway.errors import (
@@ -75,7 +75,7 @@ async def chat_completions(request: HttpRequest) -> HttpResponseBase:
 class CallStreamingResponse(StreamingHttpResponse):
     """A streaming response that ends its call even if the server never iterates the body."""
 
-    call: ChatCall
+    call: ApiCall
 
     def close(self) -> None:
         self.call.finish_threadsafe()
@@ -117,7 +117,7 @@ async def _chat_completion(
         raise MethodNotAllowed(str(request.method), allowed="POST")
     principal = await authenticate()
     params = validate_chat_body(parse_json_object(_read_body(request)))
-    call = ChatCall(principal=principal, params=params, request_id=request_id, simulator=_simulator_headers(request))
+    call = ApiCall(principal=principal, params=params, request_id=request_id, simulator=_simulator_headers(request))
     async with call:
         headers.update(call.response_headers())
         try:

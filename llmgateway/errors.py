@@ -23,7 +23,7 @@ from calls.exceptions import (
     ModelUnavailable,
     UpstreamRefused,
 )
-from streaming.exceptions import InvalidChatRequest
+from streaming.exceptions import InvalidApiRequest
 from streaming.pipeline import CallStopped
 from streaming.providers import UpstreamError
 
@@ -177,7 +177,7 @@ def api_error_for(error: Exception) -> ApiError | None:
             # Down, refusing connections, or no pooled connection in time: nothing was called
             # upstream yet (a call's own ledger row never fails this way: it has the outbox).
             return ServiceUnavailable(DATABASE_UNAVAILABLE, code="database_unavailable", headers={"Retry-After": "1"})
-        case InvalidChatRequest():
+        case InvalidApiRequest():
             return InvalidRequest(error.message, param=error.param, code=error.code)
         case ModelUnavailable():
             return NotFound(error.message, param=error.param, code="model_not_found")

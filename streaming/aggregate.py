@@ -6,6 +6,7 @@ is billed exactly like a stream; this turns the chunks back into the object Open
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -71,7 +72,7 @@ class CompletionBuilder:
         if chunk.get("usage"):
             self.usage = chunk["usage"]
 
-    def build(self, *, usage: dict[str, Any]) -> dict[str, Any]:
+    def build(self, *, usage: Mapping[str, Any]) -> dict[str, Any]:
         return {
             "id": self._head.get("id"),
             "object": "chat.completion",
@@ -87,5 +88,5 @@ class CompletionBuilder:
                 }
                 for index, choice in sorted(self._choices.items())
             ],
-            "usage": self.usage or usage,
+            "usage": self.usage or dict(usage),
         }

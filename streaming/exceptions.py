@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-class InvalidChatRequest(Exception):
+class InvalidApiRequest(Exception):
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message

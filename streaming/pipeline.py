@@ -8,7 +8,7 @@ client's socket to the upstream's, with memory bounded by the queue size.
 Whatever way a call ends (completed, client gone, upstream error, timeout), the producer leaves
 one `CallOutcome` behind. `aclose()` cancels the producer if it is still running and waits for it
 to finish, so no task outlives the call; what the outcome costs is the call owner's business
-(`calls.chat`), not the relay's.
+(`calls.call`), not the relay's.
 
 Timeouts are enforced here, not by the HTTP client: first token (request sent to first chunk),
 idle (between two upstream chunks; time spent waiting for a slow client does not count) and total.
@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 from streaming import _sse
-from streaming.providers.base import ChatRequest, Provider, ProviderChunk, UpstreamError, Usage
+from streaming.endpoints import ErrorEvent, Framer
+from streaming.providers.base import Provider, ProviderChunk, ProviderRequest, UpstreamError, Usage
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +101,7 @@ class CallOutcome:
     chunks: int = 0
     content_chunks: int = 0  # chunks that carried generated text: the completion-token cap counts these
     error: UpstreamError | None = None
+    upstream_id: str = ""  # the upstream's id of its answer, from the first event that names it
     started_at: float = 0.0  # time.perf_counter()
     first_chunk_at: float | None = None
     finished_at: float = 0.0
@@ -117,30 +119,41 @@ class CompletionCapReached(UpstreamError):
     """The gateway stopped the call: its output reached the completion tokens reserved for it.
 
     An `UpstreamError` so every consumer of the queue already ends the response on it; its kind
-    makes a non-streamed call a 400 (the request set no max_tokens), and a stream gets `frame()`.
+    makes a non-streamed call a 400 (the request set no max_tokens), and a stream ends with an
+    error event of its `type` and `code`.
     """
 
     def __init__(self, cap: int) -> None:
         super().__init__("bad_request", CAP_REACHED.format(cap=cap))
         self.cap = cap
 
-    def frame(self) -> bytes:
-        return _sse.error_frame(message=self.message, type="insufficient_quota", code="budget_reservation_reached")
+    @property
+    def type(self) -> str:
+        return "insufficient_quota"
+
+    @property
+    def code(self) -> str:
+        return "budget_reservation_reached"
 
 
 class CallStopped(UpstreamError):
     """The gateway's operators stopped the call (`reason`: stopped by staff, key revoked, ...).
 
-    An `UpstreamError` so every consumer of the queue ends the response on it; a stream gets
-    `frame()`, whose code is the reason.
+    An `UpstreamError` so every consumer of the queue ends the response on it; a stream ends with
+    an error event whose code is the reason.
     """
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__("server_error", message)
         self.reason = reason
 
-    def frame(self) -> bytes:
-        return _sse.error_frame(message=self.message, type="invalid_request_error", code=self.reason)
+    @property
+    def type(self) -> str:
+        return "invalid_request_error"
+
+    @property
+    def code(self) -> str:
+        return self.reason
 
 
 class _End:
@@ -173,7 +186,7 @@ class StreamRelay:
         self,
         *,
         provider: Provider,
-        request: ChatRequest,
+        request: ProviderRequest,
         queue_size: int,
         timeouts: Timeouts,
         count_text: Callable[[str], int],
@@ -272,6 +285,8 @@ class StreamRelay:
                         outcome.chunks += 1
                         if chunk.usage is not None:
                             outcome.upstream_usage = chunk.usage
+                        if chunk.upstream_id and not outcome.upstream_id:
+                            outcome.upstream_id = chunk.upstream_id
                         await self._put(chunk)
                     deadline.reschedule(total_deadline)  # the upstream is done; only the client's pace remains
                     await self._put(END)
@@ -325,55 +340,45 @@ async def sse_stream(
     relay: StreamRelay,
     first: QueueItem,
     *,
+    framer: Framer,
     finish: Callable[[], Coroutine[Any, Any, None]],
-    include_usage: bool,
     heartbeat: float,
-    on_error: Callable[[UpstreamError], bytes],
+    on_error: Callable[[UpstreamError], ErrorEvent],
     billed_usage: Callable[[], dict[str, int] | None] = lambda: None,
 ) -> AsyncIterator[bytes]:
     """The response body: SSE frames from the relay's queue, batched when several are ready.
 
-    Ends with `[DONE]` after a complete stream, or with an error event (and no `[DONE]`) after an
-    upstream failure. A heartbeat comment keeps idle connections alive. `finish` ends the call
-    (stops the upstream, records it): it runs before the last frame, so a client that sees
-    `[DONE]` is in the ledger, and when this generator is closed (the client went away). A client
-    that asked for usage gets it as OpenAI sends it, the upstream's or, from an upstream that sent
-    none (a LangChain model without usage metadata), what the call was billed (`billed_usage`).
+    The endpoint's `framer` writes the frames, the end of a complete stream (`[DONE]`, and the
+    billed usage for a client that asked for it and got none from the upstream) and the error
+    event that ends a failed one. A heartbeat comment keeps idle connections alive. `finish` ends
+    the call (stops the upstream, records it): it runs before the last frame, so a client that
+    sees the end is in the ledger, and when this generator is closed (the client went away).
     """
     queue = relay.queue
     item: QueueItem = first
-    head: dict[str, Any] = {}
-    usage_sent = False
     try:
         while True:
             frames: list[bytes] = []
             while True:
                 if isinstance(item, ProviderChunk):
-                    frame = _chunk_frame(item, include_usage)
+                    frame = framer.frame(item)
                     if frame:
                         frames.append(frame)
-                    if not head:
-                        head = {key: item.data.get(key) for key in ("id", "object", "created", "model")}
-                    usage_sent = usage_sent or item.usage is not None
                 else:
-                    if isinstance(item, _End):
-                        last = _sse.DONE
-                        if include_usage and not usage_sent:
-                            await finish()
-                            usage = billed_usage()
-                            if usage is not None:
-                                last = _sse.data_frame({**head, "choices": [], "usage": usage}) + last
-                    elif isinstance(item, CompletionCapReached | CallStopped):
-                        last = item.frame()
-                    else:
-                        last = on_error(item)
                     # What is ready goes out now; the last frame waits for the settlement: once
-                    # a client sees [DONE], the call is in the ledger and its next request is
+                    # a client sees the end, the call is in the ledger and its next request is
                     # checked against the updated spend.
                     if frames:
                         yield b"".join(frames)
                     await finish()
-                    yield last
+                    if isinstance(item, _End):
+                        last = framer.end(billed_usage())
+                    elif isinstance(item, CompletionCapReached | CallStopped):
+                        last = framer.error(item)
+                    else:
+                        last = framer.error(on_error(item))
+                    if last:
+                        yield last
                     return
                 if queue.empty():
                     break
@@ -389,12 +394,3 @@ async def sse_stream(
                     yield _sse.HEARTBEAT
     finally:
         await finish()
-
-
-def _chunk_frame(chunk: ProviderChunk, include_usage: bool) -> bytes | None:
-    data = chunk.data
-    if chunk.usage is not None and not data.get("choices"):
-        return _sse.data_frame(data) if include_usage else None
-    if not include_usage:
-        data.pop("usage", None)
-    return _sse.data_frame(data)

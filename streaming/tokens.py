@@ -453,3 +453,34 @@ def _plan_tools(plan: _PromptPlan, tools: Sequence[Mapping[str, Any]]) -> None:
 def _strip_period(description: object) -> str:
     text = description if isinstance(description, str) else ""
     return text.removesuffix(".")
+
+
+# --- Other endpoints (first cut: text only; see the helper's work) ----------------------------
+
+
+def _text_tokens_of(value: object, encoding: tiktoken.Encoding) -> int:
+    if isinstance(value, str):
+        return len(encoding.encode_ordinary(value))
+    if isinstance(value, list | tuple):
+        if value and all(isinstance(item, int) for item in value):
+            return len(value)  # already tokens
+        return sum(_text_tokens_of(item, encoding) for item in value)
+    if isinstance(value, Mapping):
+        return sum(_text_tokens_of(item, encoding) for key, item in value.items() if key not in ("type", "id"))
+    return 0
+
+
+async def acount_responses_input_tokens(body: Mapping[str, Any], *, model: str) -> int:
+    """The estimated input tokens of a Responses API request (`instructions`, `input`, tools)."""
+    encoding = get_encoding(encoding_name_for_model(model))
+    return _text_tokens_of(body.get("instructions"), encoding) + _text_tokens_of(body.get("input"), encoding) + _REPLY_PRIMER_TOKENS
+
+
+async def acount_completion_prompt_tokens(prompt: object, *, model: str) -> int:
+    """The prompt tokens of a legacy completions request (a string, strings or token arrays)."""
+    return _text_tokens_of(prompt, get_encoding(encoding_name_for_model(model)))
+
+
+async def acount_embedding_input_tokens(input: object, *, model: str) -> int:
+    """The input tokens of an embeddings request (a string, strings or token arrays)."""
+    return _text_tokens_of(input, get_encoding(encoding_name_for_model(model)))

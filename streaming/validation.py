@@ -1,7 +1,7 @@
 """Validation of `/v1/chat/completions` bodies against the declared schema
 (`streaming.schema.ChatCompletionRequest`), with OpenAI's error wording, codes and params.
 
-A body that does not match gets an `InvalidChatRequest` about its first wrong field: `param` is
+A body that does not match gets an `InvalidApiRequest` about its first wrong field: `param` is
 the field's path in the body as OpenAI writes it (`messages[0].content`, `tools[1].function.name`)
 and the message and code are OpenAI's (`Missing required parameter: 'model'.`,
 `invalid_type`, `integer_below_min_value`, ...). A malformed request is refused here, before a
@@ -18,7 +18,8 @@ import orjson
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
-from streaming.exceptions import InvalidChatRequest
+from streaming.endpoints import EndpointName
+from streaming.exceptions import InvalidApiRequest
 from streaming.schema import NAME_PATTERN, ChatCompletionRequest
 
 INVALID_JSON = "We could not parse the JSON body of your request. The body must be a JSON object."
@@ -58,12 +59,17 @@ _QUOTED = re.compile(r"'([^']*)'")
 
 
 @dataclass(frozen=True, slots=True)
-class ChatParams:
+class CallParams:
+    """A validated request to one of the API's endpoints: what the call's life needs of it."""
+
+    endpoint: EndpointName
     body: dict[str, Any]
     model: str
     stream: bool
     include_usage: bool
-    max_tokens: int | None  # max_completion_tokens, else max_tokens
+    # The completion tokens one choice may produce, as the request limits it (chat:
+    # max_completion_tokens, else max_tokens; Responses: max_output_tokens); None: no limit.
+    max_tokens: int | None
     n: int
 
 
@@ -71,19 +77,20 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        raise InvalidChatRequest(INVALID_JSON, code="invalid_json") from None
+        raise InvalidApiRequest(INVALID_JSON, code="invalid_json") from None
     if not isinstance(body, dict):
-        raise InvalidChatRequest(INVALID_JSON, code="invalid_json")
+        raise InvalidApiRequest(INVALID_JSON, code="invalid_json")
     return body
 
 
-def validate_chat_body(body: dict[str, Any]) -> ChatParams:
+def validate_chat_body(body: dict[str, Any]) -> CallParams:
     try:
         request = ChatCompletionRequest.model_validate(body)
     except ValidationError as invalid:
         raise _openai_error(invalid, body) from None
     max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
-    return ChatParams(
+    return CallParams(
+        endpoint="chat.completions",
         body=body,
         model=request.model,
         stream=bool(request.stream),
@@ -93,13 +100,13 @@ def validate_chat_body(body: dict[str, Any]) -> ChatParams:
     )
 
 
-def _openai_error(invalid: ValidationError, body: dict[str, Any]) -> InvalidChatRequest:
+def _openai_error(invalid: ValidationError, body: dict[str, Any]) -> InvalidApiRequest:
     """The error about the first wrong field, as OpenAI words it."""
     errors = invalid.errors(include_url=False)
     first = errors[0]
     if first["type"] == "invalid_value" and "param" in first.get("ctx", {}):  # the request as a whole
         context = first["ctx"]
-        return InvalidChatRequest(context["message"], param=context["param"], code="invalid_value")
+        return InvalidApiRequest(context["message"], param=context["param"], code="invalid_value")
     # A union reports one error per member it tried: of those about the same field, the one that
     # got furthest into the body is about what the client meant.
     same_field = [error for error in errors if error["loc"][:1] == first["loc"][:1]]
@@ -156,7 +163,7 @@ def _listed(choices: list[str]) -> str:
     return f"{', '.join(quoted[:-1])}, and {quoted[-1]}"
 
 
-def _translated(error: ErrorDetails, path: list[str | int], body: dict[str, Any]) -> InvalidChatRequest:
+def _translated(error: ErrorDetails, path: list[str | int], body: dict[str, Any]) -> InvalidApiRequest:
     kind = error["type"]
     context: dict[str, Any] = dict(error.get("ctx") or {})
     if kind in ("union_tag_not_found", "union_tag_invalid"):
@@ -165,26 +172,26 @@ def _translated(error: ErrorDetails, path: list[str | int], body: dict[str, Any]
     value = _value_at(body, path) if kind not in ("missing", "union_tag_not_found") else None
 
     if kind in ("missing", "union_tag_not_found") or (kind in _EXPECTED and value is None):
-        return InvalidChatRequest(MISSING_PARAM.format(param=param), param=param, code="missing_required_parameter")
+        return InvalidApiRequest(MISSING_PARAM.format(param=param), param=param, code="missing_required_parameter")
     if kind in _EXPECTED or kind == "invalid_type" or (kind == "union_tag_invalid" and not isinstance(value, str)):
         expected = error["msg"] if kind == "invalid_type" else _EXPECTED.get(kind, "a string")
-        return InvalidChatRequest(INVALID_TYPE.format(param=param, expected=expected), param=param, code="invalid_type")
+        return InvalidApiRequest(INVALID_TYPE.format(param=param, expected=expected), param=param, code="invalid_type")
     if kind in ("union_tag_invalid", "literal_error"):
         supported = _QUOTED.findall(context.get("expected_tags") or context.get("expected", ""))
         message = UNSUPPORTED_VALUE.format(value=value, supported=_listed(supported))
-        return InvalidChatRequest(message, param=param, code="invalid_value")
+        return InvalidApiRequest(message, param=param, code="invalid_value")
     if kind == "too_short":
-        return InvalidChatRequest(EMPTY_ARRAY.format(param=param), param=param, code="empty_array")
+        return InvalidApiRequest(EMPTY_ARRAY.format(param=param), param=param, code="empty_array")
     if kind == "too_long":
         message = ARRAY_TOO_LONG.format(param=param, limit=context["max_length"], length=context["actual_length"])
-        return InvalidChatRequest(message, param=param, code="array_above_max_length")
+        return InvalidApiRequest(message, param=param, code="array_above_max_length")
     if kind == "string_too_short":
-        return InvalidChatRequest(EMPTY_STRING.format(param=param), param=param, code="empty_string")
+        return InvalidApiRequest(EMPTY_STRING.format(param=param), param=param, code="empty_string")
     if kind == "string_too_long":
         message = STRING_TOO_LONG.format(param=param, limit=context["max_length"], length=len(str(value)))
-        return InvalidChatRequest(message, param=param, code="string_above_max_length")
+        return InvalidApiRequest(message, param=param, code="string_above_max_length")
     if kind == "string_pattern_mismatch":
-        return InvalidChatRequest(NAME_MISMATCH.format(param=param, pattern=NAME_PATTERN), param=param, code="invalid_value")
+        return InvalidApiRequest(NAME_MISMATCH.format(param=param, pattern=NAME_PATTERN), param=param, code="invalid_value")
     if kind in ("greater_than_equal", "less_than_equal"):
         below = kind == "greater_than_equal"
         limit = context["ge"] if below else context["le"]
@@ -194,5 +201,5 @@ def _translated(error: ErrorDetails, path: list[str | int], body: dict[str, Any]
             param=param, kind=number, side="below" if below else "above", bound="minimum" if below else "maximum",
             operator=">=" if below else "<=", limit=limit, value=value,
         )
-        return InvalidChatRequest(message, param=param, code=f"{number}_{'below_min' if below else 'above_max'}_value")
-    return InvalidChatRequest(INVALID_VALUE.format(param=param, reason=error["msg"]), param=param, code="invalid_value")
+        return InvalidApiRequest(message, param=param, code=f"{number}_{'below_min' if below else 'above_max'}_value")
+    return InvalidApiRequest(INVALID_VALUE.format(param=param, reason=error["msg"]), param=param, code="invalid_value")

@@ -12,9 +12,9 @@ import logging
 from django.conf import settings
 
 from streaming.catalog import ProviderSpec
-from streaming.providers.base import ChatRequest, Provider, ProviderChunk, UpstreamError, Usage
+from streaming.providers.base import Provider, ProviderChunk, ProviderRequest, UpstreamError, Usage
 
-__all__ = ["ChatRequest", "Provider", "ProviderChunk", "UpstreamError", "Usage", "aclose_providers", "get_provider"]
+__all__ = ["ProviderRequest", "Provider", "ProviderChunk", "UpstreamError", "Usage", "aclose_providers", "get_provider"]
 
 logger = logging.getLogger(__name__)
 

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from streaming.catalog import Deployment
+
+if TYPE_CHECKING:
+    from streaming.endpoints import Endpoint
 
 UpstreamErrorKind = Literal[
     "rate_limited",  # upstream 429
@@ -24,8 +27,10 @@ UpstreamErrorKind = Literal[
 
 
 @dataclass(frozen=True, slots=True)
-class ChatRequest:
+class ProviderRequest:
     deployment: Deployment
+    # Which API is called: where the request goes and how its answer reads.
+    endpoint: Endpoint
     # The client's validated request body, forwarded to the upstream (model renamed).
     body: dict[str, Any]
     # Per-request simulator directives (from x-simulator-* headers); ignored by real upstreams.
@@ -57,14 +62,29 @@ class Usage:
             reasoning_tokens=int(completion_details.get("reasoning_tokens") or 0),
         )
 
+    @classmethod
+    def from_responses(cls, usage: dict[str, Any]) -> Usage:
+        """The Responses API's usage (`input_tokens`, `output_tokens` and their details)."""
+        input_details = usage.get("input_tokens_details") or {}
+        output_details = usage.get("output_tokens_details") or {}
+        return cls(
+            prompt_tokens=int(usage.get("input_tokens") or 0),
+            completion_tokens=int(usage.get("output_tokens") or 0),
+            cached_tokens=int(input_details.get("cached_tokens") or 0),
+            reasoning_tokens=int(output_details.get("reasoning_tokens") or 0),
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class ProviderChunk:
-    # An OpenAI `chat.completion.chunk` object, as the client will receive it.
+    # One event of the endpoint's stream (a `chat.completion.chunk`, a Responses API event, ...)
+    # or a whole non-streamed answer, as the client will receive it.
     data: dict[str, Any]
     # The generated text in this chunk (content and tool-call arguments), for local counting.
     text: str
     usage: Usage | None = None
+    # The upstream's id of its answer (chatcmpl-..., resp_...), where the event carries it.
+    upstream_id: str = ""
 
 
 class UpstreamError(Exception):
@@ -91,7 +111,12 @@ class UpstreamError(Exception):
 class Provider(Protocol):
     name: str
 
-    def stream(self, request: ChatRequest) -> AsyncIterator[ProviderChunk]: ...
+    def stream(self, request: ProviderRequest) -> AsyncIterator[ProviderChunk]: ...
+
+    async def stored(self, *, deployment: Deployment, method: Literal["GET", "DELETE", "POST"], path: str) -> dict[str, Any]:
+        """A request about something the upstream stores (`GET /responses/{id}`, its cancel or
+        deletion): its JSON answer, or `UpstreamError`."""
+        ...
 
     async def aclose(self) -> None: ...
 

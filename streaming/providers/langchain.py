@@ -64,15 +64,15 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import openai
 import orjson
 
-from streaming.catalog import ProviderSpec
+from streaming.catalog import Deployment, ProviderSpec
 from streaming.providers.base import (
-    ChatRequest,
     ProviderChunk,
+    ProviderRequest,
     UpstreamError,
     UpstreamErrorKind,
     Usage,
@@ -91,6 +91,8 @@ logger = logging.getLogger(__name__)
 LANGCHAIN_MISSING = "langchain-core is not installed: install the gateway with its [langchain] extra (pip install 'llmgateway[langchain]')"
 MISCONFIGURED = "The langchain provider {name!r} cannot serve calls: {reason}."
 NOT_STREAMABLE = "The LangChain runnable streamed a {type}; the langchain provider takes message chunks or strings."
+ONLY_CHAT = "The langchain provider serves chat completions only, not {endpoint}."
+NOT_STORED = "The langchain provider stores no responses."
 ONE_CHOICE = "The langchain provider makes one answer per call: 'n' must be 1."
 NO_TOOLS = "This model's LangChain runnable does not take tools (it has no working bind_tools)."
 FUNCTION_TOOLS_ONLY = "The langchain provider passes function tools only, not {type!r} tools or tool calls."
@@ -221,7 +223,12 @@ class LangChainProvider:
         except LangChainConfigError as error:
             raise UpstreamError("server_error", MISCONFIGURED.format(name=self.name, reason=error)) from error
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[ProviderChunk]:
+    async def stored(self, *, deployment: Deployment, method: Literal["GET", "DELETE", "POST"], path: str) -> dict[str, Any]:
+        raise UpstreamError("bad_request", NOT_STORED, status=404)
+
+    async def stream(self, request: ProviderRequest) -> AsyncIterator[ProviderChunk]:
+        if request.endpoint.name != "chat.completions":
+            raise UpstreamError("bad_request", ONLY_CHAT.format(endpoint=request.endpoint.path), status=400)
         runnable, messages, kwargs = _prepare_call(await self.runnable(), request.body)
         config: RunnableConfig = {"metadata": {"llmgateway_request_id": request.request_id}}
         writer = _ChunkWriter(model=request.deployment.upstream_model)
@@ -495,7 +502,7 @@ class _ChunkWriter:
         return ProviderChunk(data=data, text="", usage=usage)
 
 
-def _report_headers(request: ChatRequest, piece: Any) -> None:
+def _report_headers(request: ProviderRequest, piece: Any) -> None:
     """Tell the pipeline the upstream's rate-limit headers, when the model passes them on
     (langchain-openai does with `include_response_headers=True`, in the first chunk)."""
     if request.on_response_headers is None:

@@ -2,10 +2,10 @@
 
 One `AsyncOpenAI` client per upstream is shared by every request (connection pooling), with the
 SDK's retries off: the gateway decides about retries, and a retried stream would double-bill.
-The request body is forwarded as sent (so new OpenAI parameters pass through), the chunks are
-relayed as the upstream sent them (the SDK sends the request and raises its typed errors; the
-body is parsed here, which costs a fraction of the SDK's per-chunk decoding), and
-`stream_options.include_usage` is always asked for so every call is billed from upstream counts.
+The request body is forwarded as sent (so new OpenAI parameters pass through) to the endpoint's
+path (`streaming.endpoints`), and the events are relayed as the upstream sent them (the SDK sends
+the request and raises its typed errors; the body is parsed here, which costs a fraction of the
+SDK's per-chunk decoding, and each event is read by its endpoint).
 """
 
 from __future__ import annotations
@@ -19,18 +19,16 @@ import httpx2
 import openai
 import orjson
 
+from streaming.catalog import Deployment
 from streaming.providers.base import (
-    ChatRequest,
     ProviderChunk,
+    ProviderRequest,
     UpstreamError,
     UpstreamErrorKind,
-    Usage,
-    text_of_chunk,
 )
 
 CLIENT_REQUEST_ID_HEADER = "X-Client-Request-Id"
 DRAIN_TIMEOUT = 0.5  # seconds
-STREAM_ERROR = "The upstream reported an error mid-stream."
 
 
 # The headers an answer's failure keeps: when to come back, and the upstream's limits.
@@ -185,13 +183,9 @@ class OpenAIProvider:
     async def aclose(self) -> None:
         await self._client.close()
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[ProviderChunk]:
-        body: dict[str, Any] = {
-            **request.body,
-            "model": request.deployment.upstream_model,
-            "stream": True,
-            "stream_options": {**(request.body.get("stream_options") or {}), "include_usage": True},
-        }
+    async def stream(self, request: ProviderRequest) -> AsyncIterator[ProviderChunk]:
+        endpoint = request.endpoint
+        body = endpoint.upstream_body(request.body, upstream_model=request.deployment.upstream_model)
         try:
             # cast_to=Response: the SDK sends the request and raises its typed errors for a
             # non-2xx answer, then hands over the unread body, parsed below (far cheaper per
@@ -200,20 +194,18 @@ class OpenAIProvider:
             # logs name the gateway's ledger row (and a reconciliation can match them).
             headers = {CLIENT_REQUEST_ID_HEADER: request.request_id} if request.request_id else {}
             response = await self._client.post(
-                "/chat/completions", cast_to=httpx2.Response, body=body, stream=True, options={"headers": headers}
+                endpoint.path, cast_to=httpx2.Response, body=body, stream=endpoint.streamed, options={"headers": headers}
             )
         except openai.APIError as error:
             raise translate_error(error) from error
         if request.on_response_headers is not None:
             request.on_response_headers(rate_limit_headers(response.headers))
         try:
+            if not endpoint.streamed:
+                yield endpoint.chunk(_json_object(await response.aread()))
+                return
             async for data in _sse_events(response):
-                usage = data.get("usage")
-                yield ProviderChunk(
-                    data=data,
-                    text=text_of_chunk(data),
-                    usage=Usage.from_openai(usage) if usage else None,
-                )
+                yield endpoint.chunk(data)
         except httpx2.HTTPError as error:
             if isinstance(error, httpx2.TimeoutException) and not _is_failed_connection(error):
                 raise UpstreamError("timeout", "The upstream timed out mid-stream.") from error
@@ -221,6 +213,30 @@ class OpenAIProvider:
         finally:
             # Closing the response closes the connection at once when we stop early.
             await response.aclose()
+
+    async def stored(self, *, deployment: Deployment, method: Literal["GET", "DELETE", "POST"], path: str) -> dict[str, Any]:
+        try:
+            if method == "GET":
+                response = await self._client.get(path, cast_to=httpx2.Response)
+            elif method == "DELETE":
+                response = await self._client.delete(path, cast_to=httpx2.Response)
+            else:
+                response = await self._client.post(path, cast_to=httpx2.Response)
+            return _json_object(await response.aread())
+        except openai.APIError as error:
+            raise translate_error(error) from error
+        except httpx2.HTTPError as error:
+            raise UpstreamError("connection", "Could not reach the upstream, or it dropped the connection.") from error
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as error:
+        raise UpstreamError("server_error", "The upstream sent an unreadable answer.") from error
+    if not isinstance(data, dict):
+        raise UpstreamError("server_error", "The upstream sent an unreadable answer.")
+    return data
 
 
 async def _drain(pieces: AsyncIterator[bytes]) -> None:
@@ -238,12 +254,14 @@ async def _drain(pieces: AsyncIterator[bytes]) -> None:
 
 
 async def _sse_events(response: httpx2.Response) -> AsyncIterator[dict[str, Any]]:
-    """The JSON objects of a chat-completion SSE stream, until `data: [DONE]`.
+    """The JSON objects of an SSE stream, until `data: [DONE]` (chat, legacy completions) or the
+    end of the body after a Responses API stream's last event (`response.completed`, ...).
 
-    An event whose JSON has an `error` object is an upstream failure (as the OpenAI SDK treats
-    it); a stream that ends without `[DONE]` was cut.
+    What an event means (an error, usage) is the endpoint's to read; a chat stream that ends
+    without `[DONE]` was cut.
     """
     buffer = b""
+    last_type: object = None
     pieces = response.aiter_bytes()
     async for piece in pieces:
         buffer += piece
@@ -264,12 +282,20 @@ async def _sse_events(response: httpx2.Response) -> AsyncIterator[dict[str, Any]
                 data = orjson.loads(payload)
             except orjson.JSONDecodeError as error:
                 raise UpstreamError("server_error", "The upstream sent an unreadable event.") from error
-            if not isinstance(data, dict):
-                continue
-            if data.get("error"):
-                raise UpstreamError("server_error", _error_message(data, STREAM_ERROR))
-            yield data
-    raise UpstreamError("connection", "The upstream ended the stream before [DONE].")
+            if isinstance(data, dict):
+                last_type = data.get("type")
+            if isinstance(data, dict):
+                yield data
+    if not _ended_whole(last_type):
+        raise UpstreamError("connection", "The upstream ended the stream before its end ([DONE] or the response's last event).")
+
+
+# The Responses API's terminal events: its stream has no [DONE]; ending after one of them is whole.
+_RESPONSES_TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed", "error"})
+
+
+def _ended_whole(last_type: object) -> bool:
+    return last_type in _RESPONSES_TERMINAL
 
 
 def _event_data(event: bytes) -> bytes | None:

@@ -21,11 +21,12 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 from django.conf import settings
 
-from streaming.providers.base import ChatRequest, ProviderChunk, UpstreamError, Usage
+from streaming.catalog import Deployment
+from streaming.providers.base import ProviderChunk, ProviderRequest, UpstreamError, Usage
 
 _WORDS = (
     "The gateway streams each token as soon as it arrives, keeps memory bounded when a client "
@@ -37,7 +38,7 @@ FAULTS = frozenset({"429", "500", "stall", "cut", "error"})
 _YIELD_EVERY = 16
 
 
-def _option(request: ChatRequest, header: str, route_key: str, default: float) -> float:
+def _option(request: ProviderRequest, header: str, route_key: str, default: float) -> float:
     """The header's value if it is a finite number (at least 0), else the route's option, else *default*.
 
     `inf` and `nan` parse as floats but are no length or delay: `int(inf)` crashed the stream.
@@ -64,7 +65,10 @@ class SimulatorProvider:
     async def aclose(self) -> None:
         return None
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[ProviderChunk]:
+    async def stored(self, *, deployment: Deployment, method: Literal["GET", "DELETE", "POST"], path: str) -> dict[str, Any]:
+        raise UpstreamError("bad_request", "The simulator stores no responses yet.", status=404)
+
+    async def stream(self, request: ProviderRequest) -> AsyncIterator[ProviderChunk]:
         from streaming.tokens import acount_chat_prompt_tokens
 
         body = request.body

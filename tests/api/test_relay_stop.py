@@ -9,8 +9,9 @@ from collections.abc import AsyncIterator
 import pytest
 
 from streaming.catalog import Deployment, ProviderSpec
+from streaming.endpoints import ENDPOINTS
 from streaming.pipeline import CallStopped, StreamRelay, Timeouts
-from streaming.providers.base import ChatRequest, ProviderChunk, UpstreamError
+from streaming.providers.base import ProviderChunk, ProviderRequest, UpstreamError
 
 DEPLOYMENT = Deployment(provider=ProviderSpec(name="fake", kind="openai"), upstream_model="m")
 TIMEOUTS = Timeouts(first_token=5, idle=5, total=10, heartbeat=5)
@@ -28,7 +29,7 @@ class FailingAfter:
     async def aclose(self) -> None:
         return None
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[ProviderChunk]:
+    async def stream(self, request: ProviderRequest) -> AsyncIterator[ProviderChunk]:
         for _ in range(self.chunks):
             yield ProviderChunk(data={"choices": [{"index": 0, "delta": {"content": "tok "}}]}, text="tok ")
         if self.fail:
@@ -40,7 +41,7 @@ class FailingAfter:
 
 async def items_after_a_stop(provider: FailingAfter) -> list[object]:
     relay = StreamRelay(
-        provider=provider, request=ChatRequest(deployment=DEPLOYMENT, body={}), queue_size=2, timeouts=TIMEOUTS,
+        provider=provider, request=ProviderRequest(endpoint=ENDPOINTS["chat.completions"], deployment=DEPLOYMENT, body={}), queue_size=2, timeouts=TIMEOUTS,
         count_text=len, completion_token_cap=1_000,
     )
     relay.start()

@@ -8,7 +8,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from calls.call import upstream_failure
 from streaming.catalog import Deployment, ProviderSpec
+from streaming.endpoints import ENDPOINTS
 from streaming.pipeline import (
     CAP_REACHED,
     END,
@@ -18,7 +20,7 @@ from streaming.pipeline import (
     Timeouts,
     sse_stream,
 )
-from streaming.providers.base import ChatRequest, ProviderChunk, Usage
+from streaming.providers.base import ProviderChunk, ProviderRequest, Usage
 
 DEPLOYMENT = Deployment(provider=ProviderSpec(name="fake", kind="openai"), upstream_model="m")
 TIMEOUTS = Timeouts(first_token=5, idle=5, total=10, heartbeat=5)
@@ -35,7 +37,7 @@ class CountingProvider:
     async def aclose(self) -> None:
         return None
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[ProviderChunk]:
+    async def stream(self, request: ProviderRequest) -> AsyncIterator[ProviderChunk]:
         try:
             yield ProviderChunk(data={"choices": [{"index": 0, "delta": {"role": "assistant"}}]}, text="")
             for _ in range(self.tokens):
@@ -52,7 +54,7 @@ async def relay_frames(tokens: int, cap: int) -> tuple[list[bytes], list[CallOut
     recorded: list[CallOutcome] = []
     relay = StreamRelay(
         provider=provider,
-        request=ChatRequest(deployment=DEPLOYMENT, body={}),
+        request=ProviderRequest(endpoint=ENDPOINTS["chat.completions"], deployment=DEPLOYMENT, body={}),
         queue_size=4,
         timeouts=TIMEOUTS,
         count_text=lambda text: len(text.split()),
@@ -69,7 +71,12 @@ async def relay_frames(tokens: int, cap: int) -> tuple[list[bytes], list[CallOut
     frames = [
         frame
         async for frame in sse_stream(
-            relay, first, finish=finish, include_usage=False, heartbeat=5, on_error=lambda error: error.frame() if isinstance(error, CompletionCapReached) else b"upstream-error"
+            relay,
+            first,
+            framer=ENDPOINTS["chat.completions"].framer(include_usage=False),
+            finish=finish,
+            heartbeat=5,
+            on_error=upstream_failure,
         )
     ]
     return b"".join(frames).split(b"\n\n"), recorded, provider
@@ -104,7 +111,7 @@ async def test_the_cap_stops_the_call_after_exactly_cap_tokens(tokens, cap, deli
 
 async def test_the_cap_error_reaches_a_non_streaming_consumer_as_an_upstream_error() -> None:
     provider = CountingProvider(10)
-    relay = StreamRelay(provider=provider, request=ChatRequest(deployment=DEPLOYMENT, body={}), queue_size=64, timeouts=TIMEOUTS, count_text=len, completion_token_cap=2)
+    relay = StreamRelay(provider=provider, request=ProviderRequest(endpoint=ENDPOINTS["chat.completions"], deployment=DEPLOYMENT, body={}), queue_size=64, timeouts=TIMEOUTS, count_text=len, completion_token_cap=2)
     relay.start()
     items = []
     while (item := await relay.get()) is not END and not isinstance(item, CompletionCapReached):

@@ -1,7 +1,7 @@
 """The console's live feed (llmgateway/console_live.py) and the reports it is fed (calls/live.py).
 
 The consumer is driven directly with Channels' WebsocketCommunicator on the in-memory layer; the
-reports come from `LiveReporter` over real `ChatCall`-shaped objects, or are sent to the group as
+reports come from `LiveReporter` over real `ApiCall`-shaped objects, or are sent to the group as
 another process would. The whole path through Granian, Redis and Chromium is in
 test_console_live_browser.py.
 """
@@ -33,7 +33,7 @@ RATES = Rates(input=Decimal("0.15"), cached_input=Decimal("0.075"), output=Decim
 
 
 def a_running_call(*, user: str = "alice", key_prefix: str | None = "gw_ab12cd", tokens: int = 120, prompt: int = 1000) -> Any:
-    """A ChatCall as far as the live report reads it."""
+    """A ApiCall as far as the live report reads it."""
     return SimpleNamespace(
         request_id=uuid.uuid4(),
         principal=SimpleNamespace(username=user, user_id=7, key_prefix=key_prefix, api_key_id=3),

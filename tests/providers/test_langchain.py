@@ -22,8 +22,9 @@ from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, Tool
 from bench.fake_upstream import await_until
 from streaming.aggregate import CompletionBuilder
 from streaming.catalog import Deployment, ProviderSpec
+from streaming.endpoints import ENDPOINTS
 from streaming.pipeline import StreamRelay, Timeouts
-from streaming.providers.base import ChatRequest, ProviderChunk, UpstreamError, Usage
+from streaming.providers.base import ProviderChunk, ProviderRequest, UpstreamError, Usage
 from streaming.providers.langchain import LangChainConfigError, LangChainProvider, load_runnable
 from streaming.tokens import count_text_tokens
 from tests.providers.runnables import BUILDS, PROBES, Probe
@@ -39,8 +40,8 @@ def spec_for(runnable: str, **kwargs: Any) -> ProviderSpec:
     return ProviderSpec(name="lc-test", kind="langchain", options={"runnable": runnable, "kwargs": kwargs})
 
 
-def request_for(spec: ProviderSpec, body: dict[str, Any] | None = None) -> ChatRequest:
-    return ChatRequest(deployment=Deployment(provider=spec, upstream_model="fake"), body=body or USER_ONLY, request_id="req-1")
+def request_for(spec: ProviderSpec, body: dict[str, Any] | None = None) -> ProviderRequest:
+    return ProviderRequest(endpoint=ENDPOINTS["chat.completions"], deployment=Deployment(provider=spec, upstream_model="fake"), body=body or USER_ONLY, request_id="req-1")
 
 
 async def stream_of(provider: LangChainProvider, body: dict[str, Any] | None = None) -> list[ProviderChunk]:

@@ -20,8 +20,9 @@ import pytest
 
 from bench.fake_upstream import FakeUpstream, await_until, prompt_tokens_for
 from streaming.catalog import Deployment, ProviderSpec
+from streaming.endpoints import ENDPOINTS
 from streaming.pipeline import StreamRelay, Timeouts
-from streaming.providers.base import ChatRequest, ProviderChunk, UpstreamError, Usage
+from streaming.providers.base import ProviderChunk, ProviderRequest, UpstreamError, Usage
 from streaming.providers.langchain import LangChainProvider
 from streaming.providers.openai import RATE_LIMIT_HEADERS
 from streaming.tokens import count_text_tokens
@@ -51,9 +52,9 @@ def chat_openai(fake_upstream: FakeUpstream) -> Iterator[ProviderSpec]:
     )
 
 
-def request_for(spec: ProviderSpec, body: dict[str, Any] | None = None) -> ChatRequest:
-    return ChatRequest(
-        deployment=Deployment(provider=spec, upstream_model="gpt-4o-mini"), body=body or USER_ONLY, request_id=f"req-{next(_ids)}"
+def request_for(spec: ProviderSpec, body: dict[str, Any] | None = None) -> ProviderRequest:
+    return ProviderRequest(
+        endpoint=ENDPOINTS["chat.completions"], deployment=Deployment(provider=spec, upstream_model="gpt-4o-mini"), body=body or USER_ONLY, request_id=f"req-{next(_ids)}"
     )
 
 
@@ -220,8 +221,8 @@ async def test_the_upstreams_rate_limit_headers_reach_the_gateway(fake_upstream:
     options = {**chat_openai.options, "kwargs": {**chat_openai.options["kwargs"], "include_response_headers": True}}
     spec = ProviderSpec(name="lc-openai-headers", kind="langchain", options=options)
     told: list[Mapping[str, str]] = []
-    request = ChatRequest(
-        deployment=Deployment(provider=spec, upstream_model="gpt-4o-mini"), body=USER_ONLY, on_response_headers=told.append
+    request = ProviderRequest(
+        endpoint=ENDPOINTS["chat.completions"], deployment=Deployment(provider=spec, upstream_model="gpt-4o-mini"), body=USER_ONLY, on_response_headers=told.append
     )
     fake_upstream.rpm_limit, fake_upstream.tpm_limit = 10_000, 1_000_000
     fake_upstream.rate_limit_headers = True

@@ -1,6 +1,6 @@
 """One chat completion call's life, owned in one place.
 
-    async with ChatCall(principal=..., params=..., request_id=..., simulator=...) as call:
+    async with ApiCall(principal=..., params=..., request_id=..., simulator=...) as call:
         first = await call.start()                 # UpstreamRefused: failed before any token
         if call.params.stream:
             return SSE(call.stream_frames(first))  # the stream now owns the call's end
@@ -32,6 +32,7 @@ import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from decimal import Decimal
 from functools import partial
 from types import TracebackType
@@ -56,9 +57,8 @@ from calls.live import live_reporter
 from calls.principal import Principal
 from infra import observability
 from limits import Permit
-from streaming import _sse
-from streaming.aggregate import CompletionBuilder
 from streaming.catalog import Catalog, Deployment, ModelRoute
+from streaming.endpoints import ENDPOINTS
 from streaming.pipeline import (
     END,
     CallOutcome,
@@ -69,9 +69,9 @@ from streaming.pipeline import (
     Timeouts,
     sse_stream,
 )
-from streaming.providers import ChatRequest, ProviderChunk, UpstreamError, get_provider
-from streaming.tokens import acount_chat_prompt_tokens, count_text_tokens
-from streaming.validation import ChatParams
+from streaming.providers import ProviderChunk, ProviderRequest, UpstreamError, get_provider
+from streaming.tokens import count_text_tokens
+from streaming.validation import CallParams
 from upstreams.catalog import acatalog
 from upstreams.health import health
 from upstreams.routing import attempt_order, call_ended, call_started
@@ -110,9 +110,18 @@ def _backoff(retry: int) -> float:
     return random.uniform(0, min(settings.UPSTREAM_BACKOFF_MAX, settings.UPSTREAM_BACKOFF_BASE * 2**retry))
 
 
-def upstream_error_frame(error: UpstreamError) -> bytes:
+@dataclass(frozen=True, slots=True)
+class UpstreamFailure:
+    """The error event that ends a stream whose upstream failed mid-way."""
+
+    message: str
+    type: str
+    code: str
+
+
+def upstream_failure(error: UpstreamError) -> UpstreamFailure:
     code = {"timeout": "upstream_timeout", "rate_limited": "upstream_rate_limited"}.get(error.kind, "upstream_error")
-    return _sse.error_frame(message=f"The upstream failed mid-stream: {error.message}", type="api_error", code=code)
+    return UpstreamFailure(message=f"The upstream failed mid-stream: {error.message}", type="api_error", code=code)
 
 
 def _outbox() -> LedgerOutbox:
@@ -130,12 +139,13 @@ def _timeouts() -> Timeouts:
     )
 
 
-class ChatCall:
+class ApiCall:
     """One call: admitted on entry, ended once by `finish()` (see the module docstring)."""
 
-    def __init__(self, *, principal: Principal, params: ChatParams, request_id: uuid.UUID, simulator: dict[str, str]) -> None:
+    def __init__(self, *, principal: Principal, params: CallParams, request_id: uuid.UUID, simulator: dict[str, str]) -> None:
         self.principal = principal
         self.params = params
+        self.endpoint = ENDPOINTS[params.endpoint]
         self.request_id = request_id
         self.simulator = simulator
         self.created_at = timezone.now()
@@ -181,11 +191,11 @@ class ChatCall:
         params = self.params
         catalog = self._catalog = await acatalog()
         route = self.route = self.serving = resolve_route(catalog, params.model)
-        self.prompt_tokens_estimate = await acount_chat_prompt_tokens(
-            params.body["messages"], model=route.upstream_model, tools=params.body.get("tools")
-        )
+        self.prompt_tokens_estimate = await self.endpoint.count_prompt_tokens(params.body, model=route.upstream_model)
         # Worst case: every choice runs to its limit; the gateway imposes one when the request has none.
-        completion_tokens = self.completion_token_cap = (params.max_tokens or settings.GATEWAY_DEFAULT_MAX_TOKENS) * params.n
+        completion_tokens = self.completion_token_cap = (
+            (params.max_tokens or settings.GATEWAY_DEFAULT_MAX_TOKENS) * params.n if self.endpoint.produces_text else 0
+        )
         # Rate limits first: they are cheaper than the budget's row lock and hold nothing long.
         self.limits = await self._acquire(
             call_limits.admit(principal=self.principal, estimated_tokens=self.prompt_tokens_estimate + completion_tokens),
@@ -369,8 +379,9 @@ class ChatCall:
         self._upstream_headers = {}
         relay = self.relay = StreamRelay(
             provider=get_provider(deployment.provider),
-            request=ChatRequest(
+            request=ProviderRequest(
                 deployment=deployment,
+                endpoint=self.endpoint,
                 body=dict(self.params.body),
                 simulator=self.simulator if deployment.provider.kind == "simulator" else {},
                 request_id=str(self.request_id),
@@ -454,17 +465,17 @@ class ChatCall:
         return sse_stream(
             self.relay,
             first,
+            framer=self.endpoint.framer(include_usage=self.params.include_usage),
             finish=self.finish,
-            include_usage=self.params.include_usage,
             heartbeat=settings.GATEWAY_HEARTBEAT_INTERVAL,
-            on_error=upstream_error_frame,
+            on_error=upstream_failure,
             billed_usage=lambda: self.billed_usage,
         )
 
     async def complete(self, first: QueueItem) -> dict[str, Any]:
-        """The non-stream body: the chunks folded into one `chat.completion`, once recorded."""
+        """The non-stream body: the chunks folded into the endpoint's answer, once recorded."""
         assert self.relay is not None
-        builder = CompletionBuilder()
+        builder = self.endpoint.aggregator()
         item = first
         while item is not END:
             if isinstance(item, UpstreamError):
@@ -473,7 +484,8 @@ class ChatCall:
             builder.add(item.data)
             item = await self.relay.get()
         await self.finish()  # the usage returned is what was billed
-        return builder.build(usage=self.billed_usage or {})
+        billed = self.billed_usage or {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        return builder.build(usage=self.endpoint.usage_object(billed))
 
     def stop(self, reason: str, message: str) -> None:
         """End a running call now (staff stopped it, its key was revoked, ...): a stream ends with
@@ -570,6 +582,7 @@ class ChatCall:
             "request_id": self.request_id,
             "call_id": self.request_id,
             "attempt": self.attempt,
+            "endpoint": self.endpoint.name,
             "user_id": self.principal.user_id,
             "api_key_id": self.principal.api_key_id,
             "model": serving.id,
@@ -610,6 +623,7 @@ class ChatCall:
             cached_tokens=cached,
             reasoning_tokens=reasoning,
             token_source=source,
+            upstream_id=outcome.upstream_id[:100],
             ttft_us=None if ttft is None else int(ttft * 1_000_000),
             duration_us=int(outcome.duration_seconds * 1_000_000),
         )
@@ -640,6 +654,7 @@ class ChatCall:
                 "provider": self.deployment.provider.name,
                 "deployment": self.deployment.name,
                 "attempts": self.attempt,
+                "endpoint": self.endpoint.name,
                 "stream": self.params.stream,
                 "status": outcome.status,
                 "error_kind": outcome.error.kind if outcome.error else None,

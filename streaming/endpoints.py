@@ -1,0 +1,392 @@
+"""The OpenAI APIs the gateway serves, and what differs between them on the streaming path.
+
+Every endpoint goes through the same call (`calls.call.ApiCall`): limits, budget hold, bounded
+queue, one ledger row. What an endpoint decides is everything that depends on its wire format:
+
+- `path` and `upstream_body()`: what is sent upstream. Chat, Responses and legacy completions are
+  always streamed from the upstream (a non-stream client call is folded back together, so it is
+  cancellable and billed like a stream); embeddings are one JSON answer.
+- `chunk()`: one upstream event (a parsed JSON object) as a `ProviderChunk`: the text it
+  generated (for the local tally and the completion-token cap), its usage, the upstream's id of
+  the answer. An event that reports a failure raises `UpstreamError`.
+- `framer()`: the client's SSE frames, the end of a stream and its error event.
+- `aggregator()`: the non-stream answer, built from the chunks.
+- `usage_object()`: the billed usage in the endpoint's own shape, for an upstream that sent none.
+
+Providers produce the same events as the upstream would (the simulator builds them, the `openai`
+provider parses them), and pass each through `chunk()`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal, Protocol
+
+import orjson
+
+from streaming import _sse, tokens
+from streaming.aggregate import CompletionBuilder
+from streaming.providers.base import ProviderChunk, UpstreamError, Usage, text_of_chunk
+
+EndpointName = Literal["chat.completions", "responses", "completions", "embeddings"]
+STREAM_ERROR = "The upstream reported an error mid-stream."
+
+# Responses API events whose `delta` is generated text (counted against the completion cap).
+_RESPONSES_TEXT_DELTAS = frozenset(
+    {
+        "response.output_text.delta",
+        "response.refusal.delta",
+        "response.function_call_arguments.delta",
+        "response.custom_tool_call_input.delta",
+        "response.reasoning_text.delta",
+        "response.reasoning_summary_text.delta",
+    }
+)
+# Terminal events that carry the whole response, its usage included.
+_RESPONSES_FINAL = frozenset({"response.completed", "response.incomplete"})
+
+
+class ErrorEvent(Protocol):
+    """What the client is told when a stream ends in a failure."""
+
+    @property
+    def message(self) -> str: ...
+    @property
+    def type(self) -> str: ...
+    @property
+    def code(self) -> str | None: ...
+
+
+class Framer(Protocol):
+    """One stream's SSE frames (stateful: a Responses stream numbers its events)."""
+
+    def frame(self, chunk: ProviderChunk) -> bytes | None: ...
+
+    def end(self, billed_usage: Mapping[str, int] | None) -> bytes:
+        """The last frames of a complete stream, given the usage the call was billed."""
+        ...
+
+    def error(self, event: ErrorEvent) -> bytes: ...
+
+
+class Aggregator(Protocol):
+    def add(self, data: dict[str, Any]) -> None: ...
+
+    def build(self, *, usage: Mapping[str, Any]) -> dict[str, Any]:
+        """The non-stream answer; `usage` is the billed usage in this endpoint's shape."""
+        ...
+
+
+def _error_message(data: Mapping[str, Any], default: str) -> str:
+    inner = data.get("error", data)
+    if isinstance(inner, Mapping) and isinstance(inner.get("message"), str):
+        return str(inner["message"])
+    return default
+
+
+class Endpoint:
+    name: ClassVar[EndpointName]
+    path: ClassVar[str]  # relative to the upstream's base URL (which ends in /v1)
+    streamed: ClassVar[bool] = True  # whether the upstream is asked for a stream
+    produces_text: ClassVar[bool] = True  # whether the answer is generated tokens (not embeddings)
+
+    def upstream_body(self, body: Mapping[str, Any], *, upstream_model: str) -> dict[str, Any]:
+        return {**body, "model": upstream_model, "stream": True}
+
+    async def count_prompt_tokens(self, body: Mapping[str, Any], *, model: str) -> int:
+        """The request's prompt tokens, counted offline (`streaming.tokens`)."""
+        raise NotImplementedError
+
+    def chunk(self, data: dict[str, Any]) -> ProviderChunk:
+        raise NotImplementedError
+
+    def framer(self, *, include_usage: bool) -> Framer:
+        raise NotImplementedError
+
+    def aggregator(self) -> Aggregator:
+        raise NotImplementedError
+
+    def usage_object(self, billed: Mapping[str, int]) -> dict[str, Any]:
+        """OpenAI's usage object for billed `{prompt_tokens, completion_tokens, total_tokens}`."""
+        return dict(billed)
+
+
+class _ChatStyleFramer:
+    """`data:` frames ending in `[DONE]`; usage as OpenAI sends it when the client asked for it
+    (the upstream's, or what the call was billed when the upstream sent none)."""
+
+    def __init__(self, *, include_usage: bool) -> None:
+        self._include_usage = include_usage
+        self._head: dict[str, Any] = {}
+        self._usage_sent = False
+
+    def frame(self, chunk: ProviderChunk) -> bytes | None:
+        data = chunk.data
+        if not self._head:
+            self._head = {key: data.get(key) for key in ("id", "object", "created", "model")}
+        if chunk.usage is not None:
+            self._usage_sent = self._include_usage
+            if not data.get("choices"):
+                return _sse.data_frame(data) if self._include_usage else None
+        if not self._include_usage:
+            data.pop("usage", None)
+        return _sse.data_frame(data)
+
+    def end(self, billed_usage: Mapping[str, int] | None) -> bytes:
+        if self._include_usage and not self._usage_sent and billed_usage is not None:
+            return _sse.data_frame({**self._head, "choices": [], "usage": dict(billed_usage)}) + _sse.DONE
+        return _sse.DONE
+
+    def error(self, event: ErrorEvent) -> bytes:
+        return _sse.error_frame(message=event.message, type=event.type, code=event.code)
+
+
+class ChatCompletions(Endpoint):
+    name = "chat.completions"
+    path = "/chat/completions"
+
+    def upstream_body(self, body: Mapping[str, Any], *, upstream_model: str) -> dict[str, Any]:
+        # Usage is always asked for, so every call is billed from the upstream's counts.
+        options = {**(body.get("stream_options") or {}), "include_usage": True}
+        return {**body, "model": upstream_model, "stream": True, "stream_options": options}
+
+    async def count_prompt_tokens(self, body: Mapping[str, Any], *, model: str) -> int:
+        return await tokens.acount_chat_prompt_tokens(body["messages"], model=model, tools=body.get("tools"))
+
+    def chunk(self, data: dict[str, Any]) -> ProviderChunk:
+        if data.get("error"):
+            raise UpstreamError("server_error", _error_message(data, STREAM_ERROR))
+        usage = data.get("usage")
+        return ProviderChunk(
+            data=data,
+            text=text_of_chunk(data),
+            usage=Usage.from_openai(usage) if usage else None,
+            upstream_id=data.get("id") or "",
+        )
+
+    def framer(self, *, include_usage: bool) -> Framer:
+        return _ChatStyleFramer(include_usage=include_usage)
+
+    def aggregator(self) -> Aggregator:
+        return CompletionBuilder()
+
+
+class _TextChoice:
+    __slots__ = ("finish_reason", "logprobs", "text")
+
+    def __init__(self) -> None:
+        self.text: list[str] = []
+        self.finish_reason: str | None = None
+        self.logprobs: Any = None
+
+
+class TextCompletionBuilder:
+    """Legacy `text_completion` chunks folded into one answer, choice by choice."""
+
+    def __init__(self) -> None:
+        self._head: dict[str, Any] = {}
+        self._choices: dict[int, _TextChoice] = {}
+        self._usage: dict[str, Any] | None = None
+
+    def add(self, data: dict[str, Any]) -> None:
+        if not self._head:
+            self._head = {key: data.get(key) for key in ("id", "created", "model", "system_fingerprint")}
+        for choice in data.get("choices") or ():
+            merged = self._choices.setdefault(choice.get("index", 0), _TextChoice())
+            if choice.get("text"):
+                merged.text.append(choice["text"])
+            if choice.get("finish_reason"):
+                merged.finish_reason = choice["finish_reason"]
+            if choice.get("logprobs") is not None:
+                merged.logprobs = _merge_logprobs(merged.logprobs, choice["logprobs"])
+        if data.get("usage"):
+            self._usage = data["usage"]
+
+    def build(self, *, usage: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            "id": self._head.get("id"),
+            "object": "text_completion",
+            "created": self._head.get("created"),
+            "model": self._head.get("model"),
+            "system_fingerprint": self._head.get("system_fingerprint"),
+            "choices": [
+                {"index": index, "text": "".join(choice.text), "logprobs": choice.logprobs, "finish_reason": choice.finish_reason}
+                for index, choice in sorted(self._choices.items())
+            ],
+            "usage": self._usage or dict(usage),
+        }
+
+
+def _merge_logprobs(merged: Any, piece: Any) -> Any:
+    """Legacy logprobs are parallel lists (tokens, token_logprobs, top_logprobs, text_offset)."""
+    if not isinstance(piece, dict):
+        return merged
+    if not isinstance(merged, dict):
+        return {key: list(value) if isinstance(value, list) else value for key, value in piece.items()}
+    for key, value in piece.items():
+        if isinstance(value, list) and isinstance(merged.get(key), list):
+            merged[key].extend(value)
+    return merged
+
+
+class Completions(Endpoint):
+    """Legacy text completions (`/v1/completions`), for older clients."""
+
+    name = "completions"
+    path = "/completions"
+
+    def upstream_body(self, body: Mapping[str, Any], *, upstream_model: str) -> dict[str, Any]:
+        options = {**(body.get("stream_options") or {}), "include_usage": True}
+        return {**body, "model": upstream_model, "stream": True, "stream_options": options}
+
+    async def count_prompt_tokens(self, body: Mapping[str, Any], *, model: str) -> int:
+        return await tokens.acount_completion_prompt_tokens(body["prompt"], model=model)
+
+    def chunk(self, data: dict[str, Any]) -> ProviderChunk:
+        if data.get("error"):
+            raise UpstreamError("server_error", _error_message(data, STREAM_ERROR))
+        usage = data.get("usage")
+        text = "".join(choice.get("text") or "" for choice in data.get("choices") or ())
+        return ProviderChunk(data=data, text=text, usage=Usage.from_openai(usage) if usage else None, upstream_id=data.get("id") or "")
+
+    def framer(self, *, include_usage: bool) -> Framer:
+        return _ChatStyleFramer(include_usage=include_usage)
+
+    def aggregator(self) -> Aggregator:
+        return TextCompletionBuilder()
+
+
+class _ResponsesFramer:
+    """Typed events (`event: <type>` then its JSON), numbered by `sequence_number`; the stream
+    ends with the upstream's `response.completed` (no `[DONE]`), or with an `error` event."""
+
+    def __init__(self) -> None:
+        self._sequence = -1
+
+    def frame(self, chunk: ProviderChunk) -> bytes | None:
+        data = chunk.data
+        sequence = data.get("sequence_number")
+        if isinstance(sequence, int):
+            self._sequence = sequence
+        return b"event: " + str(data.get("type", "message")).encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+
+    def end(self, billed_usage: Mapping[str, int] | None) -> bytes:
+        return b""
+
+    def error(self, event: ErrorEvent) -> bytes:
+        self._sequence += 1
+        payload = {"type": "error", "code": event.code, "message": event.message, "param": None, "sequence_number": self._sequence}
+        return b"event: error\ndata: " + orjson.dumps(payload) + b"\n\n"
+
+
+class ResponseBuilder:
+    """The non-stream answer of the Responses API: the response that `response.completed` (or
+    `response.incomplete`) carries whole."""
+
+    def __init__(self) -> None:
+        self._response: dict[str, Any] | None = None
+        self._created: dict[str, Any] | None = None
+
+    def add(self, data: dict[str, Any]) -> None:
+        response = data.get("response")
+        if not isinstance(response, dict):
+            return
+        if data.get("type") in _RESPONSES_FINAL:
+            self._response = response
+        elif self._created is None:
+            self._created = response
+
+    def build(self, *, usage: Mapping[str, Any]) -> dict[str, Any]:
+        response = dict(self._response or self._created or {"object": "response", "output": []})
+        if not response.get("usage"):
+            response["usage"] = dict(usage)
+        return response
+
+
+class Responses(Endpoint):
+    name = "responses"
+    path = "/responses"
+
+    async def count_prompt_tokens(self, body: Mapping[str, Any], *, model: str) -> int:
+        return await tokens.acount_responses_input_tokens(body, model=model)
+
+    def chunk(self, data: dict[str, Any]) -> ProviderChunk:
+        kind = data.get("type")
+        if kind == "error":
+            raise UpstreamError("server_error", _error_message(data, STREAM_ERROR))
+        response = data.get("response")
+        if kind == "response.failed":
+            error = response.get("error") if isinstance(response, dict) else None
+            raise UpstreamError("server_error", _error_message(error or {}, STREAM_ERROR))
+        usage = None
+        upstream_id = ""
+        if isinstance(response, dict):
+            upstream_id = response.get("id") or ""
+            if kind in _RESPONSES_FINAL and response.get("usage"):
+                usage = Usage.from_responses(response["usage"])
+        delta = data.get("delta")
+        text = delta if kind in _RESPONSES_TEXT_DELTAS and isinstance(delta, str) else ""
+        return ProviderChunk(data=data, text=text, usage=usage, upstream_id=upstream_id)
+
+    def framer(self, *, include_usage: bool) -> Framer:
+        return _ResponsesFramer()
+
+    def aggregator(self) -> Aggregator:
+        return ResponseBuilder()
+
+    def usage_object(self, billed: Mapping[str, int]) -> dict[str, Any]:
+        return {
+            "input_tokens": billed["prompt_tokens"],
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": billed["completion_tokens"],
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": billed["total_tokens"],
+        }
+
+
+class EmbeddingsAnswer:
+    def __init__(self) -> None:
+        self._answer: dict[str, Any] = {}
+
+    def add(self, data: dict[str, Any]) -> None:
+        self._answer = data
+
+    def build(self, *, usage: Mapping[str, Any]) -> dict[str, Any]:
+        answer = dict(self._answer)
+        if not answer.get("usage"):
+            answer["usage"] = dict(usage)
+        return answer
+
+
+class Embeddings(Endpoint):
+    name = "embeddings"
+    path = "/embeddings"
+    streamed = False
+    produces_text = False
+
+    def upstream_body(self, body: Mapping[str, Any], *, upstream_model: str) -> dict[str, Any]:
+        return {**body, "model": upstream_model}
+
+    async def count_prompt_tokens(self, body: Mapping[str, Any], *, model: str) -> int:
+        return await tokens.acount_embedding_input_tokens(body["input"], model=model)
+
+    def chunk(self, data: dict[str, Any]) -> ProviderChunk:
+        if data.get("error"):
+            raise UpstreamError("server_error", _error_message(data, STREAM_ERROR))
+        usage = data.get("usage") or {}
+        prompt = int(usage.get("prompt_tokens") or 0)
+        return ProviderChunk(data=data, text="", usage=Usage(prompt_tokens=prompt, completion_tokens=0) if usage else None)
+
+    def framer(self, *, include_usage: bool) -> Framer:
+        raise TypeError("embeddings are not streamed")
+
+    def aggregator(self) -> Aggregator:
+        return EmbeddingsAnswer()
+
+    def usage_object(self, billed: Mapping[str, int]) -> dict[str, Any]:
+        return {"prompt_tokens": billed["prompt_tokens"], "total_tokens": billed["prompt_tokens"]}
+
+
+ENDPOINTS: dict[EndpointName, Endpoint] = {
+    endpoint.name: endpoint for endpoint in (ChatCompletions(), Responses(), Completions(), Embeddings())
+}
