@@ -324,6 +324,266 @@ def _check_named(param: str, named: FunctionChoice | CustomChoice, defined: set[
         raise _refused(f"{param}.{named.type}.name", f"Invalid value for '{param}.{named.type}.name': {message}")
 
 
+# --- the Responses API (`POST /v1/responses`) ----------------------------------------------------
+
+BACKGROUND_REFUSED = (
+    "Invalid value for 'background': this gateway does not run background responses, since it "
+    "could not bill a response it does not see finish. Use 'stream' instead."
+)
+MIN_OUTPUT_TOKENS = 16  # OpenAI's minimum for max_output_tokens
+
+
+def _by_object_key(key: str, *, present: str, absent: str) -> Any:
+    """A Discriminator among objects: `present` when the object has `key`, else `absent`; a
+    non-object is an `invalid_type` error expecting an object."""
+
+    def tag(value: Any) -> str | None:
+        if isinstance(value, dict):
+            return present if key in value else absent
+        if isinstance(value, BaseModel):  # validating a model instance (model_validate of models)
+            return present if hasattr(value, key) else absent
+        return None
+
+    return Discriminator(tag, custom_error_type="invalid_type", custom_error_message="an object")
+
+
+class InputMessage(_Body):
+    """A message of a Responses `input`: the item with a `role` (its `type`, if any, is "message")."""
+
+    type: Literal["message"] | None = None
+    role: Literal["user", "assistant", "system", "developer"]
+    content: Content
+
+
+class InputItem(_Body):
+    """Any other item of a Responses `input` (a function call, its output, a reasoning item...):
+    only its `type` is checked, the upstream knows the rest."""
+
+    type: str
+
+
+ResponsesInput = Annotated[
+    Annotated[str, Tag("~text")]
+    | Annotated[
+        Annotated[
+            list[
+                Annotated[
+                    Annotated[InputMessage, Tag("~message")] | Annotated[InputItem, Tag("~item")],
+                    _by_object_key("role", present="~message", absent="~item"),
+                ]
+            ],
+            Field(min_length=1),
+        ],
+        Tag("~items"),
+    ],
+    _by_json_type(string="~text", array="~items"),
+]
+
+
+class ResponsesFunctionTool(_Body):
+    """A function tool of the Responses API: flat, unlike chat's (`name` beside `type`)."""
+
+    type: Literal["function"]
+    name: Name
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ResponsesTool(_Body):
+    """A built-in or other tool (`web_search`, `file_search`, `mcp`, ...): only its `type` is checked."""
+
+    type: str
+
+
+def _function_or_other(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return "~function" if value.get("type") == "function" else "~other"
+    if isinstance(value, BaseModel):
+        return "~function" if getattr(value, "type", None) == "function" else "~other"
+    return None
+
+
+ResponsesToolDefinition = Annotated[
+    Annotated[ResponsesFunctionTool, Tag("~function")] | Annotated[ResponsesTool, Tag("~other")],
+    Discriminator(_function_or_other, custom_error_type="invalid_type", custom_error_message="an object"),
+]
+
+
+class ResponsesToolChoiceObject(_Body):
+    """A tool the model must use (`{"type": "function", "name": ...}`, a built-in tool's type,
+    `allowed_tools`...): only its `type` is checked."""
+
+    type: str
+    name: str | None = None
+
+
+ResponsesToolChoice = Annotated[
+    Annotated[Literal["none", "auto", "required"], Tag("~mode")] | Annotated[ResponsesToolChoiceObject, Tag("~object")],
+    _by_json_type(string="~mode", object="~object"),
+]
+
+
+class ResponsesJsonSchemaFormat(_Body):
+    """Structured outputs of the Responses API: flat, unlike chat's `json_schema` wrapper."""
+
+    type: Literal["json_schema"]
+    name: Name
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+ResponsesFormat = Annotated[TextFormat | JsonObjectFormat | ResponsesJsonSchemaFormat, Field(discriminator="type")]
+
+
+class ResponsesText(_Body):
+    format: ResponsesFormat | None = None
+
+
+class ResponsesRequest(_Body):
+    """`POST /v1/responses`: OpenAI's Responses request. `stream_options` is not one of its
+    parameters; like any unknown field it passes through."""
+
+    model: Annotated[str, StringConstraints(min_length=1)]
+    input: ResponsesInput | None = None
+    instructions: str | None = None
+    stream: bool | None = None
+    max_output_tokens: Annotated[int, Field(ge=MIN_OUTPUT_TOKENS)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    tools: list[ResponsesToolDefinition] | None = None
+    tool_choice: ResponsesToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    text: ResponsesText | None = None
+    previous_response_id: str | None = None
+    store: bool | None = None
+    metadata: dict[str, Any] | None = None
+    reasoning: dict[str, Any] | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    user: str | None = None
+    background: bool | None = None
+
+    @model_validator(mode="after")
+    def _references(self) -> ResponsesRequest:
+        # A background response runs on after the request ends, where the gateway cannot see it
+        # finish: it could neither bill it nor give back its hold. A stream gives the same
+        # answer in a call the gateway sees through.
+        if self.background:
+            raise _refused("background", BACKGROUND_REFUSED)
+        return self
+
+
+# --- embeddings (`POST /v1/embeddings`) ----------------------------------------------------------
+
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit on the inputs of one request
+
+TokenId = Annotated[int, Field(ge=0)]
+NonEmptyText = Annotated[str, StringConstraints(min_length=1)]
+
+
+def _by_first_item(*, strings: str, tokens: str, token_lists: str) -> Any:
+    """A Discriminator among arrays by their first item's JSON type: strings, token ids (integers)
+    or token-id arrays. An empty array, or one whose first item is none of these, is taken as
+    strings (the common case), so that its error reads as OpenAI's."""
+
+    def tag(value: Any) -> str:
+        first = value[0] if isinstance(value, list) and value else None
+        if isinstance(first, int) and not isinstance(first, bool):
+            return tokens
+        if isinstance(first, list):
+            return token_lists
+        return strings
+
+    return Discriminator(tag)
+
+
+EmbeddingsInput = Annotated[
+    Annotated[NonEmptyText, Tag("~text")]
+    | Annotated[
+        Annotated[
+            Annotated[Annotated[list[NonEmptyText], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)], Tag("~strings")]
+            | Annotated[Annotated[list[TokenId], Field(min_length=1)], Tag("~tokens")]
+            | Annotated[
+                Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)],
+                Tag("~token_lists"),
+            ],
+            _by_first_item(strings="~strings", tokens="~tokens", token_lists="~token_lists"),
+        ],
+        Tag("~array"),
+    ],
+    _by_json_type(string="~text", array="~array"),
+]
+
+
+class EmbeddingsRequest(_Body):
+    """`POST /v1/embeddings`: OpenAI's embeddings request."""
+
+    model: Annotated[str, StringConstraints(min_length=1)]
+    input: EmbeddingsInput
+    encoding_format: Literal["float", "base64"] | None = None
+    dimensions: Annotated[int, Field(ge=1)] | None = None
+    user: str | None = None
+
+
+# --- legacy completions (`POST /v1/completions`) -------------------------------------------------
+
+MAX_COMPLETION_N = 128
+MAX_BEST_OF = 20
+MAX_LOGPROBS = 5
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for this endpoint (not chat's "no limit")
+BEST_OF_BELOW_N = "'best_of' must be greater than or equal to 'n'."
+BEST_OF_STREAMED = "'best_of' greater than 1 cannot be streamed."
+
+CompletionPrompt = Annotated[
+    Annotated[str, Tag("~text")]
+    | Annotated[
+        Annotated[
+            Annotated[Annotated[list[str], Field(min_length=1)], Tag("~strings")]
+            | Annotated[Annotated[list[TokenId], Field(min_length=1)], Tag("~tokens")]
+            | Annotated[Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)], Tag("~token_lists")],
+            _by_first_item(strings="~strings", tokens="~tokens", token_lists="~token_lists"),
+        ],
+        Tag("~array"),
+    ],
+    _by_json_type(string="~text", array="~array"),
+]
+
+
+class CompletionRequest(_Body):
+    """`POST /v1/completions`: OpenAI's legacy (text) completions request."""
+
+    model: Annotated[str, StringConstraints(min_length=1)]
+    prompt: CompletionPrompt
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    max_tokens: Annotated[int, Field(ge=0)] | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_COMPLETION_N)] | None = None
+    best_of: Annotated[int, Field(ge=1, le=MAX_BEST_OF)] | None = None
+    echo: bool | None = None
+    suffix: str | None = None
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    stop: Stop | None = None
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    seed: int | None = None
+    user: str | None = None
+
+    @model_validator(mode="after")
+    def _references(self) -> CompletionRequest:
+        if self.stream_options is not None and not self.stream:
+            raise _refused("stream_options", f"Invalid value for 'stream_options': {STREAM_OPTIONS_WITHOUT_STREAM}")
+        if self.best_of is not None and self.best_of < (self.n if self.n is not None else 1):
+            raise _refused("best_of", f"Invalid value for 'best_of': {BEST_OF_BELOW_N}")
+        # The client would see n of best_of candidates stream by, and the gateway could not tell
+        # which were dropped: OpenAI refuses it too ("Results cannot be streamed").
+        if self.best_of is not None and self.best_of > 1 and self.stream:
+            raise _refused("best_of", f"Invalid value for 'best_of': {BEST_OF_STREAMED}")
+        return self
+
+
 # --- responses (published, and what the tests hold the gateway's answers to) --------------------
 
 
@@ -401,3 +661,72 @@ class Model(_Closed):
 class ModelList(_Closed):
     object: Literal["list"]
     data: list[Model]
+
+
+class ResponseUsage(_Closed):
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+
+
+class Response(_Closed):
+    """A Responses API answer (`stream` false), and the `response` its stream's `response.created`
+    and `response.completed` events carry. `output` items are the upstream's, passed on as sent."""
+
+    id: str
+    object: Literal["response"]
+    created_at: int
+    status: str
+    model: str
+    output: list[dict[str, Any]]
+    usage: ResponseUsage | None = None
+
+
+class ResponseStreamEvent(_Closed):
+    """One event of a streamed response (`event: <type>` then this as `data:`); the stream ends
+    with `response.completed` (or `response.incomplete`), or with an `error` event."""
+
+    type: str
+    sequence_number: int
+
+
+class ResponseDeleted(_Closed):
+    id: str
+    object: Literal["response"]
+    deleted: bool
+
+
+class Embedding(_Closed):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str  # a string with `encoding_format: "base64"`
+
+
+class EmbeddingsUsage(_Closed):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class CreateEmbeddingResponse(_Closed):
+    object: Literal["list"]
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingsUsage
+
+
+class CompletionChoice(_Closed):
+    text: str
+    index: int
+    finish_reason: str | None
+    logprobs: dict[str, Any] | None = None
+
+
+class Completion(_Closed):
+    """A legacy completion; streamed, each `data:` event is one of these (then `data: [DONE]`)."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None

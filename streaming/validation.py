@@ -1,5 +1,6 @@
-"""Validation of `/v1/chat/completions` bodies against the declared schema
-(`streaming.schema.ChatCompletionRequest`), with OpenAI's error wording, codes and params.
+"""Validation of request bodies against the declared schemas (`streaming.schema`:
+`ChatCompletionRequest`, `ResponsesRequest`, `EmbeddingsRequest`, `CompletionRequest`), with
+OpenAI's error wording, codes and params.
 
 A body that does not match gets an `InvalidApiRequest` about its first wrong field: `param` is
 the field's path in the body as OpenAI writes it (`messages[0].content`, `tools[1].function.name`)
@@ -20,7 +21,14 @@ from pydantic_core import ErrorDetails
 
 from streaming.endpoints import EndpointName
 from streaming.exceptions import InvalidApiRequest
-from streaming.schema import NAME_PATTERN, ChatCompletionRequest
+from streaming.schema import (
+    DEFAULT_COMPLETION_MAX_TOKENS,
+    NAME_PATTERN,
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingsRequest,
+    ResponsesRequest,
+)
 
 INVALID_JSON = "We could not parse the JSON body of your request. The body must be a JSON object."
 MISSING_PARAM = "Missing required parameter: '{param}'."
@@ -97,6 +105,57 @@ def validate_chat_body(body: dict[str, Any]) -> CallParams:
         include_usage=request.stream_options.include_usage if request.stream_options is not None else False,
         max_tokens=max_tokens,
         n=request.n if request.n is not None else 1,
+    )
+
+
+def validate_responses_body(body: dict[str, Any]) -> CallParams:
+    try:
+        request = ResponsesRequest.model_validate(body)
+    except ValidationError as invalid:
+        raise _openai_error(invalid, body) from None
+    return CallParams(
+        endpoint="responses",
+        body=body,
+        model=request.model,
+        stream=bool(request.stream),
+        include_usage=False,  # a Responses stream always ends with its usage (`response.completed`)
+        max_tokens=request.max_output_tokens,
+        n=1,
+    )
+
+
+def validate_embeddings_body(body: dict[str, Any]) -> CallParams:
+    try:
+        request = EmbeddingsRequest.model_validate(body)
+    except ValidationError as invalid:
+        raise _openai_error(invalid, body) from None
+    return CallParams(
+        endpoint="embeddings", body=body, model=request.model, stream=False, include_usage=False, max_tokens=None, n=1
+    )
+
+
+def validate_completions_body(body: dict[str, Any]) -> CallParams:
+    """Legacy completions. `max_tokens` defaults to OpenAI's 16 for this endpoint, and `n` is the
+    choices the upstream generates and bills: `best_of` of them when given, of which `n` return.
+
+    `max_tokens: 0` (with `echo`, to score a prompt) generates nothing, but is reported as 1: a
+    0 would read as "no limit" to `params.max_tokens or GATEWAY_DEFAULT_MAX_TOKENS` and reserve the
+    gateway's default for a call that generates no token.
+    """
+    try:
+        request = CompletionRequest.model_validate(body)
+    except ValidationError as invalid:
+        raise _openai_error(invalid, body) from None
+    max_tokens = request.max_tokens if request.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
+    n = request.best_of if request.best_of is not None else (request.n if request.n is not None else 1)
+    return CallParams(
+        endpoint="completions",
+        body=body,
+        model=request.model,
+        stream=bool(request.stream),
+        include_usage=request.stream_options.include_usage if request.stream_options is not None else False,
+        max_tokens=max(max_tokens, 1),
+        n=n,
     )
 
 
