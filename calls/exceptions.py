@@ -6,6 +6,7 @@ OpenAI error once (`llmgateway.errors.api_error_for`).
     ├── LimitExceeded          a rate limit, the concurrency limit or the upstream's capacity
     ├── LimiterDown            the limiter is unreachable and configured to fail closed
     ├── LedgerUnavailable      the call could not be journaled, so it could not be accounted for
+    ├── StoredResponseNotFound no stored response of the caller's has that id
     └── UpstreamRefused        the upstream failed before the first token
 """
 
@@ -46,6 +47,10 @@ class LimiterDown(CallError):
 
 class LedgerUnavailable(CallError):
     """The ledger outbox could not journal the call (disk full, unwritable): it is not made."""
+
+
+class StoredResponseNotFound(CallError):
+    """No response of this user has that id (or the upstream that stored it is gone)."""
 
 
 class UpstreamRefused(CallError):

@@ -6,6 +6,7 @@ import logging
 import uuid
 import weakref
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import orjson
 from django.conf import settings
@@ -13,7 +14,9 @@ from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
+from calls import stored as calls_stored
 from calls.call import ApiCall
+from calls.stored import StoredAction
 from llmgateway import openapi
 from llmgateway.auth import Principal, aauthenticate, aprincipal_for_api_call
 from llmgateway.errors import (
@@ -25,7 +28,8 @@ from llmgateway.errors import (
     error_response,
 )
 from llmgateway.middleware import REQUEST_ID_HEADER, stamp_upstream_call
-from streaming.validation import parse_json_object, validate_chat_body
+from streaming import validation
+from streaming.validation import CallParams, parse_json_object
 from upstreams.catalog import acatalog
 
 logger = logging.getLogger(__name__)
@@ -66,10 +70,55 @@ def _read_body(request: HttpRequest) -> bytes:
     return body
 
 
+type Validator = Callable[[dict[str, Any]], CallParams]
+
+
 @csrf_exempt
 async def chat_completions(request: HttpRequest) -> HttpResponseBase:
     """`POST /v1/chat/completions`, authenticated by API key."""
-    return await serve_chat_completion(request, lambda: aprincipal_for_api_call(request))
+    return await serve_call(request, lambda: aprincipal_for_api_call(request), validation.validate_chat_body)
+
+
+@csrf_exempt
+async def responses(request: HttpRequest) -> HttpResponseBase:
+    """`POST /v1/responses`: the Responses API, streamed (typed events) or not."""
+    return await serve_call(request, lambda: aprincipal_for_api_call(request), validation.validate_responses_body)
+
+
+@csrf_exempt
+async def completions(request: HttpRequest) -> HttpResponseBase:
+    """`POST /v1/completions`: legacy text completions, for older clients."""
+    return await serve_call(request, lambda: aprincipal_for_api_call(request), validation.validate_completions_body)
+
+
+@csrf_exempt
+async def embeddings(request: HttpRequest) -> HttpResponseBase:
+    """`POST /v1/embeddings`."""
+    return await serve_call(request, lambda: aprincipal_for_api_call(request), validation.validate_embeddings_body)
+
+
+@csrf_exempt
+async def stored_response(request: HttpRequest, response_id: str) -> HttpResponse:
+    """`GET` or `DELETE /v1/responses/{response_id}`: one of the caller's stored responses."""
+    actions: dict[str, StoredAction] = {"GET": "retrieve", "DELETE": "delete"}
+    return await _serve_stored(request, response_id, actions)
+
+
+@csrf_exempt
+async def stored_response_cancel(request: HttpRequest, response_id: str) -> HttpResponse:
+    """`POST /v1/responses/{response_id}/cancel`."""
+    return await _serve_stored(request, response_id, {"POST": "cancel"})
+
+
+async def _serve_stored(request: HttpRequest, response_id: str, actions: dict[str, StoredAction]) -> HttpResponse:
+    try:
+        action = actions.get(str(request.method))
+        if action is None:
+            raise MethodNotAllowed(str(request.method), allowed=", ".join(actions))
+        principal = await aprincipal_for_api_call(request)
+        return _json(await calls_stored.stored_response(principal=principal, response_id=response_id, action=action))
+    except Exception as error:
+        return _error_answer(error)
 
 
 class CallStreamingResponse(StreamingHttpResponse):
@@ -91,8 +140,8 @@ def _simulator_headers(request: HttpRequest) -> dict[str, str]:
     }
 
 
-async def serve_chat_completion(request: HttpRequest, authenticate: Callable[[], Awaitable[Principal]]) -> HttpResponseBase:
-    """Authenticate, validate and run one chat completion (shared with the web chat page).
+async def serve_call(request: HttpRequest, authenticate: Callable[[], Awaitable[Principal]], validate: Validator) -> HttpResponseBase:
+    """Authenticate, validate and run one call to any endpoint (shared with the web chat page).
 
     Every response, error or not, carries the call's `x-request-id`: the ledger row's
     `request_id` when the call reached an upstream.
@@ -100,7 +149,7 @@ async def serve_chat_completion(request: HttpRequest, authenticate: Callable[[],
     request_id = uuid.uuid4()
     headers: dict[str, str] = {}
     try:
-        response = await _chat_completion(request, authenticate, request_id, headers)
+        response = await _call(request, authenticate, validate, request_id, headers)
     except Exception as error:
         response = _error_answer(error)
     for name, value in headers.items():
@@ -110,13 +159,17 @@ async def serve_chat_completion(request: HttpRequest, authenticate: Callable[[],
     return response
 
 
-async def _chat_completion(
-    request: HttpRequest, authenticate: Callable[[], Awaitable[Principal]], request_id: uuid.UUID, headers: dict[str, str]
+async def _call(
+    request: HttpRequest,
+    authenticate: Callable[[], Awaitable[Principal]],
+    validate: Validator,
+    request_id: uuid.UUID,
+    headers: dict[str, str],
 ) -> HttpResponseBase:
     if request.method != "POST":
         raise MethodNotAllowed(str(request.method), allowed="POST")
     principal = await authenticate()
-    params = validate_chat_body(parse_json_object(_read_body(request)))
+    params = validate(parse_json_object(_read_body(request)))
     call = ApiCall(principal=principal, params=params, request_id=request_id, simulator=_simulator_headers(request))
     async with call:
         headers.update(call.response_headers())

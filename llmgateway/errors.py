@@ -21,6 +21,7 @@ from calls.exceptions import (
     LimitExceeded,
     LimitKind,
     ModelUnavailable,
+    StoredResponseNotFound,
     UpstreamRefused,
 )
 from streaming.exceptions import InvalidApiRequest
@@ -146,6 +147,8 @@ def _upstream_error(error: UpstreamError) -> ApiError:
         if error.retry_after is not None:
             headers["retry-after"] = str(max(1, round(error.retry_after)))
         return RateLimited(f"The upstream is rate limiting: {error.message}", code="upstream_rate_limited", headers=headers)
+    if error.kind == "bad_request" and error.status == 404:
+        return NotFound(error.message, code="upstream_not_found")
     if error.kind == "bad_request":
         return InvalidRequest(error.message, code="upstream_rejected_request")
     if error.kind == "timeout":
@@ -179,6 +182,8 @@ def api_error_for(error: Exception) -> ApiError | None:
             return ServiceUnavailable(DATABASE_UNAVAILABLE, code="database_unavailable", headers={"Retry-After": "1"})
         case InvalidApiRequest():
             return InvalidRequest(error.message, param=error.param, code=error.code)
+        case StoredResponseNotFound():
+            return NotFound(error.message, param="response_id")
         case ModelUnavailable():
             return NotFound(error.message, param=error.param, code="model_not_found")
         case LimitExceeded():

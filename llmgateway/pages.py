@@ -15,9 +15,10 @@ from django.utils.decorators import method_decorator
 from django.views.decorators.csrf import csrf_protect
 from django_ratelimit.decorators import ratelimit
 
-from llmgateway.api import serve_chat_completion
+from llmgateway.api import serve_call
 from llmgateway.auth import aprincipal_for_session
 from llmgateway.errors import RateLimited, error_response
+from streaming.validation import validate_chat_body
 
 RATE_LIMITED = "Too many requests to this page. Wait a minute and try again."
 
@@ -40,4 +41,4 @@ class LoginView(auth_views.LoginView):
 @csrf_protect
 async def chat_stream(request: HttpRequest) -> HttpResponseBase:
     """The chat page's streaming endpoint: OpenAI's request and SSE shapes, session-authenticated."""
-    return await serve_chat_completion(request, lambda: aprincipal_for_session(request))
+    return await serve_call(request, lambda: aprincipal_for_session(request), validate_chat_body)

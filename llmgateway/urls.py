@@ -7,6 +7,11 @@ from llmgateway import api, chat_views, logins, ops, pages, portal
 
 urlpatterns = [
     path("v1/chat/completions", api.chat_completions, name="chat-completions"),
+    path("v1/responses", api.responses, name="responses"),
+    path("v1/responses/<str:response_id>", api.stored_response, name="stored-response"),
+    path("v1/responses/<str:response_id>/cancel", api.stored_response_cancel, name="stored-response-cancel"),
+    path("v1/completions", api.completions, name="completions"),
+    path("v1/embeddings", api.embeddings, name="embeddings"),
     path("v1/models", api.models_list, name="models"),
     path("v1/openapi.json", api.openapi_document, name="openapi"),
     # [\s\S], not `.` or a path converter: a path with an encoded newline is still the API's.

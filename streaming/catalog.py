@@ -144,6 +144,9 @@ _OPENAI_MODELS = {
     "o3-mini": 200_000,
     "gpt-4-turbo": 128_000,
     "gpt-3.5-turbo": 16_385,
+    "text-embedding-3-small": 8_191,
+    "text-embedding-3-large": 8_191,
+    "text-embedding-ada-002": 8_191,
 }
 # The simulator reads no prompt; a small window lets the chat page's trimming be seen.
 SIMULATOR_CONTEXT_WINDOW = 16_384
@@ -152,6 +155,7 @@ _SIMULATED_MODELS: dict[str, dict[str, Any]] = {
     "sim-chat": {},
     "sim-fast": {"tokens_per_second": 0, "ttft_ms": 0},
     "sim-long": {"completion_tokens": 1024, "tokens_per_second": 200},
+    "sim-embed": {"ttft_ms": 20},  # embeddings (any model of the simulator serves every endpoint)
 }
 
 
