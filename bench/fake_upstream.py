@@ -77,6 +77,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import http
 import itertools
@@ -84,9 +85,11 @@ import json
 import math
 import os
 import signal
+import struct
 import sys
 import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -127,6 +130,20 @@ ERROR_MODEL = "you must provide a model parameter"
 ERROR_JSON = "We could not parse the JSON body of your request."
 ERROR_NOT_FOUND = "Unknown request URL: {method} {path}."
 ERROR_MODEL_NOT_FOUND = "The model '{model}' does not exist."
+ERROR_INPUT = (
+    "'input' must be a string, an array of strings, an array of token ids or an array of "
+    "arrays of token ids."
+)
+ERROR_RESPONSE_NOT_FOUND = "Response with id '{id}' not found."
+ERROR_CANCEL = "Only responses created with background=true can be cancelled."
+
+# The POST routes that generate, and their kind.
+_GENERATIONS = {
+    "/chat/completions": "chat",
+    "/completions": "completion",
+    "/responses": "response",
+    "/embeddings": "embedding",
+}
 
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
@@ -180,6 +197,108 @@ def prompt_tokens_for(body: dict[str, Any], fixed: int | None = None) -> int:
                 if isinstance(text, str):
                     chars += len(text)
     return chars // 4 + 3 * len(messages) + 3
+
+
+def input_tokens_for(body: dict[str, Any], fixed: int | None = None) -> int:
+    """Return the input tokens of a Responses API request, counted as :func:`prompt_tokens_for`.
+
+    ``instructions`` is one system message; a string ``input`` one user message; each item of
+    a list ``input`` one message (its ``content``, or a tool result's ``output``).
+    """
+    if fixed is not None:
+        return fixed
+    messages: list[Any] = []
+    instructions = body.get("instructions")
+    if isinstance(instructions, str):
+        messages.append({"content": instructions})
+    given = body.get("input")
+    if isinstance(given, str):
+        messages.append({"content": given})
+    elif isinstance(given, list):
+        for item in given:
+            if (
+                isinstance(item, dict)
+                and "content" not in item
+                and isinstance(item.get("output"), str)
+            ):
+                item = {"content": item["output"]}
+            messages.append(item)
+    return prompt_tokens_for({"messages": messages})
+
+
+def _prompts_of(prompt: object) -> list[str | list[int]]:
+    """A legacy completion's (or an embedding's) inputs: strings or token-id lists."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list):
+        if prompt and all(isinstance(x, int) for x in prompt):
+            return [cast(list[int], prompt)]
+        return [x for x in prompt if isinstance(x, str | list)]
+    return []
+
+
+def _prompt_count(prompt: object) -> int:
+    return max(1, len(_prompts_of(prompt)))
+
+
+def completion_prompt_tokens_for(body: dict[str, Any], fixed: int | None = None) -> int:
+    """Return a legacy completion's prompt tokens: chars // 4 (at least 1) per string, the ids
+    per token-id list."""
+    if fixed is not None:
+        return fixed
+    return sum(
+        len(prompt) if isinstance(prompt, list) else max(1, len(prompt) // 4)
+        for prompt in _prompts_of(body.get("prompt"))
+    )
+
+
+def _embedding_inputs(given: object) -> list[str | list[int]] | None:
+    """Split an embeddings ``input`` into its items, or None when it is not a valid one."""
+    if isinstance(given, str):
+        return [given]
+    if not isinstance(given, list) or not given:
+        return None
+    if all(isinstance(x, int) for x in given):
+        return [cast(list[int], given)]
+    if all(isinstance(x, str) for x in given):
+        return cast(list[str | list[int]], given)
+    if all(isinstance(x, list) and all(isinstance(i, int) for i in x) for x in given):
+        return cast(list[str | list[int]], given)
+    return None
+
+
+def _embedding_of(item: str | list[int], dimensions: int) -> list[float]:
+    """A deterministic unit vector for ``item`` (equal inputs, equal vectors)."""
+    if isinstance(item, str):
+        seed = zlib.crc32(item.encode())
+    else:
+        seed = zlib.crc32(struct.pack(f"<{len(item)}q", *item))
+    values = [
+        ((seed ^ (i * 0x9E3779B1)) * 2654435761 % 4294967296) / 2147483648.0 - 1.0
+        for i in range(1, dimensions + 1)
+    ]
+    norm = math.sqrt(sum(v * v for v in values)) or 1.0
+    return [v / norm for v in values]
+
+
+def _arguments_for(schema: object) -> Any:
+    """Sample arguments that satisfy a JSON schema's types: every required property."""
+    if not isinstance(schema, dict):
+        return {}
+    enum = schema.get("enum")
+    if isinstance(enum, list) and enum:
+        return enum[0]
+    type_ = schema.get("type")
+    if isinstance(type_, list):
+        type_ = next((t for t in type_ if t != "null"), "null")
+    if type_ == "object" or (type_ is None and "properties" in schema):
+        properties = schema.get("properties")
+        properties = properties if isinstance(properties, dict) else {}
+        required = schema.get("required")
+        names = required if isinstance(required, list) else list(properties)
+        return {name: _arguments_for(properties.get(name)) for name in names}
+    samples = {"string": "tok", "integer": 1, "number": 1.5, "boolean": True, "array": []}
+    return samples.get(type_) if isinstance(type_, str) else {}
 
 
 def wait_until(
@@ -265,7 +384,7 @@ class _Connection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
-        self.transport = cast(asyncio.WriteTransport, writer.transport)
+        self.transport = writer.transport
         self.high_water = self.transport.get_write_buffer_limits()[1]
         self.queue: asyncio.Queue[_Parsed | _BadRequest | None] = asyncio.Queue()
         self.closed = asyncio.Event()
@@ -348,8 +467,23 @@ class _Out:
 
 
 @dataclass(slots=True)
+class _ToolCall:
+    """The function call a chat completion answers with: its id, name and argument pieces."""
+
+    id: str
+    name: str
+    arguments: str
+    pieces: tuple[str, ...]
+
+
+@dataclass(slots=True)
 class _Plan:
-    """Everything a completion needs, fixed when the request starts."""
+    """Everything a completion needs, fixed when the request starts.
+
+    ``kind`` is the API: "chat" (chat.completion), "completion" (legacy text_completion) or
+    "response" (the Responses API). ``choices`` is how many choices each chunk carries in turn
+    (``n``, times the prompts of a legacy completion); ``completion_tokens`` counts one choice.
+    """
 
     id: str
     created: int
@@ -366,63 +500,393 @@ class _Plan:
     fault_after: int
     keep_alive: bool
     extra_headers: bytes = b""
+    kind: str = "chat"
+    choices: int = 1
+    tool: _ToolCall | None = None
+    request: dict[str, Any] | None = None  # the Responses API request, echoed in its response
+    store: bool = False  # keep the response for GET /v1/responses/{id}
+
+    @property
+    def output_tokens(self) -> int:
+        return self.completion_tokens * self.choices
 
     def usage(self) -> dict[str, Any]:
+        c = self.output_tokens
+        if self.kind == "completion":
+            return {
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": c,
+                "total_tokens": self.prompt_tokens + c,
+            }
         return {
             "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "completion_tokens": c,
+            "total_tokens": self.prompt_tokens + c,
             "prompt_tokens_details": {"cached_tokens": 0},
             "completion_tokens_details": {"reasoning_tokens": 0},
         }
 
     def frames(self) -> _Frames:
         """Pre-encode the SSE events of this stream (string templates: no per-frame dumps)."""
+        if self.kind == "response":
+            return self._response_frames()
+        if self.kind == "completion":
+            return self._completion_frames()
+        return self._chat_frames()
+
+    def payload(self) -> dict[str, Any]:
+        """The non-streamed answer."""
+        if self.kind == "response":
+            return self.response_object()
+        text = self.token_text * self.completion_tokens
+        if self.kind == "completion":
+            return {
+                "id": self.id,
+                "object": "text_completion",
+                "created": self.created,
+                "model": self.model,
+                "choices": [
+                    {
+                        "text": text,
+                        "index": i,
+                        "logprobs": None,
+                        "finish_reason": self.finish_reason,
+                    }
+                    for i in range(self.choices)
+                ],
+                "usage": self.usage(),
+                "system_fingerprint": None,
+            }
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": text,
+            "refusal": None,
+            "annotations": [],
+        }
+        tool = self.tool
+        if tool is not None:
+            message["content"] = None
+            message["tool_calls"] = [
+                {
+                    "id": tool.id,
+                    "type": "function",
+                    "function": {"name": tool.name, "arguments": tool.arguments},
+                }
+            ]
+        return {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [
+                {
+                    "index": i,
+                    "message": message,
+                    "logprobs": None,
+                    "finish_reason": self.finish_reason,
+                }
+                for i in range(self.choices)
+            ],
+            "usage": self.usage(),
+            "service_tier": "default",
+            "system_fingerprint": None,
+        }
+
+    def endless_prefix(self) -> bytes:
+        """The start of a non-streamed answer whose text never ends, up to the opening quote."""
+        common = f'{{"id":{_dumps(self.id)},'
+        if self.kind == "response":
+            return (
+                f'{common}"object":"response","created_at":{self.created},"status":"completed",'
+                f'"model":{_dumps(self.model)},"output":[{{"type":"message","id":'
+                f'{_dumps(self._message_id)},"status":"completed","role":"assistant",'
+                f'"content":[{{"type":"output_text","annotations":[],"logprobs":[],"text":"'
+            ).encode()
+        if self.kind == "completion":
+            return (
+                f'{common}"object":"text_completion","created":{self.created},'
+                f'"model":{_dumps(self.model)},"choices":[{{"index":0,"text":"'
+            ).encode()
+        return (
+            f'{common}"object":"chat.completion","created":{self.created},'
+            f'"model":{_dumps(self.model)},"choices":[{{"index":0,"message":'
+            f'{{"role":"assistant","content":"'
+        ).encode()
+
+    # -- chat.completion.chunk -------------------------------------------------------------------
+
+    def _chat_frames(self) -> _Frames:
         base = (
             f'data: {{"id":{_dumps(self.id)},"object":"chat.completion.chunk",'
             f'"created":{self.created},"model":{_dumps(self.model)},'
             f'"system_fingerprint":null,"choices":'
         )
         tail = ',"usage":null}\n\n' if self.include_usage else "}\n\n"
-        choice = '[{"index":0,"delta":'
-        open_ = ',"logprobs":null,"finish_reason":null}]'
-        p, c = self.prompt_tokens, self.completion_tokens
+        indexes = range(self.choices)
+
+        def each(delta: str, finish: str = "null") -> bytes:
+            # One chunk per choice, as OpenAI interleaves the choices of n > 1.
+            return "".join(
+                f'{base}[{{"index":{i},"delta":{delta},"logprobs":null,'
+                f'"finish_reason":{finish}}}]{tail}'
+                for i in indexes
+            ).encode()
+
+        p, c = self.prompt_tokens, self.output_tokens
         usage = (
             f'{{"prompt_tokens":{p},"completion_tokens":{c},"total_tokens":{p + c},'
             f'"prompt_tokens_details":{{"cached_tokens":0}},'
             f'"completion_tokens_details":{{"reasoning_tokens":0}}}}'
         )
+        finish = each("{}", _dumps(self.finish_reason))
+        usage_frame = f'{base}[],"usage":{usage}}}\n\n'.encode()
+        tool = self.tool
+        if tool is None:
+            return _Frames(
+                role=each('{"role":"assistant","content":""}'),
+                content=each(f'{{"content":{_dumps(self.token_text)}}}'),
+                finish=finish,
+                usage=usage_frame,
+            )
+        role = each(
+            f'{{"role":"assistant","content":null,"tool_calls":[{{"index":0,'
+            f'"id":{_dumps(tool.id)},"type":"function","function":{{"name":{_dumps(tool.name)},'
+            f'"arguments":""}}}}],"refusal":null}}'
+        )
+        pieces = [
+            each(f'{{"tool_calls":[{{"index":0,"function":{{"arguments":{_dumps(piece)}}}}}]}}')
+            for piece in tool.pieces
+        ]
+
+        def run(start: int, count: int) -> bytes:
+            return b"".join(pieces[start : start + count])
+
+        return _Frames(role=role, content=b"", finish=finish, usage=usage_frame, runner=run)
+
+    # -- text_completion ----------------------------------------------------------------------
+
+    def _completion_frames(self) -> _Frames:
+        head = f'data: {{"id":{_dumps(self.id)},"object":"text_completion","created":{self.created},"choices":'
+        tail = f',"model":{_dumps(self.model)},"system_fingerprint":null'
+        tail += ',"usage":null}\n\n' if self.include_usage else "}\n\n"
+        indexes = range(self.choices)
+
+        def each(text: str, finish: str = "null") -> bytes:
+            return "".join(
+                f'{head}[{{"text":{text},"index":{i},"logprobs":null,"finish_reason":{finish}}}]{tail}'
+                for i in indexes
+            ).encode()
+
+        usage = _dumps(self.usage())
         return _Frames(
-            role=f'{base}{choice}{{"role":"assistant","content":""}}{open_}{tail}'.encode(),
-            content=f'{base}{choice}{{"content":{_dumps(self.token_text)}}}{open_}{tail}'.encode(),
-            finish=(
-                f'{base}{choice}{{}},"logprobs":null,'
-                f'"finish_reason":{_dumps(self.finish_reason)}}}]{tail}'
+            role=b"",
+            content=each(_dumps(self.token_text)),
+            finish=each('""', _dumps(self.finish_reason)),
+            usage=(
+                f'{head}[],"model":{_dumps(self.model)},"system_fingerprint":null,'
+                f'"usage":{usage}}}\n\n'
             ).encode(),
-            usage=f'{base}[],"usage":{usage}}}\n\n'.encode(),
+        )
+
+    # -- the Responses API --------------------------------------------------------------------
+
+    @property
+    def _message_id(self) -> str:
+        return "msg_" + self.id.removeprefix("resp_")
+
+    @property
+    def _incomplete(self) -> bool:
+        return self.finish_reason == "length"
+
+    def response_object(self, *, final: bool = True) -> dict[str, Any]:
+        """The response object: in progress (no output) or final, as OpenAI returns it."""
+        request = self.request or {}
+        status = "in_progress"
+        output: list[dict[str, Any]] = []
+        usage: dict[str, Any] | None = None
+        incomplete_details = None
+        if final:
+            status = "incomplete" if self._incomplete else "completed"
+            if self._incomplete:
+                incomplete_details = {"reason": "max_output_tokens"}
+            output = [self._message_item(status, self.token_text * self.completion_tokens)]
+            p, c = self.prompt_tokens, self.completion_tokens
+            usage = {
+                "input_tokens": p,
+                "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens": c,
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": p + c,
+            }
+        return {
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created,
+            "status": status,
+            "background": False,
+            "error": None,
+            "incomplete_details": incomplete_details,
+            "instructions": request.get("instructions"),
+            "max_output_tokens": request.get("max_output_tokens"),
+            "max_tool_calls": request.get("max_tool_calls"),
+            "model": self.model,
+            "output": output,
+            "parallel_tool_calls": request.get("parallel_tool_calls", True),
+            "previous_response_id": request.get("previous_response_id"),
+            "prompt_cache_key": request.get("prompt_cache_key"),
+            "reasoning": request.get("reasoning") or {"effort": None, "summary": None},
+            "safety_identifier": request.get("safety_identifier"),
+            "service_tier": "default",
+            "store": request.get("store", True) is not False,
+            "temperature": request.get("temperature", 1.0),
+            "text": request.get("text") or {"format": {"type": "text"}, "verbosity": "medium"},
+            "tool_choice": request.get("tool_choice", "auto"),
+            "tools": request.get("tools") or [],
+            "top_logprobs": request.get("top_logprobs", 0),
+            "top_p": request.get("top_p", 1.0),
+            "truncation": request.get("truncation", "disabled"),
+            "usage": usage,
+            "user": request.get("user"),
+            "metadata": request.get("metadata") or {},
+        }
+
+    def _message_item(self, status: str, text: str | None) -> dict[str, Any]:
+        content = [] if text is None else [self._text_part(text)]
+        return {
+            "id": self._message_id,
+            "type": "message",
+            "status": status,
+            "content": content,
+            "role": "assistant",
+        }
+
+    @staticmethod
+    def _text_part(text: str) -> dict[str, Any]:
+        return {"type": "output_text", "annotations": [], "logprobs": [], "text": text}
+
+    def _response_frames(self) -> _Frames:
+        """Typed events (``event:`` lines, a ``sequence_number`` from 0); no ``[DONE]``."""
+
+        def event(type_: str, number: int, **fields: Any) -> bytes:
+            data = _dumps({"type": type_, **fields, "sequence_number": number})
+            return f"event: {type_}\ndata: {data}\n\n".encode()
+
+        item_id = self._message_id
+        where = {"item_id": item_id, "output_index": 0, "content_index": 0}
+        started = self.response_object(final=False)
+        role = b"".join(
+            (
+                event("response.created", 0, response=started),
+                event("response.in_progress", 1, response=started),
+                event(
+                    "response.output_item.added",
+                    2,
+                    output_index=0,
+                    item=self._message_item("in_progress", None),
+                ),
+                event("response.content_part.added", 3, **where, part=self._text_part("")),
+            )
+        )
+        delta_type = "response.output_text.delta"
+        delta_head = (
+            f'event: {delta_type}\ndata: {{"type":"{delta_type}","item_id":{_dumps(item_id)},'
+            f'"output_index":0,"content_index":0,"delta":{_dumps(self.token_text)},'
+            f'"logprobs":[],"sequence_number":'
+        ).encode()
+        delta_tail = b"}\n\n"
+
+        def run(start: int, count: int) -> bytes:
+            # Each delta differs only in its sequence number, which follows the 4 opening events.
+            first = 4 + start
+            return b"".join(
+                [b"%b%d%b" % (delta_head, n, delta_tail) for n in range(first, first + count)]
+            )
+
+        def error(sent: int) -> bytes:
+            return event("error", 4 + sent, code="server_error", message=ERROR_STREAM, param=None)
+
+        final = self.response_object()
+        text = self.token_text * self.completion_tokens
+        number = 4 + self.completion_tokens
+        item_status = final["status"]
+        finish = b"".join(
+            (
+                event("response.output_text.done", number, **where, text=text, logprobs=[]),
+                event(
+                    "response.content_part.done", number + 1, **where, part=self._text_part(text)
+                ),
+                event(
+                    "response.output_item.done",
+                    number + 2,
+                    output_index=0,
+                    item=self._message_item(item_status, text),
+                ),
+                event(f"response.{item_status}", number + 3, response=final),
+            )
+        )
+        return _Frames(
+            role=role,
+            content=b"",
+            finish=finish,
+            done=b"",
+            runner=run,
+            error=error,
+            final=_dumps(final).encode(),
         )
 
 
 @dataclass(slots=True, frozen=True)
 class _Frames:
+    """The pre-encoded events of one stream.
+
+    Chat and legacy completions repeat one ``content`` frame; a stream whose content frames
+    differ (Responses API sequence numbers, tool-call argument pieces) has a ``runner`` that
+    encodes frames ``start`` to ``start + count``.
+    """
+
     role: bytes
     content: bytes
     finish: bytes
-    usage: bytes
+    usage: bytes = b""
+    done: bytes = _DONE
+    runner: Callable[[int, int], bytes] | None = None
+    error: Callable[[int], bytes] | None = None
+    final: bytes | None = None  # the finished response object, to store
+
+    def run(self, start: int, count: int) -> bytes:
+        """The content frames ``start`` to ``start + count`` (0-based), concatenated."""
+        runner = self.runner
+        if runner is None:
+            return self.content * count
+        return runner(start, count)
+
+    def error_at(self, sent: int) -> bytes:
+        """The mid-stream error event after ``sent`` content frames."""
+        return _STREAM_ERROR_EVENT if self.error is None else self.error(sent)
 
 
 class _Paced:
     """One stream's run of paced content chunks, stepped by a :class:`_Pacer`."""
 
-    __slots__ = ("out", "frame", "remaining", "sent", "active", "done")
+    __slots__ = ("out", "frame", "remaining", "sent", "active", "done", "frames", "start")
 
-    def __init__(self, out: _Out, frame: bytes, remaining: int, done: asyncio.Future[None]) -> None:
+    def __init__(
+        self,
+        out: _Out,
+        frame: bytes,
+        remaining: int,
+        done: asyncio.Future[None],
+        frames: _Frames | None = None,
+        start: int = 0,
+    ) -> None:
         self.out = out
-        self.frame = frame
+        self.frame = frame  # the framed chunk, when every chunk is the same
         self.remaining = remaining
         self.sent = 0
         self.active = True
         self.done = done
+        self.frames = frames  # else: frames.run(start + sent, 1), framed, chunk by chunk
+        self.start = start
 
     def step(self) -> bool:
         """Send one chunk; return False (and wake the stream) when it must stop being paced."""
@@ -438,7 +902,8 @@ class _Paced:
             self._finish()
             return False
         out.record.content_chunks_sent += 1
-        out.write(self.frame)
+        frames = self.frames
+        out.write(self.frame if frames is None else _chunk(frames.run(self.start + self.sent, 1)))
         self.sent += 1
         self.remaining -= 1
         if self.remaining <= 0:
@@ -468,12 +933,15 @@ class _Pacer:
         self._queue: deque[tuple[float, _Paced]] = deque()
         self._timer: asyncio.TimerHandle | None = None
 
-    async def pace(self, out: _Out, frame: bytes, count: int) -> int:
+    async def pace(
+        self, out: _Out, frame: bytes, count: int, frames: _Frames | None = None, start: int = 0
+    ) -> int:
         """Write ``frame`` up to ``count`` times, one per delay; return how many went out.
 
+        With ``frames``, write its content frames from ``start`` instead, one per delay.
         Returns early when the peer leaves or the transport needs draining.
         """
-        paced = _Paced(out, frame, count, self._loop.create_future())
+        paced = _Paced(out, frame, count, self._loop.create_future(), frames, start)
         due = self._loop.time() + self._delay
         self._queue.append((due, paced))
         if self._timer is None:
@@ -520,6 +988,9 @@ class FakeUpstream:
         fault_schedule: list[Fault | None] | None = None,
         models: tuple[str, ...] = DEFAULT_MODELS,
         max_records: int | None = 100_000,
+        auto_tool_calls: bool = False,
+        embedding_dimensions: int = 8,
+        max_stored_responses: int = 10_000,
     ) -> None:
         _check_fault(fault)
         self.host = host
@@ -537,6 +1008,9 @@ class FakeUpstream:
         self.rate_limit_headers = rate_limit_headers
         self.fault_schedule = fault_schedule
         self.models = models
+        self.auto_tool_calls = auto_tool_calls
+        self.embedding_dimensions = embedding_dimensions
+        self.max_stored_responses = max_stored_responses
         # Keep at most this many records (the oldest half is dropped past it); 0 keeps none.
         self.max_records = max_records
 
@@ -555,6 +1029,7 @@ class FakeUpstream:
         self._connections: set[_Connection] = set()
         self._connection_tasks: set[asyncio.Task[None]] = set()
         self._pacers: dict[float, _Pacer] = {}
+        self._responses: dict[str, bytes] = {}  # stored responses by id, oldest first
 
     @property
     def fault_schedule(self) -> list[Fault | None] | None:
@@ -798,12 +1273,18 @@ class FakeUpstream:
         keep_alive = request.keep_alive
         try:
             route = request.path.removeprefix("/v1")
-            if route == "/chat/completions":
+            kind = _GENERATIONS.get(route)
+            if kind is not None:
                 if request.method != "POST":
                     return self._write_error(out, 405, "Method not allowed.", keep_alive)
                 if body_error or not isinstance(body, dict):
                     return self._write_error(out, 400, ERROR_JSON, keep_alive)
-                return await self._chat_completion(out, body, keep_alive)
+                if kind == "embedding":
+                    return await self._embeddings(out, body, keep_alive)
+                return await self._generate(out, body, keep_alive, kind)
+            if route.startswith("/responses/"):
+                rest = route.removeprefix("/responses/")
+                return self._stored_response(out, request.method, rest, keep_alive)
             if route == "/models" or route.startswith("/models/"):
                 if request.method != "GET":
                     return self._write_error(out, 405, "Method not allowed.", keep_alive)
@@ -989,19 +1470,31 @@ class FakeUpstream:
             extra_headers=self._retry_headers(retry) + limit_headers,
         )
 
-    async def _chat_completion(self, out: _Out, body: dict[str, Any], keep_alive: bool) -> bool:
+    async def _generate(self, out: _Out, body: dict[str, Any], keep_alive: bool, kind: str) -> bool:
+        """Answer a chat completion, a legacy completion or a response (``kind``)."""
         record = out.record
         record.stream = body.get("stream") is True
         tokens = max(self.tokens, 0)
-        cap = body.get("max_completion_tokens")
-        if cap is None:
-            cap = body.get("max_tokens")
+        if kind == "response":
+            cap = body.get("max_output_tokens")
+        else:
+            cap = body.get("max_completion_tokens") if kind == "chat" else None
+            if cap is None:
+                cap = body.get("max_tokens")
         capped = isinstance(cap, int) and 0 <= cap < tokens
         completion_tokens = cast(int, cap) if capped else tokens
-        prompt_tokens = prompt_tokens_for(body, self.prompt_tokens)
-        refused, retry, limit_headers = self._admit(prompt_tokens + completion_tokens)
+        n = body.get("n") if kind != "response" else 1
+        choices = n if isinstance(n, int) and n > 0 else 1
+        if kind == "completion":
+            choices *= _prompt_count(body.get("prompt"))
+            prompt_tokens = completion_prompt_tokens_for(body, self.prompt_tokens)
+        elif kind == "response":
+            prompt_tokens = input_tokens_for(body, self.prompt_tokens)
+        else:
+            prompt_tokens = prompt_tokens_for(body, self.prompt_tokens)
+        cost = prompt_tokens + completion_tokens * choices
+        refused, retry, limit_headers = self._admit(cost)
         if refused is not None:
-            cost = prompt_tokens + completion_tokens
             return self._refuse(out, refused, retry, cost, limit_headers, keep_alive)
         fault = self._next_fault()
         record.fault = fault
@@ -1013,17 +1506,27 @@ class FakeUpstream:
                 out, 400, ERROR_MODEL, keep_alive, param="model", extra_headers=limit_headers
             )
 
+        serial = f"{self._id_prefix}{next(self._ids):08d}"
+        finish_reason = "length" if capped else "stop"
+        tool = None
+        if kind == "chat" and fault != "endless":
+            tool = self._tool_call_for(body, completion_tokens, serial)
+            if tool is not None:
+                completion_tokens = len(tool.pieces)
+                finish_reason = "tool_calls"
         stream_options = body.get("stream_options")
+        prefix = {"chat": "chatcmpl-", "completion": "cmpl-", "response": "resp_"}[kind]
         plan = _Plan(
-            id=f"chatcmpl-{self._id_prefix}{next(self._ids):08d}",
+            id=prefix + serial,
             created=int(time.time()),
             model=model,
             stream=record.stream,
-            include_usage=isinstance(stream_options, dict)
+            include_usage=kind != "response"
+            and isinstance(stream_options, dict)
             and stream_options.get("include_usage") is True,
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
-            finish_reason="length" if capped else "stop",
+            finish_reason=finish_reason,
             token_text=self.token_text,
             ttft=self.ttft,
             delay=self.inter_token_delay,
@@ -1031,12 +1534,156 @@ class FakeUpstream:
             fault_after=max(self.fault_after_tokens, 0),
             keep_alive=keep_alive,
             extra_headers=limit_headers,
+            kind=kind,
+            choices=choices,
+            tool=tool,
+            request=body if kind == "response" else None,
+            store=kind == "response" and body.get("store") is not False,
         )
         if plan.stream:
             await self._stream(out, plan)
         else:
             await self._complete(out, plan)
         return plan.keep_alive and not out.conn.closed.is_set()
+
+    def _tool_call_for(self, body: dict[str, Any], tokens: int, serial: str) -> _ToolCall | None:
+        """The function a chat request with ``tools`` calls, or None when it answers text.
+
+        A named ``tool_choice`` calls that function and "required" the first one, always, as
+        OpenAI must; "auto" (or none given) calls the first one only when ``auto_tool_calls``
+        is on and the last message is not a tool result; "none" never calls.
+        """
+        functions = [
+            tool["function"]
+            for tool in body.get("tools") or ()
+            if isinstance(tool, dict)
+            and tool.get("type") == "function"
+            and isinstance(tool.get("function"), dict)
+            and isinstance(tool["function"].get("name"), str)
+        ]
+        if not functions:
+            return None
+        choice = body.get("tool_choice")
+        function: dict[str, Any] | None = None
+        if isinstance(choice, dict):
+            named = choice.get("function")
+            name = named.get("name") if isinstance(named, dict) else None
+            function = next((f for f in functions if f["name"] == name), None)
+        elif choice == "required":
+            function = functions[0]
+        elif choice in (None, "auto") and self.auto_tool_calls:
+            messages = body.get("messages")
+            last = messages[-1] if isinstance(messages, list) and messages else None
+            if not (isinstance(last, dict) and last.get("role") in ("tool", "function")):
+                function = functions[0]
+        if function is None:
+            return None
+        arguments = _dumps(_arguments_for(function.get("parameters")))
+        # The arguments arrive in at most ``tokens`` pieces, at least one.
+        count = max(1, min(tokens, len(arguments)))
+        size = -(-len(arguments) // count)
+        pieces = tuple(arguments[i : i + size] for i in range(0, len(arguments), size))
+        return _ToolCall(
+            id=f"call_{serial}", name=function["name"], arguments=arguments, pieces=pieces
+        )
+
+    async def _embeddings(self, out: _Out, body: dict[str, Any], keep_alive: bool) -> bool:
+        """Answer one embedding per input: deterministic unit vectors of ``dimensions`` floats."""
+        items = _embedding_inputs(body.get("input"))
+        if items is None:
+            return self._write_error(out, 400, ERROR_INPUT, keep_alive, param="input")
+        prompt_tokens = self.prompt_tokens
+        if prompt_tokens is None:
+            prompt_tokens = sum(
+                len(item) if isinstance(item, list) else max(1, len(item) // 4) for item in items
+            )
+        refused, retry, limit_headers = self._admit(prompt_tokens)
+        if refused is not None:
+            return self._refuse(out, refused, retry, prompt_tokens, limit_headers, keep_alive)
+        fault = self._next_fault()
+        out.record.fault = fault
+        if fault in _STATUS_FAULTS:
+            return self._write_status_fault(out, fault, keep_alive, limit_headers)
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            return self._write_error(
+                out, 400, ERROR_MODEL, keep_alive, param="model", extra_headers=limit_headers
+            )
+        dimensions = body.get("dimensions")
+        if not isinstance(dimensions, int) or dimensions <= 0:
+            dimensions = self.embedding_dimensions
+        conn = out.conn
+        if fault in ("stall", "endless"):
+            await conn.closed.wait()
+            return False
+        if fault == "cut":
+            conn.close_by_server()
+            return False
+        if fault == "error_frame":
+            return self._write_error(
+                out,
+                500,
+                ERROR_STREAM,
+                keep_alive,
+                type_="server_error",
+                extra_headers=limit_headers,
+            )
+        if await self._closed_within(conn, self.ttft):
+            return False
+        as_base64 = body.get("encoding_format") == "base64"
+        data = []
+        for index, item in enumerate(items):
+            vector = _embedding_of(item, dimensions)
+            embedding: Any = vector
+            if as_base64:
+                embedding = base64.b64encode(struct.pack(f"<{dimensions}f", *vector)).decode()
+            data.append({"object": "embedding", "index": index, "embedding": embedding})
+        payload = {
+            "object": "list",
+            "data": data,
+            "model": model,
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+        }
+        headers = b"x-request-id: req_%s%08d\r\nopenai-processing-ms: 1\r\n%s" % (
+            self._id_prefix.encode(),
+            next(self._ids),
+            limit_headers,
+        )
+        return self._write_json(out, 200, _dumps(payload).encode(), keep_alive, headers)
+
+    # -- stored responses ----------------------------------------------------------------------
+
+    def _store_response(self, response_id: str, payload: bytes) -> None:
+        stored = self._responses
+        stored[response_id] = payload
+        if len(stored) > self.max_stored_responses:
+            del stored[next(iter(stored))]
+
+    @property
+    def stored_responses(self) -> dict[str, Any]:
+        """The responses kept for ``GET /v1/responses/{id}``, by id, decoded."""
+        return {key: json.loads(value) for key, value in list(self._responses.items())}
+
+    def _stored_response(self, out: _Out, method: str, rest: str, keep_alive: bool) -> bool:
+        """GET, DELETE ``/responses/{id}`` or POST ``/responses/{id}/cancel``."""
+        response_id, _, action = rest.partition("/")
+        allowed = {"": ("GET", "DELETE"), "cancel": ("POST",)}.get(action)
+        if allowed is None:
+            message = ERROR_NOT_FOUND.format(method=method, path=out.record.path)
+            return self._write_error(out, 404, message, keep_alive)
+        if method not in allowed:
+            return self._write_error(out, 405, "Method not allowed.", keep_alive)
+        payload = self._responses.get(response_id)
+        if payload is None:
+            message = ERROR_RESPONSE_NOT_FOUND.format(id=response_id)
+            return self._write_error(out, 404, message, keep_alive)
+        if action == "cancel":
+            return self._write_error(out, 400, ERROR_CANCEL, keep_alive)
+        if method == "DELETE":
+            del self._responses[response_id]
+            deleted = {"id": response_id, "object": "response.deleted", "deleted": True}
+            return self._write_json(out, 200, _dumps(deleted).encode(), keep_alive)
+        return self._write_json(out, 200, payload, keep_alive)
 
     def _write_status_fault(
         self, out: _Out, fault: str, keep_alive: bool, limit_headers: bytes
@@ -1112,8 +1759,11 @@ class FakeUpstream:
 
         if plan.fault == "endless":
             out.write_events(head, frames.role)
+            constant = frames.runner is None
             burst = _chunk(content * _BATCH)
             while not closed.is_set():
+                if not constant:
+                    burst = _chunk(frames.run(record.content_chunks_sent, _BATCH))
                 record.content_chunks_sent += _BATCH
                 out.write(burst)
                 await out.drain_or_yield()
@@ -1123,29 +1773,31 @@ class FakeUpstream:
         if plan.fault in _MID_STREAM_FAULTS:
             wanted = min(wanted, plan.fault_after)
         events = frames.role
+        varied = None if frames.runner is None else frames
         if plan.delay > 0:
             framed_content = _chunk(content)
             sent = 1 if wanted > 0 else 0
             record.content_chunks_sent = sent
-            out.write_events(head, events + content * sent)
+            out.write_events(head, events + frames.run(0, sent))
             head = events = b""
             pacer = self._pacer(plan.delay)
             while sent < wanted:
-                sent += await pacer.pace(out, framed_content, wanted - sent)
+                sent += await pacer.pace(out, framed_content, wanted - sent, varied, sent)
                 if closed.is_set():
                     return
                 await out.drain()
         else:
             sent = 0
             while wanted - sent > _BATCH:
+                batch = frames.run(sent, _BATCH)
                 sent += _BATCH
                 record.content_chunks_sent = sent
-                out.write_events(head, events + content * _BATCH)
+                out.write_events(head, events + batch)
                 head = events = b""
                 await out.drain_or_yield()
                 if closed.is_set():
                     return
-            events += content * (wanted - sent)
+            events += frames.run(sent, wanted - sent)
             record.content_chunks_sent = wanted
 
         if plan.fault == "stall":
@@ -1155,13 +1807,15 @@ class FakeUpstream:
             out.write_events(head, events)
             conn.close_by_server()
         elif plan.fault == "error_frame":
-            out.write_events(head, events + _STREAM_ERROR_EVENT, _TERMINATOR)
+            out.write_events(head, events + frames.error_at(wanted), _TERMINATOR)
         else:
             events += frames.finish
             if plan.include_usage:
                 events += frames.usage
             record.completed = True
-            out.write_events(head, events + _DONE, _TERMINATOR)
+            if plan.store and frames.final is not None:
+                self._store_response(plan.id, frames.final)
+            out.write_events(head, events + frames.done, _TERMINATOR)
 
     async def _complete(self, out: _Out, plan: _Plan) -> None:
         conn, record = out.conn, out.record
@@ -1188,41 +1842,18 @@ class FakeUpstream:
         thinking = plan.ttft + plan.delay * max(plan.completion_tokens - 1, 0)
         if await self._closed_within(conn, thinking):
             return
-        payload = {
-            "id": plan.id,
-            "object": "chat.completion",
-            "created": plan.created,
-            "model": plan.model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {
-                        "role": "assistant",
-                        "content": plan.token_text * plan.completion_tokens,
-                        "refusal": None,
-                        "annotations": [],
-                    },
-                    "logprobs": None,
-                    "finish_reason": plan.finish_reason,
-                }
-            ],
-            "usage": plan.usage(),
-            "service_tier": "default",
-            "system_fingerprint": None,
-        }
+        payload = _dumps(plan.payload()).encode()
         record.content_chunks_sent = plan.completion_tokens
+        if plan.store:
+            self._store_response(plan.id, payload)
         headers = self._response_headers(plan)
-        self._write_json(out, 200, _dumps(payload).encode(), plan.keep_alive, headers)
+        self._write_json(out, 200, payload, plan.keep_alive, headers)
 
     async def _complete_endlessly(self, out: _Out, plan: _Plan) -> None:
-        """Send a chat.completion whose content never ends (back-pressure without SSE)."""
+        """Send an answer whose content never ends (back-pressure without SSE)."""
         record = out.record
         record.status = 200
-        prefix = (
-            f'{{"id":{_dumps(plan.id)},"object":"chat.completion","created":{plan.created},'
-            f'"model":{_dumps(plan.model)},"choices":[{{"index":0,"message":'
-            f'{{"role":"assistant","content":"'
-        ).encode()
+        prefix = plan.endless_prefix()
         head = self._stream_head(
             plan,
             b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n",
@@ -1296,7 +1927,7 @@ def _fault_schedule(text: str) -> list[Fault | None]:
         if item.lower() == "none":
             schedule.append(None)
         elif item in FAULTS:
-            schedule.append(cast(Fault, item))
+            schedule.append(item)
         else:
             raise argparse.ArgumentTypeError(
                 f"unknown fault {item!r}; expected 'none' or one of {FAULTS}"
