@@ -2,8 +2,8 @@
 
 Built from the schemas the gateway validates with and answers in (`streaming.schema`), so what
 is published is what is enforced. A streamed answer is described by its media type
-(`text/event-stream`) and the schema of each event (`ChatCompletionChunk`, `x-event-schema`),
-since OpenAPI has no way to type server-sent events.
+(`text/event-stream`) and the schema of each event (`ChatCompletionChunk`, `ResponseStreamEvent`,
+`Completion`, as `x-event-schema`), since OpenAPI has no way to type server-sent events.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ REQUEST_ID = {
         "schema": {"type": "string"},
     }
 }
-# On chat completions that reached an upstream, answered or not.
+# On calls (chat, responses, completions, embeddings) that reached an upstream, answered or not.
 UPSTREAM_ANSWER = {
     "x-gateway-model": {
         "description": "The model that answered: the one asked for, or its fallback.",
@@ -79,19 +79,53 @@ def _errors(components: _Components, statuses: list[str]) -> dict[str, Any]:
     return {status: {"description": ERRORS[status], "headers": REQUEST_ID, "content": error} for status in statuses}
 
 
+CALL_ERRORS = ["400", "401", "403", "404", "405", "408", "413", "429", "502", "503", "504"]
+# Reading, deleting or cancelling a stored response goes to the upstream that made it.
+STORED_ERRORS = ["401", "404", "405", "502", "503", "504"]
+
+
+def _call(
+    components: _Components,
+    *,
+    operation_id: str,
+    summary: str,
+    request: type[BaseModel],
+    answer: type[BaseModel],
+    description: str,
+    event: type[BaseModel] | None = None,
+) -> dict[str, Any]:
+    """A `POST` that makes one call: its body, its answer (and, streamed, its events), its errors."""
+    content: dict[str, Any] = {"application/json": {"schema": components.ref(answer)}}
+    if event is not None:
+        content["text/event-stream"] = {"schema": {"type": "string"}, "x-event-schema": components.ref(event)}
+    return {
+        "post": {
+            "operationId": operation_id,
+            "summary": summary,
+            "requestBody": {"required": True, "content": {"application/json": {"schema": components.ref(request)}}},
+            "responses": {
+                "200": {"description": description, "headers": {**REQUEST_ID, **UPSTREAM_ANSWER}, "content": content},
+                **_errors(components, CALL_ERRORS),
+            },
+        }
+    }
+
+
+def _stored(components: _Components, *, operation_id: str, summary: str, answer: type[BaseModel], description: str, errors: list[str]) -> dict[str, Any]:
+    """An operation on a stored response (`/responses/{response_id}`)."""
+    return {
+        "operationId": operation_id,
+        "summary": summary,
+        "parameters": [{"name": "response_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+        "responses": {
+            "200": {"description": description, "headers": REQUEST_ID, "content": {"application/json": {"schema": components.ref(answer)}}},
+            **_errors(components, errors),
+        },
+    }
+
+
 def build_document() -> dict[str, Any]:
     components = _Components()
-    chat_answers = {
-        "200": {
-            "description": "The completion; with `stream: true`, server-sent events, one chunk per `data:` line, then `data: [DONE]`.",
-            "headers": {**REQUEST_ID, **UPSTREAM_ANSWER},
-            "content": {
-                "application/json": {"schema": components.ref(schema.ChatCompletion)},
-                "text/event-stream": {"schema": {"type": "string"}, "x-event-schema": components.ref(schema.ChatCompletionChunk)},
-            },
-        },
-        **_errors(components, ["400", "401", "403", "404", "405", "408", "413", "429", "502", "503", "504"]),
-    }
     model_parameter = {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
     return {
         "openapi": "3.1.0",
@@ -103,14 +137,72 @@ def build_document() -> dict[str, Any]:
         "servers": [{"url": "/v1"}],
         "security": [{"apiKey": []}],
         "paths": {
-            "/chat/completions": {
-                "post": {
-                    "operationId": "createChatCompletion",
-                    "summary": "Create a chat completion, streamed or not.",
-                    "requestBody": {"required": True, "content": {"application/json": {"schema": components.ref(schema.ChatCompletionRequest)}}},
-                    "responses": chat_answers,
-                }
+            "/chat/completions": _call(
+                components,
+                operation_id="createChatCompletion",
+                summary="Create a chat completion, streamed or not.",
+                request=schema.ChatCompletionRequest,
+                answer=schema.ChatCompletion,
+                event=schema.ChatCompletionChunk,
+                description="The completion; with `stream: true`, server-sent events, one chunk per `data:` line, then `data: [DONE]`.",
+            ),
+            "/responses": _call(
+                components,
+                operation_id="createResponse",
+                summary="Create a model response (the Responses API), streamed or not; `background: true` is refused.",
+                request=schema.ResponsesRequest,
+                answer=schema.Response,
+                event=schema.ResponseStreamEvent,
+                description=(
+                    "The response; with `stream: true`, server-sent events (`event: <type>`, then the event as `data:`), "
+                    "ending with `response.completed` (or `response.incomplete`), or an `error` event."
+                ),
+            ),
+            "/responses/{response_id}": {
+                "get": _stored(
+                    components,
+                    operation_id="getResponse",
+                    summary="A stored response made by one of the caller's calls.",
+                    answer=schema.Response,
+                    description="The response, as its upstream stored it.",
+                    errors=STORED_ERRORS,
+                ),
+                "delete": _stored(
+                    components,
+                    operation_id="deleteResponse",
+                    summary="Delete a stored response made by one of the caller's calls.",
+                    answer=schema.ResponseDeleted,
+                    description="The response was deleted.",
+                    errors=STORED_ERRORS,
+                ),
             },
+            "/responses/{response_id}/cancel": {
+                "post": _stored(
+                    components,
+                    operation_id="cancelResponse",
+                    summary="Cancel a response made by one of the caller's calls (upstream, only background responses can be).",
+                    answer=schema.Response,
+                    description="The response, cancelled.",
+                    errors=["400", *STORED_ERRORS],
+                ),
+            },
+            "/completions": _call(
+                components,
+                operation_id="createCompletion",
+                summary="Create a (legacy) text completion, streamed or not.",
+                request=schema.CompletionRequest,
+                answer=schema.Completion,
+                event=schema.Completion,
+                description="The completion; with `stream: true`, server-sent events, one `data:` line per chunk, then `data: [DONE]`.",
+            ),
+            "/embeddings": _call(
+                components,
+                operation_id="createEmbedding",
+                summary="Create embeddings of one or more inputs (strings or token ids).",
+                request=schema.EmbeddingsRequest,
+                answer=schema.CreateEmbeddingResponse,
+                description="The embeddings, one per input, in the order of the inputs.",
+            ),
             "/models": {
                 "get": {
                     "operationId": "listModels",

@@ -1,8 +1,9 @@
 """The API's request and response bodies, declared once (pydantic).
 
 `ChatCompletionRequest` is what `streaming.validation` checks every `/v1/chat/completions` body
-against, before any work, and what `/v1/openapi.json` publishes (with the response shapes below,
-which the tests hold the gateway's answers to). Fields are strict (no coercion: `"10"` is not an
+against, before any work (`ResponsesRequest`, `EmbeddingsRequest` and `CompletionRequest` the
+bodies of `/v1/responses`, `/v1/embeddings` and `/v1/completions`), and what `/v1/openapi.json`
+publishes (with the response shapes below, which the tests hold the gateway's answers to). Fields are strict (no coercion: `"10"` is not an
 integer, `true` is not a number) and declared in the order they are checked, so the error a client
 gets is about the first field that is wrong. Unknown fields are allowed and pass through to the
 upstream unchanged, since it may be another OpenAI-compatible server with options of its own.
@@ -11,7 +12,9 @@ What a shape cannot say is checked after it, in `ChatCompletionRequest._referenc
 `tool_choice` names a tool of `tools`, `function_call` a function of `functions`, and the fields
 that are only allowed with others. Where OpenAI is stricter than a harmless request needs, this
 schema is lenient on purpose: `tool_choice: "none"` passes without `tools`, and JSON schemas
-(`parameters`, `response_format.json_schema.schema`) are only checked to be objects.
+(`parameters`, `response_format.json_schema.schema`) are only checked to be objects. A Responses
+`input` item or tool other than a message or a function tool is only checked to be an object with
+a `type`: the upstream knows its many kinds better.
 
 Unions of an object and something else choose their member by the input's JSON type with a
 `Discriminator` whose tags start with `~`, so that an error names the field, not the union

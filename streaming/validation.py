@@ -76,7 +76,8 @@ class CallParams:
     stream: bool
     include_usage: bool
     # The completion tokens one choice may produce, as the request limits it (chat:
-    # max_completion_tokens, else max_tokens; Responses: max_output_tokens); None: no limit.
+    # max_completion_tokens, else max_tokens; Responses: max_output_tokens; legacy completions:
+    # max_tokens, else OpenAI's default 16); None: no limit.
     max_tokens: int | None
     n: int
 
