@@ -32,10 +32,30 @@ Chat prompts
 :func:`count_chat_prompt_tokens` follows ``num_tokens_from_messages`` from the OpenAI
 cookbook ("How to count tokens with tiktoken"): 3 tokens per message, the tokens of
 every string value in it (role, content, name, ...), 1 more per ``name``, and 3 to prime
-the reply. Tool definitions follow the cookbook's ``num_tokens_for_tools``. Anything the
-cookbook does not cover is an estimate, documented where it is made: image parts,
-nested tool parameters and non-text content parts. The result is therefore an estimate
-of what OpenAI bills, exact only for the shapes the cookbook verified.
+the reply. Tool definitions follow the cookbook's ``num_tokens_for_tools``. Both are
+exact for the shapes the cookbook verified against the API (its ``example_messages``
+and its weather tool); anything else is an estimate, documented where it is made
+(nested tool parameters, non-text content parts).
+
+Images
+------
+Image parts are priced by the "Calculating costs" section of OpenAI's vision guide: the
+*tile* rule (gpt-4o, gpt-4.1, o1, o3, gpt-5, ...: a base plus a price per 512 px tile
+of the resized image, or the base alone at ``detail: "low"``) or the *patch* rule
+(gpt-4.1-mini/nano, o4-mini, gpt-5-mini/nano: 32 px patches, at most 1536, times a model
+factor). Both need the image's size, which is known only for ``data:`` URLs: it is read
+from the PNG, JPEG, GIF or WebP header, decoding only the few base64 characters that
+hold it. Remote URLs are never fetched (the gateway counts offline), so those, file ids
+and unreadable images are charged as a 1024x1024 image at the given detail: an
+estimate. ``detail: "auto"`` is counted as ``"high"``.
+
+Other endpoints
+---------------
+The Responses API's ``instructions`` and ``input`` items are mapped onto chat messages
+and counted with the chat rule (OpenAI publishes no separate one); legacy completion
+prompts and embedding inputs are their tokens with no overhead, token-id arrays counting
+as their length. These counters skip values they do not recognise rather than raise:
+the upstream judges the request's validity, the gateway only estimates its cost.
 
 Text is always encoded with ``encode_ordinary``: a user who types ``<|endoftext|>`` gets
 it counted as text rather than raising tiktoken's disallowed-special error.
@@ -45,18 +65,23 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import gzip
 import hashlib
 import importlib.resources
 import json
+import math
 import re
+import struct
 import threading
 import types
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from decimal import ROUND_CEILING, Decimal
+from fractions import Fraction
 from functools import lru_cache
 from importlib.resources.abc import Traversable
-from typing import Any, Final
+from typing import Any, Final, Literal, TypeGuard
 
 import tiktoken
 import tiktoken.model
@@ -70,8 +95,12 @@ __all__ = [
     "SUPPORTED_ENCODINGS",
     "TokenizerDataError",
     "acount_chat_prompt_tokens",
+    "acount_completion_prompt_tokens",
+    "acount_embedding_input_tokens",
+    "acount_responses_input_tokens",
     "clear_encoding_cache",
     "count_chat_prompt_tokens",
+    "count_image_tokens",
     "count_text_tokens",
     "encoding_name_for_model",
     "get_encoding",
@@ -80,13 +109,6 @@ __all__ = [
 SUPPORTED_ENCODINGS: Final = ("o200k_base", "cl100k_base")
 # Unknown models (local simulators, new providers) are counted with the newest encoding.
 DEFAULT_ENCODING: Final = "o200k_base"
-
-# OpenAI bills a low-detail image a flat 85 tokens on the gpt-4o family. A high or auto
-# detail image costs 85 + 170 per 512 px tile of the resized image, which needs the
-# image's size; we never fetch or decode it, so we charge OpenAI's documented worked
-# example, a 1024x1024 image at high detail (4 tiles): 85 + 4 * 170 = 765. Estimates.
-IMAGE_LOW_DETAIL_TOKEN_ESTIMATE: Final = 85
-IMAGE_HIGH_DETAIL_TOKEN_ESTIMATE: Final = 765
 
 UNSUPPORTED_ENCODING_MESSAGE: Final = (
     "Unsupported encoding {name!r}: only {supported} are available offline."
@@ -103,6 +125,7 @@ UNVERIFIABLE_DATA_MESSAGE: Final = (
 )
 INVALID_MESSAGES_MESSAGE: Final = "messages must be a list of dicts, got {got}."
 INVALID_TOOLS_MESSAGE: Final = "tools must be a list of dicts or None, got {got}."
+INVALID_IMAGE_SIZE_MESSAGE: Final = "An image must be at least 1x1 pixels, got {width}x{height}."
 
 _TOKENS_PER_MESSAGE: Final = 3
 _TOKENS_PER_NAME: Final = 1
@@ -266,15 +289,246 @@ def count_text_tokens(text: str, *, model: str) -> int:
     return len(get_encoding(encoding_name_for_model(model)).encode_ordinary(text))
 
 
+# --- Images ------------------------------------------------------------------------
+
+ImageDetail = Literal["low", "high"]
+
+# What an image is charged as when its size cannot be read (a remote URL, which is never
+# fetched; a file id; an unreadable header): the vision guide's first worked example.
+UNKNOWN_IMAGE_SIZE: Final = (1024, 1024)
+
+_FIT_SIDE: Final = 2048
+_SHORT_SIDE: Final = 768
+_TILE_SIDE: Final = 512
+_PATCH_SIDE: Final = 32
+_MAX_PATCHES: Final = 1536
+
+
+@dataclass(frozen=True, slots=True)
+class _TileRule:
+    """The vision guide's rule for gpt-4o, gpt-4.1, gpt-4.5, o1, o3, gpt-5 and others."""
+
+    base_tokens: int
+    tile_tokens: int
+
+    def tokens(self, width: int, height: int, detail: ImageDetail) -> int:
+        if detail == "low":
+            return self.base_tokens
+        # Exact fractions: a float scale could put a side a hair over a tile boundary.
+        w, h = Fraction(width), Fraction(height)
+        fit = min(Fraction(1), _FIT_SIDE / max(w, h))  # only ever scaled down
+        w, h = w * fit, h * fit
+        shorten = min(Fraction(1), _SHORT_SIDE / min(w, h))  # likewise
+        w, h = w * shorten, h * shorten
+        tiles = math.ceil(w / _TILE_SIDE) * math.ceil(h / _TILE_SIDE)
+        return self.base_tokens + tiles * self.tile_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class _PatchRule:
+    """The vision guide's rule for gpt-4.1-mini/nano, o4-mini and gpt-5-mini/nano.
+
+    The guide gives no low-detail price for these models, so *detail* changes nothing.
+    """
+
+    multiplier: Decimal
+
+    def tokens(self, width: int, height: int, detail: ImageDetail) -> int:
+        patches = Decimal(_patch_count(width, height))
+        return int((patches * self.multiplier).to_integral_value(rounding=ROUND_CEILING))
+
+
+def _patch_count(width: int, height: int) -> int:
+    """Return the 32 px patches covering the image, scaled down to at most 1536."""
+    patches = _ceil_div(width, _PATCH_SIDE) * _ceil_div(height, _PATCH_SIDE)
+    if patches <= _MAX_PATCHES:
+        return patches
+    scale = math.sqrt(_PATCH_SIDE * _PATCH_SIDE * _MAX_PATCHES / (width * height))
+    columns, rows = width * scale / _PATCH_SIDE, height * scale / _PATCH_SIDE
+    # Shrink further so that the limiting side is a whole number of patches.
+    scale *= min(math.floor(columns) / columns, math.floor(rows) / rows)
+    columns, rows = width * scale / _PATCH_SIDE, height * scale / _PATCH_SIDE
+    patches = max(1, _ceil_whole(columns)) * max(1, _ceil_whole(rows))
+    return min(patches, _MAX_PATCHES)
+
+
+def _ceil_div(numerator: int, denominator: int) -> int:
+    return -(-numerator // denominator)
+
+
+def _ceil_whole(value: float) -> int:
+    # The limiting side is a whole number of patches in exact arithmetic; the float
+    # product can land a hair above it (33.000000000004), which must not add a patch.
+    return math.ceil(round(value, 9))
+
+
+_ImageRule = _TileRule | _PatchRule
+
+_GPT_4O_TILES: Final = _TileRule(base_tokens=85, tile_tokens=170)
+
+
+def _model_pattern(*prefixes: str) -> re.Pattern[str]:
+    alternatives = "|".join(re.escape(prefix) for prefix in prefixes)
+    return re.compile(rf"(?:{alternatives})(?:$|[-.:_])")
+
+
+# From the vision guide's "Calculating costs" section. More specific names come first:
+# "gpt-4o" also matches "gpt-4o-mini", "gpt-5" matches "gpt-5-mini".
+_IMAGE_RULES: Final[tuple[tuple[re.Pattern[str], _ImageRule], ...]] = (
+    (_model_pattern("gpt-4o-mini"), _TileRule(base_tokens=2833, tile_tokens=5667)),
+    (_model_pattern("gpt-4.1-mini", "gpt-5-mini"), _PatchRule(Decimal("1.62"))),
+    (_model_pattern("gpt-4.1-nano", "gpt-5-nano"), _PatchRule(Decimal("2.46"))),
+    (_model_pattern("o4-mini"), _PatchRule(Decimal("1.72"))),
+    (_model_pattern("gpt-4o", "chatgpt-4o", "gpt-4.1", "gpt-4.5"), _GPT_4O_TILES),
+    (_model_pattern("o1", "o3"), _TileRule(base_tokens=75, tile_tokens=150)),  # o1-pro too
+    (_model_pattern("gpt-5"), _TileRule(base_tokens=70, tile_tokens=140)),  # gpt-5-chat-latest
+    (_model_pattern("computer-use-preview"), _TileRule(base_tokens=65, tile_tokens=129)),
+)
+
+# An image of unknown size on the gpt-4o tile rule, at low and at high (or auto) detail.
+IMAGE_LOW_DETAIL_TOKEN_ESTIMATE: Final = _GPT_4O_TILES.tokens(*UNKNOWN_IMAGE_SIZE, "low")  # 85
+IMAGE_HIGH_DETAIL_TOKEN_ESTIMATE: Final = _GPT_4O_TILES.tokens(*UNKNOWN_IMAGE_SIZE, "high")  # 765
+
+
+@lru_cache(maxsize=512)
+def _image_rule_for_model(model: str) -> _ImageRule:
+    """Return the vision guide's rule for *model*; the gpt-4o tiles for models it omits."""
+    normalized = model.strip().lower().rsplit("/", 1)[-1].removeprefix("ft:")
+    for pattern, rule in _IMAGE_RULES:
+        if pattern.match(normalized):
+            return rule
+    return _GPT_4O_TILES
+
+
+def count_image_tokens(
+    *, model: str, detail: object = "auto", size: tuple[int, int] | None = None
+) -> int:
+    """Return the tokens OpenAI's vision guide charges *model* for one image.
+
+    *size* is ``(width, height)`` in pixels, or None when unknown (charged as
+    ``UNKNOWN_IMAGE_SIZE``). A *detail* other than ``"low"`` (``"high"``, ``"auto"``,
+    None) is counted as ``"high"``. Raise ``ValueError`` for a size that is not positive.
+    """
+    width, height = size or UNKNOWN_IMAGE_SIZE
+    if width <= 0 or height <= 0:
+        raise ValueError(INVALID_IMAGE_SIZE_MESSAGE.format(width=width, height=height))
+    return _image_rule_for_model(model).tokens(width, height, _image_detail(detail))
+
+
+def _image_detail(detail: object) -> ImageDetail:
+    return "low" if detail == "low" else "high"
+
+
+# (offset, size) -> at most *size* bytes of the image from *offset*; fewer at its end.
+_ByteReader = Callable[[int, int], bytes]
+
+_PNG_SIGNATURE: Final = b"\x89PNG\r\n\x1a\n"
+_GIF_SIGNATURES: Final = (b"GIF87a", b"GIF89a")
+# Start-of-frame markers, which carry the size (SOF0-3, 5-7, 9-11, 13-15; not DHT/JPG/DAC).
+_JPEG_FRAME_MARKERS: Final = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_JPEG_STANDALONE_MARKERS: Final = frozenset({0x01, *range(0xD0, 0xD8)})  # no length field
+_JPEG_MAX_SEGMENTS: Final = 1024  # a corrupt file must not walk forever
+
+
+def _image_size(read: _ByteReader) -> tuple[int, int] | None:
+    """Return ``(width, height)`` from a PNG, JPEG, GIF or WebP header, or None."""
+    try:
+        head = read(0, 30)
+        size: tuple[int, int] | None
+        if head.startswith(_PNG_SIGNATURE) and head[12:16] == b"IHDR":
+            size = struct.unpack(">II", head[16:24])
+        elif head[:6] in _GIF_SIGNATURES:
+            size = struct.unpack("<HH", head[6:10])  # the logical screen
+        elif head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+            size = _webp_size(head)
+        elif head[:3] == b"\xff\xd8\xff":
+            size = _jpeg_size(read)
+        else:
+            size = None
+    except (struct.error, binascii.Error, ValueError, IndexError):
+        return None
+    if size is None or size[0] <= 0 or size[1] <= 0:
+        return None
+    return size
+
+
+def _webp_size(head: bytes) -> tuple[int, int] | None:
+    chunk = head[12:16]
+    if chunk == b"VP8 " and head[23:26] == b"\x9d\x01\x2a":  # lossy: the key frame header
+        width, height = struct.unpack("<HH", head[26:30])
+        return width & 0x3FFF, height & 0x3FFF
+    if chunk == b"VP8L" and head[20] == 0x2F:  # lossless: 14-bit sizes minus one
+        bits = int.from_bytes(head[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if chunk == b"VP8X":  # extended: 24-bit canvas sizes minus one
+        width = int.from_bytes(head[24:27], "little") + 1
+        return width, int.from_bytes(head[27:30], "little") + 1
+    return None
+
+
+def _jpeg_size(read: _ByteReader) -> tuple[int, int] | None:
+    """Walk the segments (reading only their headers) to the first start-of-frame."""
+    offset = 2
+    for _ in range(_JPEG_MAX_SEGMENTS):
+        header = read(offset, 4)
+        if len(header) < 2 or header[0] != 0xFF:
+            return None
+        marker = header[1]
+        if marker == 0xFF:  # a fill byte before the marker
+            offset += 1
+            continue
+        if marker in _JPEG_STANDALONE_MARKERS:
+            offset += 2
+            continue
+        if len(header) < 4 or marker in (0xD9, 0xDA):  # end of image, or scan data first
+            return None
+        if marker in _JPEG_FRAME_MARKERS:
+            frame = read(offset + 4, 5)  # precision, height, width
+            height, width = struct.unpack(">HH", frame[1:5])
+            return width, height
+        length = int.from_bytes(header[2:4], "big")
+        if length < 2:
+            return None
+        offset += 2 + length
+    return None
+
+
+def _data_url_image_size(url: str) -> tuple[int, int] | None:
+    """Return the size of the image in a base64 ``data:`` URL, or None.
+
+    Only the base64 characters that hold the header are decoded (four characters
+    per three bytes, so any byte range maps to a range of whole groups), so a 20 MB
+    image costs a few small decodes. A payload with whitespace or other non-base64
+    characters in those ranges is unreadable rather than misread.
+    """
+    if url[:5].lower() != "data:":
+        return None
+    comma = url.find(",", 5, 512)
+    if comma < 0 or not url[5:comma].lower().endswith(";base64"):
+        return None  # percent-encoded (e.g. SVG): not an image OpenAI reads
+    start = comma + 1
+
+    def read(offset: int, size: int) -> bytes:
+        first_group, end_group = offset // 3, _ceil_div(offset + size, 3)
+        chars = url[start + first_group * 4 : start + end_group * 4]
+        chars += "=" * (-len(chars) % 4)  # senders that drop the padding
+        decoded = base64.b64decode(chars, altchars=b"-_", validate=True)
+        skip = offset - first_group * 3
+        return decoded[skip : skip + size]
+
+    return _image_size(read)
+
+
 # --- Chat prompts ------------------------------------------------------------------
 
 
 @dataclass(slots=True)
 class _PromptPlan:
-    """The strings to encode and the fixed token overhead of one chat prompt."""
+    """The strings to encode and the fixed token overhead of one prompt."""
 
     encoding_name: str
-    texts: list[str]
+    image_rule: _ImageRule
+    texts: list[str] = field(default_factory=list)
     fixed_tokens: int = 0
 
     def add_text(self, value: object) -> None:
@@ -285,12 +539,36 @@ class _PromptPlan:
             # E.g. tool-call arguments sent as an object instead of a JSON string.
             self.texts.append(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
 
+    def add_image(self, url: object, detail: object) -> None:
+        size = _data_url_image_size(url) if isinstance(url, str) else None
+        width, height = size or UNKNOWN_IMAGE_SIZE
+        self.fixed_tokens += self.image_rule.tokens(width, height, _image_detail(detail))
+
     def char_count(self) -> int:
         return sum(map(len, self.texts))
 
     def count(self) -> int:
         encoding = get_encoding(self.encoding_name)
         return self.fixed_tokens + sum(len(encoding.encode_ordinary(t)) for t in self.texts)
+
+
+def _new_plan(model: str) -> _PromptPlan:
+    return _PromptPlan(
+        encoding_name=encoding_name_for_model(model), image_rule=_image_rule_for_model(model)
+    )
+
+
+async def _acount(plan: _PromptPlan) -> int:
+    """Count *plan* inline if that is quick, else in a worker thread.
+
+    Plans over ``ASYNC_OFFLOAD_THRESHOLD_CHARS`` characters, and any that would first
+    load an encoding (about a second), run in a worker thread.
+    """
+    if not plan.texts:
+        return plan.fixed_tokens
+    if plan.encoding_name not in _encodings or plan.char_count() > ASYNC_OFFLOAD_THRESHOLD_CHARS:
+        return await asyncio.to_thread(plan.count)
+    return plan.count()
 
 
 def count_chat_prompt_tokens(
@@ -318,10 +596,7 @@ async def acount_chat_prompt_tokens(
     Short prompts are encoded inline; prompts over ``ASYNC_OFFLOAD_THRESHOLD_CHARS``
     characters, and any call that would first load an encoding, run in a worker thread.
     """
-    plan = _plan_prompt(messages, model=model, tools=tools)
-    if plan.encoding_name not in _encodings or plan.char_count() > ASYNC_OFFLOAD_THRESHOLD_CHARS:
-        return await asyncio.to_thread(plan.count)
-    return plan.count()
+    return await _acount(_plan_prompt(messages, model=model, tools=tools))
 
 
 def _plan_prompt(
@@ -340,7 +615,7 @@ def _plan_prompt(
     ):
         raise ValueError(INVALID_TOOLS_MESSAGE.format(got=_describe(tools)))
 
-    plan = _PromptPlan(encoding_name=encoding_name_for_model(model), texts=[])
+    plan = _new_plan(model)
     for message in messages:
         _plan_message(plan, message)
     plan.fixed_tokens += _REPLY_PRIMER_TOKENS
@@ -376,6 +651,7 @@ def _plan_message(plan: _PromptPlan, message: Mapping[str, Any]) -> None:
 
 
 def _plan_content(plan: _PromptPlan, content: object) -> None:
+    """Add a message's content: a string, or chat or Responses API content parts."""
     if isinstance(content, str):
         plan.add_text(content)
         return
@@ -386,20 +662,19 @@ def _plan_content(plan: _PromptPlan, content: object) -> None:
             plan.add_text(part)
         elif not isinstance(part, Mapping):
             continue
-        elif part.get("type") == "image_url":
-            plan.fixed_tokens += _image_token_estimate(part.get("image_url"))
-        elif isinstance(part.get("text"), str):
+        elif part.get("type") == "image_url":  # chat: {"image_url": {"url", "detail"}}
+            image_url = part.get("image_url")
+            if isinstance(image_url, Mapping):
+                plan.add_image(image_url.get("url"), image_url.get("detail"))
+            else:
+                plan.add_image(image_url, None)
+        elif part.get("type") == "input_image":  # Responses: {"image_url": "...", "detail"}
+            plan.add_image(part.get("image_url"), part.get("detail"))
+        elif isinstance(part.get("text"), str):  # text, input_text, output_text
             plan.add_text(part["text"])
         elif isinstance(part.get("refusal"), str):
             plan.add_text(part["refusal"])
         # Audio and file parts are not estimated: their payload is base64, not text.
-
-
-def _image_token_estimate(image_url: object) -> int:
-    detail = image_url.get("detail") if isinstance(image_url, Mapping) else None
-    if detail == "low":
-        return IMAGE_LOW_DETAIL_TOKEN_ESTIMATE
-    return IMAGE_HIGH_DETAIL_TOKEN_ESTIMATE
 
 
 def _plan_tool_calls(plan: _PromptPlan, tool_calls: object) -> None:
@@ -417,9 +692,11 @@ def _plan_tool_calls(plan: _PromptPlan, tool_calls: object) -> None:
 def _plan_tools(plan: _PromptPlan, tools: Sequence[Mapping[str, Any]]) -> None:
     """Add the cookbook's ``num_tokens_for_tools`` estimate for the tool definitions.
 
-    Only top-level parameters are counted, as in the cookbook, so nested object schemas
-    are undercounted. A tool without a ``function`` object that has no ``name`` either
-    (a non-function tool type) is counted as the tokens of its compact JSON.
+    A chat tool (``{"type": "function", "function": {...}}``) and a Responses API tool
+    (``{"type": "function", "name": ..., "parameters": ...}``) count alike. Only
+    top-level parameters are counted, as in the cookbook, so nested object schemas are
+    undercounted. A tool with no function ``name`` (a built-in tool type) is counted as
+    the tokens of its compact JSON.
     """
     func_init = _FUNC_INIT[plan.encoding_name]
     for tool in tools:
@@ -455,32 +732,104 @@ def _strip_period(description: object) -> str:
     return text.removesuffix(".")
 
 
-# --- Other endpoints (first cut: text only; see the helper's work) ----------------------------
-
-
-def _text_tokens_of(value: object, encoding: tiktoken.Encoding) -> int:
-    if isinstance(value, str):
-        return len(encoding.encode_ordinary(value))
-    if isinstance(value, list | tuple):
-        if value and all(isinstance(item, int) for item in value):
-            return len(value)  # already tokens
-        return sum(_text_tokens_of(item, encoding) for item in value)
-    if isinstance(value, Mapping):
-        return sum(_text_tokens_of(item, encoding) for key, item in value.items() if key not in ("type", "id"))
-    return 0
+# --- Responses API -----------------------------------------------------------------
 
 
 async def acount_responses_input_tokens(body: Mapping[str, Any], *, model: str) -> int:
-    """The estimated input tokens of a Responses API request (`instructions`, `input`, tools)."""
-    encoding = get_encoding(encoding_name_for_model(model))
-    return _text_tokens_of(body.get("instructions"), encoding) + _text_tokens_of(body.get("input"), encoding) + _REPLY_PRIMER_TOKENS
+    """Return the estimated input tokens of a Responses API request.
+
+    OpenAI publishes no counting rule for the Responses API, so its request is mapped
+    onto chat messages and counted with the chat rule (3 per message, 3 to prime the
+    reply): ``instructions`` is a system message; a string ``input`` is one user
+    message; a ``function_call`` item is an assistant message calling that function;
+    a ``function_call_output`` item is a tool message; a ``reasoning`` item counts the
+    text of its summary only (its ``encrypted_content`` is opaque); an ``item_reference``
+    counts nothing (the item it names is stored upstream); any other item is a message
+    holding its compact JSON. Function ``tools`` follow the cookbook's tool rule.
+    Values of an unexpected type count nothing.
+    """
+    return await _acount(_plan_responses(body, model=model))
+
+
+def _plan_responses(body: Mapping[str, Any], *, model: str) -> _PromptPlan:
+    plan = _new_plan(model)
+    instructions = body.get("instructions")
+    if isinstance(instructions, str):
+        _plan_message(plan, {"role": "system", "content": instructions})
+    items = body.get("input")
+    if isinstance(items, str):
+        _plan_message(plan, {"role": "user", "content": items})
+    elif isinstance(items, list | tuple):
+        for item in items:
+            if isinstance(item, Mapping):
+                _plan_responses_item(plan, item)
+    plan.fixed_tokens += _REPLY_PRIMER_TOKENS
+    tools = body.get("tools")
+    if isinstance(tools, list | tuple):
+        function_tools = [tool for tool in tools if isinstance(tool, Mapping)]
+        if function_tools:
+            _plan_tools(plan, function_tools)
+    return plan
+
+
+def _plan_responses_item(plan: _PromptPlan, item: Mapping[str, Any]) -> None:
+    kind = item.get("type", "message")  # an easy input message has only role and content
+    if kind == "message":
+        _plan_message(plan, {"role": item.get("role"), "content": item.get("content")})
+    elif kind == "function_call":
+        function = {"name": item.get("name"), "arguments": item.get("arguments")}
+        _plan_message(plan, {"role": "assistant", "tool_calls": [{"function": function}]})
+    elif kind == "function_call_output":
+        output = {
+            "role": "tool",
+            "tool_call_id": item.get("call_id"),
+            "content": item.get("output"),
+        }
+        _plan_message(plan, output)
+    elif kind == "reasoning":
+        for part in item.get("summary") or ():
+            if isinstance(part, Mapping):
+                plan.add_text(part.get("text"))
+    elif kind != "item_reference":
+        plan.fixed_tokens += _TOKENS_PER_MESSAGE
+        plan.add_text({key: value for key, value in item.items() if key not in ("id", "status")})
+
+
+# --- Legacy completions and embeddings ---------------------------------------------
 
 
 async def acount_completion_prompt_tokens(prompt: object, *, model: str) -> int:
-    """The prompt tokens of a legacy completions request (a string, strings or token arrays)."""
-    return _text_tokens_of(prompt, get_encoding(encoding_name_for_model(model)))
+    """Return the prompt tokens of a legacy completions request.
+
+    *prompt* is a string, a list of strings, a list of token ids or a list of token-id
+    lists; token ids count as themselves, and there is no per-prompt overhead.
+    """
+    return await _acount(_plan_token_input(prompt, model=model))
 
 
 async def acount_embedding_input_tokens(input: object, *, model: str) -> int:
-    """The input tokens of an embeddings request (a string, strings or token arrays)."""
-    return _text_tokens_of(input, get_encoding(encoding_name_for_model(model)))
+    """Return the input tokens of an embeddings request (the same shapes as a prompt)."""
+    return await _acount(_plan_token_input(input, model=model))
+
+
+def _plan_token_input(value: object, *, model: str) -> _PromptPlan:
+    plan = _new_plan(model)
+    if isinstance(value, str):
+        plan.add_text(value)
+    elif _is_token_ids(value):
+        plan.fixed_tokens += len(value)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            if isinstance(item, str):
+                plan.add_text(item)
+            elif _is_token_ids(item):
+                plan.fixed_tokens += len(item)
+    return plan
+
+
+def _is_token_ids(value: object) -> TypeGuard[Sequence[int]]:
+    # Only the first item is looked at: checking every id of a 300k-token request would
+    # block the event loop, and the upstream rejects a mixed list anyway.
+    return isinstance(value, list | tuple) and (
+        not value or (isinstance(value[0], int) and not isinstance(value[0], bool))
+    )
