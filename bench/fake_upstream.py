@@ -4,44 +4,76 @@ It speaks just enough HTTP/1.1 (keep-alive, chunked responses, Content-Length or
 request bodies) for the official OpenAI SDK and httpx, on bare ``asyncio`` streams, so that
 a benchmark of a thousand concurrent streams measures the gateway and not this server.
 
-Endpoints: ``POST /v1/chat/completions`` (streamed or not), ``GET /v1/models`` and
-``GET /v1/models/{id}``. The ``/v1`` prefix is optional.
+Endpoints, each in OpenAI's wire format; the ``/v1`` prefix is optional:
+
+- ``POST /v1/chat/completions`` (streamed or not): ``n`` choices (each chunk carries one, in
+  turn, as OpenAI interleaves them); with ``tools``, a function call (see ``auto_tool_calls``).
+- ``POST /v1/completions`` (legacy, streamed or not): ``text_completion`` chunks, ``n`` choices
+  per prompt, a usage chunk (``choices: []``) with ``stream_options.include_usage``.
+- ``POST /v1/responses`` (streamed or not): typed events (``event: <type>`` lines, a
+  ``sequence_number`` from 0, no ``[DONE]``): response.created, response.in_progress,
+  response.output_item.added, response.content_part.added, one response.output_text.delta per
+  token, response.output_text.done, response.content_part.done, response.output_item.done and
+  response.completed (response.incomplete when ``max_output_tokens`` cut it), whose response
+  carries the usage. A response is kept (unless ``store`` is false; the newest
+  ``max_stored_responses``) for ``GET /v1/responses/{id}`` and ``DELETE /v1/responses/{id}``;
+  ``POST /v1/responses/{id}/cancel`` answers 400, as OpenAI does for a response not created
+  with ``background``; an unknown id is a 404.
+- ``POST /v1/embeddings``: one deterministic unit vector per input (a string, a list of
+  strings, a list of token ids or a list of such lists), of the request's ``dimensions`` or
+  ``embedding_dimensions`` (8: light) floats, base64 (float32, little-endian) when
+  ``encoding_format`` is "base64" (the SDK's default).
+- ``GET /v1/models`` and ``GET /v1/models/{id}``.
+
+Chat, legacy completions, responses and embeddings are the "model requests": each is admitted
+by the limits, takes the next fault and is paced alike; their tokens are what usage reports.
 
 Behaviour, all set by constructor keyword arguments that stay mutable attributes (a request
 reads them once, when it starts, so a test may change them between requests):
 
-- ``tokens`` content tokens per completion, each one delta of ``token_text``; a request's
-  ``max_completion_tokens`` (or ``max_tokens``) caps it and then ``finish_reason`` is "length".
+- ``tokens`` content tokens per completion (per choice), each one delta of ``token_text``; a
+  request's ``max_completion_tokens`` (or ``max_tokens``; ``max_output_tokens`` for a
+  response) caps it and then ``finish_reason`` is "length" (a response is "incomplete").
 - ``ttft`` seconds between the response headers and the first chunk; ``inter_token_delay``
   seconds between content chunks. The first content chunk travels with the role chunk, so a
   stream of C tokens lasts ``ttft + (C - 1) * inter_token_delay``; a non-streamed completion
   waits that long before it answers.
 - Prompt tokens are ``prompt_tokens`` when set, else :func:`prompt_tokens_for`: the characters
-  of all message contents // 4, plus 3 per message, plus 3. Completion tokens are the content
-  chunks sent.
+  of all message contents // 4, plus 3 per message, plus 3 (:func:`input_tokens_for` counts a
+  response's ``instructions`` and ``input`` items as messages; a legacy prompt or an embedding
+  input is its characters // 4, at least 1, or its token ids). Completion tokens are the
+  content chunks sent, times the choices.
+- ``auto_tool_calls`` (off by default): a chat request with function ``tools`` answers a call
+  of the named function when ``tool_choice`` names one, of the first when it is "required"
+  (as OpenAI must, whatever the messages say), and never when it is "none". With "auto" (or
+  none given) it answers text, unless ``auto_tool_calls`` is on and the last message is not a
+  tool result. The call's arguments fill the schema's required properties with sample values
+  and arrive in at most ``tokens`` pieces; ``finish_reason`` is "tool_calls".
 - ``fault``: "429" (with ``retry_after``), "500", "401", "400" answer with that status and an
   OpenAI error body;
   "stall" sends ``fault_after_tokens`` content chunks and then nothing, holding the connection
   until the client closes it; "cut" sends them and then closes the connection mid-body (no
   last chunk, no ``[DONE]``); "error_frame" sends them, then an SSE ``{"error": ...}`` event, and
-  ends the body cleanly; "endless" streams content as fast as the socket takes it, forever,
+  ends the body cleanly (for a response: a typed ``error`` event, code "server_error");
+  "endless" streams content as fast as the socket takes it, forever,
   and blocks on ``drain()`` when the reader is slow (the back-pressure probe). Without
   ``stream`` the faults are: stall holds without answering, cut closes without answering,
-  error_frame answers 500, endless sends an endless JSON body.
+  error_frame answers 500, endless sends an endless JSON body (embeddings: holds, as stall).
 - ``fault_schedule``: a list of faults (``None`` for a normal answer) used in turn, cyclically,
-  one entry per chat request the limits admit; while set it overrides ``fault`` (``["429",
+  one entry per model request the limits admit; while set it overrides ``fault`` (``["429",
   None]``: every second request is a 429; ``["500", "500", None]``). Setting it starts again at
   its first entry. Each record's ``fault`` is the fault that request got.
 - ``rpm_limit`` and ``tpm_limit``: the server's own requests and tokens per minute, each over a
-  sliding 60 s window, counted on chat completions only (a request the limits refuse does not
+  sliding 60 s window, counted on model requests only (a request the limits refuse does not
   count). A request costs its prompt tokens plus the completion tokens it will produce (``tokens``
-  capped by its ``max_completion_tokens``/``max_tokens``), counted when it is admitted, as
+  capped by its ``max_completion_tokens``/``max_tokens``, times its choices), counted when it
+  is admitted, as
   OpenAI counts a request's estimate; a fault after admission does not give them back. The excess
   is answered 429 (error type "requests" or "tokens", code "rate_limit_exceeded") with
   ``retry-after`` (whole seconds) and ``retry-after-ms``: the time until the window has room for
   it (60 s for a request larger than ``tpm_limit``, which never fits). Every 429, fault or
   limit, counts in ``rejected_429``.
-- ``rate_limit_headers`` (on by default): every answer to a chat request, success or error,
+- ``rate_limit_headers`` (on by default): every answer to a model request, success or error,
   carries OpenAI's ``x-ratelimit-limit-requests``, ``x-ratelimit-remaining-requests`` and
   ``x-ratelimit-reset-requests`` when ``rpm_limit`` is set, and the ``-tokens`` trio when
   ``tpm_limit`` is; remaining counts this request, reset (``250ms``, ``1.5s``, ``6m0s``) is when
@@ -64,7 +96,9 @@ Deliberate choices that may look wrong:
   mark; below it ``drain()`` would return without suspending anyway. Long bursts yield to the
   loop every batch so one fast stream does not starve the others.
 - Frames are pre-encoded once per request: every content chunk of a completion is the same
-  bytes, so a burst of k chunks is one ``bytes * k`` and one HTTP chunk.
+  bytes, so a burst of k chunks is one ``bytes * k`` and one HTTP chunk. A response's deltas
+  differ only in their ``sequence_number``, so each is a prefix, a number and a suffix; a tool
+  call's argument pieces are encoded once, up front.
 - Paced chunks (``inter_token_delay`` > 0) are not sent by each stream sleeping: one shared
   pacer per delay value writes them from a timer callback, and a stream's coroutine only
   wakes when its run ends or its transport needs draining. With a thousand streams this
@@ -242,8 +276,8 @@ def _prompt_count(prompt: object) -> int:
 
 
 def completion_prompt_tokens_for(body: dict[str, Any], fixed: int | None = None) -> int:
-    """Return a legacy completion's prompt tokens: chars // 4 (at least 1) per string, the ids
-    per token-id list."""
+    """Return a legacy completion's prompt tokens: chars // 4 (at least 1) per prompt string,
+    the ids per token-id list."""
     if fixed is not None:
         return fixed
     return sum(
@@ -337,8 +371,8 @@ class UpstreamRequest:
     first SSE event. ``closed_at`` is when the connection carrying this request closed, by
     either side, if that happened while this was its current or last request; it stays None
     while the connection is kept alive. ``client_disconnected`` means the peer closed before
-    the response finished. ``completed`` means ``data: [DONE]`` (or the whole non-streamed
-    body) went out. ``bytes_written`` counts bytes handed to the transport, headers included.
+    the response finished. ``completed`` means the stream's last event (``data: [DONE]``, or
+    response.completed) or the whole non-streamed body went out. ``bytes_written`` counts bytes handed to the transport, headers included.
     """
 
     method: str
@@ -967,7 +1001,7 @@ class _Pacer:
 
 
 class FakeUpstream:
-    """A fake OpenAI chat-completions server; see the module docstring for its behaviour."""
+    """A fake OpenAI server; see the module docstring for its behaviour."""
 
     def __init__(
         self,
@@ -1048,7 +1082,7 @@ class FakeUpstream:
         self._schedule_index = 0
 
     def _next_fault(self) -> Fault | None:
-        """The fault of the next admitted chat request: the schedule's next entry, else ``fault``."""
+        """The fault of the next admitted model request: the schedule's next entry, else ``fault``."""
         schedule = self._fault_schedule
         if schedule is None:
             return self.fault
@@ -1362,7 +1396,7 @@ class FakeUpstream:
         )
 
     def _admit(self, tokens: int) -> tuple[str | None, float, bytes]:
-        """Count one chat request costing ``tokens`` against ``rpm_limit`` and ``tpm_limit``.
+        """Count one model request costing ``tokens`` against ``rpm_limit`` and ``tpm_limit``.
 
         Return the limit that refused it ("requests", "tokens") or None, the seconds until it
         would fit, and the ``x-ratelimit-*`` headers of its answer.
@@ -1917,6 +1951,17 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--record", action="store_true", help="keep per-request records (off: saves memory)"
     )
+    parser.add_argument(
+        "--auto-tool-calls",
+        action="store_true",
+        help="answer a chat request with tools and tool_choice auto with a tool call",
+    )
+    parser.add_argument(
+        "--embedding-dimensions",
+        type=int,
+        default=8,
+        help="floats per embedding when the request gives no dimensions (default 8)",
+    )
     return parser
 
 
@@ -1952,6 +1997,8 @@ async def _serve(args: argparse.Namespace) -> None:
         rate_limit_headers=args.rate_limit_headers,
         fault_schedule=args.fault_schedule,
         max_records=None if args.record else 0,
+        auto_tool_calls=args.auto_tool_calls,
+        embedding_dimensions=args.embedding_dimensions,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

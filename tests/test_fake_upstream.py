@@ -1,6 +1,7 @@
 """The fake OpenAI upstream, driven by the real OpenAI SDK (and raw httpx for the wire format)."""
 
 import asyncio
+import base64
 import contextlib
 import json
 import math
@@ -8,6 +9,7 @@ import re
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -25,6 +27,7 @@ from bench.fake_upstream import (
     WRITE_BLOCKED_AFTER,
     FakeUpstream,
     _reset_text,
+    input_tokens_for,
     prompt_tokens_for,
 )
 
@@ -736,3 +739,536 @@ def test_cli_sets_the_token_limit_the_fault_schedule_and_no_rate_limit_headers()
 )
 def test_prompt_tokens_for(body: dict[str, Any], fixed: int | None, expected: int) -> None:
     assert prompt_tokens_for(body, fixed) == expected
+
+
+# -- the Responses API -----------------------------------------------------------------------
+
+RESPONSE_EVENTS_AROUND_DELTAS = (
+    ["response.created", "response.in_progress"],
+    ["response.output_item.added", "response.content_part.added"],
+    ["response.output_text.done", "response.content_part.done", "response.output_item.done"],
+)
+INSTRUCTIONS = "Be brief."  # 9 chars
+INPUT = "Say hello to the fake upstream."  # 31 chars
+RESPONSE_INPUT_TOKENS = MESSAGES_PROMPT_TOKENS  # the same two messages, counted alike
+
+
+def response_event_types(tokens: int, last: str = "response.completed") -> list[str]:
+    opening, item, closing = RESPONSE_EVENTS_AROUND_DELTAS
+    return [*opening, *item, *["response.output_text.delta"] * tokens, *closing, last]
+
+
+def sse_events(text: str) -> list[tuple[str | None, str]]:
+    """Split an SSE body into (event, data) pairs."""
+    events = []
+    for block in text.split("\n\n"):
+        if not block:
+            continue
+        fields = dict(line.split(": ", 1) for line in block.split("\n"))
+        events.append((fields.get("event"), fields["data"]))
+    return events
+
+
+def test_response_stream_yields_typed_events_ending_in_completed_with_usage(
+    make_upstream: MakeUpstream, make_client: MakeClient
+) -> None:
+    upstream = make_upstream(tokens=3, token_text="hi ")
+    client = make_client(upstream)
+
+    events = list(
+        client.responses.create(model=MODEL, instructions=INSTRUCTIONS, input=INPUT, stream=True)
+    )
+
+    assert [e.type for e in events] == response_event_types(3)
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    created, completed = events[0], events[-1]
+    assert created.type == "response.created" and completed.type == "response.completed"
+    assert created.response.status == "in_progress" and created.response.output == []
+    assert [e.delta for e in events if e.type == "response.output_text.delta"] == ["hi "] * 3
+    response = completed.response
+    assert response.id == created.response.id and response.id.startswith("resp_")
+    assert response.status == "completed" and response.model == MODEL
+    assert response.instructions == INSTRUCTIONS
+    assert response.output_text == "hi hi hi "
+    assert response.output[0].type == "message" and response.output[0].id.startswith("msg_")
+    assert response.usage is not None
+    assert response.usage.input_tokens == RESPONSE_INPUT_TOKENS
+    assert response.usage.output_tokens == 3
+    assert response.usage.total_tokens == RESPONSE_INPUT_TOKENS + 3
+    assert response.usage.input_tokens_details.cached_tokens == 0
+    assert response.usage.output_tokens_details.reasoning_tokens == 0
+
+    record = upstream.last_request
+    assert record.path == "/v1/responses" and record.stream and record.status == 200
+    assert record.completed and record.content_chunks_sent == 3
+    # A streamed response is stored too.
+    assert client.responses.retrieve(response.id).output_text == "hi hi hi "
+
+
+def test_response_stream_wire_format(make_upstream: MakeUpstream) -> None:
+    # More tokens than one write batch (256), so the sequence numbers cross batches.
+    upstream = make_upstream(tokens=600, prompt_tokens=7)
+    request = {"model": MODEL, "input": INPUT, "stream": True}
+    with httpx.Client(base_url=upstream.base_url, timeout=10.0) as client:
+        with client.stream("POST", "/responses", json=request) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"] == "text/event-stream; charset=utf-8"
+            events = sse_events(response.read().decode())
+
+    assert "[DONE]" not in [data for _, data in events]
+    payloads = [json.loads(data) for _, data in events]
+    assert [name for name, _ in events] == [p["type"] for p in payloads]
+    assert [p["type"] for p in payloads] == response_event_types(600)
+    assert [p["sequence_number"] for p in payloads] == list(range(len(payloads)))
+    item_id = payloads[2]["item"]["id"]
+    assert payloads[4] == {
+        "type": "response.output_text.delta",
+        "item_id": item_id,
+        "output_index": 0,
+        "content_index": 0,
+        "delta": "tok ",
+        "logprobs": [],
+        "sequence_number": 4,
+    }
+    assert payloads[-1]["response"]["usage"] == {
+        "input_tokens": 7,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": 600,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": 607,
+    }
+
+
+def test_paced_response_stream_numbers_every_delta(
+    make_upstream: MakeUpstream, make_client: MakeClient
+) -> None:
+    upstream = make_upstream(tokens=5, inter_token_delay=0.01)
+    client = make_client(upstream)
+
+    events = list(client.responses.create(model=MODEL, input=INPUT, stream=True))
+
+    assert [e.type for e in events] == response_event_types(5)
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+
+
+def test_non_stream_response_is_stored_retrieved_deleted_and_not_cancellable(
+    make_upstream: MakeUpstream, make_client: MakeClient
+) -> None:
+    upstream = make_upstream(tokens=2)
+    client = make_client(upstream)
+
+    response = client.responses.create(model=MODEL, input=[{"role": "user", "content": INPUT}])
+
+    assert response.object == "response" and response.status == "completed"
+    assert response.output_text == "tok tok "
+    assert response.usage is not None and response.usage.input_tokens == 31 // 4 + 3 + 3
+    assert not upstream.last_request.stream
+    retrieved = client.responses.retrieve(response.id)
+    assert retrieved.model_dump() == response.model_dump()
+    with pytest.raises(openai.BadRequestError) as cancelled:
+        client.responses.cancel(response.id)
+    assert cancelled.value.body == {
+        "message": "Only responses created with background=true can be cancelled.",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": None,
+    }
+
+    deleted = client.responses.with_raw_response.delete(response.id)
+    assert deleted.http_response.json() == {
+        "id": response.id,
+        "object": "response.deleted",
+        "deleted": True,
+    }
+    for call in (client.responses.retrieve, client.responses.delete, client.responses.cancel):
+        with pytest.raises(openai.NotFoundError) as missing:
+            call(response.id)
+        assert missing.value.message.endswith(f"Response with id '{response.id}' not found.")
+    assert upstream.stored_responses == {}
+
+    unstored = client.responses.create(model=MODEL, input=INPUT, store=False)
+    assert unstored.to_dict()["store"] is False
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unstored.id)
+
+
+def test_response_capped_by_max_output_tokens_is_incomplete(
+    make_upstream: MakeUpstream, make_client: MakeClient
+) -> None:
+    upstream = make_upstream(tokens=5)
+    client = make_client(upstream)
+
+    events = list(
+        client.responses.create(model=MODEL, input=INPUT, max_output_tokens=2, stream=True)
+    )
+    response = client.responses.create(model=MODEL, input=INPUT, max_output_tokens=2)
+
+    assert [e.type for e in events] == response_event_types(2, last="response.incomplete")
+    last = events[-1]
+    assert last.type == "response.incomplete"
+    for final in (last.response, response):
+        assert final.status == "incomplete" and final.output_text == "tok tok "
+        assert final.incomplete_details is not None
+        assert final.incomplete_details.reason == "max_output_tokens"
+        assert final.usage is not None and final.usage.output_tokens == 2
+
+
+def test_response_error_event_mid_stream(
+    make_upstream: MakeUpstream, make_client: MakeClient
+) -> None:
+    upstream = make_upstream(fault="error_frame", fault_after_tokens=2)
+    client = make_client(upstream)
+
+    events = list(client.responses.create(model=MODEL, input=INPUT, stream=True))
+
+    assert [e.type for e in events] == [*response_event_types(2)[:6], "error"]
+    error = events[-1]
+    assert error.type == "error"
+    assert (error.code, error.message, error.param) == ("server_error", ERROR_STREAM, None)
+    assert error.sequence_number == 6
+    record = upstream.last_request
+    assert not record.completed and record.content_chunks_sent == 2
+    assert upstream.stored_responses == {}
+
+
+def test_response_cut_mid_stream_raises_connection_error(
+    make_upstream: MakeUpstream, make_client: MakeClient
+) -> None:
+    upstream = make_upstream(fault="cut", fault_after_tokens=1)
+    client = make_client(upstream)
+    types = []
+
+    with pytest.raises(openai.APIConnectionError):
+        for event in client.responses.create(model=MODEL, input=INPUT, stream=True):
+            types.append(event.type)
+
+    assert types == response_event_types(1)[:5]
+    assert upstream.wait_until(lambda: upstream.last_request.closed_at is not None)
+
+
+def test_responses_count_against_the_limits_and_take_faults(make_upstream: MakeUpstream) -> None:
+    upstream = make_upstream(tpm_limit=30, prompt_tokens=10, tokens=5)
+    body = {"model": MODEL, "input": INPUT}
+    with httpx.Client(base_url=upstream.base_url, timeout=10.0) as client:
+        first = client.post("/responses", json=body)
+        second = client.post("/responses", json={**body, "stream": True})
+        refused = client.post("/responses", json=body)
+        upstream.reset_rate_limit()
+        upstream.fault_schedule = ["500", None]
+        faulted = client.post("/responses", json=body)
+
+    assert [first.status_code, second.status_code, refused.status_code] == [200, 200, 429]
+    assert first.headers["x-ratelimit-remaining-tokens"] == "15"
+    assert second.headers["x-ratelimit-remaining-tokens"] == "0"
+    assert refused.json()["error"]["type"] == "tokens"
+    assert faulted.status_code == 500 and faulted.headers["x-ratelimit-remaining-tokens"] == "15"
+    assert upstream.stored_responses.keys() == {
+        first.json()["id"],
+        second.headers["x-request-id"][4:],
+    }
+
+
+@pytest.mark.parametrize(
+    ("body", "fixed", "expected"),
+    [
+        ({}, None, 3),
+        ({"input": "abcd"}, None, 1 + 3 + 3),
+        ({"instructions": "abcdefgh", "input": "abcd"}, None, 3 + 6 + 3),
+        (
+            {
+                "input": [
+                    {"role": "user", "content": [{"type": "input_text", "text": "abcdefgh"}]},
+                    {"type": "function_call_output", "call_id": "c", "output": "abcd"},
+                ]
+            },
+            None,
+            3 + 6 + 3,
+        ),
+        ({"input": "abcd"}, 42, 42),
+    ],
+    ids=["empty", "string", "instructions", "items", "fixed"],
+)
+def test_input_tokens_for(body: dict[str, Any], fixed: int | None, expected: int) -> None:
+    assert input_tokens_for(body, fixed) == expected
+
+
+# -- embeddings ---------------------------------------------------------------------------------
+
+
+def test_embeddings_answer_one_vector_per_input_with_usage(
+    make_upstream: MakeUpstream, make_client: MakeClient
+) -> None:
+    upstream = make_upstream()
+    client = make_client(upstream)
+    inputs = [f"sentence number {i:03d}" for i in range(100)]  # 19 chars: 4 tokens each
+
+    result = client.embeddings.create(model="text-embedding-3-small", input=inputs)
+
+    assert result.object == "list" and result.model == "text-embedding-3-small"
+    assert [d.index for d in result.data] == list(range(100))
+    assert {len(d.embedding) for d in result.data} == {8}
+    assert result.usage.prompt_tokens == result.usage.total_tokens == 400
+    assert all(math.isclose(sum(x * x for x in d.embedding), 1, rel_tol=1e-5) for d in result.data)
+    assert len({tuple(d.embedding) for d in result.data}) == 100
+    # The SDK asked for base64 (its default) and decoded it.
+    assert upstream.last_request.body["encoding_format"] == "base64"
+
+    floats = client.embeddings.create(
+        model="text-embedding-3-small", input=inputs[3], dimensions=16, encoding_format="float"
+    )
+    again = client.embeddings.create(model="text-embedding-3-small", input=inputs[3])
+    assert len(floats.data) == 1 and len(floats.data[0].embedding) == 16
+    assert again.data[0].embedding == pytest.approx(result.data[3].embedding)
+    assert upstream.last_request.path == "/v1/embeddings" and upstream.last_request.completed
+
+
+def test_embeddings_wire_format_and_token_inputs(make_upstream: MakeUpstream) -> None:
+    upstream = make_upstream()
+    with httpx.Client(base_url=upstream.base_url, timeout=10.0) as client:
+        floats = client.post(
+            "/embeddings", json={"model": "e", "input": "hello", "encoding_format": "float"}
+        )
+        packed = client.post(
+            "/embeddings", json={"model": "e", "input": "hello", "encoding_format": "base64"}
+        )
+        token_ids = client.post("/embeddings", json={"model": "e", "input": [1, 2, 3]})
+        token_lists = client.post("/embeddings", json={"model": "e", "input": [[1, 2], [3]]})
+        invalid = client.post("/embeddings", json={"model": "e", "input": [1, "a"]})
+
+    body = floats.json()
+    assert body == {
+        "object": "list",
+        "data": [{"object": "embedding", "index": 0, "embedding": body["data"][0]["embedding"]}],
+        "model": "e",
+        "usage": {"prompt_tokens": 1, "total_tokens": 1},
+    }
+    decoded = struct.unpack("<8f", base64.b64decode(packed.json()["data"][0]["embedding"]))
+    assert decoded == pytest.approx(body["data"][0]["embedding"], rel=1e-6)
+    assert len(token_ids.json()["data"]) == 1 and token_ids.json()["usage"]["prompt_tokens"] == 3
+    assert len(token_lists.json()["data"]) == 2
+    assert token_lists.json()["usage"]["prompt_tokens"] == 3
+    assert invalid.status_code == 400 and invalid.json()["error"]["param"] == "input"
+
+
+def test_embeddings_count_against_the_limits_and_take_faults(
+    make_upstream: MakeUpstream, make_client: MakeClient
+) -> None:
+    upstream = make_upstream(rpm_limit=2, fault_schedule=["500", None])
+    client = make_client(upstream)
+
+    with pytest.raises(openai.InternalServerError):
+        client.embeddings.create(model="e", input="x")
+    client.embeddings.create(model="e", input="x")
+    with pytest.raises(openai.RateLimitError):
+        client.embeddings.create(model="e", input="x")
+
+
+# -- legacy completions -------------------------------------------------------------------------
+
+
+def test_completions_stream_n_choices_with_usage(
+    make_upstream: MakeUpstream, make_client: MakeClient
+) -> None:
+    upstream = make_upstream(tokens=3, token_text="hi ")
+    client = make_client(upstream)
+
+    chunks = list(
+        client.completions.create(
+            model="gpt-3.5-turbo-instruct",
+            prompt="Say hello to the fake upstream.",  # 31 chars: 7 tokens
+            n=2,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+
+    *choices, usage = chunks
+    assert {c.object for c in chunks} == {"text_completion"}
+    assert len({c.id for c in chunks}) == 1 and chunks[0].id.startswith("cmpl-")
+    assert all(len(c.choices) == 1 for c in choices)
+    texts: dict[int, str] = {0: "", 1: ""}
+    for chunk in choices:
+        texts[chunk.choices[0].index] += chunk.choices[0].text
+    assert texts == {0: "hi hi hi ", 1: "hi hi hi "}
+    assert [c.choices[0].finish_reason for c in choices[-2:]] == ["stop", "stop"]
+    assert usage.choices == [] and usage.usage is not None
+    assert (usage.usage.prompt_tokens, usage.usage.completion_tokens) == (7, 6)
+    assert usage.usage.total_tokens == 13
+    assert upstream.last_request.path == "/v1/completions" and upstream.last_request.completed
+
+
+def test_completions_wire_format_and_non_stream(
+    make_upstream: MakeUpstream, make_client: MakeClient
+) -> None:
+    upstream = make_upstream(tokens=4)
+    request = {"model": "m", "prompt": "abcdefgh", "stream": True, "max_tokens": 1}
+    with httpx.Client(base_url=upstream.base_url, timeout=10.0) as http_client:
+        lines = [
+            line for line in http_client.post("/completions", json=request).text.split("\n") if line
+        ]
+
+    assert lines[-1] == "data: [DONE]"
+    events = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert events == [
+        {
+            "id": events[0]["id"],
+            "object": "text_completion",
+            "created": events[0]["created"],
+            "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}],
+            "model": "m",
+            "system_fingerprint": None,
+        }
+        for text, finish in (("tok ", None), ("", "length"))
+    ]
+
+    completion = make_client(upstream).completions.create(model="m", prompt=["a", "b"], n=2)
+    assert completion.object == "text_completion"
+    assert [c.index for c in completion.choices] == [0, 1, 2, 3]
+    assert {c.text for c in completion.choices} == {"tok tok tok tok "}
+    assert completion.usage is not None
+    assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (2, 16)
+
+
+# -- chat: n choices and tool calls -------------------------------------------------------------
+
+
+def test_chat_n_choices_stream_and_not(
+    make_upstream: MakeUpstream, make_client: MakeClient
+) -> None:
+    upstream = make_upstream(tokens=2)
+    client = make_client(upstream)
+
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=MESSAGES,
+            n=2,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    completion = client.chat.completions.create(model=MODEL, messages=MESSAGES, n=2)
+
+    *choices, usage = chunks
+    assert all(len(c.choices) == 1 for c in choices)
+    assert [c.choices[0].index for c in choices] == [0, 1] * 4  # role, 2 tokens, finish
+    texts = {0: "", 1: ""}
+    for chunk in choices:
+        texts[chunk.choices[0].index] += chunk.choices[0].delta.content or ""
+    assert texts == {0: "tok tok ", 1: "tok tok "}
+    assert usage.usage is not None and usage.usage.completion_tokens == 4
+    assert [c.index for c in completion.choices] == [0, 1]
+    assert [c.message.content for c in completion.choices] == ["tok tok "] * 2
+    assert completion.usage is not None and completion.usage.completion_tokens == 4
+
+
+WEATHER_TOOL: Any = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string"},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+                "days": {"type": "integer"},
+            },
+            "required": ["city", "unit"],
+        },
+    },
+}
+TIME_TOOL: Any = {
+    "type": "function",
+    "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}},
+}
+
+
+def test_chat_tool_call_round_trip(make_upstream: MakeUpstream, make_client: MakeClient) -> None:
+    upstream = make_upstream(tokens=4, auto_tool_calls=True)
+    client = make_client(upstream)
+    messages: list[Any] = [{"role": "user", "content": "Weather in Paris?"}]
+
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=messages, tools=[WEATHER_TOOL], stream=True
+        )
+    )
+
+    first, *pieces, finish = chunks
+    first_call = first.choices[0].delta.tool_calls
+    assert first.choices[0].delta.role == "assistant" and first.choices[0].delta.content is None
+    assert first_call is not None and len(first_call) == 1
+    assert first_call[0].index == 0 and first_call[0].id is not None
+    assert first_call[0].id.startswith("call_") and first_call[0].type == "function"
+    assert first_call[0].function is not None
+    assert first_call[0].function.name == "get_weather"
+    assert first_call[0].function.arguments == ""
+    arguments = ""
+    for chunk in pieces:
+        (call,) = chunk.choices[0].delta.tool_calls or []
+        assert call.index == 0 and call.id is None and call.function is not None
+        assert call.function.name is None
+        arguments += call.function.arguments or ""
+    assert len(pieces) == 4
+    assert json.loads(arguments) == {"city": "tok", "unit": "celsius"}
+    assert finish.choices[0].finish_reason == "tool_calls"
+
+    messages += [
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": first_call[0].id,
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": arguments},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": first_call[0].id, "content": "Sunny, 21 C."},
+    ]
+    answer = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER_TOOL])
+    assert answer.choices[0].finish_reason == "stop"
+    assert answer.choices[0].message.content == "tok tok tok tok "
+    assert answer.choices[0].message.tool_calls is None
+
+
+@pytest.mark.parametrize(
+    ("tool_choice", "auto_tool_calls", "called"),
+    [
+        ("required", False, "get_weather"),
+        ({"type": "function", "function": {"name": "get_time"}}, False, "get_time"),
+        ("auto", False, None),
+        (None, False, None),
+        ("none", True, None),
+        ("auto", True, "get_weather"),
+    ],
+    ids=["required", "named", "auto", "no-choice", "none", "auto-opted-in"],
+)
+def test_chat_tool_choice_decides_the_call(
+    make_upstream: MakeUpstream,
+    make_client: MakeClient,
+    tool_choice: Any,
+    auto_tool_calls: bool,
+    called: str | None,
+) -> None:
+    upstream = make_upstream(tokens=3, auto_tool_calls=auto_tool_calls)
+    client = make_client(upstream)
+    extra = {} if tool_choice is None else {"tool_choice": tool_choice}
+
+    completion = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, tools=[WEATHER_TOOL, TIME_TOOL], **extra
+    )
+
+    message = completion.choices[0].message
+    if called is None:
+        assert message.tool_calls is None and message.content == "tok tok tok "
+        assert completion.choices[0].finish_reason == "stop"
+        return
+    assert message.content is None and message.tool_calls is not None
+    (call,) = message.tool_calls
+    assert call.type == "function" and call.function.name == called
+    assert isinstance(json.loads(call.function.arguments), dict)
+    assert completion.choices[0].finish_reason == "tool_calls"
+    assert completion.usage is not None and 1 <= completion.usage.completion_tokens <= 3
