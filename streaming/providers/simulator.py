@@ -44,7 +44,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import orjson
 from django.conf import settings
@@ -74,6 +74,8 @@ STORE_TIMEOUT = 24 * 60 * 60  # seconds
 # OpenAI's defaults: legacy completions stop at 16 tokens; embeddings of text-embedding-3-small.
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 EMBEDDING_DEFAULT_DIMENSIONS = 1536
+# The most words of a json_object answer's text (it is built whole, unlike a text answer).
+_JSON_ANSWER_MAX_WORDS = 4096
 # Embedding more inputs than this in one request is done in a worker thread.
 _EMBED_INLINE_INPUTS = 16
 
@@ -191,7 +193,7 @@ class _ToolCall:
 class _Answer:
     """One choice's generated text, as the pieces it is streamed in (one per token)."""
 
-    pieces: list[str]
+    pieces: Sequence[str]
     truncated: bool  # cut by the request's max tokens
     completion_tokens: int
     tool_call: _ToolCall | None = None
@@ -212,8 +214,30 @@ def _text_answer(options: _Options, limit: int | None, *, choice: int = 0) -> _A
     truncated = limit is not None and limit < tokens
     if limit is not None and truncated:
         tokens = limit
-    pieces = [simulated_text(index, choice=choice) for index in range(tokens)]
-    return _Answer(pieces=pieces, truncated=truncated, completion_tokens=tokens)
+    return _Answer(pieces=_SimulatedPieces(tokens, choice=choice), truncated=truncated, completion_tokens=tokens)
+
+
+class _SimulatedPieces(Sequence[str]):
+    """The simulator's text, made token by token as it is read: `x-simulator-tokens` may ask for
+    more tokens than fit in memory (the gateway's completion cap ends such a stream)."""
+
+    def __init__(self, length: int, *, choice: int) -> None:
+        self._length = length
+        self._choice = choice
+
+    def __len__(self) -> int:
+        return self._length
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[str]: ...
+    def __getitem__(self, index: int | slice) -> str | list[str]:
+        if isinstance(index, slice):
+            return [self[position] for position in range(*index.indices(self._length))]
+        if not -self._length <= index < self._length:
+            raise IndexError(index)
+        return simulated_text(index % self._length, choice=self._choice)
 
 
 def _generated_answer(text: str, limit: int | None, *, model: str, tool_call: _ToolCall | None = None) -> _Answer:
@@ -330,7 +354,8 @@ def _json_format_text(format_type: object, schema: object, options: _Options) ->
     if format_type == "json_schema" and isinstance(schema, Mapping):
         return _json_dumps(sample_value(schema))
     if format_type in ("json_schema", "json_object"):
-        return _json_dumps({"answer": "".join(simulated_text(index) for index in range(options.tokens))})
+        words = min(options.tokens, _JSON_ANSWER_MAX_WORDS)  # the object is built whole
+        return _json_dumps({"answer": "".join(simulated_text(index) for index in range(words))})
     return None
 
 

@@ -116,6 +116,16 @@ async def test_chat_max_tokens_ends_with_length() -> None:
     assert parsed[-1].usage is not None and parsed[-1].usage.completion_tokens == 4
 
 
+@pytest.mark.parametrize("endpoint", ["chat.completions", "responses", "completions"])
+async def test_a_huge_length_is_made_as_it_is_read(endpoint: EndpointName) -> None:
+    """`x-simulator-tokens` far beyond memory: the stream starts at once, and stops when closed."""
+    body = {**MINIMAL_BODIES[endpoint], "max_tokens": 10**12} if endpoint == "completions" else MINIMAL_BODIES[endpoint]
+    chunks = SimulatorProvider().stream(request_for(endpoint, body, tokens=10**12))
+    texts = [(await anext(chunks)).text for _ in range(8)]
+    await chunks.aclose()  # type: ignore[attr-defined]
+    assert simulated_text(0) in texts and simulated_text(2) in texts
+
+
 async def test_chat_tool_call_round_trip() -> None:
     tools = [
         {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}},
