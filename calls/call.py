@@ -193,8 +193,11 @@ class ApiCall:
         route = self.route = self.serving = resolve_route(catalog, params.model)
         self.prompt_tokens_estimate = await self.endpoint.count_prompt_tokens(params.body, model=route.upstream_model)
         # Worst case: every choice runs to its limit; the gateway imposes one when the request has none.
-        completion_tokens = self.completion_token_cap = (
-            (params.max_tokens or settings.GATEWAY_DEFAULT_MAX_TOKENS) * params.n if self.endpoint.produces_text else 0
+        completion_tokens = self.completion_token_cap = self.endpoint.completion_token_cap(
+            params.body,
+            max_tokens=params.max_tokens or settings.GATEWAY_DEFAULT_MAX_TOKENS,
+            n=params.n,
+            prompt_tokens=self.prompt_tokens_estimate,
         )
         # Rate limits first: they are cheaper than the budget's row lock and hold nothing long.
         self.limits = await self._acquire(

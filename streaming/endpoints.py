@@ -97,6 +97,10 @@ class Endpoint:
         """The request's prompt tokens, counted offline (`streaming.tokens`)."""
         raise NotImplementedError
 
+    def completion_token_cap(self, body: Mapping[str, Any], *, max_tokens: int, n: int, prompt_tokens: int) -> int:
+        """The most generated text (in tokens) the call may stream: every choice to its limit."""
+        return max_tokens * n if self.produces_text else 0
+
     def chunk(self, data: dict[str, Any]) -> ProviderChunk:
         raise NotImplementedError
 
@@ -242,6 +246,10 @@ class Completions(Endpoint):
     async def count_prompt_tokens(self, body: Mapping[str, Any], *, model: str) -> int:
         return await tokens.acount_completion_prompt_tokens(body["prompt"], model=model)
 
+    def completion_token_cap(self, body: Mapping[str, Any], *, max_tokens: int, n: int, prompt_tokens: int) -> int:
+        # With `echo`, each choice's text starts with the prompt.
+        return (max_tokens + (prompt_tokens if body.get("echo") else 0)) * n
+
     def chunk(self, data: dict[str, Any]) -> ProviderChunk:
         if data.get("error"):
             raise UpstreamError("server_error", _error_message(data, STREAM_ERROR))
@@ -337,7 +345,7 @@ class Responses(Endpoint):
     def usage_object(self, billed: Mapping[str, int]) -> dict[str, Any]:
         return {
             "input_tokens": billed["prompt_tokens"],
-            "input_tokens_details": {"cached_tokens": 0},
+            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
             "output_tokens": billed["completion_tokens"],
             "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": billed["total_tokens"],
