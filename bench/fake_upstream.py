@@ -1809,7 +1809,8 @@ class FakeUpstream:
         events = frames.role
         varied = None if frames.runner is None else frames
         if plan.delay > 0:
-            framed_content = _chunk(content)
+            # The pacer writes this framed chunk, or (varied) frames it from ``frames``.
+            framed_content = _chunk(content) if varied is None else b""
             sent = 1 if wanted > 0 else 0
             record.content_chunks_sent = sent
             out.write_events(head, events + frames.run(0, sent))
