@@ -98,7 +98,7 @@ def fake_upstream(upstream: FakeUpstream) -> Iterator[FakeUpstream]:
         name: getattr(upstream, name)
         for name in (
             "tokens", "inter_token_delay", "ttft", "fault", "fault_after_tokens", "retry_after",
-            "rpm_limit", "tpm_limit", "rate_limit_headers", "fault_schedule",
+            "rpm_limit", "tpm_limit", "rate_limit_headers", "fault_schedule", "auto_tool_calls", "embedding_dimensions",
         )
     }
     yield upstream
