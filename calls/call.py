@@ -45,6 +45,7 @@ from billing.exceptions import PriceMissing, QuotaExceeded
 from billing.outbox import LedgerOutbox, Row, get_outbox
 from billing.services import Admission, abudget_release, abudget_reserve, ausage_record_create
 from calls import limits as call_limits
+from calls import stored as stored_responses
 from calls.control import active_calls
 from calls.exceptions import (
     CallError,
@@ -192,6 +193,12 @@ class ApiCall:
         catalog = self._catalog = await acatalog()
         route = self.route = self.serving = resolve_route(catalog, params.model)
         self.prompt_tokens_estimate = await self.endpoint.count_prompt_tokens(params.body, model=route.upstream_model)
+        previous = params.body.get("previous_response_id") if self.endpoint.name == "responses" else None
+        if isinstance(previous, str):
+            # Only the caller's own response may be continued; the upstream reads its whole
+            # context again, so that is part of this call's prompt.
+            origin = await stored_responses.origin_of(principal=self.principal, response_id=previous)
+            self.prompt_tokens_estimate += origin.context_tokens
         # Worst case: every choice runs to its limit; the gateway imposes one when the request has none.
         completion_tokens = self.completion_token_cap = self.endpoint.completion_token_cap(
             params.body,

@@ -93,6 +93,10 @@ class Endpoint:
     def upstream_body(self, body: Mapping[str, Any], *, upstream_model: str) -> dict[str, Any]:
         return {**body, "model": upstream_model, "stream": True}
 
+    def streams_upstream(self, body: Mapping[str, Any]) -> bool:
+        """Whether this request is streamed from the upstream (else it is one JSON answer)."""
+        return self.streamed
+
     async def count_prompt_tokens(self, body: Mapping[str, Any], *, model: str) -> int:
         """The request's prompt tokens, counted offline (`streaming.tokens`)."""
         raise NotImplementedError
@@ -239,7 +243,15 @@ class Completions(Endpoint):
     name = "completions"
     path = "/completions"
 
+    def streams_upstream(self, body: Mapping[str, Any]) -> bool:
+        # OpenAI refuses to stream `best_of` candidates: such a call is one JSON answer.
+        return not _best_of_many(body)
+
     def upstream_body(self, body: Mapping[str, Any], *, upstream_model: str) -> dict[str, Any]:
+        if _best_of_many(body):
+            whole = {**body, "model": upstream_model, "stream": False}
+            whole.pop("stream_options", None)
+            return whole
         options = {**(body.get("stream_options") or {}), "include_usage": True}
         return {**body, "model": upstream_model, "stream": True, "stream_options": options}
 
@@ -247,8 +259,9 @@ class Completions(Endpoint):
         return await tokens.acount_completion_prompt_tokens(body["prompt"], model=model)
 
     def completion_token_cap(self, body: Mapping[str, Any], *, max_tokens: int, n: int, prompt_tokens: int) -> int:
-        # With `echo`, each choice's text starts with the prompt.
-        return (max_tokens + (prompt_tokens if body.get("echo") else 0)) * n
+        # Every prompt of a batch gets its n choices; with `echo`, each starts with its prompt.
+        prompts = _prompt_count(body["prompt"])
+        return (max_tokens * prompts + (prompt_tokens if body.get("echo") else 0)) * n
 
     def chunk(self, data: dict[str, Any]) -> ProviderChunk:
         if data.get("error"):
@@ -264,27 +277,68 @@ class Completions(Endpoint):
         return TextCompletionBuilder()
 
 
+def _best_of_many(body: Mapping[str, Any]) -> bool:
+    best_of = body.get("best_of")
+    return isinstance(best_of, int) and best_of > 1
+
+
+def _prompt_count(prompt: Any) -> int:
+    """A string or one token array is one prompt; a list of strings or token arrays is a batch."""
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        return len(prompt)
+    return 1
+
+
 class _ResponsesFramer:
     """Typed events (`event: <type>` then its JSON), numbered by `sequence_number`; the stream
-    ends with the upstream's `response.completed` (no `[DONE]`), or with an `error` event."""
+    ends with the upstream's `response.completed` (no `[DONE]`), or with an `error` event.
+
+    The terminal event (`response.completed` / `response.incomplete`) is held until `end()`, so
+    a client that sees it finds the call in the ledger, and so the billed usage fills it in when
+    the upstream sent none.
+    """
 
     def __init__(self) -> None:
         self._sequence = -1
+        self._final: dict[str, Any] | None = None
 
     def frame(self, chunk: ProviderChunk) -> bytes | None:
         data = chunk.data
         sequence = data.get("sequence_number")
         if isinstance(sequence, int):
             self._sequence = sequence
-        return b"event: " + str(data.get("type", "message")).encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+        if data.get("type") in _RESPONSES_FINAL:
+            self._final = data
+            return None
+        return _typed_event(data)
 
     def end(self, billed_usage: Mapping[str, int] | None) -> bytes:
-        return b""
+        final = self._final
+        if final is None:
+            return b""
+        response = final.get("response")
+        if isinstance(response, dict) and not response.get("usage") and billed_usage is not None:
+            final = {**final, "response": {**response, "usage": _responses_usage(billed_usage)}}
+        return _typed_event(final)
 
     def error(self, event: ErrorEvent) -> bytes:
         self._sequence += 1
         payload = {"type": "error", "code": event.code, "message": event.message, "param": None, "sequence_number": self._sequence}
-        return b"event: error\ndata: " + orjson.dumps(payload) + b"\n\n"
+        return _typed_event(payload)
+
+
+def _typed_event(data: Mapping[str, Any]) -> bytes:
+    return b"event: " + str(data.get("type", "message")).encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+
+
+def _responses_usage(billed: Mapping[str, int]) -> dict[str, Any]:
+    return {
+        "input_tokens": billed["prompt_tokens"],
+        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+        "output_tokens": billed["completion_tokens"],
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": billed["total_tokens"],
+    }
 
 
 class ResponseBuilder:
@@ -343,13 +397,7 @@ class Responses(Endpoint):
         return ResponseBuilder()
 
     def usage_object(self, billed: Mapping[str, int]) -> dict[str, Any]:
-        return {
-            "input_tokens": billed["prompt_tokens"],
-            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
-            "output_tokens": billed["completion_tokens"],
-            "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": billed["total_tokens"],
-        }
+        return _responses_usage(billed)
 
 
 class EmbeddingsAnswer:

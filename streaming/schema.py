@@ -329,6 +329,14 @@ def _check_named(param: str, named: FunctionChoice | CustomChoice, defined: set[
 
 # --- the Responses API (`POST /v1/responses`) ----------------------------------------------------
 
+CONVERSATION_REFUSED = (
+    "Invalid value for 'conversation': the gateway does not pass conversations through (it could not "
+    "check whose they are); continue a conversation with 'previous_response_id'."
+)
+ITEM_REFERENCE_REFUSED = (
+    "Invalid value for '{param}': the gateway does not pass item references through (it could not "
+    "check whose they are); send the item itself, or use 'previous_response_id'."
+)
 BACKGROUND_REFUSED = (
     "Invalid value for 'background': this gateway does not run background responses, since it "
     "could not bill a response it does not see finish. Use 'stream' instead."
@@ -474,12 +482,23 @@ class ResponsesRequest(_Body):
         # answer in a call the gateway sees through.
         if self.background:
             raise _refused("background", BACKGROUND_REFUSED)
+        # A conversation or an item reference names something stored upstream under the
+        # gateway's own key: the gateway could not tell whose it is. (`previous_response_id` is
+        # checked against the caller's own calls, `calls.stored`.)
+        if getattr(self, "conversation", None) is not None:
+            raise _refused("conversation", CONVERSATION_REFUSED)
+        if isinstance(self.input, list):
+            for index, item in enumerate(self.input):
+                kind = item.get("type") if isinstance(item, dict) else getattr(item, "type", None)
+                if kind == "item_reference":
+                    raise _refused(f"input[{index}]", ITEM_REFERENCE_REFUSED.format(param=f"input[{index}]"))
         return self
 
 
 # --- embeddings (`POST /v1/embeddings`) ----------------------------------------------------------
 
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit on the inputs of one request
+MAX_EMBEDDING_DIMENSIONS = 3072  # the largest OpenAI embedding model's (text-embedding-3-large)
 
 TokenId = Annotated[int, Field(ge=0)]
 NonEmptyText = Annotated[str, StringConstraints(min_length=1)]
@@ -525,7 +544,7 @@ class EmbeddingsRequest(_Body):
     model: Annotated[str, StringConstraints(min_length=1)]
     input: EmbeddingsInput
     encoding_format: Literal["float", "base64"] | None = None
-    dimensions: Annotated[int, Field(ge=1)] | None = None
+    dimensions: Annotated[int, Field(ge=1, le=MAX_EMBEDDING_DIMENSIONS)] | None = None
     user: str | None = None
 
 

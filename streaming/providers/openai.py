@@ -185,6 +185,7 @@ class OpenAIProvider:
 
     async def stream(self, request: ProviderRequest) -> AsyncIterator[ProviderChunk]:
         endpoint = request.endpoint
+        streamed = endpoint.streams_upstream(request.body)
         body = endpoint.upstream_body(request.body, upstream_model=request.deployment.upstream_model)
         try:
             # cast_to=Response: the SDK sends the request and raises its typed errors for a
@@ -194,14 +195,14 @@ class OpenAIProvider:
             # logs name the gateway's ledger row (and a reconciliation can match them).
             headers = {CLIENT_REQUEST_ID_HEADER: request.request_id} if request.request_id else {}
             response = await self._client.post(
-                endpoint.path, cast_to=httpx2.Response, body=body, stream=endpoint.streamed, options={"headers": headers}
+                endpoint.path, cast_to=httpx2.Response, body=body, stream=streamed, options={"headers": headers}
             )
         except openai.APIError as error:
             raise translate_error(error) from error
         if request.on_response_headers is not None:
             request.on_response_headers(rate_limit_headers(response.headers))
         try:
-            if not endpoint.streamed:
+            if not streamed:
                 yield endpoint.chunk(_json_object(await response.aread()))
                 return
             async for data in _sse_events(response):
@@ -254,14 +255,13 @@ async def _drain(pieces: AsyncIterator[bytes]) -> None:
 
 
 async def _sse_events(response: httpx2.Response) -> AsyncIterator[dict[str, Any]]:
-    """The JSON objects of an SSE stream, until `data: [DONE]` (chat, legacy completions) or the
-    end of the body after a Responses API stream's last event (`response.completed`, ...).
+    """The JSON objects of an SSE stream, until `data: [DONE]` (chat, legacy completions) or a
+    Responses API stream's last event (`response.completed`, ...).
 
     What an event means (an error, usage) is the endpoint's to read; a chat stream that ends
     without `[DONE]` was cut.
     """
     buffer = b""
-    last_type: object = None
     pieces = response.aiter_bytes()
     async for piece in pieces:
         buffer += piece
@@ -282,20 +282,17 @@ async def _sse_events(response: httpx2.Response) -> AsyncIterator[dict[str, Any]
                 data = orjson.loads(payload)
             except orjson.JSONDecodeError as error:
                 raise UpstreamError("server_error", "The upstream sent an unreadable event.") from error
-            if isinstance(data, dict):
-                last_type = data.get("type")
-            if isinstance(data, dict):
-                yield data
-    if not _ended_whole(last_type):
-        raise UpstreamError("connection", "The upstream ended the stream before its end ([DONE] or the response's last event).")
+            if not isinstance(data, dict):
+                continue
+            yield data
+            if data.get("type") in _RESPONSES_TERMINAL:
+                await _drain(pieces)
+                return
+    raise UpstreamError("connection", "The upstream ended the stream before its end ([DONE] or the response's last event).")
 
 
-# The Responses API's terminal events: its stream has no [DONE]; ending after one of them is whole.
+# The Responses API's last events: its stream has no [DONE].
 _RESPONSES_TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed", "error"})
-
-
-def _ended_whole(last_type: object) -> bool:
-    return last_type in _RESPONSES_TERMINAL
 
 
 def _event_data(event: bytes) -> bytes | None:

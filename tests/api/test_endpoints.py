@@ -296,3 +296,67 @@ def test_an_image_part_is_priced_by_the_published_tile_rule(client, width, heigh
 
     text_only = count_chat_prompt_tokens([{"role": "user", "content": [text_part]}], model="sim-fast")
     assert the_only_row().prompt_tokens == text_only + image_tokens
+
+
+# --- what a client may not reach or break -----------------------------------------------------------
+
+
+def test_a_response_may_continue_only_its_callers_own_responses(client, gateway, api_key_factory, fake_upstream) -> None:
+    first = client.responses.create(model="gpt-4o-mini", input="My secret is 42.")
+    followed = client.responses.create(model="gpt-4o-mini", input="What is my secret?", previous_response_id=first.id)
+    assert followed.status == "completed"
+
+    stranger = openai.OpenAI(base_url=gateway.api_url, api_key=api_key_factory("mallory"), max_retries=0, timeout=20)
+    upstream_calls = len(fake_upstream.requests)
+    with pytest.raises(openai.NotFoundError):
+        stranger.responses.create(model="gpt-4o-mini", input="What was the secret?", previous_response_id=first.id)
+    assert len(fake_upstream.requests) == upstream_calls  # refused before any upstream call
+    assert len(rows()) == 2
+
+
+@pytest.mark.parametrize("method", ["GET", "DELETE"])
+def test_an_id_that_no_response_can_have_is_a_404(gateway, api_key, method) -> None:
+    answer = httpx.request(method, f"{gateway.api_url}/responses/a%00b", headers={"Authorization": f"Bearer {api_key}"}, timeout=10)
+    assert answer.status_code == 404 and answer.json()["error"]["param"] == "response_id"
+
+
+def test_a_responses_stream_is_in_the_ledger_before_the_client_sees_it_complete(gateway, api_key, fake_upstream) -> None:
+    fake_upstream.tokens = 5
+    with httpx.Client(timeout=10) as http:
+        with http.stream(
+            "POST",
+            f"{gateway.api_url}/responses",
+            headers={"Authorization": f"Bearer {api_key}"},
+            json={"model": "gpt-4o-mini", "input": "Hi", "stream": True},
+        ) as response:
+            for line in response.iter_lines():
+                if line == "event: response.completed":
+                    assert the_only_row().status == "completed"
+                    break
+            else:
+                raise AssertionError("no response.completed event")
+
+
+def test_a_batch_of_legacy_prompts_gets_its_choices_within_what_was_reserved(client) -> None:
+    answer = client.completions.create(model="sim-fast", prompt=["Once upon", "A long time", "Hello there"], max_tokens=8)
+
+    assert len(answer.choices) == 3 and all(choice.finish_reason == "length" for choice in answer.choices)
+    row = the_only_row()
+    assert row.status == "completed" and row.completion_tokens == 24
+
+
+def test_best_of_is_asked_of_the_upstream_as_one_answer_as_openai_requires(client, fake_upstream) -> None:
+    fake_upstream.tokens = 3
+    answer = client.completions.create(model="gpt-4o-mini", prompt="Say", max_tokens=4, best_of=2)
+
+    assert answer.choices[0].text
+    sent = fake_upstream.requests[-1]
+    assert sent.body["best_of"] == 2 and sent.body["stream"] is False and "stream_options" not in sent.body
+    assert the_only_row().endpoint == "completions"
+
+
+def test_embeddings_beyond_the_largest_models_dimensions_are_refused(client) -> None:
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.embeddings.create(model="sim-embed", input="hi", dimensions=100_000_000)
+    assert refused.value.body["param"] == "dimensions"  # type: ignore[index]
+    assert rows() == []
