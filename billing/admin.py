@@ -8,9 +8,10 @@ and rollups' totals come from the same aggregate query that counts the filtered 
 (`billing.admin_filters`).
 
 The ledger list stays fast on millions of rows (`bench/admin_pages.py` measures it): filtered by
-what the rollups record (days, user, model, key), its count and totals are the rollups' sums
-(`ledger_rollup`); a page's rows are found by their ids first (`LedgerPaginator.page`); it sorts
-only by indexed columns (time, cost); its search is an exact request id, through its unique index.
+what the rollups record (days, user, model, endpoint, key), its count and totals are the rollups'
+sums (`ledger_rollup`); a page's rows are found by their ids first (`LedgerPaginator.page`); it
+sorts only by indexed columns (time, cost); its search is an exact request id, through its unique
+index, or an exact upstream id (`chatcmpl-...`, `resp_...`), through its partial index.
 
 Staff without the superuser flag get view-only access through the "Cost viewers" group
 (`llmgateway.staff`): every list and detail page, and the export, but no action that writes.
@@ -162,13 +163,14 @@ class LedgerPaginator(TotalsPaginator):
 
 
 # The ledger list's parameters that choose rows the rollups also add up, and the rollup field each
-# is: `billing.admin_filters`' date range (billing days), user, model and key prefix, and the
-# lookups of the console's links (a user, key or model by id or name). Any other (status, search,
-# an instant) is answered by the ledger itself.
+# is: `billing.admin_filters`' date range (billing days), user, model, endpoint and key prefix,
+# and the lookups of the console's links (a user, key or model by id or name). Any other (status,
+# search, an instant) is answered by the ledger itself.
 USER_FILTERS = {"user": "username", "user__id__exact": "id"}
 MODEL_FILTERS = ("model", "model__exact")
+ENDPOINT_FILTER = "endpoint__exact"
 KEY_FILTERS = {"key": "prefix__startswith", "api_key__id__exact": "id"}
-ROLLUP_FILTERS = frozenset({"since", "until", *USER_FILTERS, *MODEL_FILTERS, *KEY_FILTERS})
+ROLLUP_FILTERS = frozenset({"since", "until", *USER_FILTERS, *MODEL_FILTERS, ENDPOINT_FILTER, *KEY_FILTERS})
 PAGE_PARAMETERS = frozenset({PAGE_VAR, ORDER_VAR, ALL_VAR})
 
 
@@ -176,10 +178,10 @@ def ledger_rollup(params: Mapping[str, str]) -> QuerySet[DailyUsage] | QuerySet[
     """Rollup rows whose sums equal the ledger rows the list's `params` select, or None.
 
     The rollups are kept in each ledger row's transaction, by local day in BILLING_TIME_ZONE
-    (`billing.services`), so for a filter made of billing days, a user, a model or a key their
-    sums are the ledger's, exactly, from thousands of rows instead of a million. A key reads the
-    key rollups (without a model: they have none). Blank values are no filter, as in the filters
-    themselves; the last value of a repeated parameter counts, as there.
+    (`billing.services`), so for a filter made of billing days, a user, a model, an endpoint or a
+    key their sums are the ledger's, exactly, from thousands of rows instead of a million. A key
+    reads the key rollups (without a model or an endpoint: they have neither). Blank values are no
+    filter, as in the filters themselves; the last value of a repeated parameter counts, as there.
     """
     given = {name: value.strip() for name, value in params.items() if name not in PAGE_PARAMETERS and value.strip()}
     if not given.keys() <= ROLLUP_FILTERS:
@@ -198,13 +200,14 @@ def ledger_rollup(params: Mapping[str, str]) -> QuerySet[DailyUsage] | QuerySet[
     users = {f"user__{field}": given[name] for name, field in USER_FILTERS.items() if name in given}
     models = {given[name] for name in MODEL_FILTERS if name in given}
     keys = {f"api_key__{field}": given[name] for name, field in KEY_FILTERS.items() if name in given}
+    endpoint = {"endpoint": given[ENDPOINT_FILTER]} if ENDPOINT_FILTER in given else {}
     if keys:
-        if models:
+        if models or endpoint:
             return None
         return DailyKeyUsage.objects.filter(days, **keys, **{f"api_key__{name}": value for name, value in users.items()})
     if len(models) > 1:
         return DailyUsage.objects.none()  # two models: no call is of both
-    return DailyUsage.objects.filter(days, **users, **({"model": models.pop()} if models else {}))
+    return DailyUsage.objects.filter(days, **users, **endpoint, **({"model": models.pop()} if models else {}))
 
 
 class RollupPaginator(TotalsPaginator):
@@ -522,19 +525,35 @@ STATUS_SHORT: dict[str, str] = {
     UsageRecord.Status.CANCELLED: "cancelled",
     UsageRecord.Status.UPSTREAM_ERROR: "upstream error",
 }
+# The same for endpoints: the API's last word; the path (`/v1/chat/completions`) is the tooltip.
+ENDPOINT_SHORT: dict[str, str] = {
+    UsageRecord.Endpoint.CHAT_COMPLETIONS: "chat",
+    UsageRecord.Endpoint.RESPONSES: "responses",
+    UsageRecord.Endpoint.COMPLETIONS: "completions",
+    UsageRecord.Endpoint.EMBEDDINGS: "embeddings",
+}
+
+
+def endpoint_cell(endpoint: str) -> SafeString:
+    """An endpoint in a list column: its short name, with its path as the tooltip."""
+    path = UsageRecord.Endpoint(endpoint).label if endpoint in UsageRecord.Endpoint.values else endpoint
+    return format_html('<span title="{}">{}</span>', path, ENDPOINT_SHORT.get(endpoint, endpoint))
 
 
 class RequestIdSearch(admin.ModelAdmin):
     """A search box for one request id, answered by the unique index on `request_id`.
 
     Django's `=request_id` search compares text (`UPPER(request_id::text)` on PostgreSQL): a scan
-    of the whole ledger, 0.7 s on a million rows. A term that is no UUID matches nothing. With
-    `matches_calls`, the id also finds every attempt of that call (the indexed `call_id`).
+    of the whole ledger, 0.7 s on a million rows. A term that is no UUID matches nothing, unless
+    `matches_upstream_ids`: then it is an upstream's id for its answer, matched exactly (case
+    and all) through the partial index `usage_upstream_id`. With `matches_calls`, a request id also
+    finds every attempt of that call (the indexed `call_id`).
     """
 
     search_fields = ("request_id",)
     search_help_text = "A request id (the x-request-id response header)."
     matches_calls = False
+    matches_upstream_ids = False
 
     def get_search_results(self, request: HttpRequest, queryset: QuerySet[Any], search_term: str) -> tuple[QuerySet[Any], bool]:
         term = search_term.strip()
@@ -543,6 +562,8 @@ class RequestIdSearch(admin.ModelAdmin):
         try:
             request_id = uuid.UUID(term)
         except ValueError:
+            if self.matches_upstream_ids:
+                return queryset.filter(upstream_id=term), False
             return queryset.none(), False
         if self.matches_calls:
             return queryset.filter(Q(request_id=request_id) | Q(call_id=request_id)), False
@@ -578,11 +599,17 @@ class UsageRecordAdmin(RequestIdSearch, TotalsAdmin):
 
     paginator = LedgerPaginator
     # Fits 1,280 px beside the admin's two sidebars; the duration and rates are on the row's page.
-    list_display = ("when", "user", "key", "model", "status_badge", "tokens", "ttft", "cost")
+    list_display = ("when", "user", "key", "model", "api", "status_badge", "tokens", "ttft", "cost")
     list_display_links = ("when",)
     matches_calls = True
-    search_help_text = "A request id (the x-request-id response header): the call and every attempt it made."
-    list_filter = (LedgerDateFilter, UserFilter, ApiKeyFilter, ModelFilter, "status", "price_source", "token_source")
+    matches_upstream_ids = True
+    search_help_text = (
+        "A request id (the x-request-id response header): the call and every attempt it made; "
+        "or the upstream's id of its answer (chatcmpl-…, resp_…), exactly."
+    )
+    list_filter = (
+        LedgerDateFilter, UserFilter, ApiKeyFilter, ModelFilter, "endpoint", "status", "price_source", "token_source",
+    )
     list_select_related = ("user", "api_key")
     list_per_page = 50
     list_max_show_all = 500
@@ -596,8 +623,8 @@ class UsageRecordAdmin(RequestIdSearch, TotalsAdmin):
             "Call",
             {
                 "fields": (
-                    "user", "key_detail", "model", "requested_model", "route", "stream", "status", "error_kind",
-                    "request_id", "attempt_detail", "started",
+                    "user", "key_detail", "model", "requested_model", "endpoint", "route", "upstream_id", "stream",
+                    "status", "error_kind", "request_id", "attempt_detail", "started",
                 )
             },
         ),
@@ -633,6 +660,10 @@ class UsageRecordAdmin(RequestIdSearch, TotalsAdmin):
     @admin.display(description="key", ordering="api_key__prefix")
     def key(self, obj: UsageRecord) -> str:
         return obj.api_key.prefix if obj.api_key is not None else display.NO_VALUE
+
+    @admin.display(description="API")
+    def api(self, obj: UsageRecord) -> SafeString:
+        return endpoint_cell(obj.endpoint)
 
     @admin.display(description="status", ordering="status")
     def status_badge(self, obj: UsageRecord) -> SafeString:
@@ -743,22 +774,26 @@ class UsageRecordAdmin(RequestIdSearch, TotalsAdmin):
 
 @admin.register(DailyUsage)
 class DailyUsageAdmin(TotalsAdmin):
-    """The ledger summed per user, model and calendar day (BILLING_TIME_ZONE); equal to the ledger's sums."""
+    """The ledger summed per user, model, endpoint and calendar day (BILLING_TIME_ZONE); equal to the ledger's sums."""
 
     paginator = RollupPaginator
     requests_total = "requests"
-    list_display = ("day", "user", "model", "request_count", "tokens_in", "tokens_out", "cost")
-    list_filter = (RollupDateFilter, UserFilter, ModelFilter)
+    list_display = ("day", "user", "model", "api", "request_count", "tokens_in", "tokens_out", "cost")
+    list_filter = (RollupDateFilter, UserFilter, ModelFilter, "endpoint")
     list_select_related = ("user",)
     list_per_page = 100
     list_max_show_all = 500
     show_full_result_count = False  # a second count of a table that grows by users x models a day
     search_fields = ()
     readonly_fields = ("cost_exact",)
-    fields = ("day", "user", "model", "requests", "prompt_tokens", "cached_tokens", "completion_tokens", "cost_exact")
+    fields = ("day", "user", "model", "endpoint", "requests", "prompt_tokens", "cached_tokens", "completion_tokens", "cost_exact")
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[DailyUsage]:
         return super().get_queryset(request).select_related("user")
+
+    @admin.display(description="API", ordering="endpoint")
+    def api(self, obj: DailyUsage) -> SafeString:
+        return endpoint_cell(obj.endpoint)
 
     @admin.display(description="requests", ordering="requests")
     def request_count(self, obj: DailyUsage) -> str:

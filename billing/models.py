@@ -346,14 +346,22 @@ class UsageRecord(models.Model):
 
 
 class DailyUsage(models.Model):
-    """Rollup of the ledger per user x model x calendar day (`BILLING_TIME_ZONE`).
+    """Rollup of the ledger per user x model x endpoint x calendar day (`BILLING_TIME_ZONE`).
 
     Kept up in the same transaction as each ledger row by an atomic upsert (`billing.services`),
-    so its sums always equal the ledger's.
+    so its sums always equal the ledger's. The endpoint is part of the row's key (a model is
+    mostly called through one API, so it adds few rows) rather than a rollup of its own: one row
+    per endpoint and day would be a single row every call of the gateway updates, a lock they
+    would all queue on.
     """
 
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="daily_usage")
     model = models.CharField(max_length=100)
+    # Rows from before endpoints were recorded (0009) were all chat completions.
+    endpoint = models.CharField(
+        max_length=24, choices=UsageRecord.Endpoint.choices, default=UsageRecord.Endpoint.CHAT_COMPLETIONS,
+        db_default=UsageRecord.Endpoint.CHAT_COMPLETIONS,
+    )
     day = models.DateField(help_text="Calendar day in BILLING_TIME_ZONE.")
     requests = models.PositiveBigIntegerField(default=0)
     prompt_tokens = models.PositiveBigIntegerField(default=0)
@@ -366,13 +374,15 @@ class DailyUsage(models.Model):
 
     class Meta:
         verbose_name_plural = "daily usage"
-        ordering = ["-day", "user", "model"]
-        constraints = [models.UniqueConstraint(fields=["user", "model", "day"], name="daily_usage_one_per_user_model_day")]
+        ordering = ["-day", "user", "model", "endpoint"]
+        constraints = [
+            models.UniqueConstraint(fields=["user", "model", "endpoint", "day"], name="daily_usage_one_per_user_model_endpoint_day")
+        ]
         # The cost console reads ranges of days across all users.
         indexes = [models.Index(fields=["day"], name="daily_usage_day")]
 
     def __str__(self) -> str:
-        return f"{self.user} {self.model} {self.day}"
+        return f"{self.user} {self.model} {self.endpoint} {self.day}"
 
     @property
     def total_tokens(self) -> int:

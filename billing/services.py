@@ -9,7 +9,7 @@ Reserve, then settle:
   serializes all writers). Under the lock, one statement reads settled usage plus live holds; a
   call that would take them past a limit is refused with `QuotaExceeded`.
 - `usage_record_create`, when the call ends, appends the ledger row, adds it to the day's rollups
-  (per user and model, and per API key) with atomic upserts, and deletes the reservation, in one
+  (per user, model and endpoint, and per API key) with atomic upserts, and deletes the reservation, in one
   transaction. It takes no account
   lock: the admission's single read statement sees that transaction wholly or not at all.
 
@@ -346,6 +346,7 @@ def usage_record_create(
             cost_usd=cost,
             cancelled_requests=int(status in CANCELLED_STATUSES),
             failed_requests=int(status in FAILED_STATUSES),
+            endpoint=endpoint,
         )
         if api_key_id is not None:
             _rollup_add(
@@ -374,12 +375,13 @@ def _daily_usage_add(
     cost_usd: Decimal,
     cancelled_requests: int = 0,
     failed_requests: int = 0,
+    endpoint: str = UsageRecord.Endpoint.CHAT_COMPLETIONS,
     using: str = DEFAULT_DB_ALIAS,
 ) -> None:
-    """Add one call to its user x model x day rollup (`_rollup_add`)."""
+    """Add one call to its user x model x endpoint x day rollup (`_rollup_add`)."""
     _rollup_add(
         DailyUsage,
-        key={"user": user_id, "model": model, "day": day},
+        key={"user": user_id, "model": model, "endpoint": endpoint, "day": day},
         sums={
             "requests": 1,
             "prompt_tokens": prompt_tokens,

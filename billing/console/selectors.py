@@ -1,4 +1,4 @@
-"""Reads for the cost console: spend per period, per day, per user, key and model, latency, budgets.
+"""Reads for the cost console: spend per period, per day, per user, key, model and endpoint, latency, budgets.
 
 Every figure about money, tokens and how calls ended comes from the daily rollups (`DailyUsage`,
 `DailyKeyUsage`) and the small tables (accounts, reservations), read over a range of days through
@@ -198,6 +198,39 @@ def range_totals(*, days: Period) -> RangeTotals:
         row = rows.get(day)
         by_day.append(DaySpend(day=day, cost_usd=row["cost_usd"], requests=row["requests"]) if row else DaySpend(day=day, cost_usd=Decimal(0), requests=0))
     return RangeTotals(all_calls=_sums(every, ended=True), with_a_key=_sums(keyed, ended=False), by_day=by_day)
+
+
+# --- Spend per endpoint ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointSpend:
+    """One API (`UsageRecord.Endpoint`) over a range of days, and its share of the range's spend."""
+
+    endpoint: str
+    path: str  # /v1/chat/completions
+    sums: UsageSums
+    share: Decimal  # of the range's spend, 0 to 1; 0 when nothing was spent
+
+
+def spend_by_endpoint(*, days: Period) -> list[EndpointSpend]:
+    """Spend, calls, tokens and how calls ended per endpoint over `days`, the costliest first. One query.
+
+    Only endpoints with calls in the range; ties are broken by the endpoint's name.
+    """
+    rows: Any = DailyUsage.objects.filter(_days(days)).order_by().values("endpoint").annotate(**_SUMS, **_ENDED)
+    found = [(row["endpoint"], _sums(row, ended=True)) for row in rows]
+    spent = money_sum([sums.cost_usd for _, sums in found])
+    paths = dict(UsageRecord.Endpoint.choices)
+    return [
+        EndpointSpend(
+            endpoint=endpoint,
+            path=str(paths.get(endpoint, endpoint)),
+            sums=sums,
+            share=money_ratio(sums.cost_usd, spent) if spent > 0 else Decimal(0),
+        )
+        for endpoint, sums in sorted(found, key=lambda item: (-item[1].cost_usd, item[0]))
+    ]
 
 
 # --- Top spenders ----------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from django.utils import timezone
 
 from billing.console import selectors
 from billing.console.chart import spend_chart_svg
-from billing.console.selectors import SORT_KEYS, Dimension, Latency, SpendRow
+from billing.console.selectors import SORT_KEYS, Dimension, EndpointSpend, Latency, SpendRow
 from billing.models import UsageRecord
 from billing.periods import Period, billing_zone
 
@@ -44,6 +44,8 @@ TOP_CHOICES = (10, 25, 50, 100)
 DEFAULT_SORT = "-cost"
 BUDGET_ROWS = 100  # accounts shown; the rest are one click away in the account list
 LATENCY_HOURS = 24
+# The page (`admin/console.html`) with billing's sections added below it (spend per endpoint).
+CONSOLE_TEMPLATE = "admin/billing/console.html"
 
 _SORTS = [(key, key) for key in SORT_KEYS] + [(f"-{key}", f"-{key}") for key in SORT_KEYS]
 _LEDGER_FILTER: dict[Dimension, str] = {"user": "user__id__exact", "key": "api_key__id__exact", "model": "model__exact"}
@@ -77,6 +79,12 @@ class Row:
     spend: SpendRow
     ledger_url: str
     latency: Latency | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointRow:
+    spend: EndpointSpend
+    ledger_url: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +147,7 @@ def _table(
 
 
 def console_view(request: HttpRequest, *, admin_site: AdminSite) -> TemplateResponse:
-    """The console: spend per period and per day, top users, keys and models, latency, budgets."""
+    """The console: spend per period and per day, top users, keys and models, latency, budgets, endpoints."""
     if not console_permitted(request, admin_site):
         raise PermissionDenied
     query = ConsoleQuery(request.GET)
@@ -159,6 +167,10 @@ def console_view(request: HttpRequest, *, admin_site: AdminSite) -> TemplateResp
     }
     budgets = selectors.account_budgets(at=at)
     totals = selectors.range_totals(days=days)
+    endpoints = [
+        EndpointRow(spend=spend, ledger_url=ledger_url(period=days, ledger=ledger, endpoint__exact=spend.endpoint))
+        for spend in selectors.spend_by_endpoint(days=days)
+    ]
 
     def day_ledger(day: date) -> str:
         return ledger_url(period=Period("day", day, day + timedelta(days=1), days.zone), ledger=ledger)
@@ -179,6 +191,7 @@ def console_view(request: HttpRequest, *, admin_site: AdminSite) -> TemplateResp
         "users": tables["user"],
         "keys": tables["key"],
         "models": tables["model"],
+        "endpoints": endpoints,
         "latency": latency,
         "latency_hours": LATENCY_HOURS,
         "budgets": budgets[:BUDGET_ROWS],
@@ -186,4 +199,4 @@ def console_view(request: HttpRequest, *, admin_site: AdminSite) -> TemplateResp
         "budgets_past_threshold": sum(1 for board in budgets if board.past_threshold),
         "accounts_url": reverse("admin:billing_account_changelist"),
     }
-    return TemplateResponse(request, "admin/console.html", context, status=200 if valid else 400)
+    return TemplateResponse(request, CONSOLE_TEMPLATE, context, status=200 if valid else 400)

@@ -13,8 +13,17 @@ Rows and their order
     there are `BEGIN IMMEDIATE`, which would take the write lock for the whole export; a single
     statement reads one snapshot anyway.
 
+Raw columns
+    In this order (`_query._RAW`): `id, request_id, created_at, user_id, username, api_key_id,
+    api_key_prefix, model, upstream_model, provider, stream, status, error_kind, call_id, attempt,
+    requested_model, endpoint, upstream_id, token_source, prompt_tokens, cached_tokens,
+    completion_tokens, reasoning_tokens, ttft_us, duration_us, price_source, input_usd_per_1m,
+    cached_input_usd_per_1m, output_usd_per_1m, price_multiplier, cost_usd, reserved_usd`.
+    `endpoint` is the API called (`chat.completions`, `responses`, `completions`, `embeddings`);
+    `upstream_id` the upstream's id of its answer, empty when it gave none.
+
 Grouped exports (`group_by` any of user, model, day, month, key), and where they come from
-    - From the daily rollups (`DailyUsage`, one row per user x model x BILLING_TIME_ZONE day) when
+    - From the daily rollups (`DailyUsage`, rows per user x model x BILLING_TIME_ZONE day) when
       the grouping is within user/model/day/month and `since`/`until` are whole days, i.e. local
       midnights in BILLING_TIME_ZONE (a date such as `2025-06-01` always is).
     - Otherwise from the ledger, aggregated by the database in one `GROUP BY`: always for `key`

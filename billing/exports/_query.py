@@ -47,6 +47,10 @@ _RAW: tuple[tuple[str, str, Kind, bool], ...] = (
     ("call_id", "call_id", "uuid", False),
     ("attempt", "attempt", "int", False),
     ("requested_model", "requested_model", "text", False),
+    # The API the client called (`UsageRecord.Endpoint`: chat.completions, responses, ...) and the
+    # upstream's id of its answer (chatcmpl-..., resp_...; empty if none), for reconciliation.
+    ("endpoint", "endpoint", "text", False),
+    ("upstream_id", "upstream_id", "text", False),
     ("token_source", "token_source", "text", False),
     ("prompt_tokens", "prompt_tokens", "int", True),
     ("cached_tokens", "cached_tokens", "int", True),

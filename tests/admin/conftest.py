@@ -29,6 +29,8 @@ from llmgateway.staff import COST_VIEWERS
 MODELS = ("gpt-4o-mini", "gpt-4o")
 STATUSES = ("completed", "completed", "cancelled", "upstream_error", "timeout")
 PASSWORD = "correct horse battery"
+# Every third call is made through the Responses API, the others through chat completions.
+ENDPOINTS = (UsageRecord.Endpoint.CHAT_COMPLETIONS, UsageRecord.Endpoint.RESPONSES, UsageRecord.Endpoint.CHAT_COMPLETIONS)
 
 
 @dataclass
@@ -38,7 +40,10 @@ class Ledger:
     records: list[UsageRecord] = field(default_factory=list)
 
 
-def ledger_row(user: Any, *, api_key: ApiKey | None, model: str, status: str, at: datetime, prompt: int, completion: int) -> UsageRecord:
+def ledger_row(
+    user: Any, *, api_key: ApiKey | None, model: str, status: str, at: datetime, prompt: int, completion: int,
+    endpoint: str = UsageRecord.Endpoint.CHAT_COMPLETIONS, upstream_id: str = "",
+) -> UsageRecord:
     """One ledger row (and its rollup), as the gateway writes it when a call ends."""
     rates = rates_for(account=account_get_or_create(user_id=user.pk), model=model, at=at)
     assert rates is not None, f"no price for {model}"
@@ -61,13 +66,16 @@ def ledger_row(user: Any, *, api_key: ApiKey | None, model: str, status: str, at
         duration_us=1_234_567,
         created_at=at,
         rates=rates,
+        endpoint=endpoint,
+        upstream_id=upstream_id,
     )
 
 
 @pytest.fixture
 def ledger_factory(django_user_model: Any) -> Callable[..., Ledger]:
     """`make(rows)`: `rows` calls over rows // 5 users (a key each, a budget, a live hold),
-    both models and every ending, the chat page's calls (no key) among them."""
+    both models, every ending and two endpoints (`ENDPOINTS`, each answer with its upstream id),
+    the chat page's calls (no key) among them."""
     counter = iter(range(1_000_000))
 
     def make(rows: int, *, at: datetime | None = None) -> Ledger:
@@ -94,6 +102,8 @@ def ledger_factory(django_user_model: Any) -> Callable[..., Ledger]:
                     at=at,
                     prompt=1000 + 37 * i,
                     completion=500 + 11 * i,
+                    endpoint=ENDPOINTS[i % len(ENDPOINTS)],
+                    upstream_id=f"{'resp_' if ENDPOINTS[i % len(ENDPOINTS)] == 'responses' else 'chatcmpl-'}{uuid.uuid4().hex}",
                 )
             )
         return ledger

@@ -86,6 +86,13 @@ ROLLUP_CASES: list[tuple[str, Callable[[Any], dict[str, str]], Callable[[Any], Q
     ("the console's link for a key", lambda ledger: {"api_key__id__exact": str(ledger.keys[3].pk)}, lambda ledger: UsageRecord.objects.filter(api_key=ledger.keys[3])),
     ("the console's link for a model", lambda ledger: {"model__exact": "gpt-4o-mini"}, lambda ledger: UsageRecord.objects.filter(model="gpt-4o-mini")),
     ("two models", lambda ledger: {"model__exact": "gpt-4o-mini", "model": "gpt-4o"}, lambda ledger: UsageRecord.objects.none()),
+    ("endpoint", lambda ledger: {"endpoint__exact": "responses"}, lambda ledger: UsageRecord.objects.filter(endpoint="responses")),
+    (
+        "endpoint, user, model and days",
+        lambda ledger: {"endpoint__exact": "chat.completions", "user": ledger.users[0].username, "model": "gpt-4o-mini", "since": "2000-01-01"},
+        lambda ledger: UsageRecord.objects.filter(endpoint="chat.completions", user=ledger.users[0], model="gpt-4o-mini"),
+    ),
+    ("an endpoint with no calls", lambda ledger: {"endpoint__exact": "embeddings"}, lambda ledger: UsageRecord.objects.none()),
 ]
 
 
@@ -107,6 +114,8 @@ OTHER_FILTERS: list[tuple[str, Callable[[Any], dict[str, str]], Callable[[Any], 
     ("user and status", lambda ledger: {"user": ledger.users[0].username, "status__exact": "completed"}, lambda ledger: UsageRecord.objects.filter(user=ledger.users[0], status="completed")),
     ("an instant", lambda ledger: {"created_at__gte": (timezone.now() - timedelta(days=1)).isoformat()}, lambda ledger: UsageRecord.objects.filter(created_at__gte=timezone.now() - timedelta(days=1))),
     ("a request id", lambda ledger: {"q": str(ledger.records[3].request_id)}, lambda ledger: UsageRecord.objects.filter(pk=ledger.records[3].pk)),
+    ("an upstream id", lambda ledger: {"q": f" {ledger.records[4].upstream_id} "}, lambda ledger: UsageRecord.objects.filter(pk=ledger.records[4].pk)),
+    ("key and endpoint", lambda ledger: {"key": "sk-gw-", "endpoint__exact": "responses"}, lambda ledger: UsageRecord.objects.filter(api_key__isnull=False, endpoint="responses")),
 ]
 
 
@@ -126,7 +135,7 @@ def test_other_filters_are_summed_over_the_ledger(admin_client, two_months, para
     ("query", "rollup"),
     [
         ("", DailyUsage),
-        ("since=2025-06-01&until=2025-07-01&user=alice&model=gpt-4o&p=3&o=-8&all=", DailyUsage),
+        ("since=2025-06-01&until=2025-07-01&user=alice&model=gpt-4o&p=3&o=-9&all=", DailyUsage),
         ("key=sk-gw-abc&user=alice&since=2025-06-01", DailyKeyUsage),
         ("key=sk-gw-abc&model=gpt-4o", None),
         ("status__exact=completed", None),
@@ -137,8 +146,13 @@ def test_other_filters_are_summed_over_the_ledger(admin_client, two_months, para
         ("api_key__id__exact=seven", None),
         ("model__exact=gpt-4o&model=gpt-4o&user__id__exact=3", DailyUsage),
         ("user=alice&user=", DailyUsage),  # the last value counts, as in the filter: blank, no filter
+        ("endpoint__exact=responses&user=alice&since=2025-06-01", DailyUsage),
+        ("key=sk-gw-abc&endpoint__exact=responses", None),  # the key rollups have no endpoint
     ],
-    ids=["nothing", "days-user-model", "key-user-days", "key-model", "status", "search", "instant", "bad-date", "key-id-user-id", "bad-id", "model-twice", "repeated"],
+    ids=[
+        "nothing", "days-user-model", "key-user-days", "key-model", "status", "search", "instant", "bad-date", "key-id-user-id",
+        "bad-id", "model-twice", "repeated", "endpoint-user-days", "key-endpoint",
+    ],
 )
 def test_which_list_parameters_the_rollups_answer(query, rollup) -> None:
     rows = ledger_rollup(QueryDict(query))
@@ -153,7 +167,7 @@ def test_a_page_is_the_same_rows_read_by_their_ids(admin_client, ledger_factory,
     for page, rows in ((1, by_time[0:3]), (2, by_time[3:6]), (4, by_time[9:11])):
         listed = admin_client.get(reverse(LEDGER), {"p": page}).context["cl"].result_list
         assert [record.pk for record in listed] == rows, f"page {page}"
-    listed = admin_client.get(reverse(LEDGER), {"p": 2, "o": "-8"}).context["cl"].result_list
+    listed = admin_client.get(reverse(LEDGER), {"p": 2, "o": "-9"}).context["cl"].result_list
     assert [record.pk for record in listed] == by_cost[3:6]
     # Past the last page: the admin's own answer to a bad page.
     assert admin_client.get(reverse(LEDGER), {"p": 5}).status_code == 302

@@ -204,3 +204,70 @@ def test_a_plans_page_explains_overrides_and_the_multiplier(admin_client) -> Non
     assert "USD per 1M cached prompt tokens" in page  # the rate columns' help
     listing = admin_client.get(reverse("admin:billing_pricingplan_changelist")).content.decode()
     assert "×1.2 (+20%)" in listing
+
+
+# --- Endpoints ----------------------------------------------------------------------------------
+
+
+def test_the_ledger_filters_by_endpoint_and_shows_each_rows_endpoint(admin_client, ledger_factory) -> None:
+    ledger_factory(12)
+    url = reverse("admin:billing_usagerecord_changelist")
+    response = admin_client.get(url, {"endpoint__exact": "responses"})
+    assert response.status_code == 200
+    responses = UsageRecord.objects.filter(endpoint="responses")
+    listed = response.context["cl"].result_list
+    assert {record.pk for record in listed} == set(responses.values_list("pk", flat=True)) and len(listed) == 4
+    totals = totals_on_page(response)
+    assert (totals.requests, totals.cost_usd) == (4, responses.aggregate(cost=Sum("cost_usd"))["cost"])
+    page = response.content.decode()
+    assert '<span title="/v1/responses">responses</span>' in page
+    assert '<span title="/v1/chat/completions">chat</span>' not in page
+    # The filter offers every endpoint, those without calls too (its choices are the field's).
+    assert "?endpoint__exact=embeddings" in page and "?endpoint__exact=chat.completions" in page
+
+    chat = admin_client.get(url, {"endpoint__exact": "chat.completions"})
+    assert totals_on_page(chat).requests == 8
+    assert totals_on_page(admin_client.get(url, {"endpoint__exact": "embeddings"})).requests == 0
+
+
+def test_a_ledger_rows_page_shows_its_endpoint_and_upstream_id(admin_client, ledger_factory) -> None:
+    record = ledger_factory(5).records[1]
+    assert record.endpoint == "responses" and record.upstream_id.startswith("resp_")
+    page = admin_client.get(reverse("admin:billing_usagerecord_change", args=[record.pk])).content.decode()
+    assert "/v1/responses" in page
+    assert record.upstream_id in page
+
+
+def test_the_ledger_finds_a_call_by_its_upstream_id_exactly(admin_client, ledger_factory) -> None:
+    record = ledger_factory(10).records[4]
+    url = reverse("admin:billing_usagerecord_changelist")
+    found = admin_client.get(url, {"q": record.upstream_id}).context["cl"].result_list
+    assert [row.pk for row in found] == [record.pk]
+    for near in (record.upstream_id[:-1], record.upstream_id.upper(), "resp_", "chatcmpl-"):
+        assert list(admin_client.get(url, {"q": near}).context["cl"].result_list) == [], near
+
+
+def test_the_upstream_id_search_reads_its_partial_index(ledger_factory) -> None:
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        pytest.skip("PostgreSQL's plan")
+    record = ledger_factory(10).records[4]
+    with connection.cursor() as cursor:
+        cursor.execute("SET LOCAL enable_seqscan = off")  # a tiny table: the planner would scan it
+        sql, params = UsageRecord.objects.filter(upstream_id=record.upstream_id).values("pk").query.sql_with_params()
+        cursor.execute(f"EXPLAIN {sql}", params)
+        plan = "\n".join(row[0] for row in cursor.fetchall())
+    assert "usage_upstream_id" in plan, plan
+
+
+def test_the_rollup_list_has_a_row_per_endpoint_and_filters_by_it(admin_client, ledger_factory) -> None:
+    ledger = ledger_factory(12)
+    url = reverse("admin:billing_dailyusage_changelist")
+    response = admin_client.get(url, {"endpoint__exact": "responses"})
+    rows = response.context["cl"].result_list
+    assert rows and {row.endpoint for row in rows} == {"responses"}
+    assert totals_on_page(response).requests == UsageRecord.objects.filter(endpoint="responses").count() == 4
+    assert '<span title="/v1/responses">responses</span>' in response.content.decode()
+    user = ledger.users[0]
+    assert DailyUsage.objects.filter(user=user).values("endpoint").distinct().count() == 2

@@ -68,6 +68,8 @@ def record_call(
     status: str = "completed",
     call_id: uuid.UUID | None = None,
     attempt: int = 1,
+    endpoint: str = UsageRecord.Endpoint.CHAT_COMPLETIONS,
+    upstream_id: str = "",
 ) -> UsageRecord:
     """Write one ledger row the way the gateway does when a call (or one of its attempts) ends."""
     return usage_record_create(
@@ -91,6 +93,8 @@ def record_call(
         duration_us=2000,
         created_at=at,
         rates=rates or rates_now(user, model, at),
+        endpoint=endpoint,
+        upstream_id=upstream_id,
     )
 
 

@@ -30,9 +30,9 @@ def write(tmp_path: Path, name: str, text: str) -> Path:
 
 def test_with_no_file_the_default_catalog_is_loaded_idempotently() -> None:
     Price.objects.all().delete()
-    assert run("importprices") == "prices.json: 13 price(s): 13 added, 0 unchanged.\n"
-    assert run("importprices") == "prices.json: 13 price(s): 0 added, 13 unchanged.\n"
-    assert Price.objects.count() == 13
+    assert run("importprices") == "prices.json: 17 price(s): 17 added, 0 unchanged.\n"
+    assert run("importprices") == "prices.json: 17 price(s): 0 added, 17 unchanged.\n"
+    assert Price.objects.count() == 17
 
 
 def test_a_json_file_with_plain_numbers_is_read_exactly(tmp_path) -> None:

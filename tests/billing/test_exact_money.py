@@ -82,6 +82,8 @@ def _ledger_values(call: dict[str, Any]) -> dict[str, Any]:
         "requested_model": "",
         "call_id": call["request_id"],
         "attempt": 1,
+        "endpoint": UsageRecord.Endpoint.CHAT_COMPLETIONS,
+        "upstream_id": "",
         "upstream_model": call["model"],
         "provider": "openai",
         "stream": True,

@@ -9,7 +9,15 @@ from decimal import Decimal
 import pytest
 
 from billing.exceptions import PriceMissing
-from billing.models import AccountPrice, PlanPrice, Price, PricingPlan, Reservation, UsageRecord
+from billing.models import (
+    AccountPrice,
+    DailyUsage,
+    PlanPrice,
+    Price,
+    PricingPlan,
+    Reservation,
+    UsageRecord,
+)
 from billing.money import Rates
 from billing.selectors import rates_for
 from billing.services import PRICE_MISSING, account_get_or_create, account_quota_set, budget_reserve
@@ -36,6 +44,10 @@ CATALOG = [
     ("sim-chat", "1.00", "0.50", "2.00"),
     ("sim-fast", "1.00", "0.50", "2.00"),
     ("sim-long", "1.00", "0.50", "2.00"),
+    ("text-embedding-3-small", "0.02", None, "0"),
+    ("text-embedding-3-large", "0.13", None, "0"),
+    ("text-embedding-ada-002", "0.10", None, "0"),
+    ("sim-embed", "1.00", None, "0"),
 ]
 
 
@@ -56,6 +68,17 @@ def test_a_model_without_a_cached_price_bills_cached_tokens_at_the_input_rate(us
     record = record_call(user, model="gpt-4-turbo", prompt=1000, cached=400, completion=100)
     assert record.cached_input_usd_per_1m == D("10")
     assert record.cost_usd == D("0.013")
+
+
+@pytest.mark.parametrize(
+    ("model", "cost"),
+    [("text-embedding-3-small", "0.02"), ("text-embedding-3-large", "0.13"), ("text-embedding-ada-002", "0.10"), ("sim-embed", "1")],
+)
+def test_an_embedding_call_pays_its_input_tokens_at_list_price(user, model, cost) -> None:
+    record = record_call(user, model=model, prompt=1_000_000, completion=0, endpoint=UsageRecord.Endpoint.EMBEDDINGS)
+    assert (record.endpoint, record.cost_usd, record.output_usd_per_1m) == ("embeddings", D(cost), D(0))
+    rollup = DailyUsage.objects.get(user=user)
+    assert (rollup.model, rollup.endpoint, rollup.requests, rollup.cost_usd) == (model, "embeddings", 1, D(cost))
 
 
 def _setup(user, case: str) -> None:

@@ -53,6 +53,8 @@ def call(db: None) -> Callable[..., UsageRecord]:
         status: str = "completed",
         api_key_id: int | None = None,
         ttft_us: int | None = 250_000,
+        endpoint: str = UsageRecord.Endpoint.CHAT_COMPLETIONS,
+        upstream_id: str = "",
     ) -> UsageRecord:
         return usage_record_create(
             request_id=uuid.uuid4(),
@@ -73,6 +75,8 @@ def call(db: None) -> Callable[..., UsageRecord]:
             duration_us=1_000_000,
             created_at=at,
             rates=RATES,
+            endpoint=endpoint,
+            upstream_id=upstream_id,
         )
 
     return write

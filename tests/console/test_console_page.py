@@ -26,7 +26,7 @@ from .conftest import NOW
 pytestmark = [pytest.mark.django_db, pytest.mark.ledger]
 
 # Session and user, permissions, then the console's own reads: spend per period, the range's days
-# and totals (two), three tables, latency, budgets (three).
+# and totals (two), three tables, latency, budgets (three), spend per endpoint.
 MAX_QUERIES = 16
 
 
@@ -36,7 +36,8 @@ MAX_QUERIES = 16
 def test_staff_with_the_cost_permission_see_the_console(viewer_client, console_url, clock) -> None:
     response = viewer_client.get(console_url)
     assert response.status_code == 200
-    assert response.templates[0].name == "admin/console.html"
+    # billing's page extends the console's (its sections below: spend per endpoint)
+    assert [template.name for template in response.templates[:2]] == ["admin/billing/console.html", "admin/console.html"]
     page = response.content.decode()
     assert "<h1>Cost console</h1>" in page
     assert 'id="console-live"' in page  # where the live figures will go
@@ -313,3 +314,48 @@ def test_period_cards_compare_with_the_same_days_before(viewer_client, console_u
     page = response.content.decode()
     assert '<span class="change up">+200%</span>' in page  # today against yesterday
     assert '<span class="change down">\N{MINUS SIGN}57%</span>' in page  # June 1-18 against May 1-18: 13 / 30.5
+
+
+# --- Spend per endpoint -------------------------------------------------------------------------
+
+
+def test_spend_per_endpoint_over_the_range_with_its_share_and_ledger_link(viewer_client, console_url, clock, call, user_factory) -> None:
+    kim, lou = user_factory("kim"), user_factory("lou")
+    call(kim, prompt=3000, completion=500)  # chat completions: $3 + $1
+    call(lou, prompt=1000, status="upstream_error")  # $1
+    call(kim, endpoint="responses", prompt=2000, completion=1000, status="cancelled")  # $2 + $2
+    call(lou, endpoint="embeddings", model="console-embed", prompt=1000, ttft_us=None)  # $1
+    call(kim, endpoint="responses", prompt=1000, at=NOW - timedelta(days=40))  # before the range
+    response = viewer_client.get(console_url)
+    assert response.status_code == 200
+    rows = response.context["endpoints"]
+    assert [(row.spend.endpoint, row.spend.path) for row in rows] == [
+        ("chat.completions", "/v1/chat/completions"), ("responses", "/v1/responses"), ("embeddings", "/v1/embeddings"),
+    ]
+    assert [
+        (row.spend.sums.cost_usd, row.spend.sums.requests, row.spend.sums.prompt_tokens, row.spend.sums.completion_tokens)
+        for row in rows
+    ] == [(Decimal(5), 2, 4000, 500), (Decimal(4), 1, 2000, 1000), (Decimal(1), 1, 1000, 0)]
+    assert [(row.spend.sums.failed_requests, row.spend.sums.cancelled_requests) for row in rows] == [(1, 0), (0, 1), (0, 0)]
+    assert [row.spend.share for row in rows] == [Decimal("0.5"), Decimal("0.4"), Decimal("0.1")]
+    assert sum(row.spend.sums.cost_usd for row in rows) == response.context["totals"].all_calls.cost_usd
+
+    page = response.content.decode()
+    section = page[page.index('id="by-endpoint"'):]
+    assert "<code>/v1/responses</code>" in section and usd_brief(Decimal(4)) in section
+    assert '<td class="num">40%</td>' in section
+    # Each endpoint opens its calls of the range in the ledger, which agrees.
+    link = re.search(r'<tr data-id="responses">\s*<th scope="row"><a href="([^"]+)"', section)
+    assert link is not None
+    ledger = viewer_client.get(link.group(1).replace("&amp;", "&"))
+    assert ledger.status_code == 200
+    assert ledger.context["totals"].requests == 1 and ledger.context["totals"].cost_usd == Decimal(4)
+
+
+def test_spend_per_endpoint_follows_the_days_asked_for(viewer_client, console_url, clock, call, user_factory) -> None:
+    mo = user_factory("mo")
+    call(mo, endpoint="completions", prompt=1000, at=NOW - timedelta(days=40))
+    assert viewer_client.get(console_url).context["endpoints"] == []
+    assert "No calls in this range." in viewer_client.get(console_url).content.decode()
+    [row] = viewer_client.get(console_url, {"days": 90}).context["endpoints"]
+    assert (row.spend.endpoint, row.spend.sums.cost_usd, row.spend.share) == ("completions", Decimal(1), Decimal(1))

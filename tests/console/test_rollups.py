@@ -39,6 +39,17 @@ def test_a_call_adds_to_its_key_and_counts_how_it_ended(call, user_factory) -> N
     assert (by_key.prompt_tokens, by_key.completion_tokens, by_key.cost_usd) == (2000, 10, Decimal("2.02"))
 
 
+def test_a_models_calls_through_each_endpoint_are_rolled_up_apart(call, user_factory) -> None:
+    user = user_factory("ola")
+    call(user, prompt=1000)
+    call(user, prompt=2000, endpoint="responses", status="cancelled")
+    call(user, prompt=500, endpoint="responses")
+    rows = {row.endpoint: row for row in DailyUsage.objects.filter(user=user)}
+    assert set(rows) == {"chat.completions", "responses"}
+    assert (rows["chat.completions"].requests, rows["chat.completions"].cost_usd) == (1, Decimal(1))
+    assert (rows["responses"].requests, rows["responses"].cost_usd, rows["responses"].cancelled_requests) == (2, Decimal("2.5"), 1)
+
+
 def test_the_rollups_equal_the_ledgers_sums_by_key_and_by_ending(call, user_factory, settings) -> None:
     settings.BILLING_TIME_ZONE = "Asia/Kolkata"  # local days are not UTC days
     users = [user_factory(f"sum-{n}") for n in range(3)]
@@ -141,3 +152,5 @@ def test_the_migration_fills_the_new_rollups_from_the_ledger(tmp_path: Path) -> 
             "SELECT api_key_id, day, requests, prompt_tokens, completion_tokens, cost_usd FROM billing_dailykeyusage"
             " ORDER BY api_key_id, day"
         ).fetchall() == [(1, "2025-06-01", 2, 20, 10, 15_000_000_000), (2, "2025-06-02", 1, 10, 5, 1)]
+        # 0009: the rollups' rows from before endpoints were all chat completions.
+        assert db.execute("SELECT DISTINCT endpoint FROM billing_dailyusage").fetchall() == [("chat.completions",)]

@@ -3,7 +3,8 @@
 Three users on three pricing rules (alice: a plan at 1.2 x list; bob: an account override with
 six-place rates; carol: list prices), API keys for two of them, calls every 7 h 43 min from the
 evening of 30 May to early July (so days and months turn in every time zone the tests use), two
-calls at the very same instant, and a few cancelled and estimated ones. The billing time zone is
+calls at the very same instant, a few cancelled and estimated ones, and a quarter made through the
+Responses API (so the rollups hold rows of two endpoints), most with the upstream's id. The billing time zone is
 set before any row is written, since the rollups are keyed by local day when a row is written:
 parametrize `zone` to change it.
 """
@@ -93,6 +94,8 @@ def ledger(db: None, settings: Any, zone: str) -> Ledger:
             status="cancelled" if index % 11 == 0 else "completed",
             token_source="estimated" if index % 13 == 0 else "upstream",
             rates=rates[name, MODELS[turn % len(MODELS)]],
+            endpoint="responses" if index % 4 == 1 else "chat.completions",
+            upstream_id="" if index % 9 == 0 else f"{'resp_' if index % 4 == 1 else 'chatcmpl-'}{index:04}",
         )
     return Ledger(users=users, keys=keys)
 
@@ -106,6 +109,7 @@ def price(user: Any, model: str, at: datetime) -> Rates:
 def write_call(
     *, user: Any, api_key_id: int | None, model: str, at: datetime, prompt: int, cached: int, completion: int,
     status: str = "completed", token_source: str = "upstream", rates: Rates | None = None,
+    endpoint: str = "chat.completions", upstream_id: str = "",
 ) -> UsageRecord:
     """One ledger row, priced (`rates_for`) and rolled up by the service, as the gateway writes it."""
     rates = rates or price(user, model, at)
@@ -128,6 +132,8 @@ def write_call(
         duration_us=20_000 + completion,
         created_at=at,
         rates=rates,
+        endpoint=endpoint,
+        upstream_id=upstream_id,
     )
 
 

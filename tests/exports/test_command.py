@@ -88,6 +88,37 @@ def test_raw_rows_are_every_ledger_row_in_time_then_id_order_with_exact_values(l
         assert row["stream"] is True and row["reserved_usd"] is None
 
 
+RAW_COLUMNS = [
+    "id", "request_id", "created_at", "user_id", "username", "api_key_id", "api_key_prefix", "model", "upstream_model",
+    "provider", "stream", "status", "error_kind", "call_id", "attempt", "requested_model", "endpoint", "upstream_id",
+    "token_source", "prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens", "ttft_us", "duration_us",
+    "price_source", "input_usd_per_1m", "cached_input_usd_per_1m", "output_usd_per_1m", "price_multiplier", "cost_usd",
+    "reserved_usd",
+]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "json"])
+def test_raw_rows_have_the_documented_columns_in_order(ledger: Ledger, fmt: str) -> None:
+    data = export("--format", fmt)
+    if fmt == "csv":
+        assert data.decode().splitlines()[0] == ",".join(RAW_COLUMNS)
+    else:
+        rows, _ = read_json_rows(data, fmt)
+        assert list(rows[0]) == RAW_COLUMNS
+    documented = " ".join((exports.__doc__ or "").split())  # the package docstring lists them
+    assert ", ".join(RAW_COLUMNS) in documented
+
+
+def test_raw_rows_say_which_endpoint_each_call_used_and_the_upstreams_id(ledger: Ledger) -> None:
+    rows, _ = read_csv(export())
+    records = UsageRecord.objects.order_by("created_at", "id")
+    assert [(row["endpoint"], row["upstream_id"] or "") for row in rows] == list(records.values_list("endpoint", "upstream_id"))
+    assert {row["endpoint"] for row in rows} == {"chat.completions", "responses"}
+    assert rows[1]["upstream_id"] == "resp_0001" and rows[0]["upstream_id"] is None  # none given: an empty cell
+    json_rows, _ = read_json_rows(export("--format", "jsonl"), "jsonl")
+    assert (json_rows[1]["endpoint"], json_rows[1]["upstream_id"], json_rows[0]["upstream_id"]) == ("responses", "resp_0001", "")
+
+
 def test_money_is_written_at_the_stored_precision_without_exponents(ledger: Ledger) -> None:
     # A free call costs 0: Decimal would print it as 0E-10.
     write_call(user=ledger.users["carol"], api_key_id=None, model="gpt-4o-mini", at=datetime(2025, 8, 1, tzinfo=UTC), prompt=0, cached=0, completion=0)
