@@ -104,6 +104,9 @@ def test_staff_land_on_the_console_and_it_reads_well_at_1280_px(browser, served,
     page.screenshot(path=str(screenshot_dir / "console-1280-dark.png"), full_page=True)
     page.emulate_media(color_scheme="light")
 
+    endpoints = page.locator("#by-endpoint")
+    endpoints.screenshot(path=str(screenshot_dir / "console-endpoints-1280.png"))
+    assert endpoints.is_visible() and "/v1/chat/completions" in endpoints.inner_text()
     assert page.title() == "Cost console | llmgateway"
     assert page.locator("#site-name").inner_text() == "llmgateway"
     # The console's stylesheet is served from the project: the cards are a grid.
