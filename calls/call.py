@@ -1,4 +1,4 @@
-"""One chat completion call's life, owned in one place.
+"""One API call's life (any endpoint: `streaming.endpoints`), owned in one place.
 
     async with ApiCall(principal=..., params=..., request_id=..., simulator=...) as call:
         first = await call.start()                 # UpstreamRefused: failed before any token
@@ -20,8 +20,8 @@ or the response's `close()` when a server never iterates the body.
 
 Billing policy: a call is billed for what it produced, from the upstream's usage or counted
 offline; an upstream failure before any token costs nothing (its row records the error); every
-call is stopped at the completion tokens it reserved (max_tokens x n, or
-GATEWAY_DEFAULT_MAX_TOKENS x n), whatever the upstream does with max_tokens.
+call is stopped at the completion tokens it reserved (its endpoint's `completion_token_cap`:
+max_tokens x n, or GATEWAY_DEFAULT_MAX_TOKENS x n), whatever the upstream does with max_tokens.
 """
 
 from __future__ import annotations
@@ -193,8 +193,8 @@ class ApiCall:
         catalog = self._catalog = await acatalog()
         route = self.route = self.serving = resolve_route(catalog, params.model)
         self.prompt_tokens_estimate = await self.endpoint.count_prompt_tokens(params.body, model=route.upstream_model)
-        previous = params.body.get("previous_response_id") if self.endpoint.name == "responses" else None
-        if isinstance(previous, str):
+        previous = self.endpoint.continued_response(params.body)
+        if previous is not None:
             # Only the caller's own response may be continued; the upstream reads its whole
             # context again, so that is part of this call's prompt.
             origin = await stored_responses.origin_of(principal=self.principal, response_id=previous)

@@ -89,6 +89,8 @@ class Endpoint:
     path: ClassVar[str]  # relative to the upstream's base URL (which ends in /v1)
     streamed: ClassVar[bool] = True  # whether the upstream is asked for a stream
     produces_text: ClassVar[bool] = True  # whether the answer is generated tokens (not embeddings)
+    # The `type`s of the events that end a stream with no `[DONE]` (the Responses API's).
+    last_events: ClassVar[frozenset[str]] = frozenset()
 
     def upstream_body(self, body: Mapping[str, Any], *, upstream_model: str) -> dict[str, Any]:
         return {**body, "model": upstream_model, "stream": True}
@@ -96,6 +98,10 @@ class Endpoint:
     def streams_upstream(self, body: Mapping[str, Any]) -> bool:
         """Whether this request is streamed from the upstream (else it is one JSON answer)."""
         return self.streamed
+
+    def continued_response(self, body: Mapping[str, Any]) -> str | None:
+        """The id of the stored response this request continues (`previous_response_id`)."""
+        return None
 
     async def count_prompt_tokens(self, body: Mapping[str, Any], *, model: str) -> int:
         """The request's prompt tokens, counted offline (`streaming.tokens`)."""
@@ -368,6 +374,11 @@ class ResponseBuilder:
 class Responses(Endpoint):
     name = "responses"
     path = "/responses"
+    last_events = _RESPONSES_FINAL | {"response.failed", "error"}
+
+    def continued_response(self, body: Mapping[str, Any]) -> str | None:
+        previous = body.get("previous_response_id")
+        return previous if isinstance(previous, str) else None
 
     async def count_prompt_tokens(self, body: Mapping[str, Any], *, model: str) -> int:
         return await tokens.acount_responses_input_tokens(body, model=model)

@@ -205,7 +205,7 @@ class OpenAIProvider:
             if not streamed:
                 yield endpoint.chunk(_json_object(await response.aread()))
                 return
-            async for data in _sse_events(response):
+            async for data in _sse_events(response, last_events=endpoint.last_events):
                 yield endpoint.chunk(data)
         except httpx2.HTTPError as error:
             if isinstance(error, httpx2.TimeoutException) and not _is_failed_connection(error):
@@ -254,9 +254,9 @@ async def _drain(pieces: AsyncIterator[bytes]) -> None:
         pass
 
 
-async def _sse_events(response: httpx2.Response) -> AsyncIterator[dict[str, Any]]:
-    """The JSON objects of an SSE stream, until `data: [DONE]` (chat, legacy completions) or a
-    Responses API stream's last event (`response.completed`, ...).
+async def _sse_events(response: httpx2.Response, *, last_events: frozenset[str]) -> AsyncIterator[dict[str, Any]]:
+    """The JSON objects of an SSE stream, until `data: [DONE]` (chat, legacy completions) or an
+    event of one of the `last_events` types (the Responses API's `response.completed`, ...).
 
     What an event means (an error, usage) is the endpoint's to read; a chat stream that ends
     without `[DONE]` was cut.
@@ -285,14 +285,10 @@ async def _sse_events(response: httpx2.Response) -> AsyncIterator[dict[str, Any]
             if not isinstance(data, dict):
                 continue
             yield data
-            if data.get("type") in _RESPONSES_TERMINAL:
+            if last_events and data.get("type") in last_events:
                 await _drain(pieces)
                 return
     raise UpstreamError("connection", "The upstream ended the stream before its end ([DONE] or the response's last event).")
-
-
-# The Responses API's last events: its stream has no [DONE].
-_RESPONSES_TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed", "error"})
 
 
 def _event_data(event: bytes) -> bytes | None:

@@ -21,6 +21,7 @@ import pytest
 
 from billing.models import UsageRecord
 from streaming.tokens import count_chat_prompt_tokens, count_text_tokens
+from tests.api.ledger import the_only_record, wait_for_record
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.ledger]
 
@@ -41,21 +42,6 @@ def client(gateway, api_key: str) -> openai.OpenAI:
 
 def rows() -> list[UsageRecord]:
     return list(UsageRecord.objects.order_by("id"))
-
-
-def the_only_row() -> UsageRecord:
-    found = rows()
-    assert len(found) == 1, found
-    return found[0]
-
-
-def wait_for_row(timeout: float = 5.0) -> UsageRecord:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if UsageRecord.objects.exists():
-            return the_only_row()
-        time.sleep(0.01)
-    raise AssertionError("no ledger row was written")
 
 
 def expected_cost(row: UsageRecord) -> Decimal:
@@ -81,7 +67,7 @@ def test_a_responses_stream_yields_the_typed_events_and_its_usage_is_the_ledger_
     completed = events[-1].response
     text = "".join(event.delta for event in events if event.type == "response.output_text.delta")
     assert completed.output_text == text
-    row = the_only_row()
+    row = the_only_record()
     assert row.endpoint == "responses" and row.stream and row.status == "completed"
     assert row.upstream_id == completed.id
     assert row.token_source == "upstream"
@@ -95,7 +81,7 @@ def test_a_non_stream_response_is_the_completed_response_and_one_row(client, fak
     response = client.responses.create(model="gpt-4o-mini", input=[{"role": "user", "content": "Hello"}], instructions="Be brief.")
 
     assert response.status == "completed" and response.output_text
-    row = the_only_row()
+    row = the_only_record()
     assert row.endpoint == "responses" and not row.stream
     assert response.usage is not None and row.completion_tokens == response.usage.output_tokens == 7
 
@@ -104,7 +90,7 @@ def test_the_simulator_answers_the_responses_api_with_no_upstream_account(client
     events = list(client.responses.create(model="sim-fast", input="Hi", stream=True, max_output_tokens=20))
 
     assert events[-1].type in ("response.completed", "response.incomplete")
-    row = the_only_row()
+    row = the_only_record()
     assert row.provider == "simulator" and row.endpoint == "responses"
     usage = events[-1].response.usage
     assert usage is not None and row.completion_tokens == usage.output_tokens <= 20
@@ -145,7 +131,7 @@ def test_a_responses_stream_failing_mid_way_ends_with_the_apis_error_event(gatew
     error = orjson.loads(last_data.removeprefix("data: "))
     assert error["type"] == "error" and error["code"] == "upstream_error"
     assert error["sequence_number"] == len(events) - 1
-    row = wait_for_row()
+    row = wait_for_record()
     assert row.status == "upstream_error" and row.endpoint == "responses"
 
 
@@ -169,7 +155,7 @@ def test_disconnecting_from_a_responses_stream_cancels_the_upstream_and_bills_th
     assert fake_upstream.wait_until(lambda: upstream_request.closed_at is not None, timeout=5)
     assert upstream_request.client_disconnected and not upstream_request.completed
     assert upstream_request.closed_at - closed_at < 0.1
-    row = wait_for_row()
+    row = wait_for_record()
     assert row.status == "cancelled" and row.endpoint == "responses" and row.token_source == "estimated"
     assert 5 <= upstream_request.content_chunks_sent < 500
     assert row.completion_tokens == count_text_tokens("tok " * upstream_request.content_chunks_sent, model="gpt-4o-mini")
@@ -183,7 +169,7 @@ def test_a_hundred_embeddings_are_one_row_priced_per_input_token_at_the_embeddin
     answer = client.embeddings.create(model="text-embedding-3-small", input=inputs)
 
     assert [item.index for item in answer.data] == list(range(100))
-    row = the_only_row()
+    row = the_only_record()
     assert row.endpoint == "embeddings" and not row.stream and row.status == "completed"
     assert row.prompt_tokens == answer.usage.prompt_tokens > 0
     assert row.completion_tokens == 0
@@ -195,7 +181,7 @@ def test_the_simulator_embeds_token_arrays_too(client) -> None:
     answer = client.embeddings.create(model="sim-embed", input=[[1, 2, 3], [4, 5]], dimensions=64)
 
     assert [len(item.embedding) for item in answer.data] == [64, 64]
-    assert answer.usage.prompt_tokens == 5 == the_only_row().prompt_tokens
+    assert answer.usage.prompt_tokens == 5 == the_only_record().prompt_tokens
 
 
 def test_an_empty_embeddings_input_is_a_400_and_no_row(client) -> None:
@@ -221,7 +207,7 @@ def test_legacy_completions_stream_n_choices_and_bill_them_all(client) -> None:
             texts[choice.index] = texts.get(choice.index, "") + choice.text
     assert sorted(texts) == [0, 1] and all(texts.values())
     usage = chunks[-1].usage
-    row = the_only_row()
+    row = the_only_record()
     assert usage is not None and row.endpoint == "completions"
     assert row.completion_tokens == usage.completion_tokens == 10
 
@@ -231,7 +217,7 @@ def test_a_non_stream_legacy_completion_is_a_text_completion(client, fake_upstre
     answer = client.completions.create(model="gpt-4o-mini", prompt="Say", max_tokens=8)
 
     assert answer.object == "text_completion" and answer.choices[0].text
-    assert the_only_row().endpoint == "completions"
+    assert the_only_record().endpoint == "completions"
 
 
 # --- chat: n, tools, images -----------------------------------------------------------------------
@@ -241,7 +227,7 @@ def test_n_choices_come_back_from_the_simulator(client) -> None:
     answer = client.chat.completions.create(model="sim-fast", messages=[{"role": "user", "content": "Hi"}], n=3, max_tokens=4)
 
     assert [choice.index for choice in answer.choices] == [0, 1, 2]
-    assert answer.usage is not None and answer.usage.completion_tokens == the_only_row().completion_tokens
+    assert answer.usage is not None and answer.usage.completion_tokens == the_only_record().completion_tokens
 
 
 def test_a_tool_call_round_trip_streams_tool_call_deltas_then_answers(client) -> None:
@@ -295,7 +281,7 @@ def test_an_image_part_is_priced_by_the_published_tile_rule(client, width, heigh
     client.chat.completions.create(model="sim-fast", messages=[{"role": "user", "content": [text_part, image_part]}], max_tokens=5)
 
     text_only = count_chat_prompt_tokens([{"role": "user", "content": [text_part]}], model="sim-fast")
-    assert the_only_row().prompt_tokens == text_only + image_tokens
+    assert the_only_record().prompt_tokens == text_only + image_tokens
 
 
 # --- what a client may not reach or break -----------------------------------------------------------
@@ -331,7 +317,7 @@ def test_a_responses_stream_is_in_the_ledger_before_the_client_sees_it_complete(
         ) as response:
             for line in response.iter_lines():
                 if line == "event: response.completed":
-                    assert the_only_row().status == "completed"
+                    assert the_only_record().status == "completed"
                     break
             else:
                 raise AssertionError("no response.completed event")
@@ -341,7 +327,7 @@ def test_a_batch_of_legacy_prompts_gets_its_choices_within_what_was_reserved(cli
     answer = client.completions.create(model="sim-fast", prompt=["Once upon", "A long time", "Hello there"], max_tokens=8)
 
     assert len(answer.choices) == 3 and all(choice.finish_reason == "length" for choice in answer.choices)
-    row = the_only_row()
+    row = the_only_record()
     assert row.status == "completed" and row.completion_tokens == 24
 
 
@@ -352,7 +338,7 @@ def test_best_of_is_asked_of_the_upstream_as_one_answer_as_openai_requires(clien
     assert answer.choices[0].text
     sent = fake_upstream.requests[-1]
     assert sent.body["best_of"] == 2 and sent.body["stream"] is False and "stream_options" not in sent.body
-    assert the_only_row().endpoint == "completions"
+    assert the_only_record().endpoint == "completions"
 
 
 def test_embeddings_beyond_the_largest_models_dimensions_are_refused(client) -> None:

@@ -11,6 +11,7 @@ import pytest
 
 from billing.models import UsageRecord
 from streaming.tokens import count_text_tokens
+from tests.api.ledger import the_only_record, wait_for_record
 from tests.conftest import free_port
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.ledger]
@@ -21,21 +22,6 @@ MESSAGES = [{"role": "user", "content": "Say something."}]
 @pytest.fixture
 def client(gateway, api_key: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=gateway.api_url, api_key=api_key, max_retries=0, timeout=20)
-
-
-def the_only_record() -> UsageRecord:
-    records = list(UsageRecord.objects.all())
-    assert len(records) == 1, records
-    return records[0]
-
-
-def wait_for_record(timeout: float = 5.0) -> UsageRecord:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if UsageRecord.objects.exists():
-            return the_only_record()
-        time.sleep(0.01)
-    raise AssertionError("no usage record was written")
 
 
 def test_a_stream_arrives_chunk_by_chunk_and_ends_with_usage(client, fake_upstream) -> None:
