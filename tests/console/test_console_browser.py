@@ -118,4 +118,6 @@ def test_staff_land_on_the_console_and_it_reads_well_at_1280_px(browser, served,
     assert page.locator("#budgets tbody tr.past-threshold").count() == 3  # alice, carol, dave
     # Nothing wider than the window: no horizontal scrolling at 1,280 px.
     assert page.evaluate("document.documentElement.scrollWidth") <= WIDTH
+    page.set_viewport_size({"width": 390, "height": 844})  # a phone, for the reviewer's eye
+    page.screenshot(path=str(screenshot_dir / "console-390.png"), full_page=True)
     context.close()
