@@ -1,8 +1,8 @@
 """Running calls, and stopping them from outside: one call, or every call of a key or a user.
 
 Each process keeps a registry of the calls it is running (`active_calls`). A stop is an order
-published on the channel layer's `CONTROL_GROUP`: channels-redis when `REDIS_URL` is set, so it
-reaches every gateway process; the in-memory layer otherwise (one process, which is then all
+published on the channel layer's `CONTROL_GROUP`: channels-redis when `REDIS_URL` is set (its
+pub/sub layer on a Redis Cluster), so it reaches every gateway process; the in-memory layer otherwise (one process, which is then all
 there is). Every process listens from its start (`listener`, started by the ASGI lifespan)
 and stops the matching calls it runs: a stream ends with an SSE error event whose code is the
 order's reason, a non-stream call with an error, and the ledger row says why in `error_kind`.
@@ -128,6 +128,24 @@ LISTEN_RETRY_SECONDS = 1.0
 REJOIN_SECONDS = 3600.0
 
 
+async def _receive(layer: Any, channel: str) -> dict[str, Any]:
+    """The channel's next message, joining CONTROL_GROUP again every REJOIN_SECONDS meanwhile:
+    channels-redis's default layer forgets group members after its group_expiry (a day by
+    default). The receive itself is never cancelled for that: the pub/sub layer (REDIS_CLUSTER)
+    drops a channel whose receive is cancelled, and the group_add that follows would fail."""
+    receiving = asyncio.ensure_future(layer.receive(channel))
+    try:
+        while True:
+            done, _ = await asyncio.wait({receiving}, timeout=REJOIN_SECONDS)
+            if done:
+                return receiving.result()
+            await layer.group_add(CONTROL_GROUP, channel)
+    finally:
+        if not receiving.done():
+            receiving.cancel()
+            await asyncio.gather(receiving, return_exceptions=True)
+
+
 async def _listen() -> None:
     layer = get_channel_layer()
     if layer is None:
@@ -137,14 +155,7 @@ async def _listen() -> None:
             channel = await layer.new_channel()
             await layer.group_add(CONTROL_GROUP, channel)
             while True:
-                try:
-                    # Layers forget group members after their group_expiry (a day by default):
-                    # this process joins again well before that.
-                    async with asyncio.timeout(REJOIN_SECONDS):
-                        message = await layer.receive(channel)
-                except TimeoutError:
-                    await layer.group_add(CONTROL_GROUP, channel)
-                    continue
+                message = await _receive(layer, channel)
                 if message.get("type") != STOP_MESSAGE:
                     handler = message_handlers.get(message.get("type", ""))
                     if handler is not None:

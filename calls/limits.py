@@ -69,13 +69,17 @@ _limiter: Limiter | None = None
 
 
 def get_limiter() -> Limiter:
-    """The process's limiter: Redis (resilient) when REDIS_URL is set, else in-process."""
+    """The process's limiter: Redis (resilient) when REDIS_URL is set, else in-process; a Redis
+    Cluster client when REDIS_CLUSTER is set too (the limiter's keys share a hash tag per call)."""
     global _limiter
     if _limiter is None:
         if settings.REDIS_URL:
             _limiter = ResilientLimiter(
                 RedisLimiter.from_url(
-                    settings.REDIS_URL, prefix=settings.LIMITS_REDIS_PREFIX, timeout=settings.LIMITS_REDIS_TIMEOUT
+                    settings.REDIS_URL,
+                    prefix=settings.LIMITS_REDIS_PREFIX,
+                    timeout=settings.LIMITS_REDIS_TIMEOUT,
+                    cluster=settings.REDIS_CLUSTER,
                 ),
                 InProcessLimiter(),
                 fail_open=settings.LIMITS_FAIL_OPEN,

@@ -19,6 +19,11 @@ Failure policy:
 - **Never hang.** Every call runs under ``asyncio.timeout(timeout)`` (default 100 ms) covering
   the pool wait, connect, send and read; `from_url` also sets socket and connect timeouts to
   the same value and allows one immediate retry (a stale pooled connection after a Redis restart).
+  On Redis Cluster (``from_url(..., cluster=True)``, built by `infra.redis`) the same deadline
+  covers the redirections and the topology re-read after a node fails: a frozen node costs
+  each call on its slots at most ``timeout``, like a frozen server, and counts against the
+  breaker of `ResilientLimiter` (one breaker for the whole cluster: while it is open, every
+  key is decided by the failure policy, not only the frozen node's).
 - **Fail loudly, decide elsewhere.** Any Redis error or timeout raises `LimiterBackendError`;
   this class never decides on its own without Redis. Wrap it in `ResilientLimiter` to fail
   open (in-process fallback) or closed (`LimiterUnavailable`).
@@ -36,18 +41,19 @@ from collections.abc import Awaitable, Sequence
 from importlib import resources
 from typing import Any, Self
 
-from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import (
     ClusterDownError,
     OutOfMemoryError,
     ReadOnlyError,
+    RedisClusterException,
     RedisError,
     ResponseError,
     TryAgainError,
 )
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from infra.redis import async_client
 
 from . import _keys, _validate
 from ._results import build_decision
@@ -94,10 +100,17 @@ class RedisLimiter:
         timeout: float = DEFAULT_TIMEOUT,
         clock: Clock | None = None,
         owns_client: bool = False,
+        max_in_flight: int = 64,
     ) -> None:
         _keys.check_prefix(prefix)
         _validate.check_seconds(timeout)
         self._client = client
+        # A cluster client's node pools refuse a command past their size instead of waiting
+        # for a connection: bound the commands in flight here, under the same deadline, as a
+        # single server's blocking pool does.
+        self._in_flight = (
+            asyncio.Semaphore(max_in_flight) if isinstance(client, RedisCluster) else None
+        )
         self._prefix = prefix
         self._timeout = timeout
         self._clock = clock
@@ -113,20 +126,27 @@ class RedisLimiter:
         timeout: float = DEFAULT_TIMEOUT,
         max_connections: int = 64,
         clock: Clock | None = None,
+        cluster: bool = False,
     ) -> Self:
-        """Build a limiter that owns its connection pool (closed by `aclose`)."""
-        pool = BlockingConnectionPool.from_url(
+        """Build a limiter that owns its client (closed by `aclose`): for a Redis Cluster when
+        ``cluster``, ``url`` naming any one node."""
+        client = async_client(
             url,
-            max_connections=max_connections,
+            cluster=cluster,
             timeout=timeout,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
             # One immediate retry: after a Redis restart every pooled connection is stale, and
-            # its first use fails although the server is back. The deadline still bounds it.
-            retry=Retry(NoBackoff(), 1),
+            # its first use fails although the server is back (on a cluster the retry also
+            # re-reads the topology, e.g. after a failover). The deadline still bounds it.
+            retries=1,
+            max_connections=max_connections,
         )
         return cls(
-            Redis.from_pool(pool), prefix=prefix, timeout=timeout, clock=clock, owns_client=True
+            client,
+            prefix=prefix,
+            timeout=timeout,
+            clock=clock,
+            owns_client=True,
+            max_in_flight=max_connections,
         )
 
     @property
@@ -243,7 +263,10 @@ class RedisLimiter:
         `LimiterBackendError`."""
         try:
             async with asyncio.timeout(self._timeout):
-                return await awaitable
+                if self._in_flight is None:
+                    return await awaitable
+                async with self._in_flight:
+                    return await awaitable
         # first: the builtin TimeoutError is an OSError, redis-py's is a RedisError
         except (TimeoutError, RedisTimeoutError) as exc:
             raise LimiterBackendError(MSG_BACKEND_TIMEOUT) from exc
@@ -251,5 +274,6 @@ class RedisLimiter:
             raise LimiterBackendError(f"{MSG_BACKEND_ERROR}: {exc}") from exc
         except ResponseError as exc:
             raise LimiterCommandError(f"{MSG_BACKEND_ERROR}: {exc}") from exc
-        except (RedisError, OSError) as exc:
+        # RedisClusterException: no cluster node could be reached, or none serves the slot
+        except (RedisError, RedisClusterException, OSError) as exc:
             raise LimiterBackendError(f"{MSG_BACKEND_ERROR}: {exc}") from exc

@@ -7,11 +7,14 @@ those pages answer 500 while the API (whose limiter has its own failure policy) 
 Failure policy (deliberate; change it here, not at call sites):
 
 - An operation that cannot reach Redis (`redis.ConnectionError`, which a refused connection
-  raises at once, or `redis.TimeoutError` after the socket timeouts in `CACHES` OPTIONS) answers
+  raises at once, or `redis.TimeoutError` after the socket timeouts in `CACHES` OPTIONS; on a
+  cluster also a CLUSTERDOWN answer or no node reachable: `infra.redis.UNREACHABLE`) answers
   as a miss: `get` gives the default, `get_many` ``{}``, `add`, `touch`, `delete` and `has_key`
   ``False``, `set_many` reports every key as not stored, `set` and `delete_many` do nothing, and
   `incr` raises `ValueError`, as for a missing key. Django builds the connection pool without a
-  `retry`, so redis-py does not retry: each operation costs at most one socket timeout.
+  `retry`, so redis-py does not retry: each operation costs at most one socket timeout. The
+  cluster client (OPTIONS ``cluster``, from REDIS_CLUSTER) is built with no retry either; after a
+  node's timeout it re-reads the topology from the other nodes before it raises.
 - django-ratelimit `add`s a counter, then `incr`s it; a count it cannot get is let through when
   `RATELIMIT_FAIL_OPEN` is set (django-ratelimit 4.1, `core.get_usage`). So during an outage the
   pages keep working without rate limits, as the API does (`LIMITS_FAIL_OPEN`).
@@ -44,16 +47,15 @@ from functools import partial
 from typing import Any
 
 from django.core.cache.backends.base import DEFAULT_TIMEOUT
-from django.core.cache.backends.redis import RedisCache
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from django.core.cache.backends.redis import RedisCache, RedisCacheClient
+from redis.cluster import RedisCluster
 
 from infra import observability
+from infra.redis import UNREACHABLE, sync_cluster_client
 from limits import CircuitBreaker, Clock, Permit, monotonic_clock
 
 logger = logging.getLogger(__name__)
 
-UNREACHABLE = (RedisConnectionError, RedisTimeoutError)
 FAILURE_THRESHOLD = 3
 RESET_SECONDS = 5.0
 LOG_INTERVAL = 60.0
@@ -122,11 +124,53 @@ def _key_missing() -> Any:
     raise ValueError(MSG_UNREACHABLE)
 
 
+class ClusterCacheClient(RedisCacheClient):
+    """Django's `RedisCacheClient` on a Redis Cluster: every command goes through one
+    `redis.cluster.RedisCluster` (built by `infra.redis`, on the first operation, from the first
+    LOCATION: any one node), which sends it to the node that owns its key. Single-key operations
+    are Django's own; the multi-key ones, whose keys may live on several nodes, are sent per
+    slot (so, as on one server with `set_many`, they are not atomic across keys)."""
+
+    def __init__(self, servers: list[str], **options: Any) -> None:
+        super().__init__(servers, **options)
+        self._url = servers[0]
+        self._timeout: float | None = options.get("socket_timeout")
+        self._options = {
+            name: options[name] for name in ("socket_connect_timeout", "username", "password") if name in options
+        }
+        self._values: Any = self._serializer  # type: ignore[attr-defined]  # Django's (not in django-stubs)
+        self._cluster: RedisCluster | None = None
+
+    def get_client(self, key: Any = None, *, write: bool = False) -> RedisCluster:  # type: ignore[override]
+        if self._cluster is None:
+            self._cluster = sync_cluster_client(self._url, timeout=self._timeout, **self._options)
+        return self._cluster
+
+    def get_many(self, keys: Any) -> dict[Any, Any]:
+        keys = list(keys)
+        values = self.get_client(None).mget_nonatomic(keys)
+        return {k: self._values.loads(v) for k, v in zip(keys, values, strict=True) if v is not None}
+
+    def set_many(self, data: Any, timeout: Any) -> None:
+        client = self.get_client(None, write=True)
+        client.mset_nonatomic({k: self._values.dumps(v) for k, v in data.items()})
+        if timeout is not None:
+            pipeline = client.pipeline()  # grouped by node, one round trip to each
+            for key in data:
+                pipeline.expire(key, timeout)
+            pipeline.execute()
+
+
 class ResilientRedisCache(RedisCache):
-    """Django's `RedisCache` whose operations answer as a miss when Redis cannot be reached."""
+    """Django's `RedisCache` whose operations answer as a miss when Redis cannot be reached; a
+    Redis Cluster client when OPTIONS has ``"cluster": True``."""
 
     def __init__(self, server: str | list[str], params: dict[str, Any]) -> None:
-        super().__init__(server, params)
+        options = dict(params.get("OPTIONS", {}))
+        cluster = bool(options.pop("cluster", False))
+        super().__init__(server, {**params, "OPTIONS": options})
+        if cluster:
+            self._class = ClusterCacheClient
         self._health = _health_for(server if isinstance(server, str) else ",".join(server))
 
     def _guard(self, operation: str, call: Callable[[], Any], miss: Callable[[], Any]) -> Any:

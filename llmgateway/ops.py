@@ -15,8 +15,10 @@ from billing.outbox import get_outbox, orphan_journals
 from calls.limits import get_limiter
 from infra.db import db_task
 from infra.observability import metrics_payload
+from infra.redis import astate, async_client
 
 READY_CHECK_TIMEOUT = 2.0
+REDIS_CHECK_TIMEOUT = 0.5  # seconds, per socket operation
 
 
 def _json(payload: dict, status: int = 200) -> HttpResponse:
@@ -37,18 +39,21 @@ def _check_database() -> None:
 
 
 async def _redis_state() -> str:
+    """``ok`` when Redis answers within REDIS_CHECK_TIMEOUT: on a cluster (REDIS_CLUSTER), every
+    primary answers PING and the cluster says ``cluster_state:ok``."""
     if not settings.REDIS_URL:
         return "not configured"
-    import redis.asyncio as redis
-
-    client = redis.Redis.from_url(settings.REDIS_URL, socket_connect_timeout=0.5, socket_timeout=0.5)
+    client = async_client(settings.REDIS_URL, cluster=settings.REDIS_CLUSTER, timeout=REDIS_CHECK_TIMEOUT)
     try:
-        await client.ping()
-        return "ok"
+        async with asyncio.timeout(READY_CHECK_TIMEOUT):
+            return await astate(client)
     except Exception:
         return "unavailable"
     finally:
-        await client.aclose()
+        try:
+            await client.aclose()
+        except Exception:  # a cluster client that never connected has nothing to close
+            pass
 
 
 async def readyz(request: HttpRequest) -> HttpResponse:

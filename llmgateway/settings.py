@@ -151,21 +151,36 @@ DATABASE_THREADS = _env_int("DATABASE_THREADS", 8)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = os.environ.get("REDIS_URL", "")
+# REDIS_URL names one node of a Redis Cluster (any one: the clients discover the rest), and every
+# Redis client is a cluster client (infra/redis.py): the limiter, learned limits, /readyz, the
+# cache; the channel layer is then channels-redis's pub/sub layer (see below).
+REDIS_CLUSTER = _env_bool("REDIS_CLUSTER", False)
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            # On a cluster, the pub/sub layer: channels-redis's default layer keeps channels and
+            # groups in lists and sorted sets that its Lua scripts touch several of at once (not
+            # one slot), whereas Redis Cluster delivers a PUBLISH on any node to the subscribers
+            # of every node, so processes attached to different nodes (or the same one) hear one
+            # another. What the gateway sends on the layer (stop orders, live reports, requests
+            # for them) is meant for whoever listens now, which is all pub/sub delivers: a
+            # message is not kept for a listener that is not subscribed yet. The default layer
+            # stays for a single Redis, where it is proven here.
+            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer"
+            if REDIS_CLUSTER
+            else "channels_redis.core.RedisChannelLayer",
             "CONFIG": {"hosts": [REDIS_URL]},
         }
     }
     CACHES = {
         "default": {
             # Django's RedisCache, but an operation that cannot reach Redis answers as a miss
-            # (logged, counted, behind a circuit breaker): see llmgateway/cache.py.
+            # (logged, counted, behind a circuit breaker), on a cluster client with
+            # REDIS_CLUSTER: see llmgateway/cache.py.
             "BACKEND": "llmgateway.cache.ResilientRedisCache",
             "LOCATION": REDIS_URL,
             # Seconds: the most a down or frozen Redis costs one cache operation.
-            "OPTIONS": {"socket_connect_timeout": 0.5, "socket_timeout": 0.5},
+            "OPTIONS": {"socket_connect_timeout": 0.5, "socket_timeout": 0.5, "cluster": REDIS_CLUSTER},
         }
     }
 else:

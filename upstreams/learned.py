@@ -18,7 +18,7 @@ share on top). It starts at the published figure minus that headroom. Then:
 `calls.limits` also blocks the bucket when the upstream says nothing remains (until its reset)
 or answers 429 (for its retry-after).
 
-Shared: with REDIS_URL the state is one Redis hash per deployment and unit, which each process
+Shared: with REDIS_URL (a Redis Cluster with REDIS_CLUSTER) the state is one Redis hash per deployment and unit, which each process
 reads at most once a second and writes on a cut or a new ceiling (two processes cutting at once
 write the same cut: benign). Failure policy: when Redis cannot be reached, a process keeps
 learning on its own state and tries Redis again a second later; without REDIS_URL the state is
@@ -32,10 +32,11 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-import redis.asyncio as redis
+import redis
 from django.conf import settings
 
 from infra import observability
+from infra.redis import UNREACHABLE, AsyncClient, async_client
 from streaming.catalog import Deployment
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ UNITS: tuple[Unit, ...] = ("rpm", "tpm")
 REFRESH_SECONDS = 1.0
 REDIS_TIMEOUT = 0.25  # seconds: learning must never hold a call up
 MINIMUM_SHARE = 0.05  # a cut never takes a limit below this share of its ceiling
+_REDIS_FAILED: tuple[type[Exception], ...] = (*UNREACHABLE, redis.RedisError, OSError)
+_READ_FAILED: tuple[type[Exception], ...] = (*_REDIS_FAILED, KeyError, ValueError)  # or a hash not ours
 HEADER_LIMITS: dict[Unit, str] = {"rpm": "x-ratelimit-limit-requests", "tpm": "x-ratelimit-limit-tokens"}
 
 
@@ -72,8 +75,9 @@ def _starting_point(figure: float) -> float:
 
 
 class LearnedLimits:
-    def __init__(self, redis_url: str, *, prefix: str) -> None:
-        self._client = redis.Redis.from_url(redis_url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT) if redis_url else None
+    def __init__(self, redis_url: str, *, prefix: str, cluster: bool = False) -> None:
+        # At most one immediate retry (a stale pooled connection, or a cluster's topology re-read).
+        self._client: AsyncClient | None = async_client(redis_url, cluster=cluster, timeout=REDIS_TIMEOUT, retries=1) if redis_url else None
         self._prefix = prefix
         self._state: dict[tuple[str, Unit], LearnedLimit] = {}
         self._read_at: dict[str, float] = {}
@@ -118,7 +122,7 @@ class LearnedLimits:
                         ceiling=float(ceiling) if ceiling else None,
                         cut_at=float(stored.get(b"cut_at") or 0.0),
                     )
-        except (redis.RedisError, OSError, KeyError, ValueError) as error:
+        except _READ_FAILED as error:
             logger.info("reading learned limits of %s failed (%s); learning locally", deployment.name, error)
 
     async def _store(self, deployment: Deployment, unit: Unit, state: LearnedLimit) -> None:
@@ -134,7 +138,7 @@ class LearnedLimits:
         }
         try:
             await self._client.hset(self._key(deployment, unit), mapping=mapping)  # type: ignore[arg-type]
-        except (redis.RedisError, OSError) as error:
+        except _REDIS_FAILED as error:
             logger.info("sharing learned limits of %s failed (%s); learning locally", deployment.name, error)
 
     async def upstream_said(self, deployment: Deployment, headers: dict[str, str]) -> None:
@@ -192,7 +196,7 @@ _learned: LearnedLimits | None = None
 def learned_limits() -> LearnedLimits:
     global _learned
     if _learned is None:
-        _learned = LearnedLimits(settings.REDIS_URL, prefix=settings.LIMITS_REDIS_PREFIX)
+        _learned = LearnedLimits(settings.REDIS_URL, prefix=settings.LIMITS_REDIS_PREFIX, cluster=settings.REDIS_CLUSTER)
     return _learned
 
 
