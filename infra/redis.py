@@ -25,6 +25,13 @@ What the caller must know of a cluster client:
   commands in flight (the limiter does).
 - **Failures.** A cluster also fails with exceptions outside ``RedisError`` (no reachable node,
   a slot no node serves): `UNREACHABLE` lists everything that means "Redis could not answer".
+
+The asyncio cluster client is redis-py's with two repairs (`ClusterClient`, redis-py 8.1): it
+reads the topology before it routes its first command (redis-py routes the commands issued while
+it has no topology yet to a random node, as if they had no key; with many at once, as the
+limiter's first burst, the MOVED answers made it re-read the topology over and over, closing
+connections other commands were using), and a command whose connection was closed under it
+raises ``ConnectionError``, not the transport's ``TypeError`` (CPython 3.12; redis-py #4287).
 """
 
 from __future__ import annotations
@@ -38,6 +45,19 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.exceptions import ClusterError, RedisClusterException
 from redis.retry import Retry
+
+
+class ClusterClient(redis.asyncio.RedisCluster):
+    """redis-py's asyncio cluster client, with the two repairs the module docstring describes."""
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        if self._initialize:
+            await self.initialize()  # under redis-py's lock: the first caller reads the topology
+        try:
+            return await super().execute_command(*args, **kwargs)
+        except (TypeError, AttributeError) as error:  # a closed transport, on CPython 3.12
+            raise redis.ConnectionError(f"the connection closed under the command ({error!r})") from error
+
 
 AsyncClient = redis.asyncio.Redis | redis.asyncio.RedisCluster
 SyncClient = redis.Redis | redis.cluster.RedisCluster
@@ -65,7 +85,7 @@ def async_client(
     ``timeout`` for a free connection. On a cluster it caps each node's pool (default 100).
     """
     if cluster:
-        return redis.asyncio.RedisCluster.from_url(
+        return ClusterClient.from_url(
             url,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,

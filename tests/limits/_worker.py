@@ -22,12 +22,14 @@ def run(
     phases: int,
     barrier: Barrier,
     results: Queue,
+    cluster: bool = False,
 ) -> None:
     """For each phase: pass the barrier twice (ready, then go), fire ``calls`` concurrent
     acquire() per spec and report ``(phase, key, admitted, errors)`` per spec."""
     asyncio.run(
         _main(
             url=url,
+            cluster=cluster,
             prefix=prefix,
             group=group,
             specs=specs,
@@ -42,6 +44,7 @@ def run(
 async def _main(
     *,
     url: str,
+    cluster: bool,
     prefix: str,
     group: str,
     specs: list[LimitSpec],
@@ -51,7 +54,9 @@ async def _main(
     results: Queue,
 ) -> None:
     # atomicity is under test here, not latency: a generous timeout avoids spurious errors
-    limiter = RedisLimiter.from_url(url, prefix=prefix, timeout=5.0, max_connections=100)
+    limiter = RedisLimiter.from_url(
+        url, prefix=prefix, timeout=5.0, max_connections=100, cluster=cluster
+    )
     try:
         await limiter.health()  # open a connection before the start line
         for phase in range(phases):

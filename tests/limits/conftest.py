@@ -1,8 +1,12 @@
-"""Fixtures for the limiter tests: a backend harness run against Redis and in-process, unique
-key prefixes with cleanup, and private redis-server processes to kill and restart."""
+"""Fixtures for the limiter tests: a backend harness run against Redis, a Redis Cluster and
+in-process, unique key prefixes with cleanup, and private redis-server processes to kill and
+restart.
+
+The Redis Cluster is the local one `scripts/services` starts (see `tests.redis_cluster`)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -16,7 +20,9 @@ from dataclasses import dataclass, field
 import pytest
 import redis
 import redis.asyncio as aioredis
+from redis.cluster import RedisCluster
 
+from infra.redis import ClusterClient
 from limits import (
     Decision,
     InProcessLimiter,
@@ -26,8 +32,39 @@ from limits import (
     ManualClock,
     RedisLimiter,
 )
+from tests.redis_cluster import CLUSTER_URL, cluster_client, redis_cluster_url
+from tests.redis_cluster import delete_prefixed as delete_keys
+
+__all__ = ["redis_cluster_url"]  # a fixture of these tests too
 
 REDIS_URL = os.environ.get("LIMITS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def is_cluster(url: str) -> bool:
+    return url == CLUSTER_URL
+
+
+def sync_client(url: str) -> redis.Redis | RedisCluster:
+    """A client to look at what the limiter stored, on a single Redis or the cluster."""
+    if is_cluster(url):
+        return RedisCluster.from_url(url, socket_timeout=2.0)
+    return redis.Redis.from_url(url)
+
+
+def async_client(url: str) -> aioredis.Redis | aioredis.RedisCluster:
+    if is_cluster(url):
+        return ClusterClient.from_url(url)
+    return aioredis.Redis.from_url(url)
+
+
+@functools.cache
+def _cleaner(url: str) -> redis.Redis | RedisCluster:
+    return cluster_client(url) if is_cluster(url) else redis.Redis.from_url(url)
+
+
+def delete_prefixed(url: str, prefix: str) -> None:
+    """Delete every key under ``prefix`` (on a cluster: on every primary)."""
+    delete_keys(_cleaner(url), f"{prefix}:")
 
 
 def _redis_is_up(url: str) -> bool:
@@ -38,11 +75,17 @@ def _redis_is_up(url: str) -> bool:
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> str:
+def single_redis_url() -> str:
     """The shared Redis (scripts/test starts it); its absence is a failure, not a skip."""
     if not _redis_is_up(REDIS_URL):
         pytest.fail(f"no Redis at {REDIS_URL}: start it (scripts/services) before the tests")
     return REDIS_URL
+
+
+@pytest.fixture(params=["redis", "cluster"])
+def redis_url(request: pytest.FixtureRequest) -> str:
+    """The shared Redis, then the local Redis Cluster: the tests that take it run on both."""
+    return str(request.getfixturevalue("single_redis_url" if request.param == "redis" else "redis_cluster_url"))
 
 
 @pytest.fixture
@@ -50,11 +93,7 @@ def prefix(redis_url: str) -> Iterator[str]:
     """A key prefix unique to this test; every key under it is deleted afterwards."""
     value = f"test:limits:{uuid.uuid4().hex[:12]}"
     yield value
-    client = redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(match=f"{value}:*", count=1000))
-    if keys:
-        client.delete(*keys)
-    client.close()
+    delete_prefixed(redis_url, value)
 
 
 @dataclass
@@ -87,21 +126,26 @@ class Backend:
         return decision.states[0].remaining
 
 
-@pytest.fixture(params=["redis", "inprocess"])
+@pytest.fixture(params=["redis", "cluster", "inprocess"])
 async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
     """The limiter under test, on a `ManualClock` (the Redis scripts take it instead of TIME)."""
     clock = ManualClock()
+    url = prefix = ""
     if request.param == "inprocess":
         limiter: Limiter = InProcessLimiter(clock=clock)
     else:
-        url = request.getfixturevalue("redis_url")
-        prefix = request.getfixturevalue("prefix")
+        url = request.getfixturevalue(
+            "single_redis_url" if request.param == "redis" else "redis_cluster_url"
+        )
+        prefix = f"test:limits:{uuid.uuid4().hex[:12]}"
         # a generous timeout: these tests specify semantics, not latency
         limiter = RedisLimiter(
-            aioredis.Redis.from_url(url), prefix=prefix, timeout=2.0, clock=clock, owns_client=True
+            async_client(url), prefix=prefix, timeout=2.0, clock=clock, owns_client=True
         )
     yield Backend(request.param, limiter, clock)
     await limiter.aclose()
+    if url:
+        delete_prefixed(url, prefix)
 
 
 def free_port() -> int:

@@ -1,4 +1,5 @@
-"""Exactness across OS processes against the real Redis, on Redis TIME.
+"""Exactness across OS processes against the real Redis (and the local Redis Cluster), on Redis
+TIME.
 
 Three spawned processes, each with its own event loop and connection pool, fire 200
 concurrent acquire() calls in total at one key: exactly `limit` are admitted, never one more.
@@ -20,6 +21,7 @@ from limits import LimitSpec
 from limits._keys import key_for
 
 from . import _worker
+from .conftest import is_cluster, sync_client
 
 PROCESSES = 3
 CALLS_PER_PROCESS = 67  # 201 calls in all per key
@@ -30,7 +32,7 @@ def _as_float(value: bytes | str | None) -> float:
     return float(value)
 
 
-def _redis_now_ms(client: redis.Redis) -> float:
+def _redis_now_ms(client: redis.Redis | redis.RedisCluster) -> float:
     seconds, micros = client.time()
     return seconds * 1000.0 + micros / 1000.0
 
@@ -44,6 +46,9 @@ def _admissible(tokens_at_start: float, span_ms: float) -> tuple[int, int]:
     return math.floor(tokens_at_start), math.floor(tokens_at_start + span_ms / 1_000)
 
 
+# On the single Redis only: spawning the processes is most of its ~10 s, and the same script's
+# exactness on a cluster, on every node, is test_redis_cluster's (two limiters, their own clients).
+@pytest.mark.parametrize("redis_url", ["redis"], indirect=True)
 def test_three_processes_admit_exactly_the_limit_then_exactly_the_refill(
     redis_url: str, prefix: str
 ) -> None:
@@ -59,6 +64,7 @@ def test_three_processes_admit_exactly_the_limit_then_exactly_the_refill(
             target=_worker.run,
             kwargs=dict(
                 url=redis_url,
+                cluster=is_cluster(redis_url),
                 prefix=prefix,
                 group=group,
                 specs=[bucket, window],
@@ -70,7 +76,7 @@ def test_three_processes_admit_exactly_the_limit_then_exactly_the_refill(
         )
         for _ in range(PROCESSES)
     ]
-    client = redis.Redis.from_url(redis_url)
+    client = sync_client(redis_url)
 
     def bucket_state() -> tuple[float, float]:
         """(tokens, ms of the last charge) as stored in Redis."""

@@ -9,17 +9,16 @@ from collections.abc import AsyncIterator
 
 import pytest
 import redis
-import redis.asyncio as aioredis
 
 from limits import LimitSpec, RedisLimiter, acquire_waiting
 from limits._keys import key_for, spec_keys
 
-from .conftest import RedisServer
+from .conftest import RedisServer, async_client, is_cluster
 
 
 @pytest.fixture
 async def limiter(redis_url: str, prefix: str) -> AsyncIterator[RedisLimiter]:
-    limiter = RedisLimiter.from_url(redis_url, prefix=prefix, timeout=2.0)
+    limiter = RedisLimiter.from_url(redis_url, prefix=prefix, timeout=2.0, cluster=is_cluster(redis_url))
     yield limiter
     await limiter.aclose()
 
@@ -54,7 +53,7 @@ async def test_keys_carry_ttls_a_little_past_their_last_use(
     await limiter.acquire_lease("streams", limit=2, lease_id="a", ttl_seconds=30, group=group)
     await limiter.block("upstream", 40.0, group=group)
 
-    client = aioredis.Redis.from_url(redis_url)
+    client = async_client(redis_url)
     try:
         ttl = {
             part_key: await client.pttl(key_for(prefix, group, *part_key))
