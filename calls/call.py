@@ -30,7 +30,7 @@ import asyncio
 import logging
 import random
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from decimal import Decimal
@@ -468,7 +468,7 @@ class ApiCall:
         self.billed_usage = None
         return row
 
-    def stream_frames(self, first: QueueItem) -> AsyncIterator[bytes]:
+    def stream_frames(self, first: QueueItem) -> AsyncGenerator[bytes]:
         """The SSE body; from now on the stream ends the call (and `close()` as a backstop)."""
         assert self.relay is not None
         self._streaming = True

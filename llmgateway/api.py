@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import uuid
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -122,9 +122,14 @@ async def _serve_stored(request: HttpRequest, response_id: str, actions: dict[st
 
 
 class CallStreamingResponse(StreamingHttpResponse):
-    """A streaming response that ends its call even if the server never iterates the body."""
+    """A call's SSE stream. It ends its call even if the server never iterates the body, and
+    its `frames` (bytes, one write each) are what `llmgateway.asgi` sends, without Django's
+    per-part wrapping."""
 
-    call: ApiCall
+    def __init__(self, call: ApiCall, frames: AsyncGenerator[bytes]) -> None:
+        super().__init__(frames, content_type="text/event-stream; charset=utf-8")
+        self.call = call
+        self.frames = frames
 
     def close(self) -> None:
         self.call.finish_threadsafe()
@@ -178,8 +183,7 @@ async def _call(
         finally:  # which model and deployment answered (or failed last)
             headers.update(call.response_headers())
         if params.stream:
-            response: HttpResponseBase = CallStreamingResponse(call.stream_frames(first), content_type="text/event-stream; charset=utf-8")
-            response.call = call  # type: ignore[attr-defined]
+            response: HttpResponseBase = CallStreamingResponse(call, call.stream_frames(first))
             # A server that drops the response without iterating or closing it still ends the call.
             weakref.finalize(response, call.finish_threadsafe)
             response["Cache-Control"] = "no-cache"

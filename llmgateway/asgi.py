@@ -30,7 +30,7 @@ import logging  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
 from collections.abc import Awaitable, Callable, Mapping  # noqa: E402
-from contextlib import closing  # noqa: E402
+from contextlib import aclosing, closing  # noqa: E402
 from typing import Any  # noqa: E402
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
@@ -40,9 +40,11 @@ from django.conf import settings  # noqa: E402
 from django.core.exceptions import RequestAborted  # noqa: E402
 from django.core.handlers.asgi import ASGIHandler, get_script_prefix  # noqa: E402
 from django.core.handlers.exception import convert_exception_to_response  # noqa: E402
+from django.http import HttpResponseBase  # noqa: E402
 from django.urls import path, set_script_prefix  # noqa: E402
 
 from infra import observability  # noqa: E402
+from llmgateway.api import CallStreamingResponse  # noqa: E402
 from llmgateway.auth import PRINCIPAL_SCOPE_KEY, aauthenticate  # noqa: E402
 from llmgateway.console_live import ConsoleLiveConsumer  # noqa: E402
 from llmgateway.errors import ApiError, PayloadTooLarge, api_error_for, error_response  # noqa: E402
@@ -218,6 +220,19 @@ class LeanASGIHandler(ASGIHandler):
                 raise
             if response is not None:
                 response.close()
+
+    async def send_response(self, response: HttpResponseBase, send: Send) -> None:
+        """Django's, except that a call's SSE frames go to `send` as they come: they are bytes
+        already, one write each, so Django's per-part wrapping and slicing would only cost."""
+        if not isinstance(response, CallStreamingResponse):
+            await super().send_response(response, send)
+            return
+        headers = [(name.encode("ascii"), value.encode("latin1")) for name, value in response.items()]
+        await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+        async with aclosing(response.frames) as frames:
+            async for frame in frames:
+                await send({"type": "http.response.body", "body": frame, "more_body": True})
+        await send({"type": "http.response.body"})
 
     def load_middleware(self, is_async: bool = False) -> None:
         self._view_middleware: list[Any] = []

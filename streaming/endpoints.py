@@ -77,6 +77,14 @@ class Aggregator(Protocol):
         ...
 
 
+def _json_event(raw: bytes) -> dict[str, Any] | None:
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as error:
+        raise UpstreamError("server_error", "The upstream sent an unreadable event.") from error
+    return data if isinstance(data, dict) else None
+
+
 def _error_message(data: Mapping[str, Any], default: str) -> str:
     inner = data.get("error", data)
     if isinstance(inner, Mapping) and isinstance(inner.get("message"), str):
@@ -114,6 +122,11 @@ class Endpoint:
     def chunk(self, data: dict[str, Any]) -> ProviderChunk:
         raise NotImplementedError
 
+    def read(self, raw: bytes) -> ProviderChunk | None:
+        """One event as it came off the wire (its JSON); None for JSON that is not an object."""
+        data = _json_event(raw)
+        return None if data is None else self.chunk(data)
+
     def framer(self, *, include_usage: bool) -> Framer:
         raise NotImplementedError
 
@@ -131,13 +144,21 @@ class _ChatStyleFramer:
 
     def __init__(self, *, include_usage: bool) -> None:
         self._include_usage = include_usage
-        self._head: dict[str, Any] = {}
+        self._first: ProviderChunk | None = None
         self._usage_sent = False
 
     def frame(self, chunk: ProviderChunk) -> bytes | None:
+        if self._first is None:
+            self._first = chunk
+        raw = chunk.raw
+        if chunk.usage is None and raw is not None:
+            if not self._include_usage:
+                # The upstream is always asked for usage, so it sends `"usage":null` in every
+                # chunk; OpenAI leaves the field out for a client that did not ask for it.
+                raw = raw.replace(b',"usage":null', b"")
+            if self._include_usage or b'"usage"' not in raw:
+                return b"data: " + raw + b"\n\n"  # as the upstream sent it
         data = chunk.data
-        if not self._head:
-            self._head = {key: data.get(key) for key in ("id", "object", "created", "model")}
         if chunk.usage is not None:
             self._usage_sent = self._include_usage
             if not data.get("choices"):
@@ -148,7 +169,9 @@ class _ChatStyleFramer:
 
     def end(self, billed_usage: Mapping[str, int] | None) -> bytes:
         if self._include_usage and not self._usage_sent and billed_usage is not None:
-            return _sse.data_frame({**self._head, "choices": [], "usage": dict(billed_usage)}) + _sse.DONE
+            first = self._first.data if self._first is not None else {}
+            head = {key: first.get(key) for key in ("id", "object", "created", "model")}
+            return _sse.data_frame({**head, "choices": [], "usage": dict(billed_usage)}) + _sse.DONE
         return _sse.DONE
 
     def error(self, event: ErrorEvent) -> bytes:
@@ -177,6 +200,12 @@ class ChatCompletions(Endpoint):
             usage=Usage.from_openai(usage) if usage else None,
             upstream_id=data.get("id") or "",
         )
+
+    def read(self, raw: bytes) -> ProviderChunk | None:
+        chunk = super().read(raw)
+        if chunk is not None:
+            chunk.raw = raw  # relayed as it came unless the framer must change it
+        return chunk
 
     def framer(self, *, include_usage: bool) -> Framer:
         return _ChatStyleFramer(include_usage=include_usage)

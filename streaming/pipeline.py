@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncGenerator, Callable, Coroutine
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Literal, cast
@@ -160,8 +160,13 @@ class _End:
     """Queue sentinel: the upstream stream ended normally."""
 
 
+class _HeartbeatDue:
+    """Queue marker: the client has been sent nothing for a heartbeat interval."""
+
+
 END = _End()
-QueueItem = ProviderChunk | UpstreamError | _End
+HEARTBEAT_DUE = _HeartbeatDue()
+QueueItem = ProviderChunk | UpstreamError | _End | _HeartbeatDue
 
 
 async def run_to_completion[T](coroutine: Coroutine[Any, Any, T]) -> T:
@@ -179,6 +184,64 @@ async def run_to_completion[T](coroutine: Coroutine[Any, Any, T]) -> T:
     if cancelled:
         raise asyncio.CancelledError
     return result
+
+
+class _SilenceDeadline:
+    """The first-token, idle and total timeouts of one producer task, without a timer per chunk.
+
+    The producer notes the loop time of each chunk (`heard`); one timer checks, when it is due,
+    whether the upstream has been silent for `wait` seconds, and otherwise moves itself to the
+    new due time. So a stream of thousands of chunks re-arms a timer once per `wait` seconds
+    instead of once per chunk. When it expires it cancels the task, as `asyncio.timeout` does;
+    the producer turns that cancellation into `TimeoutError`. While `paused` (the producer waits
+    for room in the queue: the client's pace) silence does not count, but the total does.
+    """
+
+    __slots__ = ("_handle", "_last_heard", "_loop", "_task", "_total_at", "expired", "paused", "wait")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any], *, wait: float, total: float) -> None:
+        self._loop = loop
+        self._task = task
+        now = loop.time()
+        self._total_at = now + total
+        self._last_heard = now
+        self.wait = wait
+        self.paused = False
+        self.expired = False
+        self._handle: asyncio.TimerHandle | None = loop.call_at(min(self._total_at, now + wait), self._check)
+
+    def heard(self) -> None:
+        self._last_heard = self._loop.time()
+
+    def first_heard(self, idle: float) -> None:
+        """The first chunk came: from now on the upstream may be silent `idle` seconds at most."""
+        self.wait = idle
+        self.heard()
+        self.cancel()
+        self._handle = self._loop.call_at(min(self._total_at, self._last_heard + idle), self._check)
+
+    def upstream_done(self) -> None:
+        """The upstream has ended: only the total timeout is left."""
+        self.wait = float("inf")
+
+    @property
+    def total_passed(self) -> bool:
+        return self._loop.time() >= self._total_at
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        due = self._total_at if self.paused else min(self._total_at, self._last_heard + self.wait)
+        if now < due:
+            self._handle = self._loop.call_at(due, self._check)
+            return
+        self._handle = None
+        self.expired = True
+        self._task.cancel()
 
 
 class StreamRelay:
@@ -202,6 +265,7 @@ class StreamRelay:
         self._producer: asyncio.Task[None] | None = None
         self._stopped: CallStopped | None = None
         self._ended = False  # the last item (END or an error) is in the queue
+        self._deadline: _SilenceDeadline | None = None
         self.backpressure_waits = 0
 
     def start(self) -> None:
@@ -248,8 +312,19 @@ class StreamRelay:
 
     async def _put(self, item: QueueItem) -> None:
         if self.queue.full():
+            # Waiting for room in the queue is the client's pace, not upstream silence.
             self.backpressure_waits += 1
-        await self.queue.put(item)
+            deadline = self._deadline
+            if deadline is not None:
+                deadline.paused = True
+            try:
+                await self.queue.put(item)
+            finally:
+                if deadline is not None:
+                    deadline.paused = False
+                    deadline.heard()
+        else:
+            self.queue.put_nowait(item)
         if not isinstance(item, ProviderChunk):
             self._ended = True
 
@@ -257,25 +332,22 @@ class StreamRelay:
         outcome = self.outcome
         completion = outcome.completion = CompletionTally(self._count_text)
         loop = asyncio.get_running_loop()
-        total_deadline = loop.time() + self._timeouts.total
+        task = asyncio.current_task()
+        assert task is not None
+        deadline = self._deadline = _SilenceDeadline(
+            loop, task, wait=self._timeouts.first_token, total=self._timeouts.total
+        )
         phase = "first_token"
         try:
-            async with asyncio.timeout(None) as deadline:
+            try:
                 async with aclosing(cast(AsyncGenerator[ProviderChunk], self._provider.stream(self._request))) as chunks:
-                    while True:
-                        wait = self._timeouts.first_token if phase == "first_token" else self._timeouts.idle
-                        deadline.reschedule(min(total_deadline, loop.time() + wait))
-                        try:
-                            chunk = await anext(chunks)
-                        except StopAsyncIteration:
-                            break
-                        # Waiting for room in the queue is the client's pace, not upstream idleness
-                        # (only a full queue makes put() wait: then the idle deadline is lifted).
-                        if self.queue.full():
-                            deadline.reschedule(total_deadline)
+                    async for chunk in chunks:
                         if phase == "first_token":
                             phase = "idle"
+                            deadline.first_heard(self._timeouts.idle)
                             outcome.first_chunk_at = time.perf_counter()
+                        else:
+                            deadline.heard()
                         if chunk.text:
                             cap = self._completion_token_cap
                             if outcome.content_chunks >= cap or completion.counted >= cap:
@@ -285,13 +357,19 @@ class StreamRelay:
                         outcome.chunks += 1
                         if chunk.usage is not None:
                             outcome.upstream_usage = chunk.usage
-                        if chunk.upstream_id and not outcome.upstream_id:
+                        if not outcome.upstream_id and chunk.upstream_id:
                             outcome.upstream_id = chunk.upstream_id
                         await self._put(chunk)
-                    deadline.reschedule(total_deadline)  # the upstream is done; only the client's pace remains
+                    deadline.upstream_done()  # only the client's pace remains
                     await self._put(END)
+            except asyncio.CancelledError:
+                if deadline.expired and task.cancelling() == 1 and task.uncancel() == 0:
+                    raise TimeoutError from None  # our own deadline, and nobody else's cancel
+                raise
+            finally:
+                deadline.cancel()
         except TimeoutError:
-            if loop.time() >= total_deadline:
+            if deadline.total_passed:
                 phase = "total"
             message = {
                 "first_token": "The upstream sent no first token within the first-token timeout.",
@@ -345,7 +423,7 @@ async def sse_stream(
     heartbeat: float,
     on_error: Callable[[UpstreamError], ErrorEvent],
     billed_usage: Callable[[], dict[str, int] | None] = lambda: None,
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes]:
     """The response body: SSE frames from the relay's queue, batched when several are ready.
 
     The endpoint's `framer` writes the frames, the end of a complete stream (`[DONE]`, and the
@@ -355,8 +433,24 @@ async def sse_stream(
     sees the end is in the ledger, and when this generator is closed (the client went away).
     """
     queue = relay.queue
+    loop = asyncio.get_running_loop()
+    sent_at = loop.time()
+    beat: asyncio.TimerHandle | None = None
+
+    def beat_if_idle() -> None:
+        # One timer per heartbeat interval, not one per chunk: it checks when the client was last
+        # sent something, and queues a heartbeat only while the response waits on an empty queue.
+        nonlocal beat
+        now = loop.time()
+        if now - sent_at >= heartbeat and queue.empty():
+            queue.put_nowait(HEARTBEAT_DUE)
+            beat = loop.call_at(now + heartbeat, beat_if_idle)
+        else:
+            beat = loop.call_at(max(sent_at + heartbeat, now + heartbeat / 10), beat_if_idle)
+
     item: QueueItem = first
     try:
+        beat = loop.call_at(sent_at + heartbeat, beat_if_idle)
         while True:
             frames: list[bytes] = []
             while True:
@@ -364,6 +458,8 @@ async def sse_stream(
                     frame = framer.frame(item)
                     if frame:
                         frames.append(frame)
+                elif isinstance(item, _HeartbeatDue):
+                    frames.append(_sse.HEARTBEAT)
                 else:
                     # What is ready goes out now; the last frame waits for the settlement: once
                     # a client sees the end, the call is in the ledger and its next request is
@@ -385,12 +481,9 @@ async def sse_stream(
                 item = queue.get_nowait()
             if frames:
                 yield b"".join(frames)
-            while True:
-                try:
-                    async with asyncio.timeout(heartbeat):
-                        item = await queue.get()
-                    break
-                except TimeoutError:
-                    yield _sse.HEARTBEAT
+                sent_at = loop.time()
+            item = await queue.get()
     finally:
+        if beat is not None:
+            beat.cancel()
         await finish()

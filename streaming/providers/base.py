@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+import orjson
+
 from streaming.catalog import Deployment
 
 if TYPE_CHECKING:
@@ -75,16 +77,44 @@ class Usage:
         )
 
 
-@dataclass(frozen=True, slots=True)
 class ProviderChunk:
-    # One event of the endpoint's stream (a `chat.completion.chunk`, a Responses API event, ...)
-    # or a whole non-streamed answer, as the client will receive it.
-    data: dict[str, Any]
-    # The generated text in this chunk (content and tool-call arguments), for local counting.
-    text: str
-    usage: Usage | None = None
-    # The upstream's id of its answer (chatcmpl-..., resp_...), where the event carries it.
-    upstream_id: str = ""
+    """One event of the endpoint's stream (a `chat.completion.chunk`, a Responses API event, ...)
+    or a whole non-streamed answer, as the client will receive it.
+
+    A chunk read off the wire keeps the event's JSON as it came (`raw`), so that the relay passes
+    it on without re-encoding it, and is parsed only when something needs its fields (`data`).
+    """
+
+    __slots__ = ("_data", "raw", "text", "upstream_id", "usage")
+
+    def __init__(
+        self,
+        data: dict[str, Any] | None = None,
+        text: str = "",
+        usage: Usage | None = None,
+        upstream_id: str = "",
+        *,
+        raw: bytes | None = None,
+    ) -> None:
+        if data is None and raw is None:
+            raise ValueError("a chunk needs its data or its raw JSON")
+        self._data = data
+        self.raw = raw
+        # The generated text in this chunk (content and tool-call arguments), for local counting.
+        self.text = text
+        self.usage = usage
+        # The upstream's id of its answer (chatcmpl-..., resp_...), where the event carries it.
+        self.upstream_id = upstream_id
+
+    @property
+    def data(self) -> dict[str, Any]:
+        if self._data is None:
+            assert self.raw is not None
+            self._data = orjson.loads(self.raw)
+        return self._data
+
+    def __repr__(self) -> str:
+        return f"ProviderChunk(text={self.text!r}, usage={self.usage!r}, upstream_id={self.upstream_id!r})"
 
 
 class UpstreamError(Exception):
@@ -123,8 +153,19 @@ class Provider(Protocol):
 
 def text_of_chunk(data: dict[str, Any]) -> str:
     """The generated text carried by an OpenAI chunk: content, refusal and tool-call arguments."""
+    choices = data.get("choices")
+    if not choices:
+        return ""
+    if len(choices) == 1:  # the usual chunk: one choice whose delta is its content alone
+        delta = choices[0].get("delta")
+        if not delta:
+            return ""
+        if len(delta) == 1:
+            content = delta.get("content")
+            if content.__class__ is str:
+                return content
     parts: list[str] = []
-    for choice in data.get("choices") or ():
+    for choice in choices:
         delta = choice.get("delta") or {}
         for key in ("content", "refusal"):
             value = delta.get(key)

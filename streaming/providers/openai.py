@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Mapping
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import aiohttp
 import httpx2
@@ -26,6 +26,9 @@ from streaming.providers.base import (
     UpstreamError,
     UpstreamErrorKind,
 )
+
+if TYPE_CHECKING:
+    from streaming.endpoints import Endpoint
 
 CLIENT_REQUEST_ID_HEADER = "X-Client-Request-Id"
 DRAIN_TIMEOUT = 0.5  # seconds
@@ -205,8 +208,8 @@ class OpenAIProvider:
             if not streamed:
                 yield endpoint.chunk(_json_object(await response.aread()))
                 return
-            async for data in _sse_events(response, last_events=endpoint.last_events):
-                yield endpoint.chunk(data)
+            async for chunk in _sse_events(response, endpoint):
+                yield chunk
         except httpx2.HTTPError as error:
             if isinstance(error, httpx2.TimeoutException) and not _is_failed_connection(error):
                 raise UpstreamError("timeout", "The upstream timed out mid-stream.") from error
@@ -254,40 +257,41 @@ async def _drain(pieces: AsyncIterator[bytes]) -> None:
         pass
 
 
-async def _sse_events(response: httpx2.Response, *, last_events: frozenset[str]) -> AsyncIterator[dict[str, Any]]:
-    """The JSON objects of an SSE stream, until `data: [DONE]` (chat, legacy completions) or an
-    event of one of the `last_events` types (the Responses API's `response.completed`, ...).
+async def _sse_events(response: httpx2.Response, endpoint: Endpoint) -> AsyncIterator[ProviderChunk]:
+    """The events of an SSE stream, read by the endpoint, until `data: [DONE]` (chat, legacy
+    completions) or an event of one of its `last_events` types (the Responses API's
+    `response.completed`, ...).
 
     What an event means (an error, usage) is the endpoint's to read; a chat stream that ends
     without `[DONE]` was cut.
     """
+    last_events = endpoint.last_events
     buffer = b""
     pieces = response.aiter_bytes()
     async for piece in pieces:
-        buffer += piece
+        buffer = buffer + piece if buffer else piece
         if b"\r" in buffer:
             buffer = buffer.replace(b"\r\n", b"\n")
+        start = 0
         while True:
-            end = buffer.find(b"\n\n")
+            end = buffer.find(b"\n\n", start)
             if end < 0:
                 break
-            event, buffer = buffer[:end], buffer[end + 2 :]
-            payload = _event_data(event)
+            payload = _event_data(buffer[start:end])
+            start = end + 2
             if payload is None:
                 continue
             if payload.startswith(b"[DONE]"):
                 await _drain(pieces)
                 return
-            try:
-                data = orjson.loads(payload)
-            except orjson.JSONDecodeError as error:
-                raise UpstreamError("server_error", "The upstream sent an unreadable event.") from error
-            if not isinstance(data, dict):
+            chunk = endpoint.read(payload)
+            if chunk is None:
                 continue
-            yield data
-            if last_events and data.get("type") in last_events:
+            yield chunk
+            if last_events and chunk.data.get("type") in last_events:
                 await _drain(pieces)
                 return
+        buffer = buffer[start:]
     raise UpstreamError("connection", "The upstream ended the stream before its end ([DONE] or the response's last event).")
 
 
