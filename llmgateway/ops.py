@@ -43,17 +43,20 @@ async def _redis_state() -> str:
     primary answers PING and the cluster says ``cluster_state:ok``."""
     if not settings.REDIS_URL:
         return "not configured"
-    client = async_client(settings.REDIS_URL, cluster=settings.REDIS_CLUSTER, timeout=REDIS_CHECK_TIMEOUT)
+    client = None
     try:
+        # in the try: a cluster client refuses some URLs at once (a database number)
+        client = async_client(settings.REDIS_URL, cluster=settings.REDIS_CLUSTER, timeout=REDIS_CHECK_TIMEOUT)
         async with asyncio.timeout(READY_CHECK_TIMEOUT):
             return await astate(client)
     except Exception:
         return "unavailable"
     finally:
-        try:
-            await client.aclose()
-        except Exception:  # a cluster client that never connected has nothing to close
-            pass
+        if client is not None:
+            try:
+                await client.aclose()
+            except Exception:  # a cluster client that never connected has nothing to close
+                pass
 
 
 async def readyz(request: HttpRequest) -> HttpResponse:

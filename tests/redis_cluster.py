@@ -35,12 +35,7 @@ def cluster_is_up(url: str) -> bool:
 @pytest.fixture(scope="session")
 def redis_cluster_url() -> str:
     """The local Redis Cluster: a skip without it, unless required (see the module docstring)."""
-    if not cluster_is_up(CLUSTER_URL):
-        message = f"no Redis Cluster in cluster_state:ok at {CLUSTER_URL} (scripts/services starts one)"
-        if CLUSTER_REQUIRED:
-            pytest.fail(message)
-        pytest.skip(message)
-    return CLUSTER_URL
+    return require_cluster()
 
 
 @functools.cache
@@ -53,3 +48,19 @@ def delete_prefixed(client: redis.Redis | RedisCluster, prefix: str) -> None:
     """Delete every key that starts with ``prefix`` (on a cluster: on every primary)."""
     for key in list(client.scan_iter(match=f"{prefix}*", count=1000)):
         client.delete(key)  # one by one: on a cluster they live in many slots
+
+
+def require_cluster() -> str:
+    """The cluster's URL, for tests outside tests/limits (a plain function: no conftest needed)."""
+    if not cluster_is_up(CLUSTER_URL):
+        message = f"no Redis Cluster in cluster_state:ok at {CLUSTER_URL} (scripts/services starts one)"
+        if CLUSTER_REQUIRED:
+            pytest.fail(message)
+        pytest.skip(message)
+    return CLUSTER_URL
+
+
+def primary_urls(url: str) -> list[str]:
+    """One URL per master of the cluster, in port order."""
+    nodes = sorted(cluster_client(url).get_primaries(), key=lambda node: int(node.port))
+    return [f"redis://{node.host}:{node.port}/0" for node in nodes]
