@@ -992,8 +992,10 @@ class Bench:
     def phase_accuracy(self) -> None:
         """One key with a per-minute limit, hammered at once through several gateway processes
         that share Redis: admitted must be the limit, plus (token bucket) what refilled while the
-        burst lasted, and never more. Each rejection must carry Retry-After."""
-        if not self.env.get("REDIS_URL"):
+        burst lasted, and never more. Each rejection must carry Retry-After. With
+        ``--redis-cluster`` the gateways share that Redis Cluster instead (REDIS_CLUSTER=true)."""
+        cluster = self.args.redis_cluster
+        if not (self.env.get("REDIS_URL") or cluster):
             self.results["accuracy"] = {
                 "status": "n/a",
                 "reason": "needs REDIS_URL: the in-process limiter is exact only within one process",
@@ -1006,6 +1008,8 @@ class Bench:
         for algorithm in ("sliding_window", "token_bucket"):
             key = self._create_key(f"accuracy-{algorithm}", "--rpm", str(plan.accuracy_rpm))
             env = {**self.env, "LIMITS_RPM_ALGORITHM": algorithm}
+            if cluster:
+                env |= {"REDIS_URL": cluster, "REDIS_CLUSTER": "true"}
             gateways: list[Gateway] = []
             try:
                 for index in range(plan.accuracy_gateways):
@@ -1027,6 +1031,7 @@ class Bench:
             rows.append(
                 {
                     "algorithm": algorithm,
+                    "redis": "cluster" if cluster else "single",
                     "gateways": plan.accuracy_gateways,
                     "rpm": plan.accuracy_rpm,
                     "requests": plan.accuracy_requests,
@@ -1460,7 +1465,8 @@ def _targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         )
         targets.append(
             Target(
-                f"limiter accuracy, {rows[0]['gateways']} gateway processes sharing Redis",
+                f"limiter accuracy, {rows[0]['gateways']} gateway processes sharing "
+                + ("a Redis Cluster" if rows[0].get("redis") == "cluster" else "Redis"),
                 ", ".join(f"{r['algorithm']} {r['admitted']}/{r['rpm']} (max {r['allowed_max']})" for r in rows),
                 "0 over-admitted",
                 exact,
@@ -1615,7 +1621,8 @@ def render(results: dict[str, Any]) -> str:
     accuracy = results.get("accuracy")
     if accuracy:
         if accuracy.get("status") == "ok":
-            lines.append("Limiter accuracy (one key, gateway processes sharing Redis, every request at once)")
+            shared = "a Redis Cluster" if accuracy["rows"][0].get("redis") == "cluster" else "Redis"
+            lines.append(f"Limiter accuracy (one key, gateway processes sharing {shared}, every request at once)")
             for r in accuracy["rows"]:
                 lines.append(
                     f"  {r['algorithm']:<15} {r['gateways']} gateways, {r['rpm']} RPM, {r['requests']} requests "
@@ -1783,6 +1790,13 @@ def main(argv: list[str] | None = None) -> int:
         help="run the gateway on a throwaway database created (and dropped) on this PostgreSQL server, "
         "e.g. postgres://postgres@127.0.0.1:5432/postgres; default: a temporary SQLite file. The "
         "chaos phase always uses PostgreSQL: this server, else that example URL",
+    )
+    parser.add_argument(
+        "--redis-cluster",
+        metavar="URL",
+        default=None,
+        help="the accuracy phase's gateways share this Redis Cluster (any one node; REDIS_CLUSTER=true) "
+        "instead of REDIS_URL, e.g. redis://127.0.0.1:17000/0 (scripts/services starts one)",
     )
     parser.add_argument(
         "--keep",

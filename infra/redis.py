@@ -60,7 +60,6 @@ class ClusterClient(redis.asyncio.RedisCluster):
 
 
 AsyncClient = redis.asyncio.Redis | redis.asyncio.RedisCluster
-SyncClient = redis.Redis | redis.cluster.RedisCluster
 
 UNREACHABLE: tuple[type[Exception], ...] = (
     redis.ConnectionError,  # refused, reset, or a cluster node's pool exhausted
