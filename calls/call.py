@@ -497,6 +497,11 @@ class ApiCall:
         billed = self.billed_usage or {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
         return builder.build(usage=self.endpoint.usage_object(billed))
 
+    def client_gone(self) -> None:
+        """The client hung up: stop the upstream at once; `finish()` (which follows) records it."""
+        if self.relay is not None:
+            self.relay.abort()
+
     def stop(self, reason: str, message: str) -> None:
         """End a running call now (staff stopped it, its key was revoked, ...): a stream ends with
         an error event whose code is `reason`, and the ledger row's `error_kind` is `reason`."""

@@ -205,10 +205,22 @@ class LeanASGIHandler(ASGIHandler):
                 error_response.close()
                 return
             response = None
+
+            async def listen_for_disconnect() -> None:
+                # Django's listener, except that a call's upstream is stopped at once, in this
+                # step: when many clients leave together, each upstream is closed before the
+                # loop spends anything on the others' endings (their ledger rows).
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    if isinstance(response, CallStreamingResponse):
+                        response.call.client_gone()
+                    raise RequestAborted
+                raise AssertionError(f"Invalid ASGI message after request body: {message['type']}")
+
             try:
                 try:
                     async with asyncio.TaskGroup() as tasks:
-                        tasks.create_task(self.listen_for_disconnect(receive))
+                        tasks.create_task(listen_for_disconnect())
                         response = await self.run_get_response(request)
                         await self.send_response(response, send)
                         raise _RequestProcessed

@@ -275,6 +275,12 @@ class StreamRelay:
     async def get(self) -> QueueItem:
         return await self.queue.get()
 
+    def abort(self) -> None:
+        """Stop the upstream call now, without waiting (the client is gone); `aclose()` waits."""
+        producer = self._producer
+        if producer is not None and not producer.done():
+            producer.cancel()
+
     async def aclose(self) -> None:
         """Stop the upstream call if it is still running and wait until its outcome is final."""
         producer = self._producer
