@@ -7,8 +7,10 @@ and the built-in simulator provider. Set DATABASE_URL and REDIS_URL for producti
 import json
 import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("LLMGATEWAY_VAR_DIR", BASE_DIR / "var"))
@@ -155,6 +157,9 @@ REDIS_URL = os.environ.get("REDIS_URL", "")
 # Redis client is a cluster client (infra/redis.py): the limiter, learned limits, /readyz, the
 # cache; the channel layer is then channels-redis's pub/sub layer (see below).
 REDIS_CLUSTER = _env_bool("REDIS_CLUSTER", False)
+if REDIS_CLUSTER and REDIS_URL and urlsplit(REDIS_URL).path.strip("/") not in ("", "0"):
+    # Said at start, not as an error on every request: a cluster client refuses such a URL.
+    raise ImproperlyConfigured("REDIS_CLUSTER: a Redis Cluster has only database 0; REDIS_URL names another")
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {

@@ -59,6 +59,11 @@ def test_the_cluster_setting_selects_cluster_clients_and_the_pubsub_layer(cluste
     result = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True)
     assert json.loads(result.stdout) == [True, "channels_redis.pubsub.RedisPubSubChannelLayer", True]
 
+    env["REDIS_URL"] = SINGLE_REDIS_URL  # a database other than 0: refused at start, not per request
+    refused = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True)
+    assert refused.returncode != 0
+    assert "ImproperlyConfigured: REDIS_CLUSTER: a Redis Cluster has only database 0" in refused.stderr
+
 
 @pytest.mark.django_db(transaction=True)
 async def test_readyz_checks_every_node_of_the_cluster(settings, cluster_url: str) -> None:
