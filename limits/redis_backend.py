@@ -86,7 +86,8 @@ class RedisLimiter:
 
     ``client`` may be a `Redis` or a `RedisCluster` client; it is closed by `aclose` only when
     ``owns_client`` (as `from_url` arranges). Bring your own client to share a pool, but give it
-    short socket timeouts and at most one retry, as `from_url` does.
+    short socket timeouts and at most one retry, as `from_url` does (`infra.redis.async_client`;
+    for a cluster, its `ClusterClient`, which routes a first burst of commands correctly).
 
     ``clock`` replaces Redis ``TIME`` with a client clock (seconds); meant for tests that move
     a `ManualClock`. In production leave it ``None``: host clocks disagree, Redis does not.
