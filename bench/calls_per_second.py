@@ -1,0 +1,452 @@
+"""Short non-stream calls per second through the full path, in one command.
+
+    python -m bench.calls_per_second [--workers 2] [--seconds 10] [--concurrency 64] [--json FILE]
+
+What "the full path" is here: Granian (``--interface asgi``, ``--workers`` processes) serving the
+gateway on a fresh PostgreSQL database (``llmgateway_cps_<pid>``, created, migrated and dropped
+by the run), its limits in Redis (``--redis``, a prefix of its own), one API key whose user has a
+monthly budget (``setquota --monthly-budget 1000``, so every call takes a budget hold and settles
+it with its ledger row), and the fake upstream (``bench._upstream_host``, its own process)
+answering a non-stream chat completion at once with ``--tokens`` tokens.
+
+The client is a closed loop of ``--concurrency`` keep-alive connections in this process, each
+sending its next ``"stream": false`` request when the answer to the last one has arrived
+(a raw asyncio HTTP/1.1 client, no aiohttp: about half a millisecond of CPU per call here,
+which the report shows as ``client_cpu_ms_per_call``). The first ``--warmup`` seconds are left out: calls/s counts the
+answers that arrived inside the measured window, and p50/p99 are of the requests sent in it.
+The same load is first sent straight to the fake upstream ("direct"), for a ceiling.
+
+After the load the run checks the ledger: once it stops changing (bounded wait), it must hold
+exactly one ``billing_usagerecord`` row per call the client saw answered, and no budget hold
+(``billing_reservation``) may be left.
+
+Everything shares the machine's cores: on 2 cores the gateway's figure is bounded by what the
+client and the fake upstream leave it, which ``gateway_cpu_ms_per_call`` makes visible, and on
+a shared machine by what other work leaves (``others_cpu_percent``; ``--wait-quiet`` waits for
+an idle machine first). ``--monthly-budget none`` runs the same load for a user without a
+budget (no hold, no account lock), to see what admission costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from bench.run import (
+    BENCH_LIMITS,
+    ROOT,
+    CpuWindow,
+    Gateway,
+    MachineCpuWindow,
+    Upstream,
+    _wait_quiet,
+    _with_database,
+    percentile,
+    without_proxies,
+)
+
+HOST = "127.0.0.1"
+PATH = "/v1/chat/completions"
+MODEL = "gpt-4o-mini"
+USER = "bench-cps"
+
+
+def _log(message: str) -> None:
+    print(f"[cps] {message}", file=sys.stderr, flush=True)
+
+
+# -- the client -----------------------------------------------------------------------------------
+
+
+class _Answer(asyncio.Protocol):
+    """One keep-alive connection; ``ask()`` sends a request and resolves when its answer is read."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.waiter: asyncio.Future[tuple[int, bool]] | None = None
+        self.buffer = b""
+        self.length: int | None = None
+        self.status = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def ask(self, payload: bytes) -> asyncio.Future[tuple[int, bool]]:
+        assert self.transport is not None
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.buffer, self.length, self.status = b"", None, 0
+        self.transport.write(payload)
+        return self.waiter
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if self.length is None:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head, self.buffer = self.buffer[:end].lower(), self.buffer[end + 4 :]
+            self.status = int(head[9:12])
+            start = head.find(b"\r\ncontent-length:")
+            if start < 0:  # chunked or until close: not what a non-stream answer is
+                self._done(ok=False)
+                return
+            stop = head.find(b"\r\n", start + 2)
+            self.length = int(head[start + 17 : stop if stop > 0 else None])
+        if len(self.buffer) >= self.length:
+            self._done(ok=self.status == 200 and b'"choices"' in self.buffer)
+
+    def _done(self, *, ok: bool) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result((self.status, ok))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result((-1, False))
+
+
+async def drive(
+    port: int,
+    headers: dict[str, str],
+    body: dict[str, Any],
+    *,
+    concurrency: int,
+    warmup: float,
+    seconds: float,
+) -> dict[str, Any]:
+    """Closed-loop load for ``warmup + seconds``; figures from the last ``seconds``."""
+    raw = json.dumps(body, separators=(",", ":")).encode()
+    lines = [
+        f"POST {PATH} HTTP/1.1",
+        f"host: {HOST}:{port}",
+        "content-type: application/json",
+        f"content-length: {len(raw)}",
+    ]
+    payload = (
+        "\r\n".join([*lines, *(f"{k}: {v}" for k, v in headers.items())]) + "\r\n\r\n"
+    ).encode() + raw
+    loop = asyncio.get_running_loop()
+    start = time.monotonic()
+    window_from, window_to = start + warmup, start + warmup + seconds
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    answered = in_window = 0
+
+    async def client() -> None:
+        nonlocal answered, in_window
+        connection: _Answer | None = None
+        while time.monotonic() < window_to:
+            if connection is None:
+                _, connection = await loop.create_connection(_Answer, HOST, port)
+            sent = time.monotonic()
+            try:
+                async with asyncio.timeout(30):
+                    status, ok = await connection.ask(payload)
+            except TimeoutError:
+                status, ok = -2, False
+            now = time.monotonic()
+            if status == 200:
+                answered += 1  # the gateway answered: it owes a ledger row
+            if not ok:
+                errors[f"HTTP {status}" if status > 0 else "connection lost or timed out"] += 1
+                assert connection.transport is not None
+                connection.transport.close()
+                connection = None
+                continue
+            if window_from <= now <= window_to:
+                in_window += 1
+            if sent >= window_from and now <= window_to:
+                latencies.append((now - sent) * 1000)
+        if connection is not None and connection.transport is not None:
+            connection.transport.close()
+
+    cpu = time.process_time()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    client_cpu = time.process_time() - cpu
+    latencies.sort()
+    return {
+        "calls_per_second": round(in_window / seconds, 1),
+        "calls_in_window": in_window,
+        "answered": answered,
+        "p50_ms": _round(percentile(latencies, 50)),
+        "p99_ms": _round(percentile(latencies, 99)),
+        "errors": dict(errors),
+        "client_cpu_ms_per_call": _round(1000 * client_cpu / max(answered, 1)),
+    }
+
+
+def _round(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+
+class Run:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.workdir = Path(tempfile.mkdtemp(prefix="llmgateway-cps-", dir="/tmp"))
+        self.db_name = f"llmgateway_cps_{os.getpid()}"
+        self.database_url = _with_database(args.postgres, self.db_name)
+        self.env = without_proxies(dict(os.environ))
+        for name, value in BENCH_LIMITS.items():
+            self.env.setdefault(name, value)
+        self.env.update(
+            {
+                "DATABASE_URL": self.database_url,
+                "REDIS_URL": args.redis,
+                "LIMITS_REDIS_PREFIX": f"llmgw:cps:{os.getpid()}:{secrets.token_hex(4)}",
+                "OPENAI_API_KEY": "sk-bench-upstream",
+                "LOG_LEVEL": "WARNING",
+                "LLMGATEWAY_VAR_DIR": str(self.workdir / "var"),
+                "DJANGO_SECRET_KEY": secrets.token_urlsafe(50),
+                "DJANGO_SETTINGS_MODULE": "llmgateway.settings",
+                "PROMETHEUS_MULTIPROC_DIR": str(self.workdir / "metrics"),
+                "NO_PROXY": "127.0.0.1,localhost",
+                "PYTHONPATH": os.pathsep.join(
+                    filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])
+                ),
+            }
+        )
+        (self.workdir / "metrics").mkdir()
+        self.upstream: Upstream | None = None
+        self.gateway: Gateway | None = None
+        self.created = False
+        self.logs: list[Any] = []
+
+    def _postgres(self, statement: str) -> None:
+        import psycopg
+
+        with psycopg.connect(self.args.postgres, autocommit=True, connect_timeout=10) as db:
+            db.execute(statement)  # type: ignore[arg-type]
+
+    def _query(self, sql: str) -> list[tuple[Any, ...]]:
+        import psycopg
+
+        with psycopg.connect(self.database_url, connect_timeout=10) as db:
+            return db.execute(sql).fetchall()  # type: ignore[arg-type]
+
+    def _manage(self, *command: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "manage.py", *command],
+            cwd=ROOT,
+            env=self.env,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        return done.stdout
+
+    def setup(self) -> str:
+        self._postgres(f'CREATE DATABASE "{self.db_name}"')
+        self.created = True
+        self._manage("migrate", "--noinput", "-v0")
+        key = (
+            self._manage("createapikey", USER, "--name", "calls-per-second")
+            .strip()
+            .splitlines()[-1]
+        )
+        if self.args.monthly_budget != "none":  # every call then takes a hold and settles it
+            self._manage("setquota", USER, "--monthly-budget", self.args.monthly_budget)
+        log = (self.workdir / "upstream.log").open("ab")
+        self.logs.append(log)
+        self.upstream = Upstream(self.env, log)
+        self.upstream.configure(tokens=self.args.tokens, inter_token_delay=0.0)
+        self.env["OPENAI_BASE_URL"] = self.upstream.base_url
+        self.gateway = Gateway(self.env, self.args.workers, self.workdir / "gateway.log")
+        return key
+
+    def ledger(self, answered: int, limit: float = 30.0) -> dict[str, Any]:
+        """Wait (bounded) for the ledger to hold every answered call, then count it and the holds."""
+        deadline = time.monotonic() + limit
+        while True:
+            ((rows, distinct),) = self._query(
+                "SELECT count(*), count(DISTINCT request_id) FROM billing_usagerecord"
+            )
+            if rows >= answered or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        ((holds,),) = self._query("SELECT count(*) FROM billing_reservation")
+        return {
+            "rows": rows,
+            "distinct_request_ids": distinct,
+            "answered": answered,
+            "holds_left": holds,
+            "ok": rows == distinct == answered and holds == 0,
+        }
+
+    def teardown(self) -> None:
+        for part in (self.gateway, self.upstream):
+            if part is not None:
+                with contextlib.suppress(Exception):
+                    part.stop()
+        for log in self.logs:
+            log.close()
+        if self.created:
+            try:
+                self._postgres(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)')
+            except Exception as error:
+                _log(f"could not drop database {self.db_name}: {error}")
+        if self.args.keep:
+            _log(f"kept {self.workdir}")
+        else:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.calls_per_second", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--workers", type=int, default=2, help="Granian worker processes (default 2)"
+    )
+    parser.add_argument(
+        "--seconds", type=float, default=10.0, help="measured seconds of load (default 10)"
+    )
+    parser.add_argument(
+        "--warmup", type=float, default=3.0, help="seconds of load before the window (default 3)"
+    )
+    parser.add_argument(
+        "--concurrency", type=int, default=64, help="closed-loop clients (default 64)"
+    )
+    parser.add_argument(
+        "--tokens",
+        type=int,
+        default=4,
+        help="completion tokens the fake upstream answers (default 4)",
+    )
+    parser.add_argument(
+        "--postgres",
+        default="postgres://postgres@127.0.0.1:5432/postgres",
+        help="PostgreSQL server to create the run's database on",
+    )
+    parser.add_argument(
+        "--redis",
+        default="redis://127.0.0.1:6379/11",
+        help="Redis for the gateway's limits (default db 11)",
+    )
+    parser.add_argument(
+        "--monthly-budget",
+        default="1000",
+        help="the key's user's monthly budget in USD (default 1000: every call takes a budget "
+        "hold); 'none' for no budget (no hold, no account lock: to see what admission costs)",
+    )
+    parser.add_argument("--no-direct", action="store_true", help="skip the direct baseline")
+    parser.add_argument(
+        "--json", type=Path, default=None, help="also write the result as JSON here"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="first wait up to this long for an idle machine (shared machines)",
+    )
+    args = parser.parse_args(argv)
+
+    if args.wait_quiet > 0:
+        _wait_quiet(args.wait_quiet)
+    run = Run(args)
+    body = {
+        "model": MODEL,
+        "stream": False,
+        "max_tokens": 16,
+        "messages": [{"role": "user", "content": "Say something short."}],
+    }
+    result: dict[str, Any] = {
+        "settings": {
+            k: getattr(args, k)
+            for k in ("workers", "seconds", "warmup", "concurrency", "tokens", "monthly_budget")
+        },
+        "cpus": os.cpu_count(),
+    }
+    try:
+        key = run.setup()
+        assert run.upstream is not None and run.gateway is not None
+        if not args.no_direct:
+            _log("direct to the fake upstream ...")
+            direct = asyncio.run(
+                drive(
+                    run.upstream.port,
+                    {},
+                    body,
+                    concurrency=args.concurrency,
+                    warmup=1.0,
+                    seconds=min(args.seconds, 5.0),
+                )
+            )
+            result["direct"] = {
+                k: direct[k] for k in ("calls_per_second", "p50_ms", "p99_ms", "errors")
+            }
+        _log(f"through the gateway ({args.workers} workers) ...")
+        processes = run.gateway.all_processes()
+        window = CpuWindow(processes)
+        upstream_window = CpuWindow([run.upstream.psutil])
+        machine_window = MachineCpuWindow()
+        loop_start = time.monotonic()
+
+        async def measured() -> dict[str, Any]:
+            async def cpu_at_window() -> None:
+                await asyncio.sleep(max(0.0, loop_start + args.warmup - time.monotonic()))
+                window.start()
+                upstream_window.start()
+                machine_window.start()
+                await asyncio.sleep(args.seconds)
+                window.stop()
+                upstream_window.stop()
+                machine_window.stop()
+
+            watcher = asyncio.ensure_future(cpu_at_window())
+            try:
+                return await drive(
+                    run.gateway.port,  # type: ignore[union-attr]
+                    {"authorization": f"Bearer {key}"},
+                    body,
+                    concurrency=args.concurrency,
+                    warmup=args.warmup,
+                    seconds=args.seconds,
+                )
+            finally:
+                await watcher
+
+        gateway = asyncio.run(measured())
+        cps = gateway["calls_per_second"] or 0.0
+        gateway["gateway_cpu_percent"] = _round(window.percent, 1)
+        gateway["gateway_cpu_ms_per_call"] = _round(
+            10 * (window.percent or 0.0) / cps if cps else None
+        )
+        gateway["upstream_cpu_percent"] = _round(upstream_window.percent, 1)
+        gateway["machine_cpu_percent"] = _round(machine_window.percent, 1)
+        # What the rest of the machine used meanwhile (this client is part of it): on a shared
+        # machine, the share the gateway could not have.
+        gateway["others_cpu_percent"] = _round(
+            (machine_window.percent or 0.0)
+            - (window.percent or 0.0)
+            - (upstream_window.percent or 0.0),
+            1,
+        )
+        result["gateway"] = gateway
+        result["ledger"] = run.ledger(gateway["answered"])
+    finally:
+        run.teardown()
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+    return 0 if result.get("ledger", {}).get("ok") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
