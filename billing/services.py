@@ -31,12 +31,12 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 from enum import Enum
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
@@ -301,67 +301,89 @@ def usage_record_create(
 
     `request_id` is unique: a second write for the same call fails and changes nothing.
     """
-    cached_tokens = min(cached_tokens, prompt_tokens)
-    cost = rates.cost(prompt_tokens=prompt_tokens, cached_tokens=cached_tokens, completion_tokens=completion_tokens)
-    with transaction.atomic():
-        record = UsageRecord.objects.create(
-            request_id=request_id,
-            user_id=user_id,
-            api_key_id=api_key_id,
-            model=model,
-            upstream_model=upstream_model,
-            provider=provider,
-            stream=stream,
-            status=status,
-            error_kind=error_kind,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            cached_tokens=cached_tokens,
-            reasoning_tokens=reasoning_tokens,
-            token_source=token_source,
-            ttft_us=ttft_us,
-            duration_us=duration_us,
-            created_at=created_at,
-            cost_usd=cost,
-            input_usd_per_1m=rates.input,
-            cached_input_usd_per_1m=rates.cached_input,
-            output_usd_per_1m=rates.output,
-            price_multiplier=rates.multiplier,
-            price_source=rates.source,
-            reserved_usd=reserved_usd,
-            call_id=call_id,
-            attempt=attempt,
-            requested_model=requested_model,
-            endpoint=endpoint,
-            upstream_id=upstream_id,
-        )
-        day = billing_day(created_at)
-        _daily_usage_add(
-            user_id=user_id,
-            model=model,
-            day=day,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            cached_tokens=cached_tokens,
-            cost_usd=cost,
-            cancelled_requests=int(status in CANCELLED_STATUSES),
-            failed_requests=int(status in FAILED_STATUSES),
-            endpoint=endpoint,
-        )
-        if api_key_id is not None:
-            _rollup_add(
-                DailyKeyUsage,
-                key={"api_key": api_key_id, "day": day},
-                sums={
-                    "requests": 1,
-                    "prompt_tokens": prompt_tokens,
-                    "completion_tokens": completion_tokens,
-                    "cached_tokens": cached_tokens,
-                    "cost_usd": cost,
-                },
-            )
-        Reservation.objects.filter(request_id=request_id).delete()
+    (record,) = usage_records_create(rows=[{
+        "request_id": request_id, "user_id": user_id, "api_key_id": api_key_id, "model": model,
+        "upstream_model": upstream_model, "provider": provider, "stream": stream, "status": status,
+        "error_kind": error_kind, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+        "cached_tokens": cached_tokens, "reasoning_tokens": reasoning_tokens, "token_source": token_source,
+        "ttft_us": ttft_us, "duration_us": duration_us, "created_at": created_at, "rates": rates,
+        "reserved_usd": reserved_usd, "call_id": call_id, "attempt": attempt, "requested_model": requested_model,
+        "endpoint": endpoint, "upstream_id": upstream_id,
+    }])  # fmt: skip
     return record
+
+
+type UsageRow = Mapping[str, Any]
+"""The keyword arguments of `usage_record_create` for one call (`billing.outbox.Row`)."""
+
+# Rollup columns a batch adds up per rollup row, and the ledger column each sums.
+_DAILY_SUMS: Final = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd", "cancelled_requests", "failed_requests")
+_KEY_SUMS: Final = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd")
+
+
+def usage_records_create(*, rows: Sequence[UsageRow]) -> list[UsageRecord]:
+    """Append many calls' ledger rows, add them to their rollups and settle their holds: one transaction.
+
+    The batching writer's unit of work (`billing.ledger_writer`): one multi-row INSERT of the
+    ledger rows, one upsert per rollup row the batch touches (its calls' amounts added up first,
+    in a fixed order of rollup rows, so two batches never wait on each other's rows crosswise),
+    and one DELETE of the batch's holds. All or nothing: any row the database refuses (a
+    `request_id` already in the ledger, a deleted user, a value out of range) rolls the whole
+    batch back, holds included; the writer then writes the rows one by one.
+    """
+    records = [_usage_record(row) for row in rows]
+    daily: dict[tuple[int, str, str, date], dict[str, Decimal | int]] = {}
+    by_key: dict[tuple[int, date], dict[str, Decimal | int]] = {}
+    for record in records:
+        day = billing_day(record.created_at)
+        amounts: dict[str, Decimal | int] = {
+            "requests": 1,
+            "prompt_tokens": record.prompt_tokens,
+            "completion_tokens": record.completion_tokens,
+            "cached_tokens": record.cached_tokens,
+            "cost_usd": record.cost_usd,
+            "cancelled_requests": int(record.status in CANCELLED_STATUSES),
+            "failed_requests": int(record.status in FAILED_STATUSES),
+        }
+        _add_to(daily.setdefault((record.user_id, record.model, record.endpoint, day), {}), amounts, _DAILY_SUMS)
+        if record.api_key_id is not None:
+            _add_to(by_key.setdefault((record.api_key_id, day), {}), amounts, _KEY_SUMS)
+    with transaction.atomic():
+        UsageRecord.objects.bulk_create(records)
+        for (user_id, model, endpoint, day), sums in sorted(daily.items(), key=lambda item: item[0]):
+            _rollup_add(DailyUsage, key={"user": user_id, "model": model, "endpoint": endpoint, "day": day}, sums=sums)
+        for (api_key_id, day), sums in sorted(by_key.items(), key=lambda item: item[0]):
+            _rollup_add(DailyKeyUsage, key={"api_key": api_key_id, "day": day}, sums=sums)
+        Reservation.objects.filter(request_id__in=[record.request_id for record in records]).delete()
+    return records
+
+
+def _add_to(total: dict[str, Decimal | int], amounts: dict[str, Decimal | int], names: tuple[str, ...]) -> None:
+    for name in names:
+        before = total.get(name)
+        if before is None:
+            total[name] = amounts[name]
+        elif isinstance(before, Decimal):
+            total[name] = money_sum([before, amounts[name]])
+        else:
+            total[name] = before + amounts[name]
+
+
+def _usage_record(row: UsageRow) -> UsageRecord:
+    """The unsaved ledger row of one call, its cost computed from its rates (exact)."""
+    fields = dict(row)
+    rates: Rates = fields.pop("rates")
+    prompt_tokens, completion_tokens = fields["prompt_tokens"], fields["completion_tokens"]
+    cached_tokens = fields["cached_tokens"] = min(fields["cached_tokens"], prompt_tokens)
+    return UsageRecord(
+        **fields,
+        cost_usd=rates.cost(prompt_tokens=prompt_tokens, cached_tokens=cached_tokens, completion_tokens=completion_tokens),
+        input_usd_per_1m=rates.input,
+        cached_input_usd_per_1m=rates.cached_input,
+        output_usd_per_1m=rates.output,
+        price_multiplier=rates.multiplier,
+        price_source=rates.source,
+    )
 
 
 def _daily_usage_add(
@@ -398,15 +420,15 @@ def _daily_usage_add(
 def _rollup_add(
     rollup: type[DailyUsage] | type[DailyKeyUsage],
     *,
-    key: dict[str, object],
-    sums: dict[str, object],
+    key: Mapping[str, object],
+    sums: Mapping[str, object],
     using: str = DEFAULT_DB_ALIAS,
 ) -> None:
-    """Add one call to its rollup row: `INSERT ... ON CONFLICT (key) DO UPDATE SET x = x + EXCLUDED.x`.
+    """Add calls to their rollup row: `INSERT ... ON CONFLICT (key) DO UPDATE SET x = x + EXCLUDED.x`.
 
     One statement, atomic on PostgreSQL and SQLite alike: concurrent writers to the same row
     queue on its lock and each adds its own amounts; there is no read-modify-write. `key` names
-    the row (the fields of the rollup's unique constraint), `sums` what the call adds to it.
+    the row (the fields of the rollup's unique constraint), `sums` what the calls add to it.
     """
     connection = connections[using]
     quote = connection.ops.quote_name

@@ -42,8 +42,9 @@ from django.conf import settings
 from django.utils import timezone
 
 from billing.exceptions import PriceMissing, QuotaExceeded
+from billing.ledger_writer import get_ledger_writer
 from billing.outbox import LedgerOutbox, Row, get_outbox
-from billing.services import Admission, abudget_release, abudget_reserve, ausage_record_create
+from billing.services import Admission, abudget_release, abudget_reserve
 from calls import limits as call_limits
 from calls import stored as stored_responses
 from calls.control import active_calls
@@ -571,13 +572,16 @@ class ApiCall:
         """Write a ledger row, or keep it durably in the outbox if the database does not take it
         within GATEWAY_LEDGER_WRITE_TIMEOUT. Returns its cost."""
         outbox = _outbox()
-        # A database thread cannot be cancelled: a write that outruns its deadline is left to
-        # finish (the outbox owns it), and the row is deferred; the outbox's write is idempotent.
-        write = asyncio.ensure_future(ausage_record_create(**row))
+        # The row joins the process's next ledger batch (`billing.ledger_writer`). At the
+        # deadline a row no batch has taken yet is taken back; one being written cannot be (a
+        # database thread cannot be cancelled): it is left to finish (the outbox owns it). Either
+        # way the row is deferred; the outbox's write is idempotent.
+        writer = get_ledger_writer()
+        write = writer.submit(row)
         done, _ = await asyncio.wait({write}, timeout=settings.GATEWAY_LEDGER_WRITE_TIMEOUT)
         error = write.exception() if done else TimeoutError("the ledger write deadline passed")
         if error is not None:
-            if not done:
+            if not done and not writer.withdraw(write):
                 outbox.adopt(write)
             logger.warning("ledger write for %s failed (%s: %s); kept in the outbox", row["request_id"], type(error).__name__, error)
             await outbox.defer(row)
@@ -587,7 +591,7 @@ class ApiCall:
             )
             return cost
         outbox.call_recorded(row["request_id"])
-        return write.result().cost_usd
+        return write.result()
 
     def _row_opened(self) -> Row:
         """What the ledger row holds before the call's usage is known (journaled at its start)."""
