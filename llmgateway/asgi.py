@@ -44,6 +44,7 @@ from django.http import HttpResponseBase  # noqa: E402
 from django.urls import path, set_script_prefix  # noqa: E402
 
 from infra import observability  # noqa: E402
+from infra.sockets import limit_client_send_buffers  # noqa: E402
 from llmgateway.api import CallStreamingResponse  # noqa: E402
 from llmgateway.auth import PRINCIPAL_SCOPE_KEY, aauthenticate  # noqa: E402
 from llmgateway.console_live import ConsoleLiveConsumer  # noqa: E402
@@ -259,7 +260,21 @@ class LeanASGIHandler(ASGIHandler):
 lean_asgi_app = LeanASGIHandler()
 
 
+_client_send_buffers_limited = False
+
+
+def _limit_client_send_buffers() -> None:
+    """Once per process, at its first request: Granian hands a worker its listening socket after
+    the lifespan has run, so this is the first moment the socket is there to be set."""
+    global _client_send_buffers_limited
+    _client_send_buffers_limited = True
+    if settings.GATEWAY_CLIENT_SEND_BUFFER and not limit_client_send_buffers(settings.GATEWAY_CLIENT_SEND_BUFFER):
+        logger.info("no listening socket found to set GATEWAY_CLIENT_SEND_BUFFER on (not served by Granian on Linux?)")
+
+
 async def http_app(scope: Scope, receive: Receive, send: Send) -> None:
+    if not _client_send_buffers_limited:
+        _limit_client_send_buffers()
     if scope["path"].startswith(LEAN_PATH_PREFIXES):
         return await lean_asgi_app(scope, receive, send)
     # Django's own handler reads the body in `read_body` before anything else, so a refusal

@@ -251,6 +251,12 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = GATEWAY_MAX_BODY_BYTES + 1024
 GATEWAY_BODY_TIMEOUT = _env_float("GATEWAY_BODY_TIMEOUT", 30.0)
 # Frames buffered between the upstream reader and the client writer (backpressure bound).
 GATEWAY_STREAM_QUEUE_SIZE = _env_int("GATEWAY_STREAM_QUEUE_SIZE", 64)
+# Bytes of the kernel's send buffer for each client connection (infra/sockets.py; 0 leaves the
+# kernel's autotuning, up to net.ipv4.tcp_wmem's maximum). With the queue above and Granian's
+# own buffer (scripts/serve: --http1-buffer-size) it bounds what a client that stops reading
+# costs, and how far ahead of it the upstream is read. A large answer to a distant client moves
+# at most this much per round trip: raise it for big embeddings batches over long distances.
+GATEWAY_CLIENT_SEND_BUFFER = _env_int("GATEWAY_CLIENT_SEND_BUFFER", 128 * 1024)
 # Seconds. Connect: TCP/TLS to the upstream. First token: request sent to first chunk.
 # Idle: between two chunks. Total: the whole call. Heartbeat: SSE comment when idle.
 GATEWAY_CONNECT_TIMEOUT = _env_float("GATEWAY_CONNECT_TIMEOUT", 10.0)
