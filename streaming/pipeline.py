@@ -56,6 +56,8 @@ class CompletionTally:
     A batch is cut just before a space: in the OpenAI encodings a word's token starts with its
     leading space, so counting the parts separately gives the count of the whole. Memory stays
     at one batch however long the stream runs (a stream to a stalled client can run long).
+    Inside an event loop a batch is counted in a worker thread (the tokenizer releases the GIL),
+    so that the loop goes on relaying meanwhile; `counted` then lags by the batches in flight.
     """
 
     BATCH_CHARS = 8192
@@ -65,6 +67,8 @@ class CompletionTally:
         self._pending: list[str] = []
         self._pending_chars = 0
         self._counted = 0
+        self._in_flight: dict[int, str] = {}  # batches being counted in a thread, by serial
+        self._serial = 0
 
     def add(self, text: str) -> None:
         self._pending.append(text)
@@ -74,20 +78,37 @@ class CompletionTally:
             cut = joined.rfind(" ")
             if cut <= 0:
                 cut = len(joined)
-            self._counted += self._count(joined[:cut])
+            self._count_batch(joined[:cut])
             rest = joined[cut:]
             self._pending, self._pending_chars = ([rest] if rest else []), len(rest)
 
+    def _count_batch(self, batch: str) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop here: count it now
+            self._counted += self._count(batch)
+            return
+        serial = self._serial = self._serial + 1
+        self._in_flight[serial] = batch
+        counting = loop.run_in_executor(None, self._count, batch)
+        counting.add_done_callback(lambda done: self._batch_counted(serial, done))
+
+    def _batch_counted(self, serial: int, done: asyncio.Future[int]) -> None:
+        if done.cancelled() or done.exception() is not None:
+            return  # stays in flight: tokens() counts it
+        batch = self._in_flight.pop(serial, None)
+        if batch is not None:
+            self._counted += done.result()
+
     @property
     def counted(self) -> int:
-        """Tokens of the batches counted so far (the pending text excluded): cheap to read."""
+        """Tokens of the batches counted so far (pending text and batches in flight excluded)."""
         return self._counted
 
     def tokens(self) -> int:
-        """The count so far, the text not yet counted included."""
-        if self._pending:
-            return self._counted + self._count("".join(self._pending))
-        return self._counted
+        """The count so far, the text not yet counted included (counted here, at once)."""
+        uncounted = [*self._in_flight.values(), "".join(self._pending)]
+        return self._counted + sum(self._count(text) for text in uncounted if text)
 
 
 @dataclass(slots=True)

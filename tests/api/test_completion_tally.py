@@ -36,3 +36,28 @@ def test_the_tally_keeps_at_most_one_batch_of_text() -> None:
         tally.add("word ")
     assert tally._pending_chars < CompletionTally.BATCH_CHARS + 10
     assert tally.tokens() == 500_000
+
+
+async def test_inside_an_event_loop_batches_are_counted_off_the_loop_and_none_is_lost() -> None:
+    import asyncio
+    import threading
+
+    loop_thread = threading.get_ident()
+    counted_in: set[int] = set()
+
+    def count(text: str) -> int:
+        counted_in.add(threading.get_ident())
+        return len(text.split())
+
+    tally = CompletionTally(count)
+    for _ in range(10_000):
+        tally.add("word ")
+    # Batches handed to threads and not back yet are still part of the total.
+    assert tally.tokens() == 10_000
+    for _ in range(100):
+        if not tally._in_flight:
+            break
+        await asyncio.sleep(0.01)
+    assert tally.counted > 0 and not tally._in_flight
+    assert any(thread != loop_thread for thread in counted_in)  # batches were counted in threads
+    assert tally.tokens() == 10_000
