@@ -7,8 +7,12 @@ Reserve, then settle:
   `Reservation` row. Admissions for one account are serialized by a row lock on the `Account`
   (`SELECT ... FOR UPDATE` on PostgreSQL; on SQLite the transaction is `BEGIN IMMEDIATE`, which
   serializes all writers). Under the lock, one statement reads settled usage plus live holds; a
-  call that would take them past a limit is refused with `QuotaExceeded`.
-- `usage_record_create`, when the call ends, appends the ledger row, adds it to the day's rollups
+  call that would take them past a limit is refused with `QuotaExceeded`. From async code
+  (`abudget_reserve`) the admissions of one moment are held together (`budget_reserve_many`,
+  group-committed by `budget_holds`): one lock and one usage read per account per batch, each
+  call checked against the holds granted before it, as if admitted one after another.
+- `usage_record_create` (`usage_records_create` for a batch, `billing.ledger_writer`), when the
+  call ends, appends the ledger row, adds it to the day's rollups
   (per user, model and endpoint, and per API key) with atomic upserts, and deletes the reservation, in one
   transaction. It takes no account
   lock: the admission's single read statement sees that transaction wholly or not at all.
@@ -32,14 +36,14 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 from enum import Enum
 from typing import Any, Final, Literal
 
 from django.conf import settings
-from django.db import DEFAULT_DB_ALIAS, connections, transaction
+from django.db import DEFAULT_DB_ALIAS, InterfaceError, OperationalError, connections, transaction
 from django.utils import timezone
 
 from billing import pricing_cache
@@ -56,10 +60,11 @@ from billing.models import (
     UsageRecord,
 )
 from billing.money import Rates, money_ratio, money_sum, usd, usd_display
-from billing.periods import billing_day
+from billing.periods import billing_day, period_containing
 from billing.pricefile import PriceRow, read_price_file
 from billing.selectors import PeriodUsage, period_usage, rates_for
 from infra.db import db_task
+from infra.group_commit import GroupCommit
 
 logger = logging.getLogger(__name__)
 
@@ -177,15 +182,7 @@ def budget_reserve(
     does not fit a budget; either way nothing is held.
     """
     now = now or timezone.now()
-    pricing = pricing_cache.get(user_id, model, upstream_model)
-    if pricing is None:
-        account = account_get_or_create(user_id=user_id)
-        pricing = pricing_cache.Pricing(
-            account_id=account.pk,
-            has_limits=account.has_limits,
-            rates=rates_for(account=account, model=model, upstream_model=upstream_model, at=now),
-        )
-        pricing_cache.put(user_id, model, upstream_model, pricing)
+    pricing = _pricing(user_id=user_id, model=model, upstream_model=upstream_model, now=now)
     unheld = _admission_without_hold(pricing, model=model)
     if not pricing.has_limits:
         return unheld  # reads only: no transaction, so no write lock on SQLite
@@ -211,6 +208,143 @@ def budget_reserve(
     if warning:
         logger.warning("budget warning for user %s: %s", user_id, warning)
     return Admission(account_id=account.pk, rates=rates, reserved_usd=estimate, reserved_tokens=tokens, warning=warning)
+
+
+def _pricing(*, user_id: int, model: str, upstream_model: str | None, now: datetime) -> pricing_cache.Pricing:
+    """The user's account, whether it has limits, and its rates for the model (cached)."""
+    pricing = pricing_cache.get(user_id, model, upstream_model)
+    if pricing is None:
+        account = account_get_or_create(user_id=user_id)
+        pricing = pricing_cache.Pricing(
+            account_id=account.pk,
+            has_limits=account.has_limits,
+            rates=rates_for(account=account, model=model, upstream_model=upstream_model, at=now),
+        )
+        pricing_cache.put(user_id, model, upstream_model, pricing)
+    return pricing
+
+
+@dataclass(frozen=True, slots=True)
+class HoldRequest:
+    """One call's `budget_reserve` arguments, for `budget_reserve_many`."""
+
+    user_id: int
+    model: str
+    upstream_model: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    request_id: uuid.UUID
+    now: datetime
+
+
+def budget_reserve_many(*, requests: Sequence[HoldRequest]) -> list[Admission | Exception]:
+    """`budget_reserve` for many calls in one transaction; one outcome per call, in order: its
+    `Admission`, or the `PriceMissing` or `QuotaExceeded` it would have raised alone.
+
+    Each account is locked once (accounts in id order), its expired holds deleted and its usage
+    read once, and its calls admitted in order against that usage plus the holds granted before
+    them in the batch; the holds are inserted together. That is admitting them one after
+    another at the batch's latest instant, which they are milliseconds apart from. An account
+    whose calls do not share one billing day and month (a batch across midnight) has them
+    admitted one by one instead, each at its own instant. Any other failure raises, and then
+    nothing is held.
+    """
+    outcomes: list[Admission | Exception] = []
+    waiting: dict[int, list[tuple[int, HoldRequest, Admission]]] = {}
+    for index, request in enumerate(requests):
+        try:
+            pricing = _pricing(user_id=request.user_id, model=request.model, upstream_model=request.upstream_model, now=request.now)
+            unheld = _admission_without_hold(pricing, model=request.model)
+        except PriceMissing as refusal:
+            outcomes.append(refusal)
+            continue
+        outcomes.append(unheld)
+        if pricing.has_limits:
+            waiting.setdefault(pricing.account_id, []).append((index, request, unheld))
+    if not waiting:
+        return outcomes
+    holds: list[Reservation] = []
+    with transaction.atomic():
+        for account_id in sorted(waiting):
+            account = Account.objects.select_for_update().get(pk=account_id)
+            calls = waiting[account_id]
+            if not account.has_limits:
+                continue  # its calls keep their admission without a hold
+            periods = {(period_containing("day", request.now).first_day, period_containing("month", request.now).first_day) for _, request, _ in calls}
+            if len(periods) > 1:  # across a period's end: each call at its own instant, as alone
+                for index, request, unheld in calls:
+                    Reservation.objects.filter(account=account, expires_at__lte=request.now).delete()
+                    try:
+                        hold, outcomes[index] = _hold(account, request, unheld, period_usage(account=account, at=request.now))
+                    except QuotaExceeded as refusal:
+                        outcomes[index] = refusal
+                        continue
+                    hold.save(force_insert=True)
+                continue
+            now = max(request.now for _, request, _ in calls)
+            Reservation.objects.filter(account=account, expires_at__lte=now).delete()
+            usage = period_usage(account=account, at=now)
+            for index, request, unheld in calls:
+                try:
+                    hold, outcomes[index] = _hold(account, request, unheld, usage)
+                except QuotaExceeded as refusal:
+                    outcomes[index] = refusal
+                    continue
+                holds.append(hold)
+                usage = replace(usage, reserved_usd=money_sum([usage.reserved_usd, hold.cost_usd]), reserved_tokens=usage.reserved_tokens + hold.tokens)
+        Reservation.objects.bulk_create(holds)
+    return outcomes
+
+
+def _hold(account: Account, request: HoldRequest, unheld: Admission, usage: PeriodUsage) -> tuple[Reservation, Admission]:
+    """The hold of one call if it fits `usage` (else `QuotaExceeded`), unsaved, and its admission."""
+    estimate = unheld.rates.cost(prompt_tokens=request.prompt_tokens, cached_tokens=0, completion_tokens=request.completion_tokens)
+    tokens = request.prompt_tokens + request.completion_tokens
+    warning = _check_budgets(account, usage, cost=estimate, tokens=tokens)
+    if warning:
+        logger.warning("budget warning for user %s: %s", request.user_id, warning)
+    hold = Reservation(
+        request_id=request.request_id,
+        account=account,
+        model=request.model,
+        cost_usd=estimate,
+        tokens=tokens,
+        created_at=request.now,
+        expires_at=request.now + timedelta(seconds=settings.BILLING_RESERVATION_TTL),
+    )
+    admission = Admission(account_id=account.pk, rates=unheld.rates, reserved_usd=estimate, reserved_tokens=tokens, warning=warning)
+    return hold, admission
+
+
+def _budget_reserve_batch(requests: Sequence[HoldRequest]) -> list[Admission | Exception]:
+    """`budget_reserve_many`, or one by one if a call's hold is refused by the database (a
+    `request_id` held already, say), so that call alone fails; a database that is away fails
+    every call at once."""
+    try:
+        return budget_reserve_many(requests=requests)
+    except (OperationalError, InterfaceError) as error:
+        return [error] * len(requests)
+    except Exception as error:
+        if len(requests) == 1:
+            return [error]
+        logger.info("a batch of %d budget holds was refused (%s: %s); holding one by one", len(requests), type(error).__name__, error)
+    outcomes: list[Admission | Exception] = []
+    for index, request in enumerate(requests):
+        try:
+            outcomes.append(budget_reserve(**asdict(request)))
+        except (OperationalError, InterfaceError) as error:
+            outcomes += [error] * (len(requests) - index)
+            break
+        except Exception as error:
+            outcomes.append(error)
+    return outcomes
+
+
+MAX_HOLD_BATCH = 200
+# The process's admissions with a hold, group-committed as its ledger rows are (`infra.group_commit`).
+budget_holds: GroupCommit[HoldRequest, Admission] = GroupCommit(
+    db_task(_budget_reserve_batch), name="llmgateway-budget-holds", max_batch=MAX_HOLD_BATCH
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -508,9 +642,6 @@ def _admission_without_hold(pricing: pricing_cache.Pricing, *, model: str) -> Ad
     return Admission(account_id=pricing.account_id, rates=pricing.rates, reserved_usd=None, reserved_tokens=None)
 
 
-_budget_reserve_in_thread = db_task(budget_reserve)
-
-
 async def abudget_reserve(
     *,
     user_id: int,
@@ -522,18 +653,23 @@ async def abudget_reserve(
     now: datetime | None = None,
 ) -> Admission:
     """`budget_reserve` from async code. A user without budgets whose pricing is cached needs no
-    database work at all, so that case is answered here without a hop to a worker thread."""
+    database work at all, so that case is answered here without a hop to a worker thread; the
+    others are batched with the admissions of the same moment (`budget_holds`)."""
     pricing = pricing_cache.get(user_id, model, upstream_model)
     if pricing is not None and not pricing.has_limits:
         return _admission_without_hold(pricing, model=model)
-    return await _budget_reserve_in_thread(
-        user_id=user_id,
-        model=model,
-        upstream_model=upstream_model,
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        request_id=request_id,
-        now=now,
+    # Admissions that arrive together are held together (`budget_reserve_many`): one lock of
+    # the account and one read of its usage for the batch, not one per call.
+    return await budget_holds.submit(
+        HoldRequest(
+            user_id=user_id,
+            model=model,
+            upstream_model=upstream_model,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            request_id=request_id,
+            now=now or timezone.now(),
+        )
     )
 
 

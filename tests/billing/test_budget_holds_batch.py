@@ -1,0 +1,121 @@
+"""Budget holds of calls admitted together: one lock and one read of the account per batch, and
+exactly the admissions that holding them one after another would give."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from django.db import connection
+
+from billing.exceptions import QuotaExceeded
+from billing.models import Reservation
+from billing.services import (
+    Admission,
+    HoldRequest,
+    abudget_reserve,
+    account_quota_set,
+    budget_holds,
+    budget_reserve,
+    budget_reserve_many,
+)
+
+from .conftest import NOW
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.ledger]
+
+MODEL = "gpt-4o-mini"
+# gpt-4o-mini's catalog price: 1,000 prompt + 500 completion tokens hold 0.00045 USD, so this
+# budget takes exactly ten holds (a hold that reaches the limit exactly fits).
+TEN_HOLDS = Decimal("0.0045")
+
+
+def request(user: Any, at: datetime = NOW) -> HoldRequest:
+    return HoldRequest(
+        user_id=user.pk, model=MODEL, upstream_model=MODEL, prompt_tokens=1000, completion_tokens=500, request_id=uuid.uuid4(), now=at
+    )
+
+
+def outcome_kinds(outcomes: list[Any]) -> list[str]:
+    return ["held" if isinstance(o, Admission) and o.reserved_usd is not None else type(o).__name__ for o in outcomes]
+
+
+def test_admissions_of_one_moment_are_held_in_order_in_one_transaction(user) -> None:
+    account_quota_set(user_id=user.pk, monthly_spend_limit_usd=TEN_HOLDS, soft_threshold=Decimal("0.5"))
+    requests = [request(user) for _ in range(14)]
+
+    outcomes = budget_reserve_many(requests=requests)
+
+    assert outcome_kinds(outcomes) == ["held"] * 10 + ["QuotaExceeded"] * 4
+    assert [o.warning != "" for o in outcomes[:10]] == [False] * 4 + [True] * 6  # from 50% on
+    assert set(Reservation.objects.values_list("request_id", flat=True)) == {r.request_id for r in requests[:10]}
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT count(DISTINCT xmin::text) FROM billing_reservation")
+            assert cursor.fetchone()[0] == 1
+
+
+def test_a_batch_admits_what_one_by_one_admissions_would(user, user_factory) -> None:
+    alone = user_factory()
+    for each in (user, alone):
+        account_quota_set(user_id=each.pk, monthly_spend_limit_usd=TEN_HOLDS, daily_token_limit=9_000, soft_threshold=Decimal("0.8"))
+    for each in (user, alone):  # some of the day's room is held already
+        budget_reserve(user_id=each.pk, model=MODEL, upstream_model=MODEL, prompt_tokens=1000, completion_tokens=500, request_id=uuid.uuid4(), now=NOW)
+
+    batched = budget_reserve_many(requests=[request(user) for _ in range(8)])
+    one_by_one: list[Any] = []
+    for _ in range(8):
+        try:
+            one_by_one.append(
+                budget_reserve(user_id=alone.pk, model=MODEL, upstream_model=MODEL, prompt_tokens=1000, completion_tokens=500, request_id=uuid.uuid4(), now=NOW)
+            )
+        except QuotaExceeded as refusal:
+            one_by_one.append(refusal)
+
+    assert outcome_kinds(batched) == outcome_kinds(one_by_one) == ["held"] * 5 + ["QuotaExceeded"] * 3  # 6 x 1,500 tokens a day
+    assert [getattr(o, "warning", str(o)) for o in batched] == [getattr(o, "warning", str(o)) for o in one_by_one]
+
+
+def test_a_batch_across_midnight_holds_each_call_at_its_own_instant(user, user_factory) -> None:
+    alone = user_factory()
+    before, after = datetime(2025, 6, 15, 23, 59, 59, 999000, tzinfo=UTC), datetime(2025, 6, 16, 0, 0, 0, 1000, tzinfo=UTC)
+    for each in (user, alone):
+        account_quota_set(user_id=each.pk, daily_token_limit=4_500)
+    instants = [before, before, after, after, before, after, before, after]
+
+    batched = budget_reserve_many(requests=[request(user, at) for at in instants])
+    one_by_one: list[Any] = []
+    for at in instants:
+        try:
+            one_by_one.append(
+                budget_reserve(user_id=alone.pk, model=MODEL, upstream_model=MODEL, prompt_tokens=1000, completion_tokens=500, request_id=uuid.uuid4(), now=at)
+            )
+        except QuotaExceeded as refusal:
+            one_by_one.append(refusal)
+
+    assert outcome_kinds(batched) == outcome_kinds(one_by_one)
+    assert Reservation.objects.filter(account__user=user).count() == Reservation.objects.filter(account__user=alone).count()
+
+
+def test_concurrent_admissions_share_batches_and_never_hold_past_the_budget(user) -> None:
+    account_quota_set(user_id=user.pk, monthly_spend_limit_usd=TEN_HOLDS)
+    batches_before = budget_holds.batches
+
+    async def admit_all() -> list[Any]:
+        return await asyncio.gather(
+            *(
+                abudget_reserve(user_id=user.pk, model=MODEL, upstream_model=MODEL, prompt_tokens=1000, completion_tokens=500, request_id=uuid.uuid4(), now=NOW + timedelta(milliseconds=i))
+                for i in range(30)
+            ),
+            return_exceptions=True,
+        )
+
+    outcomes = asyncio.run(admit_all())
+
+    assert sorted(outcome_kinds(outcomes)) == sorted(["held"] * 10 + ["QuotaExceeded"] * 20)
+    assert Reservation.objects.count() == 10
+    assert budget_holds.batches - batches_before < 30  # admissions of one moment shared transactions
