@@ -4,8 +4,8 @@
 
 One invocation starts, on 127.0.0.1 only:
 
-- the fake upstream (``bench.fake_upstream.FakeUpstream``) in a helper process that the run
-  steers between phases (``bench._upstream_host``): pacing, faults, per-request records;
+- the fake upstream (``testbed.fake_upstream.FakeUpstream``) in a helper process that the run
+  steers between phases (``testbed.upstream_host``): pacing, faults, per-request records;
 - the gateway: Granian ``--interface asgi`` as the README recommends serving it (one worker per
   CPU sharing Redis when a Redis answers, else the embedded default's one worker; ``--workers``
   and ``REDIS_URL`` override), on a fresh temporary SQLite
@@ -273,7 +273,7 @@ class Upstream:
 
     def __init__(self, env: dict[str, str], log: IO[bytes]) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "bench._upstream_host"],
+            [sys.executable, "-m", "testbed.upstream_host"],
             cwd=ROOT,
             env=env,
             stdin=subprocess.PIPE,

@@ -4,7 +4,7 @@
 
 On 127.0.0.1 only, it starts a world of its own: a redis-server on a free port, a database (a
 SQLite file, or with ``--postgres`` a throwaway PostgreSQL database), the fake upstream
-(:class:`bench.fake_upstream.FakeUpstream`, in a thread of this process) enforcing ``--rpm``
+(:class:`testbed.fake_upstream.FakeUpstream`, in a thread of this process) enforcing ``--rpm``
 requests (and ``--tpm`` tokens) per sliding minute and answering 429 past it, and the gateway
 (Granian, ``--workers`` workers sharing that Redis) routing ``gpt-4o-mini`` to the fake, told a
 deliberately wrong published limit (``--published-factor`` times the real one, 1.5 by default)
@@ -349,7 +349,7 @@ class Scenario:
 
     def prompt_tokens(self) -> int:
         """What the fake charges for PROMPT (its own estimate: chars // 4 + 3 per message + 3)."""
-        from bench.fake_upstream import prompt_tokens_for
+        from testbed.fake_upstream import prompt_tokens_for
 
         return prompt_tokens_for({"messages": [{"role": "user", "content": PROMPT}]})
 
@@ -450,8 +450,8 @@ def _locust(
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Build the world, run the load, and return the results (raises if the run itself fails)."""
     from bench.chaos import PostgresDatabase, PrivateRedis
-    from bench.fake_upstream import FakeUpstream
     from bench.run import BENCH_LIMITS, Gateway
+    from testbed.fake_upstream import FakeUpstream
 
     scenario = Scenario(
         duration=args.duration,

@@ -22,7 +22,7 @@ from django.conf import settings
 from django.test import override_settings
 
 if TYPE_CHECKING:
-    from bench.fake_upstream import FakeUpstream
+    from testbed.fake_upstream import FakeUpstream
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -83,7 +83,7 @@ def _ledger_outbox_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pat
 
 @pytest.fixture(scope="session")
 def upstream() -> Iterator[FakeUpstream]:
-    from bench.fake_upstream import FakeUpstream
+    from testbed.fake_upstream import FakeUpstream
 
     # Without x-ratelimit-* headers by default: the session's gateway would learn limits from
     # one test's answers and keep them for the next. Tests of learning turn them on.

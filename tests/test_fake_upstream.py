@@ -20,10 +20,11 @@ import httpx
 import openai
 import pytest
 
-from bench.fake_upstream import (
+from testbed.fake_upstream import (
     ERROR_429,
     ERROR_STREAM,
     RPM_WINDOW,
+    SYSTEM_FINGERPRINT,
     WRITE_BLOCKED_AFTER,
     FakeUpstream,
     _reset_text,
@@ -143,18 +144,21 @@ def test_stream_frames_match_openai_wire_format(make_upstream: MakeUpstream) -> 
         "object": "chat.completion.chunk",
         "created": first["created"],
         "model": MODEL,
-        "system_fingerprint": None,
+        "service_tier": "default",
+        "system_fingerprint": SYSTEM_FINGERPRINT,
         "choices": [
             {
                 "index": 0,
-                "delta": {"role": "assistant", "content": ""},
+                "delta": {"role": "assistant", "content": "", "refusal": None},
                 "logprobs": None,
                 "finish_reason": None,
             }
         ],
         "usage": None,
+        "obfuscation": first["obfuscation"],
     }
     assert first["id"].startswith("chatcmpl-")
+    assert first["obfuscation"] and all(e["obfuscation"] for e in events)
     assert [e["choices"][0]["delta"] for e in events[1:-1]] == [{"content": "tok "}, {}]
     assert events[-2]["choices"][0]["finish_reason"] == "length"
     assert all(e["usage"] is None for e in events[:-1])
@@ -653,7 +657,7 @@ def test_malformed_request_gets_400_and_a_closed_connection(make_upstream: MakeU
 def test_cli_prints_its_url_and_stops_on_sigterm() -> None:
     root = Path(__file__).resolve().parent.parent
     process = subprocess.Popen(
-        [sys.executable, "-m", "bench.fake_upstream", "--port", "0", "--tokens", "2"],
+        [sys.executable, "-m", "testbed.fake_upstream", "--port", "0", "--tokens", "2"],
         cwd=root,
         stdout=subprocess.PIPE,
         text=True,
@@ -683,7 +687,7 @@ def test_cli_sets_the_token_limit_the_fault_schedule_and_no_rate_limit_headers()
     root = Path(__file__).resolve().parent.parent
     process = subprocess.Popen(
         [
-            sys.executable, "-m", "bench.fake_upstream", "--port", "0", "--tokens", "5",
+            sys.executable, "-m", "testbed.fake_upstream", "--port", "0", "--tokens", "5",
             "--prompt-tokens", "5", "--tpm-limit", "20", "--fault-schedule", "500,none",
             "--no-rate-limit-headers",
         ],

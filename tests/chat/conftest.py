@@ -13,8 +13,8 @@ from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.test import override_settings
 
-from bench.fake_upstream import FakeUpstream
 from billing.models import UsageRecord
+from testbed.fake_upstream import FakeUpstream
 from tests.conftest import Gateway, start_gateway, stop_gateway
 
 PASSWORD = "correct horse battery"

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 @pytest.fixture
 def backup_upstream() -> Iterator[Any]:
-    from bench.fake_upstream import FakeUpstream
+    from testbed.fake_upstream import FakeUpstream
 
     with FakeUpstream().running_in_thread() as server:
         yield server

@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 
-from bench.fake_upstream import await_until
 from streaming.aggregate import CompletionBuilder
 from streaming.catalog import Deployment, ProviderSpec
 from streaming.endpoints import ENDPOINTS
@@ -27,6 +26,7 @@ from streaming.pipeline import StreamRelay, Timeouts
 from streaming.providers.base import ProviderChunk, ProviderRequest, UpstreamError, Usage
 from streaming.providers.langchain import LangChainConfigError, LangChainProvider, load_runnable
 from streaming.tokens import count_text_tokens
+from testbed.fake_upstream import await_until
 from tests.providers.runnables import BUILDS, PROBES, Probe
 
 FAKES = "langchain_core.language_models.fake_chat_models"

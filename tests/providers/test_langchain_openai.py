@@ -18,7 +18,6 @@ from typing import Any
 import orjson
 import pytest
 
-from bench.fake_upstream import FakeUpstream, await_until, prompt_tokens_for
 from streaming.catalog import Deployment, ProviderSpec
 from streaming.endpoints import ENDPOINTS
 from streaming.pipeline import StreamRelay, Timeouts
@@ -26,6 +25,7 @@ from streaming.providers.base import ProviderChunk, ProviderRequest, UpstreamErr
 from streaming.providers.langchain import LangChainProvider
 from streaming.providers.openai import RATE_LIMIT_HEADERS
 from streaming.tokens import count_text_tokens
+from testbed.fake_upstream import FakeUpstream, await_until, prompt_tokens_for
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

@@ -1,6 +1,6 @@
-"""Host a :class:`~bench.fake_upstream.FakeUpstream` in this process, steered over stdin/stdout.
+"""Host a :class:`~testbed.fake_upstream.FakeUpstream` in this process, steered over stdin/stdout.
 
-    python -m bench._upstream_host
+    python -m testbed.upstream_host
 
 The benchmark runs the fake upstream in its own process (so its CPU is not the gateway's or the
 load generator's), but needs what the CLI server cannot give: change its pacing and faults between
@@ -27,7 +27,7 @@ import json
 import sys
 from typing import Any
 
-from bench.fake_upstream import FakeUpstream, UpstreamRequest
+from testbed.fake_upstream import FakeUpstream, UpstreamRequest
 
 SETTABLE = frozenset(
     {"tokens", "inter_token_delay", "ttft", "fault", "fault_after_tokens", "max_records"}

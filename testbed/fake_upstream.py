@@ -1,8 +1,11 @@
 """A fast, local, fake OpenAI-compatible upstream for tests and benchmarks.
 
-It speaks just enough HTTP/1.1 (keep-alive, chunked responses, Content-Length or chunked
-request bodies) for the official OpenAI SDK and httpx, on bare ``asyncio`` streams, so that
-a benchmark of a thousand concurrent streams measures the gateway and not this server.
+HTTP/1.1 (keep-alive, chunked responses, Content-Length or chunked request bodies) is h11's:
+it parses every request and writes every response head and end of body, and decides whether
+a connection may carry another request. Only the chunks of a streamed body are framed here
+(``_chunk``, the same bytes h11 writes for a ``Data`` event), because that is the one
+per-chunk cost a benchmark of a thousand 20 ms streams pays 50,000 times a second: h11's
+``send(Data)`` costs ~10 us a chunk against ~1 us (``bench/README.md`` has the figures).
 
 Endpoints, each in OpenAI's wire format; the ``/v1`` prefix is optional:
 
@@ -88,12 +91,16 @@ another thread is safe (each is one attribute store); poll them with :meth:`wait
 
 Deliberate choices that may look wrong:
 
-- A peer EOF while a response is in flight is taken as "the client went away", and the server
-  aborts the connection at once: HTTP clients do not half-close, and aborting is what makes a
-  drain blocked on a vanished reader return promptly. One reader task per connection watches
-  for it, so a disconnect is seen even while a response is stalled or sleeping.
-- Writes are only awaited (``drain()``) when the transport's buffer is past its high-water
-  mark; below it ``drain()`` would return without suspending anyway. Long bursts yield to the
+- A peer EOF is taken as "the client went away", and the server aborts the connection at once:
+  HTTP clients do not half-close, and aborting is what makes a drain blocked on a vanished
+  reader return promptly. Each connection is an ``asyncio.Protocol``, so the close is seen (and
+  ``closed_at`` stamped) in ``eof_received``/``connection_lost`` themselves, even while a
+  response is stalled or sleeping, not when some task next gets to run.
+- Every socket has ``TCP_NODELAY`` (asyncio sets it too; it is set here because the benchmark
+  depends on it): a paced chunk is one ``write`` and leaves at once as one segment, so the
+  gateway reads one chunk per read, as it does from OpenAI.
+- Writes are only awaited (``drain()``) when the transport has paused writing (its buffer is
+  past the high-water mark). Long bursts yield to the
   loop every batch so one fast stream does not starve the others.
 - Frames are pre-encoded once per request: every content chunk of a completion is the same
   bytes, so a burst of k chunks is one ``bytes * k`` and one HTTP chunk. A response's deltas
@@ -119,6 +126,7 @@ import json
 import math
 import os
 import signal
+import socket
 import struct
 import sys
 import threading
@@ -128,6 +136,8 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, Self, cast
+
+import h11
 
 Fault = Literal["429", "500", "401", "400", "stall", "cut", "error_frame", "endless"]
 FAULTS: tuple[Fault, ...] = ("429", "500", "401", "400", "stall", "cut", "error_frame", "endless")
@@ -140,16 +150,16 @@ DEFAULT_MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "gpt-4.1-nano")
 
 _BATCH = 256  # content chunks per write when there is no inter-token delay
 _READ_LIMIT = 1 << 20  # largest request head, bytes
-_TERMINATOR = b"0\r\n\r\n"
 _DONE = b"data: [DONE]\n\n"
-_STREAM_HEAD = (
-    b"HTTP/1.1 200 OK\r\n"
-    b"content-type: text/event-stream; charset=utf-8\r\n"
-    b"transfer-encoding: chunked\r\n"
-    b"cache-control: no-cache\r\n"
+_STREAM_HEADERS: tuple[tuple[bytes, bytes], ...] = (
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"transfer-encoding", b"chunked"),
+    (b"cache-control", b"no-cache"),
 )
-_KEEP_ALIVE = b"connection: keep-alive\r\n"
-_CLOSE = b"connection: close\r\n"
+_JSON_STREAM_HEADERS: tuple[tuple[bytes, bytes], ...] = (
+    (b"content-type", b"application/json"),
+    (b"transfer-encoding", b"chunked"),
+)
 
 ERROR_429 = "Rate limit reached for requests. Please try again later."
 ERROR_429_TOKENS = (
@@ -181,6 +191,14 @@ _GENERATIONS = {
 
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+SYSTEM_FINGERPRINT = "fp_560af6e559"  # what a chat chunk's system_fingerprint looks like
+
+
+def _obfuscation(seed: str) -> str:
+    """Random-looking characters, as OpenAI pads a streamed chunk with (fixed per stream here)."""
+    return base64.b64encode(seed.encode()[-9:]).decode().rstrip("=")[:12]
 
 
 def _check_fault(fault: object) -> None:
@@ -410,19 +428,138 @@ class _BadRequest:
     message: str
 
 
-class _Connection:
-    """One client connection: a reader task feeds ``queue`` and notices the peer leaving."""
+Header = tuple[bytes, bytes]
 
-    __slots__ = ("reader", "writer", "transport", "high_water", "queue", "closed", "record")
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.transport = writer.transport
-        self.high_water = self.transport.get_write_buffer_limits()[1]
+def _header_list(blob: bytes) -> list[Header]:
+    """``name: value\\r\\n`` lines (how the limit headers are built) as h11's header pairs."""
+    pairs: list[Header] = []
+    for line in blob.split(b"\r\n"):
+        if line:
+            name, _, value = line.partition(b":")
+            pairs.append((name, value.strip()))
+    return pairs
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: h11 parses what arrives into ``queue``, which the server's handler
+    task answers in turn; the peer leaving is seen here, in the transport's callbacks."""
+
+    def __init__(self, server: FakeUpstream) -> None:
+        self.server = server
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=_READ_LIMIT)
         self.queue: asyncio.Queue[_Parsed | _BadRequest | None] = asyncio.Queue()
         self.closed = asyncio.Event()
         self.record: UpstreamRequest | None = None
+        self.transport: asyncio.Transport = cast(asyncio.Transport, None)
+        self.high_water = 0
+        self.paused = False  # the transport asked us to stop writing (pause_writing)
+        self._writable: asyncio.Future[None] | None = None
+        self._request: h11.Request | None = None  # the head of the request being read
+        self._body: list[bytes] = []
+        self._broken = False  # a malformed request was queued: read nothing more
+        self.task: asyncio.Task[None] | None = None
+
+    # -- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.high_water = self.transport.get_write_buffer_limits()[1]
+        self.task = asyncio.get_running_loop().create_task(self.server._serve(self))
+        self.server._connection_tasks.add(self.task)
+
+    def data_received(self, data: bytes) -> None:
+        if self._broken:
+            return
+        self.h11.receive_data(data)
+        self._parse()
+
+    def eof_received(self) -> bool:
+        self.mark_peer_closed()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.mark_peer_closed()
+        self._wake_writer()
+        self.queue.put_nowait(None)
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self._wake_writer()
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def _parse(self) -> None:
+        """Queue every complete request h11 has; stop at NEED_DATA, or PAUSED while answering."""
+        conn = self.h11
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as error:
+                self._broken = True
+                self.queue.put_nowait(_BadRequest(error.error_status_hint, str(error)))
+                return
+            if event is h11.NEED_DATA or event is h11.PAUSED:
+                return
+            if isinstance(event, h11.Request):
+                self._request, self._body = event, []
+            elif isinstance(event, h11.Data):
+                self._body.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                self.queue.put_nowait(self._parsed())
+            elif isinstance(event, h11.ConnectionClosed):
+                self.mark_peer_closed()
+                return
+
+    def _parsed(self) -> _Parsed:
+        request = self._request
+        assert request is not None
+        headers: dict[str, str] = {}
+        for name, value in request.headers:  # h11 gives lower-cased names
+            key, text = name.decode("latin-1"), value.decode("latin-1")
+            headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        # h11's own rule: HTTP/1.1 without "Connection: close" (it keeps no HTTP/1.0 alive).
+        keep_alive = (
+            request.http_version == b"1.1" and "close" not in headers.get("connection", "").lower()
+        )
+        path = request.target.decode("latin-1").split("?", 1)[0]
+        self._request = None
+        body, self._body = b"".join(self._body), []
+        return _Parsed(request.method.decode("latin-1"), path, headers, body, keep_alive)
+
+    def next_cycle(self) -> bool:
+        """After a complete answer: whether the connection may carry another request.
+
+        h11 decides (both sides done, nobody asked to close); then any request that arrived
+        meanwhile (pipelined) is parsed.
+        """
+        conn = self.h11
+        if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+            return False
+        conn.start_next_cycle()
+        self._parse()
+        return True
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def _wake_writer(self) -> None:
+        waiter, self._writable = self._writable, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def writable(self) -> None:
+        """Return once the transport takes writes again, or the connection is gone."""
+        while self.paused and not self.closed.is_set():
+            waiter = self._writable
+            if waiter is None:
+                waiter = self._writable = asyncio.get_running_loop().create_future()
+            await waiter
 
     def mark_peer_closed(self) -> None:
         """Record that the peer went away and drop our side too, so pending drains return."""
@@ -435,6 +572,7 @@ class _Connection:
             if record.finished_at is None:
                 record.client_disconnected = True
         self.transport.abort()
+        self._wake_writer()
 
     def close_by_server(self) -> None:
         """Close our side after the buffered bytes are sent (a FIN mid-body for "cut")."""
@@ -444,10 +582,16 @@ class _Connection:
         if self.record is not None and self.record.closed_at is None:
             self.record.closed_at = time.monotonic()
         self.transport.close()
+        self._wake_writer()
 
 
 class _Out:
-    """Write one response, keeping its record's byte count, timings and back-pressure."""
+    """Write one response, keeping its record's byte count, timings and back-pressure.
+
+    ``head``, ``data`` and ``end`` return h11's bytes for the response head, a body piece and
+    the end of the body, for the caller to join into one ``write``: a response's first chunk
+    travels with its head, its last with the end of the body.
+    """
 
     __slots__ = ("conn", "record", "_write", "transport", "high_water")
 
@@ -457,6 +601,21 @@ class _Out:
         self._write = conn.transport.write
         self.transport = conn.transport
         self.high_water = conn.high_water
+
+    def head(self, status: int, headers: list[Header], keep_alive: bool) -> bytes:
+        self.record.status = status
+        headers.append((b"connection", b"keep-alive" if keep_alive else b"close"))
+        reason = http.HTTPStatus(status).phrase.encode()
+        return (
+            self.conn.h11.send(h11.Response(status_code=status, headers=headers, reason=reason))
+            or b""
+        )
+
+    def data(self, payload: bytes) -> bytes:
+        return self.conn.h11.send(h11.Data(data=payload)) or b""
+
+    def end(self) -> bytes:
+        return self.conn.h11.send(h11.EndOfMessage()) or b""
 
     # The record is updated before the bytes go to the transport, so a client (in another
     # thread) that has seen them can rely on the record already counting them.
@@ -468,25 +627,29 @@ class _Out:
         record.bytes_written += len(data)
         self._write(data)
 
-    def write_events(self, head: bytes, events: bytes, tail: bytes = b"") -> None:
-        """Write ``head``, the SSE ``events`` as one HTTP chunk, then ``tail``; any may be empty."""
+    def write_events(self, head: bytes, events: bytes, end: bool = False) -> None:
+        """Write ``head`` (may be empty), the SSE ``events`` as one HTTP chunk (if any), and the
+        end of the body if ``end``, in one write."""
         if events:
             if self.record.first_chunk_at is None:
                 self.record.first_chunk_at = time.monotonic()
-            self.write(head + _chunk(events) + tail)
-        elif head or tail:
-            self.write(head + tail)
+            head += _chunk(events)
+        if end:
+            head += self.end()
+        if head:
+            self.write(head)
 
     async def drain(self) -> None:
-        """Wait for the transport only when it is past its high-water mark."""
-        if self.transport.get_write_buffer_size() <= self.high_water:
+        """Wait for the transport only when it has paused writing."""
+        conn = self.conn
+        if not conn.paused:
             return
         record = self.record
         loop = asyncio.get_running_loop()
         started = loop.time()
         timer = loop.call_later(WRITE_BLOCKED_AFTER, setattr, record, "write_blocked", True)
         try:
-            await self.conn.writer.drain()
+            await conn.writable()
         finally:
             timer.cancel()
             record.write_blocked = False
@@ -494,7 +657,7 @@ class _Out:
 
     async def drain_or_yield(self) -> None:
         """Drain if needed, else still give other connections a turn."""
-        if self.transport.get_write_buffer_size() > self.high_water:
+        if self.conn.paused:
             await self.drain()
         else:
             await asyncio.sleep(0)
@@ -524,6 +687,7 @@ class _Plan:
     model: str
     stream: bool
     include_usage: bool
+    obfuscation: bool
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str
@@ -623,7 +787,7 @@ class _Plan:
             ],
             "usage": self.usage(),
             "service_tier": "default",
-            "system_fingerprint": None,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
         }
 
     def endless_prefix(self) -> bytes:
@@ -650,12 +814,16 @@ class _Plan:
     # -- chat.completion.chunk -------------------------------------------------------------------
 
     def _chat_frames(self) -> _Frames:
+        # As OpenAI sends them (2025): service_tier and system_fingerprint in every chunk,
+        # "usage":null until the usage chunk when it was asked for, and an "obfuscation" field
+        # of random characters (unless stream_options.include_obfuscation is false).
         base = (
             f'data: {{"id":{_dumps(self.id)},"object":"chat.completion.chunk",'
             f'"created":{self.created},"model":{_dumps(self.model)},'
-            f'"system_fingerprint":null,"choices":'
+            f'"service_tier":"default","system_fingerprint":"{SYSTEM_FINGERPRINT}","choices":'
         )
-        tail = ',"usage":null}\n\n' if self.include_usage else "}\n\n"
+        end = f',"obfuscation":"{_obfuscation(self.id)}"}}\n\n' if self.obfuscation else "}\n\n"
+        tail = ',"usage":null' + end if self.include_usage else end
         indexes = range(self.choices)
 
         def each(delta: str, finish: str = "null") -> bytes:
@@ -673,11 +841,11 @@ class _Plan:
             f'"completion_tokens_details":{{"reasoning_tokens":0}}}}'
         )
         finish = each("{}", _dumps(self.finish_reason))
-        usage_frame = f'{base}[],"usage":{usage}}}\n\n'.encode()
+        usage_frame = f'{base}[],"usage":{usage}{end}'.encode()
         tool = self.tool
         if tool is None:
             return _Frames(
-                role=each('{"role":"assistant","content":""}'),
+                role=each('{"role":"assistant","content":"","refusal":null}'),
                 content=each(f'{{"content":{_dumps(self.token_text)}}}'),
                 finish=finish,
                 usage=usage_frame,
@@ -928,11 +1096,7 @@ class _Paced:
         if not self.active:
             return False
         transport = out.transport
-        if (
-            out.conn.closed.is_set()
-            or transport.is_closing()
-            or transport.get_write_buffer_size() > out.high_water
-        ):
+        if out.conn.closed.is_set() or out.conn.paused or transport.is_closing():
             self._finish()
             return False
         out.record.content_chunks_sent += 1
@@ -1099,8 +1263,9 @@ class FakeUpstream:
     async def start(self) -> None:
         """Listen on ``host:port`` (port 0 picks a free one and updates ``port``)."""
         self._pacers = {}
-        self._server = await asyncio.start_server(
-            self._handle_connection, self.host, self.port, limit=_READ_LIMIT, backlog=4096
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _Connection(self), self.host, self.port, backlog=4096
         )
         self.port = self._server.sockets[0].getsockname()[1]
 
@@ -1112,9 +1277,8 @@ class FakeUpstream:
         server.close()
         for conn in list(self._connections):
             conn.transport.abort()
-        # An aborted connection ends its handler by itself (its reader sees the loss, its
-        # writes fail); cancelling is only the fallback, because Python 3.12.1's
-        # StreamReaderProtocol logs a spurious error for a cancelled handler task.
+        # An aborted connection ends its handler by itself (connection_lost ends its queue and
+        # wakes its writes); cancelling is only the fallback.
         tasks = list(self._connection_tasks)
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=5.0)
@@ -1183,17 +1347,11 @@ class FakeUpstream:
 
     # -- connections ---------------------------------------------------------------------------
 
-    async def _handle_connection(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._connection_tasks.add(task)
-        conn = _Connection(reader, writer)
+    async def _serve(self, conn: _Connection) -> None:
+        """Answer the requests of one connection in turn until either side closes it."""
         self._connections.add(conn)
         self.open_connections += 1
         self.total_connections += 1
-        reader_task = asyncio.create_task(self._read_requests(conn))
         try:
             while True:
                 item = await conn.queue.get()
@@ -1202,86 +1360,22 @@ class FakeUpstream:
                 if isinstance(item, _BadRequest):
                     self._write_bad_request(conn, item)
                     break
-                keep_alive = await self._respond(conn, item)
-                if not keep_alive or conn.closed.is_set():
+                await self._respond(conn, item)
+                if conn.closed.is_set() or not conn.next_cycle():
                     break
         except ConnectionError:
             conn.mark_peer_closed()
         finally:
             self.open_connections -= 1
             self._connections.discard(conn)
-            self._connection_tasks.discard(task)
+            if conn.task is not None:
+                self._connection_tasks.discard(conn.task)
             if not conn.closed.is_set():
                 conn.closed.set()
                 record = conn.record
                 if record is not None and record.closed_at is None:
                     record.closed_at = time.monotonic()
                 conn.transport.close()
-            reader_task.cancel()
-            await asyncio.gather(reader_task, return_exceptions=True)
-
-    async def _read_requests(self, conn: _Connection) -> None:
-        """Parse requests into the queue until the peer closes; a peer EOF ends the connection."""
-        reader = conn.reader
-        try:
-            while True:
-                try:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                except asyncio.LimitOverrunError:
-                    conn.queue.put_nowait(_BadRequest(431, "request head too large"))
-                    return
-                try:
-                    request = self._parse_head(head)
-                    raw_body = await self._read_body(reader, request.headers)
-                except ValueError as exc:
-                    conn.queue.put_nowait(_BadRequest(400, str(exc)))
-                    return
-                request.raw_body = raw_body
-                conn.queue.put_nowait(request)
-        except (asyncio.IncompleteReadError, ConnectionError, OSError):
-            conn.mark_peer_closed()
-            conn.queue.put_nowait(None)
-
-    @staticmethod
-    def _parse_head(head: bytes) -> _Parsed:
-        lines = head.decode("latin-1").split("\r\n")
-        try:
-            method, target, version = lines[0].split(" ")
-        except ValueError:
-            raise ValueError(f"malformed request line {lines[0]!r}") from None
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            if not line:
-                continue
-            name, sep, value = line.partition(":")
-            if not sep:
-                raise ValueError(f"malformed header line {line!r}")
-            name = name.strip().lower()
-            value = value.strip()
-            headers[name] = f"{headers[name]}, {value}" if name in headers else value
-        connection = headers.get("connection", "").lower()
-        if version == "HTTP/1.1":
-            keep_alive = "close" not in connection
-        else:
-            keep_alive = "keep-alive" in connection
-        return _Parsed(method, target.split("?", 1)[0], headers, b"", keep_alive)
-
-    @staticmethod
-    async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> bytes:
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            parts: list[bytes] = []
-            while True:
-                size_line = await reader.readuntil(b"\r\n")
-                size = int(size_line.split(b";", 1)[0].strip(), 16)
-                if size == 0:
-                    while await reader.readuntil(b"\r\n") != b"\r\n":  # trailers
-                        pass
-                    return b"".join(parts)
-                parts.append((await reader.readexactly(size + 2))[:-2])
-        length = int(headers.get("content-length", "0") or "0")
-        if length < 0:
-            raise ValueError("negative content-length")
-        return await reader.readexactly(length) if length else b""
 
     # -- responses -----------------------------------------------------------------------------
 
@@ -1336,20 +1430,13 @@ class FakeUpstream:
         keep_alive: bool,
         extra_headers: bytes = b"",
     ) -> bool:
-        out.record.status = status
         out.record.completed = True
-        phrase = http.HTTPStatus(status).phrase
-        out.write(
-            b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%s%s\r\n%s"
-            % (
-                status,
-                phrase.encode(),
-                len(payload),
-                extra_headers,
-                _KEEP_ALIVE if keep_alive else _CLOSE,
-                payload,
-            )
-        )
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", b"%d" % len(payload)),
+            *_header_list(extra_headers),
+        ]
+        out.write(out.head(status, headers, keep_alive) + out.data(payload) + out.end())
         return keep_alive
 
     def _write_error(
@@ -1373,7 +1460,8 @@ class FakeUpstream:
         )
         conn.record = record
         self._remember(record)
-        self._write_error(_Out(conn, record), bad.status, bad.message, False)
+        if conn.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):  # h11 lets a server answer
+            self._write_error(_Out(conn, record), bad.status, bad.message, False)
         record.finished_at = time.monotonic()
 
     def _write_models(self, out: _Out, model_id: str, keep_alive: bool) -> bool:
@@ -1558,6 +1646,10 @@ class FakeUpstream:
             include_usage=kind != "response"
             and isinstance(stream_options, dict)
             and stream_options.get("include_usage") is True,
+            obfuscation=not (
+                isinstance(stream_options, dict)
+                and stream_options.get("include_obfuscation") is False
+            ),
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             finish_reason=finish_reason,
@@ -1756,9 +1848,11 @@ class FakeUpstream:
             plan.extra_headers,
         )
 
-    def _stream_head(self, plan: _Plan, framing: bytes = _STREAM_HEAD) -> bytes:
-        connection = _KEEP_ALIVE if plan.keep_alive else _CLOSE
-        return framing + self._response_headers(plan) + connection + b"\r\n"
+    def _stream_head(
+        self, out: _Out, plan: _Plan, framing: tuple[Header, ...] = _STREAM_HEADERS
+    ) -> bytes:
+        headers = [*framing, *_header_list(self._response_headers(plan))]
+        return out.head(200, headers, plan.keep_alive)
 
     def _pacer(self, delay: float) -> _Pacer:
         pacer = self._pacers.get(delay)
@@ -1784,7 +1878,7 @@ class FakeUpstream:
         record.status = 200
         frames = plan.frames()
         content = frames.content
-        head = self._stream_head(plan)
+        head = self._stream_head(out, plan)
         if plan.ttft > 0:
             out.write(head)
             head = b""
@@ -1842,7 +1936,7 @@ class FakeUpstream:
             out.write_events(head, events)
             conn.close_by_server()
         elif plan.fault == "error_frame":
-            out.write_events(head, events + frames.error_at(wanted), _TERMINATOR)
+            out.write_events(head, events + frames.error_at(wanted), end=True)
         else:
             events += frames.finish
             if plan.include_usage:
@@ -1850,7 +1944,7 @@ class FakeUpstream:
             record.completed = True
             if plan.store and frames.final is not None:
                 self._store_response(plan.id, frames.final)
-            out.write_events(head, events + frames.done, _TERMINATOR)
+            out.write_events(head, events + frames.done, end=True)
 
     async def _complete(self, out: _Out, plan: _Plan) -> None:
         conn, record = out.conn, out.record
@@ -1889,10 +1983,7 @@ class FakeUpstream:
         record = out.record
         record.status = 200
         prefix = plan.endless_prefix()
-        head = self._stream_head(
-            plan,
-            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n",
-        )
+        head = self._stream_head(out, plan, _JSON_STREAM_HEADERS)
         out.write(head + _chunk(prefix))
         burst = _chunk(json.dumps(plan.token_text)[1:-1].encode() * _BATCH)
         while not out.conn.closed.is_set():
@@ -1903,7 +1994,7 @@ class FakeUpstream:
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m bench.fake_upstream",
+        prog="python -m testbed.fake_upstream",
         description="Serve a fake OpenAI-compatible upstream until SIGINT or SIGTERM.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
