@@ -64,6 +64,7 @@ class Response:
         "last_at",
         "max_gap",
         "tokens",
+        "reads",
         "status",
         "error",
         "saw_done",
@@ -87,6 +88,7 @@ class Response:
         self.last_at = 0.0
         self.max_gap = 0.0
         self.tokens = 0
+        self.reads = 0  # data_received calls: how the bytes arrived (one chunk per read?)
         self.status = 0
         self.error: str | None = None
         self.saw_done = False
@@ -103,6 +105,7 @@ class Response:
 
     def feed(self, data: bytes) -> None:
         now = monotonic()
+        self.reads += 1
         gap = now - self.last_at
         if gap > self.max_gap:
             self.max_gap = gap
@@ -338,7 +341,7 @@ async def run_load(job: dict[str, Any]) -> dict[str, Any]:
     stall_gap = float(job.get("stall_gap", 5.0))
     ttft: list[float] = []
     overhead: list[float] = []
-    window_streams = window_tokens = 0
+    window_streams = window_tokens = window_reads = 0
     completed = short = unfinished = gap_stalled = 0
     max_gap = 0.0
     for r in responses:
@@ -353,6 +356,7 @@ async def run_load(job: dict[str, Any]) -> dict[str, Any]:
             if window_from <= r.done_at <= end_at:
                 window_streams += 1
                 window_tokens += r.tokens
+                window_reads += r.reads
         else:
             errors[r.error[:160]] += 1
             if r.error.startswith("unfinished"):
@@ -377,6 +381,7 @@ async def run_load(job: dict[str, Any]) -> dict[str, Any]:
         "window_s": round(end_at - window_from, 4),
         "window_streams": window_streams,
         "window_tokens": window_tokens,
+        "window_reads": window_reads,
         "cpu_s": round(cpu1 - cpu0, 4),
         "wall_s": round(wall1 - wall0, 4),
     }

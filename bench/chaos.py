@@ -53,9 +53,6 @@ Choices that may look odd:
 - Outbox depth comes from ``/metrics`` (``METRICS_TOKEN`` is set for the run): ``/readyz``
   answers for whichever worker takes the connection, so it is polled too but only as a
   cross-check.
-- ``bench.run`` imports this module when the phase runs, and this module imports the process
-  classes from ``bench.run``: under ``python -m bench.run`` that module is loaded a second time
-  as ``bench.run`` (definitions only), which is cheaper than moving them.
 """
 
 from __future__ import annotations
@@ -67,7 +64,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -81,7 +77,12 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlsplit, urlunsplit
 
-from bench.run import HOST, ROOT, Gateway, Upstream, _free_port, _log, _round, percentile
+from bench.common import HOST, ROOT, percentile
+from bench.common import log as _log
+from bench.common import rounded as _round
+from testbed.gateway import Gateway
+from testbed.services import PostgresDatabase, RedisServer
+from testbed.upstream_host import UpstreamHost
 
 CHAT_PATH = "/v1/chat/completions"
 MODEL = "gpt-4o-mini"
@@ -169,112 +170,22 @@ def _redact(url: str) -> str:
 # -- the services this phase owns -----------------------------------------------------------------
 
 
-class PrivateRedis:
-    """A redis-server of this phase's own on a free port; paused and stopped by its PID only."""
+def slots_taken(redis_url: str, prefix: str) -> int:
+    """Concurrency leases held: entries of every ``<prefix>:*:lease:*`` sorted set."""
+    import redis
 
-    def __init__(self, log: Path) -> None:
-        import redis
-
-        self.port = _free_port()
-        self.url = f"redis://{HOST}:{self.port}/0"
-        self._log = log.open("ab")
-        self.process = subprocess.Popen(
-            [shutil.which("redis-server") or "redis-server", "--port", str(self.port), "--bind", HOST,
-             "--save", "", "--appendonly", "no"],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        self.paused = False
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                redis.Redis(host=HOST, port=self.port, socket_timeout=0.2).ping()
-                return
-            except redis.RedisError:
-                if time.monotonic() > deadline or self.process.poll() is not None:
-                    self.stop()
-                    raise RuntimeError(f"redis-server did not start on :{self.port}") from None
-                time.sleep(0.05)
-
-    def pause(self) -> None:
-        os.kill(self.process.pid, signal.SIGSTOP)
-        self.paused = True
-
-    def resume(self) -> None:
-        if self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGCONT)
-        self.paused = False
-
-    def slots_taken(self, prefix: str) -> int:
-        """Concurrency leases held: entries of every ``<prefix>:*:lease:*`` sorted set."""
-        import redis
-
-        client = redis.Redis(host=HOST, port=self.port, socket_timeout=5)
-        try:
-            return sum(
-                int(client.zcard(name)) for name in client.scan_iter(match=f"{prefix}:*:lease:*")
-            )
-        finally:
-            client.close()
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.resume()
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
+    client = redis.Redis.from_url(redis_url, socket_timeout=5)
+    try:
+        return sum(int(client.zcard(name)) for name in client.scan_iter(match=f"{prefix}:*:lease:*"))
+    finally:
+        client.close()
 
 
-class PostgresDatabase:
-    """A database of this phase's own on the bench's server: created, refused, allowed, dropped.
-
-    Only this database is ever refused (``ALLOW_CONNECTIONS``) or has its sessions terminated.
-    """
-
-    def __init__(self, server_url: str, name: str) -> None:
-        self.server_url = server_url
-        self.name = name
-        self.url = urlunsplit(urlsplit(server_url)._replace(path=f"/{name}"))
-        self.refusing = False
-        self._admin("DROP DATABASE IF EXISTS {db} WITH (FORCE)")
-        self._admin("CREATE DATABASE {db}")
-
-    def _admin(self, statement: str, params: tuple[Any, ...] = ()) -> None:
-        import psycopg
-        from psycopg import sql
-
-        with psycopg.connect(self.server_url, autocommit=True, connect_timeout=10) as db:
-            db.execute(sql.SQL(statement).format(db=sql.Identifier(self.name)), params)
-
-    def refuse(self) -> None:
-        self.refusing = True
-        self._admin("ALTER DATABASE {db} ALLOW_CONNECTIONS false")
-        self._admin(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
-            (self.name,),
-        )
-
-    def allow(self) -> None:
-        self._admin("ALTER DATABASE {db} ALLOW_CONNECTIONS true")
-        self.refusing = False
-
-    def query(self, statement: str) -> list[tuple[Any, ...]]:
-        import psycopg
-
-        with psycopg.connect(self.url, connect_timeout=3) as db:
-            return db.execute(statement).fetchall()
-
-    def drop(self) -> None:
-        try:
-            if self.refusing:
-                self.allow()
-            self._admin("DROP DATABASE IF EXISTS {db} WITH (FORCE)")
-        except Exception as error:  # leave it, say so
-            _log(f"chaos: could not drop database {self.name}: {error}")
+def drop_database(database: PostgresDatabase) -> None:
+    try:
+        database.drop()
+    except Exception as error:  # leave it, say so
+        _log(f"chaos: could not drop database {database.name}: {error}")
 
 
 # -- clients ----------------------------------------------------------------------------------
@@ -456,9 +367,9 @@ class Chaos:
         self.seed = int.from_bytes(os.urandom(4), "big")
         self.rng = random.Random(self.seed)
         self.metrics_token = os.urandom(16).hex()
-        self.redis: PrivateRedis | None = None
+        self.redis: RedisServer | None = None
         self.database: PostgresDatabase | None = None
-        self.upstream: Upstream | None = None
+        self.upstream: UpstreamHost | None = None
         self.gateway: Gateway | None = None
         self._upstream_log: IO[bytes] | None = None
         self._upstream_lock = threading.Lock()
@@ -470,7 +381,8 @@ class Chaos:
 
     def setup(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.redis = PrivateRedis(self.workdir / "redis.log")
+        self.redis = RedisServer(log=self.workdir / "redis.log")
+        self.redis.start()
         self.database = PostgresDatabase(self.postgres_url, f"llmgateway_chaos_{os.getpid()}")
         metrics_dir = self.workdir / "prometheus"
         shutil.rmtree(metrics_dir, ignore_errors=True)
@@ -489,7 +401,7 @@ class Chaos:
         }
         self.redis_timeout = float(self.env.get("LIMITS_REDIS_TIMEOUT") or REDIS_TIMEOUT)
         self._upstream_log = (self.workdir / "upstream.log").open("ab")
-        self.upstream = Upstream(self.env, self._upstream_log)
+        self.upstream = UpstreamHost(self.env, self._upstream_log)
         self.env["OPENAI_BASE_URL"] = self.upstream.base_url
         self._upstream("set", attrs={"tokens": self.plan.tokens, "inter_token_delay": self._pacing(),
                                      "ttft": 0.0, "fault": None, "max_records": 1_000_000})  # fmt: skip
@@ -504,7 +416,9 @@ class Chaos:
         ).splitlines()[-1]  # printed alone on the last line
         self._manage("setquota", USER, "--monthly-budget", self.plan.monthly_budget_usd)
         started = time.monotonic()
-        self.gateway = Gateway(self.env, self.plan.workers, self.workdir / "gateway.log")
+        self.gateway = Gateway(
+            self.env, workers=self.plan.workers, log=self.workdir / "gateway.log"
+        )
         _log(
             f"chaos: gateway on :{self.gateway.port} ({self.plan.workers} workers, up in "
             f"{time.monotonic() - started:.1f} s), redis :{self.redis.port}, database {self.database.name}"
@@ -540,7 +454,7 @@ class Chaos:
         if redis is not None:
             steps.append(redis.stop)
         if database is not None:
-            steps.append(self._kept if self.keep else database.drop)
+            steps.append(self._kept if self.keep else lambda: drop_database(database))
         for step in steps:
             try:
                 step()
@@ -785,7 +699,7 @@ class Chaos:
             sample, matched = await self._sample(http)
             holds_rows = await asyncio.to_thread(self._holds)
             holds = -1 if holds_rows is None else holds_rows
-            slots = await asyncio.to_thread(self.redis.slots_taken, PREFIX)
+            slots = await asyncio.to_thread(slots_taken, self.redis.url, PREFIX)
             readyz = await self._readyz(http)
             now = time.monotonic()
             checks = {

@@ -39,8 +39,8 @@ Choices that may look odd:
   little every minute (AIMD), so a single reading depends on when it was taken.
 - The gateway's Redis is a redis-server of the run's own, so a learned limit never carries over
   from an earlier run (or into a later one).
-- This module imports ``bench.run`` and ``bench.chaos`` (psutil, the bench extra) only when the
-  benchmark runs, so the test suite can import its accounting without them.
+- This module imports the testbed's launchers only when the benchmark runs, so the test suite
+  can import its accounting without them.
 """
 
 from __future__ import annotations
@@ -412,7 +412,7 @@ def _locust(
     scenario: Scenario, *, host: str, key: str, tally_path: Path, workdir: Path
 ) -> subprocess.CompletedProcess[str]:
     """Run Locust headless for the scenario's duration; its tally lands in ``tally_path``."""
-    from bench.run import without_proxies
+    from bench.common import without_proxies
 
     users = scenario.users()
     stop_timeout = scenario.pacing()  # the calls in flight at the end are answered and counted
@@ -449,9 +449,10 @@ def _locust(
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Build the world, run the load, and return the results (raises if the run itself fails)."""
-    from bench.chaos import PostgresDatabase, PrivateRedis
-    from bench.run import BENCH_LIMITS, Gateway
+    from bench.common import BENCH_LIMITS
     from testbed.fake_upstream import FakeUpstream
+    from testbed.gateway import Gateway
+    from testbed.services import PostgresDatabase, RedisServer
 
     scenario = Scenario(
         duration=args.duration,
@@ -474,7 +475,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         if not args.keep:
             stack.callback(shutil.rmtree, workdir, True)
-        redis = PrivateRedis(workdir / "redis.log")
+        redis = RedisServer(log=workdir / "redis.log")
+        redis.start()
         stack.callback(redis.stop)
         if args.postgres:
             database = PostgresDatabase(args.postgres, f"llmgateway_upstream_limits_{os.getpid()}")
@@ -521,7 +523,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         key = _run_manage(env, "createapikey", "upstream-limits", "--name", "upstream limits bench")
         key = key.splitlines()[-1]  # printed alone on the last line
         started = time.monotonic()
-        gateway = Gateway(env, scenario.workers, workdir / "gateway.log")
+        gateway = Gateway(env, workers=scenario.workers, log=workdir / "gateway.log")
         stack.callback(gateway.stop)
         base_url = f"http://127.0.0.1:{gateway.port}"
         _log(

@@ -1,6 +1,7 @@
-"""Host a :class:`~testbed.fake_upstream.FakeUpstream` in this process, steered over stdin/stdout.
+"""The fake upstream in a process of its own, steered over stdin/stdout.
 
-    python -m testbed.upstream_host
+    python -m testbed.upstream_host        (the host)
+    UpstreamHost(env)                       (starts one, from the test or benchmark)
 
 The benchmark runs the fake upstream in its own process (so its CPU is not the gateway's or the
 load generator's), but needs what the CLI server cannot give: change its pacing and faults between
@@ -19,19 +20,32 @@ JSON command per stdin line with one JSON line on stdout:
   cheap enough to poll while a phase runs.
 
 The first line written is ``{"base_url": ...}``; EOF on stdin stops the server.
+:class:`UpstreamHost` is the other end: it starts the host and sends it these commands.
 """
 
 from __future__ import annotations
 
 import json
+import select
+import subprocess
 import sys
-from typing import Any
+from collections.abc import Mapping
+from typing import IO, Any
 
 from testbed.fake_upstream import FakeUpstream, UpstreamRequest
 
 SETTABLE = frozenset(
-    {"tokens", "inter_token_delay", "ttft", "fault", "fault_after_tokens", "max_records"}
+    {
+        "tokens",
+        "token_text",
+        "inter_token_delay",
+        "ttft",
+        "fault",
+        "fault_after_tokens",
+        "max_records",
+    }
 )
+DEFAULTS: dict[str, Any] = {"ttft": 0.0, "fault": None, "fault_after_tokens": 3, "max_records": 0}
 
 
 CLIENT_REQUEST_ID = "x-client-request-id"  # the gateway's id of the call (headers are lower-cased)
@@ -96,6 +110,75 @@ def _answer(upstream: FakeUpstream, command: dict[str, Any]) -> dict[str, Any]:
         ids = [record.headers.get(CLIENT_REQUEST_ID) for _, record in _matching(upstream, prefix)]
         return {"ok": True, "ids": ids}
     return {"ok": False, "error": f"unknown op {op!r}"}
+
+
+def read_json_line(stream: IO[str], timeout: float, what: str) -> dict[str, Any]:
+    """One JSON line from a child's stdout, waiting at most ``timeout`` seconds."""
+    ready, _, _ = select.select([stream], [], [], timeout)
+    if not ready:
+        raise TimeoutError(f"{what} said nothing within {timeout:.0f} s")
+    line = stream.readline()
+    if not line:
+        raise RuntimeError(f"{what} exited without answering")
+    answer: dict[str, Any] = json.loads(line)
+    return answer
+
+
+class UpstreamHost:
+    """Start ``python -m testbed.upstream_host`` and steer it (its stderr goes to ``log``)."""
+
+    def __init__(self, env: Mapping[str, str], log: IO[bytes] | None = None) -> None:
+        from testbed.gateway import ROOT
+
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "testbed.upstream_host"],
+            cwd=ROOT,
+            env=dict(env),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+        )
+        assert self.process.stdout is not None
+        hello = read_json_line(self.process.stdout, 20, "the fake upstream")
+        self.base_url: str = hello["base_url"]
+        self.port = int(self.base_url.rsplit(":", 1)[1].split("/", 1)[0])
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def command(self, op: str, **fields: Any) -> dict[str, Any]:
+        """Send one command; return its answer, or raise if the host refused it."""
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(json.dumps({"op": op, **fields}) + "\n")
+        self.process.stdin.flush()
+        answer = read_json_line(self.process.stdout, 30, "the fake upstream")
+        if not answer.get("ok"):
+            raise RuntimeError(f"fake upstream refused {op}: {answer.get('error')}")
+        return answer
+
+    def configure(self, **attrs: Any) -> None:
+        """Set behaviour attributes; those not given go back to ``DEFAULTS``."""
+        self.command("set", attrs={**DEFAULTS, **attrs})
+
+    def records(self, prefix: str) -> list[dict[str, Any]]:
+        records: list[dict[str, Any]] = self.command("records", user_prefix=prefix)["records"]
+        return records
+
+    def stop(self) -> None:
+        """Close its stdin (it stops serving and exits); kill it if it has not after 15 s."""
+        if self.process.poll() is None:
+            try:
+                assert self.process.stdin is not None
+                self.process.stdin.close()
+            except OSError:
+                pass
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
 
 
 def main() -> int:

@@ -1,0 +1,70 @@
+"""Small helpers the benchmark's modules share: paths, the environment, percentiles, formatting."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from testbed.net import HOST
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+__all__ = ["HOST", "ROOT", "RESULTS", "BENCH_LIMITS"]
+
+# Per-key limits high enough that nothing is refused (one key carries all the load), but still
+# checked, so each request pays for its limiter decisions as in production.
+BENCH_LIMITS = {
+    "LIMITS_KEY_RPM": str(10**9),
+    "LIMITS_KEY_TPM": str(10**12),
+    "LIMITS_KEY_MAX_CONCURRENT": str(10**6),
+}
+PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
+
+
+def without_proxies(env: dict[str, str]) -> dict[str, str]:
+    """`env` for a process that talks to loopback only: no proxy may be picked up by its HTTP clients."""
+    for name in PROXY_VARIABLES:
+        env.pop(name, None)
+    return env
+
+
+def process_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment without proxies, with the repository on ``PYTHONPATH``."""
+    env = without_proxies(dict(os.environ))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env.update(extra or {})
+    return env
+
+
+def with_database(url: str, name: str) -> str:
+    """``url`` (postgres://user@host:port/anything) pointing at database ``name`` instead."""
+    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float | None:
+    """Linear-interpolated percentile ``q`` (0..100) of already sorted values."""
+    if not sorted_values:
+        return None
+    if len(sorted_values) == 1:
+        return float(sorted_values[0])
+    rank = (len(sorted_values) - 1) * q / 100
+    low = math.floor(rank)
+    high = min(low + 1, len(sorted_values) - 1)
+    return float(sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (rank - low))
+
+
+def rounded(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def fmt(value: float | None, spec: str = ".2f", none: str = "n/a") -> str:
+    return none if value is None else format(value, spec)
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
