@@ -1202,6 +1202,9 @@ def main(argv: list[str] | None = None) -> int:
         help="only these streaming loads (keys as in the JSON, e.g. 20ms-100,0ms-1)",
     )
     parser.add_argument(
+        "--tokens", type=int, default=None, help="content tokens per stream for every load (default: each load's own, 100)"
+    )
+    parser.add_argument(
         "--workers", type=int, default=None, help="the production configuration's workers (default: one per CPU, at least 2)"
     )
     parser.add_argument("--output", type=Path, default=RESULTS / "latest.json", help="where to save the JSON (default bench/results/latest.json)")
@@ -1226,6 +1229,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = QUICK if args.quick else Plan()
     if args.loads:
         plan = replace(plan, loads=tuple(spec for spec in Plan().loads if spec.key in args.loads))
+    if args.tokens:
+        plan = replace(plan, loads=tuple(replace(spec, tokens=args.tokens) for spec in plan.loads))
 
     _raise_fd_limit()
     workdir = Path(tempfile.mkdtemp(prefix="llmgateway-bench-", dir="/tmp"))

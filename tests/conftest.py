@@ -8,29 +8,22 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import httpx
 import pytest
 from django.conf import settings
 from django.test import override_settings
+
+from testbed.gateway import Gateway
+from testbed.net import free_port
 
 if TYPE_CHECKING:
     from testbed.fake_upstream import FakeUpstream
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+__all__ = ["Gateway", "free_port", "start_gateway", "stop_gateway"]  # tests import these from here
 
 
 @pytest.fixture(scope="session")
@@ -106,38 +99,10 @@ def fake_upstream(upstream: FakeUpstream) -> Iterator[FakeUpstream]:
         setattr(upstream, name, value)
 
 
-class Gateway:
-    def __init__(self, process: subprocess.Popen[bytes], port: int) -> None:
-        self.process = process
-        self.port = port
-        self.base_url = f"http://127.0.0.1:{port}"
-        self.api_url = f"{self.base_url}/v1"
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def rss_bytes(self) -> int:
-        """Resident memory of the server and its workers (Granian forks one process per worker)."""
-        pids = [self.process.pid]
-        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
-        if children.exists():
-            pids += [int(pid) for pid in children.read_text().split()]
-        total = 0
-        for pid in pids:
-            try:
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) * 1024
-            except FileNotFoundError:
-                continue
-        return total
-
-
 def start_gateway(
     env_overrides: dict[str, str], *, upstream: FakeUpstream, workers: int = 1, granian_args: tuple[str, ...] = ()
 ) -> Gateway:
-    port = free_port()
+    """A gateway under Granian (testbed.gateway) with the tests' settings, against ``upstream``."""
     env = {
         **os.environ,
         "DATABASE_URL": database_url(),
@@ -158,36 +123,11 @@ def start_gateway(
         **env_overrides,
     }
     env.pop("SQLITE_TEST_NAME", None)
-    process = subprocess.Popen(
-        [
-            sys.executable, "-m", "granian", "--interface", "asgi", "--host", "127.0.0.1",
-            "--port", str(port), "--workers", str(workers), "--log-level", "warning",
-            *granian_args, "llmgateway.asgi:application",
-        ],
-        cwd=ROOT,
-        env=env,
-    )
-    gateway = Gateway(process, port)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"gateway exited with {process.returncode}")
-        try:
-            httpx.get(f"{gateway.api_url}/models", timeout=1)
-            return gateway
-        except httpx.TransportError:
-            time.sleep(0.05)
-    process.kill()
-    raise RuntimeError("gateway did not start within 30 s")
+    return Gateway(env, workers=workers, granian_args=granian_args, timeout=30)
 
 
 def stop_gateway(gateway: Gateway) -> None:
-    gateway.process.terminate()
-    try:
-        gateway.process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        gateway.process.kill()
-        gateway.process.wait()
+    gateway.stop()
 
 
 @pytest.fixture(scope="session")

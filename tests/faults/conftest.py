@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -17,8 +16,9 @@ import psycopg
 import pytest
 from django.db import connection
 
+from testbed.services import RedisServer
 from tests.conftest import Gateway
-from tests.gating.conftest import PrivateRedis, clean_redis  # noqa: F401 - a fixture
+from tests.gating.conftest import clean_redis  # noqa: F401 - a fixture
 
 
 class PostgresFault:
@@ -78,24 +78,10 @@ def postgres_fault(transactional_db: None) -> Iterator[PostgresFault]:
         fault.admin.close()
 
 
-class PausableRedis(PrivateRedis):
-    def pause(self) -> None:
-        assert self.process is not None
-        os.kill(self.process.pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        assert self.process is not None
-        os.kill(self.process.pid, signal.SIGCONT)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            os.kill(self.process.pid, signal.SIGCONT)
-        super().stop()
-
-
 @pytest.fixture
-def pausable_redis() -> Iterator[PausableRedis]:
-    server = PausableRedis()
+def pausable_redis() -> Iterator[RedisServer]:
+    """A redis-server of the test's own, to pause (SIGSTOP) and resume."""
+    server = RedisServer()
     server.start()
     try:
         yield server

@@ -2,16 +2,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import subprocess
-import time
 from collections.abc import Iterator, Sequence
 
 import httpx
 import pytest
 import redis
 
-from tests.conftest import free_port
+from testbed.services import RedisServer
 
 TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
@@ -25,42 +22,13 @@ def clean_redis() -> str:
     return TEST_REDIS_URL
 
 
-class PrivateRedis:
-    """A redis-server of the test's own, on a free port, that the test may stop and restart."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-        self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                redis.Redis(port=self.port, socket_timeout=0.2).ping()
-                return
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError("private redis did not start")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait()
-            self.process = None
-
-
 @pytest.fixture
-def private_redis() -> Iterator[PrivateRedis]:
-    server = PrivateRedis()
+def private_redis() -> Iterator[RedisServer]:
+    """A redis-server of the test's own, on a free port: it may stop (kill) and start it again."""
+    server = RedisServer()
     server.start()
     yield server
-    server.stop()
+    server.kill()
 
 
 def chat_body(model: str = "sim-fast", **extra: object) -> dict:
