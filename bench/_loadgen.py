@@ -52,6 +52,11 @@ assert _TAIL >= max(len(DONE), len(ERROR), len(END)) - 1
 
 monotonic = time.monotonic
 
+# The measured window of a load job (from, to) and what arrived inside it, from every stream,
+# finished or not: a stream longer than the window (a saturated server) still counts its tokens.
+WINDOW = [0.0, 0.0]
+IN_WINDOW = {"tokens": 0, "reads": 0}
+
 
 class Response:
     """One response as it arrives; ``future`` is resolved when it has ended, one way or another."""
@@ -131,6 +136,9 @@ class Response:
             return
         buf = self._tail + data
         count = buf.count(CONTENT)
+        if WINDOW[0] <= now <= WINDOW[1]:
+            IN_WINDOW["tokens"] += count
+            IN_WINDOW["reads"] += 1
         if count:
             if not self.tokens:
                 self.first_at = now
@@ -293,6 +301,7 @@ async def run_load(job: dict[str, Any]) -> dict[str, Any]:
     end_at = start_at + float(job["duration"])
     window_from = start_at + float(job.get("warmup", 0.0))
     hard_end = end_at + float(job.get("drain", 30.0))
+    WINDOW[:] = [window_from, end_at]
     stagger = float(job.get("stagger", 0.0))
     responses: list[Response] = []
     errors: Counter[str] = Counter()
@@ -382,6 +391,9 @@ async def run_load(job: dict[str, Any]) -> dict[str, Any]:
         "window_streams": window_streams,
         "window_tokens": window_tokens,
         "window_reads": window_reads,
+        # Every content token and read that arrived inside the window, from any stream.
+        "received_tokens": IN_WINDOW["tokens"],
+        "received_reads": IN_WINDOW["reads"],
         "cpu_s": round(cpu1 - cpu0, 4),
         "wall_s": round(wall1 - wall0, 4),
     }

@@ -51,7 +51,7 @@ def _streaming(name: str, config: Json) -> list[str]:
         )
     lines += [
         "",
-        f"[{name}] Throughput (streams that ended inside the window), health and CPU (% of one core over the window)",
+        f"[{name}] Throughput (content tokens received inside the window), health and CPU (% of one core over the window)",
         f"{'load':<14} | {'direct tok/s':>12} {'gw tok/s':>9} {'ratio':>6} {'gw str/s':>8} | {'stalled':>7} {'errors':>6} "
         f"{'max gap s':>9} | {'chunks/read d/g':>15} | {'gw CPU ms/str':>13} | {'gateway run: gw(sys)/up/lg/other':>32} | "
         f"{'direct run: up/lg/other':>23}",

@@ -543,7 +543,7 @@ class ServingRun:
                     window = result["window_s"] or 1.0
                     log(
                         f"{self.serving.name} {spec.key:<13} {target:<7}: TTFT p50 "
-                        f"{fmt(percentile(ttft, 50), '.3f')} ms, {result['window_tokens'] / window:.0f} tok/s, "
+                        f"{fmt(percentile(ttft, 50), '.3f')} ms, {result.get('received_tokens', 0) / window:.0f} tok/s, "
                         f"cpu gw {fmt(result['cpu_pct']['gateway'], '.0f')}% up {fmt(result['cpu_pct']['upstream'], '.0f')}% "
                         f"lg {fmt(result['cpu_pct']['loadgen'], '.0f')}% other {fmt(result['cpu_pct']['other'], '.0f')}%, "
                         f"errors {result['error_count']}"
