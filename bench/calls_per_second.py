@@ -6,7 +6,7 @@ What "the full path" is here: Granian (``--interface asgi``, ``--workers`` proce
 gateway on a fresh PostgreSQL database (``llmgateway_cps_<pid>``, created, migrated and dropped
 by the run), its limits in Redis (``--redis``, a prefix of its own), one API key whose user has a
 monthly budget (``setquota --monthly-budget 1000``, so every call takes a budget hold and settles
-it with its ledger row), and the fake upstream (``bench._upstream_host``, its own process)
+it with its ledger row), and the fake upstream (``testbed.upstream_host``, its own process)
 answering a non-stream chat completion at once with ``--tokens`` tokens.
 
 The client is a closed loop of ``--concurrency`` keep-alive connections in this process, each
@@ -44,18 +44,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from bench.run import (
-    BENCH_LIMITS,
-    ROOT,
-    CpuWindow,
-    Gateway,
-    MachineCpuWindow,
-    Upstream,
-    _wait_quiet,
-    _with_database,
-    percentile,
-    without_proxies,
-)
+from bench.common import BENCH_LIMITS, ROOT, percentile, without_proxies
+from bench.common import with_database as _with_database
+from testbed.gateway import SERVE_ARGS, Gateway
+from testbed.samplers import CpuWindow, MachineCpuWindow
+from testbed.samplers import wait_quiet as _wait_quiet
+from testbed.upstream_host import UpstreamHost as Upstream
 
 HOST = "127.0.0.1"
 PATH = "/v1/chat/completions"
@@ -264,7 +258,9 @@ class Run:
         self.upstream = Upstream(self.env, log)
         self.upstream.configure(tokens=self.args.tokens, inter_token_delay=0.0)
         self.env["OPENAI_BASE_URL"] = self.upstream.base_url
-        self.gateway = Gateway(self.env, self.args.workers, self.workdir / "gateway.log")
+        self.gateway = Gateway(
+            self.env, workers=self.args.workers, granian_args=SERVE_ARGS, log=self.workdir / "gateway.log"
+        )
         return key
 
     def ledger(self, answered: int, limit: float = 30.0) -> dict[str, Any]:
@@ -391,9 +387,9 @@ def main(argv: list[str] | None = None) -> int:
                 k: direct[k] for k in ("calls_per_second", "p50_ms", "p99_ms", "errors")
             }
         _log(f"through the gateway ({args.workers} workers) ...")
-        processes = run.gateway.all_processes()
+        processes = run.gateway.pids()
         window = CpuWindow(processes)
-        upstream_window = CpuWindow([run.upstream.psutil])
+        upstream_window = CpuWindow([run.upstream.pid])
         machine_window = MachineCpuWindow()
         loop_start = time.monotonic()
 

@@ -970,9 +970,8 @@ class Run:
                    "--seconds", str(self.plan.calls_seconds)]  # fmt: skip
         if self.args.postgres:
             command += ["--postgres", self.args.postgres]
-        redis_url = os.environ.get("REDIS_URL")
-        if redis_url:
-            command += ["--redis", redis_url]
+        redis_url = os.environ.get("REDIS_URL") or LOCAL_REDIS_URL  # as the production serving's
+        command += ["--redis", redis_url]
         try:
             done = subprocess.run(command, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=600)
         except subprocess.TimeoutExpired:

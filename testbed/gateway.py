@@ -26,8 +26,8 @@ from testbed.net import HOST, free_port
 ROOT = Path(__file__).resolve().parent.parent
 
 # As scripts/serve: HTTP/1 only (with `auto` Granian waits without limit for a new connection's
-# first bytes) and a 10 s limit on reading request headers.
-SERVE_ARGS = ("--http", "1", "--http1-header-read-timeout", "10000")
+# first bytes), a 10 s limit on reading request headers, 64 KB of Granian buffer per connection.
+SERVE_ARGS = ("--http", "1", "--http1-header-read-timeout", "10000", "--http1-buffer-size", "65536")
 
 
 def _children(pid: int) -> list[int]:
