@@ -899,6 +899,8 @@ class Run:
         self.plan = plan
         self.workdir = workdir
         self.env = _process_env(BENCH_LIMITS)
+        # The once-per-run phases serve the gateway too (chaos): it refuses the development key.
+        self.env.setdefault("DJANGO_SECRET_KEY", secrets.token_urlsafe(50))
         self.results: dict[str, Any] = {}
         self._logs: list[IO[bytes]] = []
 
