@@ -340,6 +340,9 @@ class ServingRun:
         # A limit set in the environment wins over the benchmark's.
         for name, value in BENCH_LIMITS.items():
             env.setdefault(name, value)
+        # A load that overloads the gateway fails upstream calls (first-token timeouts); the
+        # circuit breaker they open would refuse the next load's calls (502) and spoil its row.
+        env.setdefault("UPSTREAM_BREAKER_FAILURES", str(10**6))
         # Each run's database starts its key ids at 1: its limits must not meet an earlier run's.
         env.setdefault("LIMITS_REDIS_PREFIX", f"llmgw:bench:{self.workdir.parent.name}:{self.serving.name}")
         # The gateway refuses to serve (DEBUG off) on the public development key, and the run's
