@@ -902,8 +902,16 @@ class Run:
         self.plan = plan
         self.workdir = workdir
         self.env = _process_env(BENCH_LIMITS)
-        # The once-per-run phases serve the gateway too (chaos): it refuses the development key.
+        # The once-per-run phases serve the gateway too (chaos): it refuses the development key,
+        # and lists the openai provider's models only with a key.
         self.env.setdefault("DJANGO_SECRET_KEY", secrets.token_urlsafe(50))
+        self.env.update(
+            {
+                "OPENAI_API_KEY": "sk-bench-upstream",
+                "DJANGO_SETTINGS_MODULE": "llmgateway.settings",
+                "NO_PROXY": "127.0.0.1,localhost",
+            }
+        )
         self.results: dict[str, Any] = {}
         self._logs: list[IO[bytes]] = []
 
