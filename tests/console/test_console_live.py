@@ -176,7 +176,10 @@ async def test_a_process_that_stops_reporting_is_forgotten(monkeypatch, cost_vie
     report = live.LiveReporter(ActiveCalls(), "gone:1").report(always=True)
     await get_channel_layer().group_send(live.LIVE_GROUP, {**report, "calls": [live.running_call(a_running_call())]})  # type: ignore[dict-item]
     assert len((await next_of(communicator, "streams"))["calls"]) == 1
-    assert (await next_of(communicator, "streams", within=2))["calls"] == []
+    # Reports from live processes may refresh the list before the silent one expires.
+    async with asyncio.timeout(2):
+        while (await next_of(communicator, "streams"))["calls"]:
+            pass
     await communicator.disconnect()
 
 
