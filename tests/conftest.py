@@ -11,6 +11,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from django.conf import settings
@@ -23,12 +24,30 @@ if TYPE_CHECKING:
     from testbed.fake_upstream import FakeUpstream
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def _a_redis_database_per_xdist_worker() -> None:
+    """scripts/test runs the suite in pytest-xdist workers; tests empty and fill their Redis
+    database, so worker gwN takes database (TEST_REDIS_URL's number - N) of its own. Set before the
+    test modules and conftests below this one read TEST_REDIS_URL."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw"):
+        return
+    base = urlsplit(os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15"))
+    database = int(base.path.strip("/") or 0) - int(worker.removeprefix("gw"))
+    if database < 0:
+        raise pytest.UsageError(f"TEST_REDIS_URL's database number is too low for worker {worker}")
+    os.environ["TEST_REDIS_URL"] = urlunsplit(base._replace(path=f"/{database}"))
+
+
+_a_redis_database_per_xdist_worker()
 __all__ = ["Gateway", "free_port", "start_gateway", "stop_gateway"]  # tests import these from here
 
 
 @pytest.fixture(scope="session")
-def django_db_modify_db_settings(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """SQLite's test database is a file (not :memory:) so the gateway process can share it."""
+def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix: None, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """SQLite's test database is a file (not :memory:) so the gateway process can share it; on
+    PostgreSQL, each xdist worker's test database is named after it (pytest-django's suffix)."""
     database = settings.DATABASES["default"]
     if database["ENGINE"] == "django.db.backends.sqlite3":
         database.setdefault("TEST", {})["NAME"] = str(tmp_path_factory.mktemp("db") / "test.sqlite3")
@@ -46,11 +65,20 @@ def database_url() -> str:
 
 @pytest.fixture(scope="session", autouse=True)
 def _close_database_pools(django_db_setup: Any, django_db_blocker: Any) -> Iterator[None]:
-    """Close pooled connections before the test database is dropped (they would block it)."""
+    """Close pooled connections before the test database is dropped (they would block it), and
+    end the sessions left on it: connections other threads opened (not this thread's to close),
+    or the backend of a gateway stopped a moment ago."""
     yield
+    from django.db import connection as this_thread
     from django.db import connections
 
     with django_db_blocker.unblock():
+        if this_thread.vendor == "postgresql":
+            with this_thread.cursor() as cursor:
+                cursor.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+                )
         for connection in connections.all():
             connection.close()
             close_pool = getattr(connection, "close_pool", None)
