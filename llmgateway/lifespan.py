@@ -32,6 +32,7 @@ async def _warm_up_limiter() -> None:
 async def lifespan(scope: dict[str, Any], receive: Any, send: Any) -> None:
     from billing.ledger_writer import aclose_ledger_writer
     from billing.outbox import aclose_outbox, get_outbox
+    from billing.services import budget_holds
     from calls import control, live
     from calls.limits import aclose_limiter
     from llmgateway.auth import forget_verified_keys
@@ -54,6 +55,7 @@ async def lifespan(scope: dict[str, Any], receive: Any, send: Any) -> None:
                 await aclose_providers()
                 await aclose_limiter()
                 await aclose_learned_limits()
+                await budget_holds.aclose()  # admissions still being held are answered
                 await aclose_ledger_writer()  # the rows handed in are written (or fail) before
                 await aclose_outbox()  # the outbox's last drain
                 await control.listener.stop()
