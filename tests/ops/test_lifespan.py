@@ -12,7 +12,7 @@ from billing import ledger_writer
 from billing.services import budget_holds
 from llmgateway.lifespan import lifespan
 
-pytestmark = [pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.django_db]
 
 
 async def test_holds_and_ledger_rows_handed_in_are_written_before_shutdown_completes(monkeypatch: pytest.MonkeyPatch) -> None:
