@@ -125,6 +125,10 @@ def _storm(name: str, storm: Json | None) -> list[str]:
     ]
 
 
+def _unknown(value: object) -> str:
+    return "?" if value is None else str(value)
+
+
 def _accuracy(name: str, accuracy: Json | None) -> list[str]:
     if not accuracy:
         return []
@@ -136,7 +140,8 @@ def _accuracy(name: str, accuracy: Json | None) -> list[str]:
         lines.append(
             f"  {r['algorithm']:<15} {r['gateways']} gateways, {r['rpm']} RPM, {r['requests']} requests in "
             f"{r['burst_s']:.2f} s: admitted {r['admitted']} (at most {r['allowed_max']}), 429 {r['rejected_429']} "
-            f"({r['429_without_retry_after']} without Retry-After), other {r['other']}"
+            f"({r['429_without_retry_after']} without Retry-After), other {r['other']}, "
+            f"decided without Redis {_unknown(r.get('decided_without_redis'))}"
         )
     return [*lines, ""]
 
@@ -231,7 +236,10 @@ def _targets(results: Json) -> list[str]:
                 r["over_admitted"] == 0 and r["under_admitted"] == 0 and r["other"] == 0 and r["429_without_retry_after"] == 0
                 for r in acc
             )
-            measured = ", ".join(f"{r['algorithm']} {r['admitted']}/{r['rpm']} (max {r['allowed_max']})" for r in acc)
+            measured = ", ".join(
+                f"{r['algorithm']} {r['admitted']}/{r['rpm']} (max {r['allowed_max']}, {_unknown(r.get('decided_without_redis'))} without Redis)"
+                for r in acc
+            )
             extra.append((f"limiter accuracy, {acc[0]['gateways']} gateway processes sharing {shared}", measured, "0 over-admitted", exact))
     if "chaos" in results:
         from bench import chaos

@@ -841,7 +841,18 @@ class ServingRun:
         rows = []
         for algorithm in ("sliding_window", "token_bucket"):
             key = self._create_key(f"accuracy-{algorithm}", "--rpm", str(plan.accuracy_rpm))
-            env = {**self.env, "LIMITS_RPM_ALGORITHM": algorithm}
+            # The gateways' metrics in a directory of their own, so that one scrape adds up
+            # theirs alone: how many decisions they took without Redis (the failure policy).
+            metrics_dir = self.workdir / f"accuracy-{algorithm}-prometheus"
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+            metrics_dir.mkdir()
+            metrics_token = secrets.token_urlsafe(16)
+            env = {
+                **self.env,
+                "LIMITS_RPM_ALGORITHM": algorithm,
+                "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+                "METRICS_TOKEN": metrics_token,
+            }
             if cluster:
                 env |= {"REDIS_URL": cluster, "REDIS_CLUSTER": "true"}
             gateways: list[Gateway] = []
@@ -853,6 +864,7 @@ class ServingRun:
                     _hammer([g.port for g in gateways], key, plan.accuracy_requests)
                 )
                 elapsed = time.monotonic() - started
+                without_redis = _counter_total(gateways[0].port, metrics_token, "llmgateway_redis_fallbacks_total")
             finally:
                 for gateway in gateways:
                     gateway.stop()
@@ -879,11 +891,15 @@ class ServingRun:
                     "429_without_retry_after": sum(
                         1 for status, retry_after in answers if status == 429 and not retry_after
                     ),
+                    # Decided in-process because Redis did not answer in time (LIMITS_FAIL_OPEN):
+                    # each may admit a request the shared count would have refused.
+                    "decided_without_redis": without_redis,
                 }
             )
             log(
                 f"accuracy {algorithm}: {admitted} admitted of {plan.accuracy_requests} "
-                f"(limit {plan.accuracy_rpm}, at most {allowed}) in {elapsed:.2f} s"
+                f"(limit {plan.accuracy_rpm}, at most {allowed}) in {elapsed:.2f} s, "
+                f"{without_redis} decided without Redis"
             )
         self.results["accuracy"] = {"status": "ok", "rows": rows}
 
@@ -1182,6 +1198,24 @@ async def _hammer(ports: Sequence[int], key: str, count: int) -> list[tuple[int,
             return response.status_code, "retry-after" in response.headers
 
         return list(await asyncio.gather(*(one(index) for index in range(count))))
+
+
+def _counter_total(port: int, token: str, name: str) -> int | None:
+    """A counter's total over every label and process, from the gateway's /metrics (None if it
+    cannot be read)."""
+    import httpx
+
+    try:
+        response = httpx.get(f"http://{HOST}:{port}/metrics", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+        response.raise_for_status()
+    except httpx.HTTPError:
+        return None
+    total = 0.0
+    for line in response.text.splitlines():
+        sample, _, value = line.rpartition(" ")
+        if sample.split("{")[0] == name:
+            total += float(value)
+    return int(total)
 
 
 def _names(text: str, allowed: Sequence[str], what: str) -> list[str]:
