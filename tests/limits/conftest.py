@@ -1,6 +1,6 @@
 """Fixtures for the limiter tests: a backend harness run against Redis, a Redis Cluster and
-in-process, unique key prefixes with cleanup, and private redis-server processes to kill and
-restart.
+in-process, unique key prefixes with cleanup, and private redis-server processes
+(`testbed.services.RedisServer`) to kill, pause and restart.
 
 The Redis Cluster is the local one `scripts/services` starts (see `tests.redis_cluster`)."""
 
@@ -9,10 +9,6 @@ from __future__ import annotations
 import functools
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -32,6 +28,7 @@ from limits import (
     ManualClock,
     RedisLimiter,
 )
+from testbed.services import RedisServer
 from tests.redis_cluster import CLUSTER_URL, cluster_client, redis_cluster_url
 from tests.redis_cluster import delete_prefixed as delete_keys
 
@@ -148,66 +145,12 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
         delete_prefixed(url, prefix)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class RedisServer:
-    """A private redis-server this test starts, kills, freezes and restarts on one port."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.url = f"redis://127.0.0.1:{port}/0"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--daemonize",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while not _redis_is_up(self.url):
-            if time.monotonic() > deadline or self.process.poll() is not None:
-                raise RuntimeError(f"redis-server did not start on port {self.port}")
-            time.sleep(0.02)
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGCONT)  # a frozen process cannot die otherwise
-            self.process.kill()
-            self.process.wait(timeout=10)
-        self.process = None
-
-    def freeze(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGSTOP)
-
-    def thaw(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGCONT)
-
-
 @pytest.fixture
 def redis_server() -> Iterator[RedisServer]:
     """A fresh redis-server on a free port, killed after the test."""
     if shutil.which("redis-server") is None:
         pytest.fail("redis-server is not installed: the failure-policy tests need a server to stop")
-    server = RedisServer(free_port())
+    server = RedisServer()
     server.start()
     try:
         yield server

@@ -23,8 +23,7 @@ from limits import (
     ResilientLimiter,
 )
 from limits._keys import key_for
-
-from .conftest import RedisServer
+from testbed.services import RedisServer
 
 TIMEOUT = 0.05  # the Redis backend's per-call deadline under test
 NEVER_HANGS = 1.0  # generous bound on any single decision: the point is "never hangs"
@@ -185,7 +184,7 @@ async def test_a_frozen_redis_costs_at_most_the_timeout_per_decision(
     for _ in range(5):
         await limiter.acquire([SPEC], group=GROUP)
 
-    redis_server.freeze()
+    redis_server.pause()
     try:
         durations = []
         for _ in range(20):
@@ -195,7 +194,7 @@ async def test_a_frozen_redis_costs_at_most_the_timeout_per_decision(
             assert decision.allowed
         breaker_state = limiter.breaker.state
     finally:
-        redis_server.thaw()
+        redis_server.resume()
 
     assert max(durations) < NEVER_HANGS
     # only the 3 calls before the breaker opened waited for the deadline; the rest went
@@ -210,13 +209,13 @@ async def test_the_bare_redis_backend_raises_instead_of_hanging(
     limiter = RedisLimiter.from_url(redis_server.url, prefix="t", timeout=TIMEOUT)
     try:
         await limiter.acquire([SPEC], group=GROUP)
-        redis_server.freeze()
+        redis_server.pause()
         started = time.monotonic()
         with pytest.raises(LimiterBackendError, match="timed out"):
             await limiter.acquire([SPEC], group=GROUP)
         elapsed = time.monotonic() - started
         health = await limiter.health()
-        redis_server.thaw()
+        redis_server.resume()
         redis_server.kill()
         with pytest.raises(LimiterBackendError, match="backend failed"):
             await limiter.acquire([SPEC], group=GROUP)

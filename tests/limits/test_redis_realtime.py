@@ -12,8 +12,9 @@ import redis
 
 from limits import LimitSpec, RedisLimiter, acquire_waiting
 from limits._keys import key_for, spec_keys
+from testbed.services import RedisServer
 
-from .conftest import RedisServer, async_client, is_cluster
+from .conftest import async_client, is_cluster
 
 
 @pytest.fixture
