@@ -5,7 +5,8 @@ Per call, before the upstream is contacted:
   all-or-nothing decision (one Lua script, one round trip; the user id is the hash tag), and
   concurrent streams per key as a lease. A key's own limits win, else the global defaults.
   Tokens per minute reserve prompt tokens + max_tokens (or GATEWAY_DEFAULT_MAX_TOKENS) and the
-  unused part is refunded when the call ends.
+  unused part is refunded when the call ends, with its stream lease, in one give-back (one
+  script, one round trip).
 - the web chat page's calls (a session, no key) instead of a key's limits: the user's chat-page
   requests per minute, tokens per minute and concurrent streams (LIMITS_CHAT_USER_RPM,
   LIMITS_CHAT_USER_TPM, LIMITS_CHAT_USER_MAX_CONCURRENT), on by default, so one person at the
@@ -237,12 +238,9 @@ async def release(admission: Admission, *, used_tokens: int) -> None:
     admission.released = True
     limiter = get_limiter()
     unused = admission.reserved_tokens - used_tokens
+    refunds = [(spec, unused) for spec in admission.tpm_specs] if unused > 0 else []
     try:
-        if unused > 0:
-            for spec in admission.tpm_specs:
-                await limiter.refund(spec, unused, group=admission.group)
-        if admission.lease is not None:
-            await limiter.release_lease(admission.lease[0], admission.lease[1], group=admission.group)
+        await limiter.give_back(refunds, lease=admission.lease, group=admission.group)
     except LimiterUnavailable:
         pass  # fail-closed with Redis gone: the lease expires by its TTL, refunds are lost
 

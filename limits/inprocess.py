@@ -183,6 +183,14 @@ class InProcessLimiter:
             leases[lease_id] = now + ttl_seconds * 1000.0
             return True
 
+    async def give_back(
+        self, refunds: Sequence[tuple[LimitSpec, int]], *, lease: tuple[str, str] | None = None, group: str
+    ) -> None:
+        for spec, amount in refunds:
+            await self.refund(spec, amount, group=group)
+        if lease is not None:
+            await self.release_lease(*lease, group=group)
+
     async def release_lease(self, key: str, lease_id: str, *, group: str) -> None:
         """Free the slot; unknown ids are ignored."""
         _validate.check_lease(key, lease_id, group)

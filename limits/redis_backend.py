@@ -77,7 +77,7 @@ def _load_lua(name: str) -> str:
 
 
 _SOURCES = {
-    name: _load_lua(name) for name in ("acquire", "refund", "lease_acquire", "lease_renew", "block")
+    name: _load_lua(name) for name in ("acquire", "give_back", "lease_acquire", "lease_renew", "block")
 }
 
 
@@ -177,19 +177,29 @@ class RedisLimiter:
         )
 
     async def refund(self, spec: LimitSpec, amount: int, *, group: str) -> None:
-        """Give back ``amount`` units (see refund.lua)."""
-        _validate.check_refund(spec, amount, group)
-        if amount == 0:
+        """Give back ``amount`` units (see give_back.lua)."""
+        await self.give_back([(spec, amount)], group=group)
+
+    async def give_back(
+        self, refunds: Sequence[tuple[LimitSpec, int]], *, lease: tuple[str, str] | None = None, group: str
+    ) -> None:
+        """Refund every ``(spec, amount)`` and release ``lease`` (key, lease id): one script run."""
+        for spec, amount in refunds:
+            _validate.check_refund(spec, amount, group)
+        if lease is not None:
+            _validate.check_lease(*lease, group)
+        refunds = [(spec, amount) for spec, amount in refunds if amount > 0]
+        if not refunds and lease is None:
             return
-        state, meta, _ = _keys.spec_keys(self._prefix, group, spec)
-        args: list[str | int | float] = [
-            self._now_arg(),
-            _KIND_CODES[spec.kind],
-            spec.limit,
-            spec.period_seconds * 1000.0,
-            amount,
-        ]
-        await self._run("refund", [state, meta], args)
+        keys: list[str] = []
+        args: list[str | int | float] = [self._now_arg(), len(refunds)]
+        for spec, amount in refunds:
+            keys.extend(_keys.spec_keys(self._prefix, group, spec)[:2])
+            args.extend((_KIND_CODES[spec.kind], spec.limit, spec.period_seconds * 1000.0, amount))
+        if lease is not None:
+            keys.append(_keys.key_for(self._prefix, group, "lease", lease[0]))
+            args.append(lease[1])
+        await self._run("give_back", keys, args)
 
     async def acquire_lease(
         self, key: str, *, limit: int, lease_id: str, ttl_seconds: float, group: str

@@ -118,6 +118,18 @@ class ResilientLimiter:
         if self.fail_open and self.fallback is not None:
             await self.fallback.refund(spec, amount, group=group)
 
+    async def give_back(
+        self, refunds: Sequence[tuple[LimitSpec, int]], *, lease: tuple[str, str] | None = None, group: str
+    ) -> None:
+        """As `refund()` and `release_lease()` each do, in one give-back to the primary."""
+        if lease is not None and self.fallback is not None:
+            await self.fallback.release_lease(*lease, group=group)
+        if await self._give_back("give_back", lambda: self.primary.give_back(refunds, lease=lease, group=group)):
+            return
+        if self.fail_open and self.fallback is not None:
+            for spec, amount in refunds:
+                await self.fallback.refund(spec, amount, group=group)
+
     async def acquire_lease(
         self, key: str, *, limit: int, lease_id: str, ttl_seconds: float, group: str
     ) -> Decision:

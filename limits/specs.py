@@ -116,6 +116,13 @@ class Limiter(Protocol):
         """Give back ``amount`` units (token bucket: never above capacity)."""
         ...
 
+    async def give_back(
+        self, refunds: Sequence[tuple[LimitSpec, int]], *, lease: tuple[str, str] | None = None, group: str
+    ) -> None:
+        """What a call gives back when it ends, at once: each ``refund()`` and, with ``lease``
+        (key, lease id), ``release_lease()``."""
+        ...
+
     async def acquire_lease(
         self, key: str, *, limit: int, lease_id: str, ttl_seconds: float, group: str
     ) -> Decision:

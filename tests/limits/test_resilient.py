@@ -306,3 +306,36 @@ async def test_a_give_back_that_keeps_failing_holds_up_none_of_the_others(clock:
     clock.advance(901)  # past retry_for: a lease has expired by its TTL by then
     await _released(limiter, primary, ["one", "two", "three"], pending=0)
     await limiter.aclose()
+
+
+class AwayPrimary(InProcessLimiter):
+    """A primary whose give-backs fail while it is away, and that records those it takes."""
+
+    def __init__(self, clock: ManualClock) -> None:
+        super().__init__(clock=clock)
+        self.away = True
+        self.taken: list[tuple[list[tuple[LimitSpec, int]], tuple[str, str] | None]] = []
+
+    async def give_back(self, refunds: Sequence[tuple[LimitSpec, int]], *, lease: tuple[str, str] | None = None, group: str) -> None:
+        if self.away:
+            raise LimiterBackendError("Redis is away")
+        self.taken.append((list(refunds), lease))
+        await super().give_back(refunds, lease=lease, group=group)
+
+
+async def test_a_calls_give_back_frees_its_slot_here_at_once_and_reaches_redis_whole_once_it_is_back(clock: ManualClock) -> None:
+    primary, fallback = AwayPrimary(clock), InProcessLimiter(clock=clock)
+    limiter = ResilientLimiter(primary, fallback, retry_interval=0.01, clock=clock)
+    await fallback.acquire_lease("streams", limit=1, lease_id="a", ttl_seconds=30, group="g")
+
+    await limiter.give_back([(SPEC, 1)], lease=("streams", "a"), group="g")
+
+    assert limiter.pending_give_backs == 1
+    assert (await fallback.acquire_lease("streams", limit=1, lease_id="b", ttl_seconds=30, group="g")).allowed
+    primary.away = False
+    for _ in range(200):
+        if not limiter.pending_give_backs:
+            break
+        await asyncio.sleep(0.01)
+    assert primary.taken == [([(SPEC, 1)], ("streams", "a"))]
+    await limiter.aclose()

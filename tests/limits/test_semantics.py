@@ -208,6 +208,32 @@ async def test_refund_on_a_window_removes_the_newest_charges(backend: Backend) -
     assert decision.states[0].reset_seconds == 0.0
 
 
+async def test_a_call_gives_back_its_unused_units_and_its_lease_at_once(backend: Backend) -> None:
+    lim, g = backend.limiter, backend.group
+    bucket = backend.spec("tpm", limit=10, period=10.0, cost=6)
+    window = backend.spec("tpw", kind="sliding_window", limit=10, period=30.0, cost=4)
+    await backend.acquire(bucket, window)
+    await lim.acquire_lease("streams", limit=1, lease_id="a", ttl_seconds=30, group=g)
+
+    await lim.give_back([(bucket, 5), (window, 3)], lease=("streams", "a"), group=g)
+
+    assert await backend.remaining(bucket) == 9
+    assert await backend.remaining(window) == 9
+    assert (await lim.acquire_lease("streams", limit=1, lease_id="b", ttl_seconds=30, group=g)).allowed
+
+
+async def test_giving_back_to_untouched_limits_or_an_unknown_lease_changes_nothing(backend: Backend) -> None:
+    lim, g = backend.limiter, backend.group
+    bucket = backend.spec("tpm", limit=10, period=10.0)
+    await lim.acquire_lease("streams", limit=1, lease_id="held", ttl_seconds=30, group=g)
+
+    await lim.give_back([], group=g)
+    await lim.give_back([(bucket, 5)], lease=("streams", "never-held"), group=g)
+
+    assert await backend.remaining(bucket) == 10
+    assert not (await lim.acquire_lease("streams", limit=1, lease_id="b", ttl_seconds=30, group=g)).allowed
+
+
 # -- sliding window --------------------------------------------------------------------------
 
 
