@@ -214,6 +214,10 @@ class OpenAIProvider:
             if isinstance(error, httpx2.TimeoutException) and not _is_failed_connection(error):
                 raise UpstreamError("timeout", "The upstream timed out mid-stream.") from error
             raise UpstreamError("connection", "The upstream dropped the connection mid-stream.") from error
+        except aiohttp.ClientError as error:  # a body read from aiohttp itself (`_body_pieces`)
+            if isinstance(error, TimeoutError):  # aiohttp's read timeout (sock_read)
+                raise UpstreamError("timeout", "The upstream timed out mid-stream.") from error
+            raise UpstreamError("connection", "The upstream dropped the connection mid-stream.") from error
         finally:
             # Closing the response closes the connection at once when we stop early.
             await response.aclose()
@@ -253,8 +257,24 @@ async def _drain(pieces: AsyncIterator[bytes]) -> None:
         async with asyncio.timeout(DRAIN_TIMEOUT):
             async for _ in pieces:
                 pass
-    except (TimeoutError, httpx2.HTTPError):
+    except (TimeoutError, httpx2.HTTPError, aiohttp.ClientError):
         pass
+
+
+def _body_pieces(response: httpx2.Response) -> AsyncIterator[bytes]:
+    """The body's pieces as they arrive.
+
+    A body with no content encoding is read from the aiohttp response under the SDK's transport
+    (`openai.DefaultAioHttpClient`): through httpx, each piece passes four more async generators
+    on its way, a good part of the gateway's work per relayed chunk. Anything else (an encoded
+    body, another transport) goes through httpx, which decodes it. Closing stays the httpx
+    response's (`response.aclose()`), which closes the aiohttp one.
+    """
+    transport_stream = getattr(response.stream, "_stream", None)  # httpx's wrapper of the transport's
+    aiohttp_response = getattr(transport_stream, "_aiohttp_response", None)
+    if not isinstance(aiohttp_response, aiohttp.ClientResponse) or response.headers.get("content-encoding", "identity") != "identity":
+        return response.aiter_bytes()
+    return aiohttp_response.content.iter_any()
 
 
 async def _sse_events(response: httpx2.Response, endpoint: Endpoint) -> AsyncIterator[ProviderChunk]:
@@ -267,7 +287,7 @@ async def _sse_events(response: httpx2.Response, endpoint: Endpoint) -> AsyncIte
     """
     last_events = endpoint.last_events
     buffer = b""
-    pieces = response.aiter_bytes()
+    pieces = _body_pieces(response)
     async for piece in pieces:
         buffer = buffer + piece if buffer else piece
         if b"\r" in buffer:

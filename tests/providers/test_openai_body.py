@@ -1,0 +1,119 @@
+"""How the `openai` provider reads a streamed body: straight from the SDK's aiohttp response when
+it is not encoded, through httpx's decoder when it is, and a cut or silent body is named as such."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from streaming import endpoints
+from streaming.catalog import Deployment, ProviderSpec
+from streaming.providers import openai as provider_module
+from streaming.providers.base import ProviderRequest, UpstreamError
+from streaming.providers.openai import OpenAIProvider
+
+TEXT = ["Hel", "lo", ", wor", "ld"]
+
+
+def sse(text: list[str]) -> bytes:
+    chunks = [{"id": "c1", "object": "chat.completion.chunk", "model": "m", "choices": [{"index": 0, "delta": {"content": piece}}]} for piece in text]
+    return b"".join(b"data: " + json.dumps(chunk).encode() + b"\n\n" for chunk in chunks) + b"data: [DONE]\n\n"
+
+
+Handler = Callable[[web.Request], Any]
+
+
+@pytest.fixture
+async def upstream_serving() -> AsyncIterator[Callable[[Handler], Any]]:
+    """Serve one handler at /v1/chat/completions on a free port; yields a starter (-> base URL)."""
+    runners: list[web.AppRunner] = []
+
+    async def start(handler: Handler) -> str:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return f"http://127.0.0.1:{port}/v1"
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+async def streamed_text(base_url: str, *, read_timeout: float = 5.0) -> str:
+    provider = OpenAIProvider(base_url=base_url, api_key="sk-test", connect_timeout=2.0, read_timeout=read_timeout, max_connections=4)
+    deployment = Deployment(provider=ProviderSpec(name="test", kind="openai", base_url=base_url), upstream_model="m")
+    request = ProviderRequest(
+        deployment=deployment,
+        endpoint=endpoints.ENDPOINTS["chat.completions"],
+        body={"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True},
+    )
+    try:
+        return "".join([chunk.data["choices"][0]["delta"].get("content", "") async for chunk in provider.stream(request)])
+    finally:
+        await provider.aclose()
+
+
+async def test_a_plain_stream_is_read_straight_from_aiohttp(upstream_serving, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def plain(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for line in sse(TEXT).split(b"\n\n")[:-1]:
+            await response.write(line + b"\n\n")
+        return response
+
+    read_through: list[str] = []
+    body_pieces = provider_module._body_pieces
+
+    def spying(response: Any) -> Any:
+        pieces = body_pieces(response)
+        read_through.append(type(pieces).__module__.split(".")[0])
+        return pieces
+
+    monkeypatch.setattr(provider_module, "_body_pieces", spying)
+    assert await streamed_text(await upstream_serving(plain)) == "Hello, world"
+    assert read_through == ["aiohttp"]
+
+
+async def test_a_compressed_stream_is_decoded(upstream_serving) -> None:
+    async def compressed(request: web.Request) -> web.Response:
+        return web.Response(body=gzip.compress(sse(TEXT)), headers={"Content-Type": "text/event-stream", "Content-Encoding": "gzip"})
+
+    assert await streamed_text(await upstream_serving(compressed)) == "Hello, world"
+
+
+async def test_a_stream_cut_mid_way_is_a_connection_error(upstream_serving) -> None:
+    async def cut(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(sse(TEXT[:2]).split(b"data: [DONE]")[0])
+        assert request.transport is not None
+        request.transport.close()  # mid-body, no [DONE], no chunked terminator
+        return response
+
+    with pytest.raises(UpstreamError) as raised:
+        await streamed_text(await upstream_serving(cut))
+    assert raised.value.kind == "connection"
+
+
+async def test_a_stream_that_falls_silent_past_the_read_timeout_is_a_timeout(upstream_serving) -> None:
+    async def silent(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(sse(TEXT[:1]).split(b"data: [DONE]")[0])
+        await asyncio.sleep(5)
+        return response
+
+    with pytest.raises(UpstreamError) as raised:
+        await streamed_text(await upstream_serving(silent), read_timeout=0.3)
+    assert raised.value.kind == "timeout"
