@@ -24,8 +24,8 @@ from prometheus_client import REGISTRY
 from limits import ManualClock
 from llmgateway import cache as resilient_cache
 from llmgateway.cache import ResilientRedisCache
+from testbed.services import RedisServer
 from tests.conftest import Gateway, free_port
-from tests.limits.conftest import RedisServer
 
 PASSWORD = "correct horse battery"
 FORM_ERROR = "Your username and password didn't match."
@@ -36,7 +36,7 @@ BACKEND = "llmgateway.cache.ResilientRedisCache"
 @pytest.fixture
 def private_redis() -> Iterator[RedisServer]:
     """A redis-server of this test's own on a free port, killed (by PID) afterwards."""
-    server = RedisServer(free_port())
+    server = RedisServer()
     server.start()
     try:
         yield server
@@ -135,14 +135,14 @@ def test_a_frozen_redis_costs_one_timeout_per_operation_then_none_until_the_brea
     direct = redis.Redis.from_url(private_redis.url)
     assert cache.add("warm", 1, 60) is True
 
-    private_redis.freeze()
+    private_redis.pause()
     try:
         for attempt in range(resilient_cache.FAILURE_THRESHOLD):
             started = time.monotonic()
             assert cache.add(f"frozen{attempt}", 1, 60) is False
             assert time.monotonic() - started < 2.0  # the 0.5 s socket timeout, with slack
     finally:
-        private_redis.thaw()
+        private_redis.resume()
 
     # The breaker is open: Redis answers again but is not asked until RESET_SECONDS have passed.
     assert cache.add("skipped", 1, 60) is False
@@ -264,7 +264,7 @@ def test_login_answers_in_bounded_time_with_redis_frozen(
 ) -> None:
     with httpx.Client(base_url=page_gateway.base_url, timeout=10) as http:
         assert http.get("/accounts/login/").status_code == 200  # the CSRF cookie, before the freeze
-        private_redis.freeze()
+        private_redis.pause()
         try:
             started = time.monotonic()
             right = login(http, PASSWORD)
@@ -277,4 +277,4 @@ def test_login_answers_in_bounded_time_with_redis_frozen(
             wrong = login(http, "wrong password")
             assert wrong.status_code == 200 and FORM_ERROR in wrong.text
         finally:
-            private_redis.thaw()
+            private_redis.resume()
