@@ -26,7 +26,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, Callable, Coroutine
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, cast
 
 from streaming import _sse
@@ -284,6 +284,7 @@ class StreamRelay:
         self.queue: asyncio.Queue[QueueItem] = asyncio.Queue(maxsize=queue_size)
         self.outcome = CallOutcome()
         self._producer: asyncio.Task[None] | None = None
+        self._cut_connection: Callable[[], None] | None = None
         self._stopped: CallStopped | None = None
         self._ended = False  # the last item (END or an error) is in the queue
         self._deadline: _SilenceDeadline | None = None
@@ -297,10 +298,18 @@ class StreamRelay:
         return await self.queue.get()
 
     def abort(self) -> None:
-        """Stop the upstream call now, without waiting (the client is gone); `aclose()` waits."""
+        """Stop the upstream call now, without waiting (the client is gone): its connection is
+        cut in this step if the provider said how (`ProviderRequest.on_connection`), and the
+        producer is cancelled; `aclose()` waits for it."""
         producer = self._producer
         if producer is not None and not producer.done():
             producer.cancel()
+            cut, self._cut_connection = self._cut_connection, None
+            if cut is not None:
+                cut()
+
+    def _connection_opened(self, cut: Callable[[], None]) -> None:
+        self._cut_connection = cut
 
     async def aclose(self) -> None:
         """Stop the upstream call if it is still running and wait until its outcome is final."""
@@ -367,7 +376,8 @@ class StreamRelay:
         phase = "first_token"
         try:
             try:
-                async with aclosing(cast(AsyncGenerator[ProviderChunk], self._provider.stream(self._request))) as chunks:
+                request = replace(self._request, on_connection=self._connection_opened)
+                async with aclosing(cast(AsyncGenerator[ProviderChunk], self._provider.stream(request))) as chunks:
                     async for chunk in chunks:
                         if phase == "first_token":
                             phase = "idle"
@@ -395,6 +405,7 @@ class StreamRelay:
                 raise
             finally:
                 deadline.cancel()
+                self._cut_connection = None
         except TimeoutError:
             if deadline.total_passed:
                 phase = "total"

@@ -44,6 +44,10 @@ class ProviderRequest:
     # Told the headers of the upstream's answer as soon as it starts (its rate-limit headers
     # teach the gateway the upstream's real limits); a failure's headers are on `UpstreamError`.
     on_response_headers: Callable[[Mapping[str, str]], None] | None = None
+    # Told, once the upstream's answer has started, how to cut its connection at once (a plain
+    # call, no await): the relay cuts it the moment the client leaves, before the loop spends
+    # anything on the call's ending. Providers without a connection of their own never call it.
+    on_connection: Callable[[Callable[[], None]], None] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -204,6 +204,9 @@ class OpenAIProvider:
             raise translate_error(error) from error
         if request.on_response_headers is not None:
             request.on_response_headers(rate_limit_headers(response.headers))
+        upstream = _aiohttp_response(response)
+        if upstream is not None and request.on_connection is not None:
+            request.on_connection(upstream.close)  # closes its connection, not back to the pool
         try:
             if not streamed:
                 yield endpoint.chunk(_json_object(await response.aread()))
@@ -270,11 +273,18 @@ def _body_pieces(response: httpx2.Response) -> AsyncIterator[bytes]:
     body, another transport) goes through httpx, which decodes it. Closing stays the httpx
     response's (`response.aclose()`), which closes the aiohttp one.
     """
-    transport_stream = getattr(response.stream, "_stream", None)  # httpx's wrapper of the transport's
-    aiohttp_response = getattr(transport_stream, "_aiohttp_response", None)
-    if not isinstance(aiohttp_response, aiohttp.ClientResponse) or response.headers.get("content-encoding", "identity") != "identity":
+    aiohttp_response = _aiohttp_response(response)
+    if aiohttp_response is None or response.headers.get("content-encoding", "identity") != "identity":
         return response.aiter_bytes()
     return aiohttp_response.content.iter_any()
+
+
+def _aiohttp_response(response: httpx2.Response) -> aiohttp.ClientResponse | None:
+    """The aiohttp response under the SDK's transport (`openai.DefaultAioHttpClient`), if that is
+    the transport."""
+    transport_stream = getattr(response.stream, "_stream", None)  # httpx's wrapper of the transport's
+    aiohttp_response = getattr(transport_stream, "_aiohttp_response", None)
+    return aiohttp_response if isinstance(aiohttp_response, aiohttp.ClientResponse) else None
 
 
 async def _sse_events(response: httpx2.Response, endpoint: Endpoint) -> AsyncIterator[ProviderChunk]:

@@ -1,5 +1,6 @@
 """How the `openai` provider reads a streamed body: straight from the SDK's aiohttp response when
-it is not encoded, through httpx's decoder when it is, and a cut or silent body is named as such."""
+it is not encoded, through httpx's decoder when it is; a cut or silent body is named as such, and
+a client that leaves has the upstream connection cut at once."""
 
 from __future__ import annotations
 
@@ -9,13 +10,15 @@ import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 
 from streaming import endpoints
 from streaming.catalog import Deployment, ProviderSpec
+from streaming.pipeline import StreamRelay, Timeouts
 from streaming.providers import openai as provider_module
-from streaming.providers.base import ProviderRequest, UpstreamError
+from streaming.providers.base import ProviderChunk, ProviderRequest, UpstreamError
 from streaming.providers.openai import OpenAIProvider
 
 TEXT = ["Hel", "lo", ", wor", "ld"]
@@ -117,3 +120,53 @@ async def test_a_stream_that_falls_silent_past_the_read_timeout_is_a_timeout(ups
     with pytest.raises(UpstreamError) as raised:
         await streamed_text(await upstream_serving(silent), read_timeout=0.3)
     assert raised.value.kind == "timeout"
+
+
+async def test_a_client_that_leaves_has_the_upstream_connection_cut_in_the_same_step(upstream_serving, monkeypatch: pytest.MonkeyPatch) -> None:
+    upstream_saw_the_end = asyncio.Event()
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        try:
+            while True:
+                await response.write(sse(TEXT[:1]).split(b"data: [DONE]")[0])
+                await asyncio.sleep(0.01)
+        except (ConnectionResetError, asyncio.CancelledError):
+            upstream_saw_the_end.set()
+            raise
+        return response
+
+    closed: list[object] = []
+    close = aiohttp.ClientResponse.close
+
+    def recorded_close(self: aiohttp.ClientResponse) -> None:
+        closed.append(self)
+        close(self)
+
+    monkeypatch.setattr(aiohttp.ClientResponse, "close", recorded_close)
+    base_url = await upstream_serving(endless)
+    provider = OpenAIProvider(base_url=base_url, api_key="sk-test", connect_timeout=2.0, read_timeout=5.0, max_connections=4)
+    relay = StreamRelay(
+        provider=provider,
+        request=ProviderRequest(
+            deployment=Deployment(provider=ProviderSpec(name="test", kind="openai", base_url=base_url), upstream_model="m"),
+            endpoint=endpoints.ENDPOINTS["chat.completions"],
+            body={"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True},
+        ),
+        queue_size=64,
+        timeouts=Timeouts(first_token=5, idle=5, total=30, heartbeat=5),
+        count_text=len,
+        completion_token_cap=10_000,
+    )
+    relay.start()
+    try:
+        assert isinstance(await asyncio.wait_for(relay.get(), 5), ProviderChunk)
+        relay.abort()
+        assert len(closed) == 1  # cut here, not when the cancelled producer next runs
+        async with asyncio.timeout(2):
+            await upstream_saw_the_end.wait()
+        await relay.aclose()
+        assert relay.outcome.status == "cancelled"
+    finally:
+        await provider.aclose()
