@@ -157,8 +157,10 @@ def test_disconnecting_from_a_responses_stream_cancels_the_upstream_and_bills_th
     assert upstream_request.closed_at - closed_at < 0.1
     row = wait_for_record()
     assert row.status == "cancelled" and row.endpoint == "responses" and row.token_source == "estimated"
-    assert 5 <= upstream_request.content_chunks_sent < 500
-    assert row.completion_tokens == count_text_tokens("tok " * upstream_request.content_chunks_sent, model="gpt-4o-mini")
+    # As for chat (tests/api/test_streaming.py): one chunk may have been on its way as the client left.
+    sent = upstream_request.content_chunks_sent
+    assert 5 <= sent < 500
+    assert row.completion_tokens in {count_text_tokens("tok " * received, model="gpt-4o-mini") for received in (sent - 1, sent)}
 
 
 # --- embeddings -----------------------------------------------------------------------------------

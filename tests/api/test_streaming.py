@@ -192,10 +192,14 @@ def test_a_client_disconnect_closes_the_upstream_at_once_and_bills_the_partial_s
     assert record.status == "cancelled"
     assert record.token_source == "estimated"
     # Billed for what the upstream produced: at least what we read, far less than the whole answer.
-    assert 5 <= upstream_request.content_chunks_sent < 500
-    assert record.completion_tokens == count_text_tokens(
-        "tok " * upstream_request.content_chunks_sent, model="gpt-4o-mini"
-    )
+    # The upstream may have written one more chunk as the client left (paced 20 ms apart, on a
+    # busy machine): on the wire or in the socket's buffer when the call was cut, it never
+    # reached the gateway, which bills what reached it.
+    sent = upstream_request.content_chunks_sent
+    assert 5 <= sent < 500
+    assert record.completion_tokens in {
+        count_text_tokens("tok " * received, model="gpt-4o-mini") for received in (sent - 1, sent)
+    }
 
 
 def wait_until_stalled(read_progress, *, quiet_for: float = 1.0, timeout: float = 20.0) -> int:
