@@ -18,6 +18,7 @@ import aiohttp
 import httpx2
 import openai
 import orjson
+from openai._vendor.httpx_aiohttp.transport import AiohttpTransport  # the SDK's aiohttp transport
 
 from streaming.catalog import Deployment
 from streaming.providers.base import (
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 CLIENT_REQUEST_ID_HEADER = "X-Client-Request-Id"
 DRAIN_TIMEOUT = 0.5  # seconds
 BODY_PIECE_BYTES = 16 * 1024
+UPSTREAM_READ_BUFFER_BYTES = 64 * 1024
 
 
 # The headers an answer's failure keeps: when to come back, and the upstream's limits.
@@ -123,6 +125,26 @@ def _limit_type(body: Any) -> Literal["requests", "tokens"] | None:
     return None
 
 
+def _aiohttp_transport(max_connections: int) -> AiohttpTransport:
+    """The transport `openai.DefaultAioHttpClient` builds, on a session whose read buffer is
+    `UPSTREAM_READ_BUFFER_BYTES` rather than aiohttp's 256 KB.
+
+    A connection's reader takes up to twice its read buffer before it stops reading the socket,
+    and a stream whose client does not read keeps that much in the process: with aiohttp's
+    default, half the memory of 100 such clients (measured with tracemalloc). What is beyond
+    stays in the kernel's socket buffers, where the upstream sees the pressure.
+    """
+    limits = httpx2.Limits(max_connections=max_connections)
+
+    def session() -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(
+            limit=max_connections, keepalive_timeout=limits.keepalive_expiry, ssl=httpx2.create_ssl_context()
+        )
+        return aiohttp.ClientSession(connector=connector, read_bufsize=UPSTREAM_READ_BUFFER_BYTES)
+
+    return AiohttpTransport(limits=limits, client=session)
+
+
 def _is_failed_connection(error: BaseException) -> bool:
     """Whether a timeout is really a refused or dropped connection: the SDK's aiohttp transport
     reports every aiohttp connection error as `httpx2.ConnectTimeout` (the SDK then raises
@@ -180,7 +202,9 @@ class OpenAIProvider:
             # httpx2 one. Its pool holds at most `max_connections`, idle ones included (unset,
             # aiohttp caps it at 100: 100 concurrent calls).
             http_client=openai.DefaultAioHttpClient(
-                timeout=timeout, limits=httpx2.Limits(max_connections=max_connections)
+                timeout=timeout,
+                limits=httpx2.Limits(max_connections=max_connections),
+                transport=_aiohttp_transport(max_connections),
             ),
         )
 
