@@ -127,8 +127,7 @@ class ResilientLimiter:
         if await self._give_back("give_back", lambda: self.primary.give_back(refunds, lease=lease, group=group)):
             return
         if self.fail_open and self.fallback is not None:
-            for spec, amount in refunds:
-                await self.fallback.refund(spec, amount, group=group)
+            await self.fallback.give_back(refunds, group=group)  # its lease went back above
 
     async def acquire_lease(
         self, key: str, *, limit: int, lease_id: str, ttl_seconds: float, group: str

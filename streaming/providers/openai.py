@@ -236,7 +236,7 @@ class OpenAIProvider:
             if not streamed:
                 yield endpoint.chunk(_json_object(await response.aread()))
                 return
-            async for chunk in _sse_events(response, endpoint):
+            async for chunk in _sse_events(_body_pieces(response, upstream), endpoint):
                 yield chunk
         except httpx2.HTTPError as error:
             if isinstance(error, httpx2.TimeoutException) and not _is_failed_connection(error):
@@ -289,16 +289,15 @@ async def _drain(pieces: AsyncIterator[bytes]) -> None:
         pass
 
 
-def _body_pieces(response: httpx2.Response) -> AsyncIterator[bytes]:
+def _body_pieces(response: httpx2.Response, aiohttp_response: aiohttp.ClientResponse | None) -> AsyncIterator[bytes]:
     """The body's pieces as they arrive.
 
-    A body with no content encoding is read from the aiohttp response under the SDK's transport
-    (`openai.DefaultAioHttpClient`): through httpx, each piece passes four more async generators
+    A body with no content encoding is read from `aiohttp_response`, the one under the SDK's
+    transport (`openai.DefaultAioHttpClient`): through httpx, each piece passes four more async generators
     on its way, a good part of the gateway's work per relayed chunk. Anything else (an encoded
     body, another transport) goes through httpx, which decodes it. Closing stays the httpx
     response's (`response.aclose()`), which closes the aiohttp one.
     """
-    aiohttp_response = _aiohttp_response(response)
     if aiohttp_response is None or response.headers.get("content-encoding", "identity") != "identity":
         return response.aiter_bytes()
     # Bounded pieces, as the transport reads them: `iter_any()` joins all that is buffered into
@@ -315,7 +314,7 @@ def _aiohttp_response(response: httpx2.Response) -> aiohttp.ClientResponse | Non
     return aiohttp_response if isinstance(aiohttp_response, aiohttp.ClientResponse) else None
 
 
-async def _sse_events(response: httpx2.Response, endpoint: Endpoint) -> AsyncIterator[ProviderChunk]:
+async def _sse_events(pieces: AsyncIterator[bytes], endpoint: Endpoint) -> AsyncIterator[ProviderChunk]:
     """The events of an SSE stream, read by the endpoint, until `data: [DONE]` (chat, legacy
     completions) or an event of one of its `last_events` types (the Responses API's
     `response.completed`, ...).
@@ -325,7 +324,6 @@ async def _sse_events(response: httpx2.Response, endpoint: Endpoint) -> AsyncIte
     """
     last_events = endpoint.last_events
     buffer = b""
-    pieces = _body_pieces(response)
     async for piece in pieces:
         buffer = buffer + piece if buffer else piece
         if b"\r" in buffer:

@@ -78,8 +78,8 @@ async def test_a_plain_stream_is_read_straight_from_aiohttp(upstream_serving, mo
     read_through: list[str] = []
     body_pieces = provider_module._body_pieces
 
-    def spying(response: Any) -> Any:
-        pieces = body_pieces(response)
+    def spying(response: Any, upstream: Any) -> Any:
+        pieces = body_pieces(response, upstream)
         read_through.append(type(pieces).__module__.split(".")[0])
         return pieces
 
