@@ -6,8 +6,8 @@ is not. The writer is a group commit (`infra.group_commit`): a row handed in whi
 being written is written at once, alone; rows that arrive while a batch is being written wait,
 and become the next batch (at most `MAX_BATCH_ROWS`) as soon as that one is done.
 
-- One batch is one transaction (`billing.services.usage_records_create`): a multi-row INSERT of
-  the ledger rows, one upsert per rollup row it touches (the calls' amounts added up first),
+- One batch is one transaction (`billing.services.usage_records_create`): one INSERT statement run
+  for each ledger row (one round trip on PostgreSQL), one upsert per rollup row it touches (the calls' amounts added up first),
   and the DELETE of those calls' budget holds. A failure leaves neither the rows nor the holds'
   release: it is all or nothing, as for one call.
 - A batch the database refuses for a reason of its rows (a `request_id` already in the ledger,

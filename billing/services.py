@@ -47,6 +47,7 @@ from django.db import DEFAULT_DB_ALIAS, InterfaceError, OperationalError, connec
 from django.utils import timezone
 
 from billing import pricing_cache
+from billing._sql import delete_where_in, insert_many
 from billing.exceptions import PriceMissing, QuotaExceeded
 from billing.models import (
     CANCELLED_STATUSES,
@@ -292,7 +293,7 @@ def budget_reserve_many(*, requests: Sequence[HoldRequest]) -> list[Admission | 
                     continue
                 holds.append(hold)
                 usage = replace(usage, reserved_usd=money_sum([usage.reserved_usd, hold.cost_usd]), reserved_tokens=usage.reserved_tokens + hold.tokens)
-        Reservation.objects.bulk_create(holds)
+        insert_many(Reservation, holds)
     return outcomes
 
 
@@ -458,8 +459,8 @@ _KEY_SUMS: Final = ("requests", "prompt_tokens", "completion_tokens", "cached_to
 def usage_records_create(*, rows: Sequence[UsageRow]) -> list[UsageRecord]:
     """Append many calls' ledger rows, add them to their rollups and settle their holds: one transaction.
 
-    The batching writer's unit of work (`billing.ledger_writer`): one multi-row INSERT of the
-    ledger rows, one upsert per rollup row the batch touches (its calls' amounts added up first,
+    The batching writer's unit of work (`billing.ledger_writer`): the ledger rows by one INSERT
+    statement run for each (`billing._sql.insert_many`; pipelined on PostgreSQL), one upsert per rollup row the batch touches (its calls' amounts added up first,
     in a fixed order of rollup rows, so two batches never wait on each other's rows crosswise),
     and one DELETE of the batch's holds. All or nothing: any row the database refuses (a
     `request_id` already in the ledger, a deleted user, a value out of range) rolls the whole
@@ -483,12 +484,12 @@ def usage_records_create(*, rows: Sequence[UsageRow]) -> list[UsageRecord]:
         if record.api_key_id is not None:
             _add_to(by_key.setdefault((record.api_key_id, day), {}), amounts, _KEY_SUMS)
     with transaction.atomic():
-        UsageRecord.objects.bulk_create(records)
+        insert_many(UsageRecord, records)
         for (user_id, model, endpoint, day), sums in sorted(daily.items(), key=lambda item: item[0]):
             _rollup_add(DailyUsage, key={"user": user_id, "model": model, "endpoint": endpoint, "day": day}, sums=sums)
         for (api_key_id, day), sums in sorted(by_key.items(), key=lambda item: item[0]):
             _rollup_add(DailyKeyUsage, key={"api_key": api_key_id, "day": day}, sums=sums)
-        Reservation.objects.filter(request_id__in=[record.request_id for record in records]).delete()
+        delete_where_in(Reservation, "request_id", [record.request_id for record in records])
     return records
 
 

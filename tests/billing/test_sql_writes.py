@@ -1,0 +1,77 @@
+"""The ledger's and the holds' plain-statement writes (`billing._sql`) store exactly what the ORM
+would: every field read back equal, keys set on the objects, refusals as Django's errors."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from django.db import IntegrityError, transaction
+
+from billing._sql import delete_where_in, insert_many
+from billing.models import Reservation, UsageRecord
+from billing.services import _usage_record, account_get_or_create
+
+from .conftest import NOW
+from .test_ledger_writer import row
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.ledger]
+
+
+def _field_values(record: UsageRecord) -> dict[str, Any]:
+    return {field.attname: getattr(record, field.attname) for field in UsageRecord._meta.concrete_fields}
+
+
+def test_ledger_rows_read_back_field_for_field_with_their_keys_set(user: Any) -> None:
+    records = [_usage_record(row(user.pk, index)) for index in range(7)]
+
+    with transaction.atomic():
+        insert_many(UsageRecord, records)
+
+    assert all(record.pk is not None and not record._state.adding for record in records)
+    assert len({record.pk for record in records}) == 7
+    for record in records:
+        stored = UsageRecord.objects.get(request_id=record.request_id)
+        assert _field_values(stored) == _field_values(record)
+    # Exact money: a cost with all ten places survives the round trip on both databases.
+    assert {type(record.cost_usd) for record in UsageRecord.objects.all()} == {Decimal}
+
+
+def test_a_saved_ledger_row_is_immutable_like_one_the_orm_saved(user: Any) -> None:
+    record = _usage_record(row(user.pk, 1))
+    insert_many(UsageRecord, [record])
+
+    with pytest.raises(ValueError):
+        record.save()
+
+
+def test_a_refused_row_is_djangos_integrity_error_and_the_transaction_writes_nothing(user: Any) -> None:
+    taken = uuid.uuid4()
+    insert_many(UsageRecord, [_usage_record(row(user.pk, 0, request_id=taken))])
+    batch = [_usage_record(row(user.pk, 1)), _usage_record(row(user.pk, 2, request_id=taken))]
+
+    with pytest.raises(IntegrityError), transaction.atomic():
+        insert_many(UsageRecord, batch)
+
+    assert UsageRecord.objects.count() == 1
+
+
+def test_holds_are_inserted_and_only_the_named_ones_deleted(user: Any) -> None:
+    account = account_get_or_create(user_id=user.pk)
+    holds = [
+        Reservation(
+            request_id=uuid.uuid4(), account=account, model="gpt-4o-mini", cost_usd=Decimal("0.0000000001") * (index + 1),
+            tokens=100 + index, created_at=NOW, expires_at=NOW + timedelta(minutes=5),
+        )
+        for index in range(5)
+    ]
+    insert_many(Reservation, holds)
+    assert sorted(Reservation.objects.values_list("cost_usd", flat=True)) == [hold.cost_usd for hold in holds]
+
+    delete_where_in(Reservation, "request_id", [holds[1].request_id, holds[3].request_id, uuid.uuid4()])
+    delete_where_in(Reservation, "request_id", [])
+
+    assert set(Reservation.objects.values_list("pk", flat=True)) == {holds[0].pk, holds[2].pk, holds[4].pk}
