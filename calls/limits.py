@@ -1,9 +1,10 @@
 """Which limits gate a call, and why a call is refused (`calls.exceptions`).
 
 Per call, before the upstream is contacted:
-- per API key and per user: requests per minute and tokens per minute, checked together in one
-  all-or-nothing decision (one Lua script, one round trip; the user id is the hash tag), and
-  concurrent streams per key as a lease. A key's own limits win, else the global defaults.
+- per API key and per user: requests per minute, tokens per minute and a concurrent-stream
+  lease per key, checked together in one all-or-nothing decision (one Lua script, one round
+  trip; the user id is the hash tag): a call refused for any of them takes nothing from the
+  others. A key's own limits win, else the global defaults.
   Tokens per minute reserve prompt tokens + max_tokens (or GATEWAY_DEFAULT_MAX_TOKENS) and the
   unused part is refunded when the call ends, with its stream lease, in one give-back (one
   script, one round trip).
@@ -51,6 +52,7 @@ from limits import (
     RedisLimiter,
     ResilientLimiter,
     acquire_waiting,
+    lease_spec,
 )
 from streaming.catalog import Deployment
 from streaming.providers.openai import parse_duration
@@ -178,39 +180,32 @@ def _stream_lease(principal: Principal) -> tuple[str, int, str]:
 
 
 async def admit(*, principal: Principal, estimated_tokens: int) -> Admission:
-    """Charge the key's and user's limits for one call, or raise LimitExceeded / LimiterDown."""
+    """Charge the key's and user's limits and take a stream slot for one call, all or none, in one
+    decision; or raise LimitExceeded / LimiterDown."""
     limiter = get_limiter()
     group = f"u{principal.user_id}"
     request_specs, token_specs = _scope_specs(principal, estimated_tokens)
-    specs = [*request_specs, *token_specs]
+    lease_key, max_concurrent, lease_scope = _stream_lease(principal)
+    ttl_seconds = settings.GATEWAY_TOTAL_TIMEOUT + 30
+    lease_specs = [lease_spec(lease_key, limit=max_concurrent, ttl_seconds=ttl_seconds)] if max_concurrent else []
+    specs = [*request_specs, *token_specs, *lease_specs]
+    lease_id = uuid.uuid4().hex if lease_specs else None
     try:
-        decision = await limiter.acquire(specs, group=group) if specs else UNLIMITED
+        decision = await limiter.acquire(specs, group=group, lease_id=lease_id) if specs else UNLIMITED
     except LimiterUnavailable:
         observability.REJECTIONS.labels("limiter_unavailable").inc()
         raise LimiterDown(LIMITER_DOWN) from None
     headers = _headers(decision)
     if not decision.allowed:
+        assert decision.violated is not None
+        if decision.violated.kind == "concurrency":
+            observability.REJECTIONS.labels("concurrency").inc()
+            message = CONCURRENCY_EXCEEDED.format(scope=lease_scope, limit=max_concurrent)
+            raise LimitExceeded(message, kind="concurrency", headers={"Retry-After": "1", **headers})
         observability.REJECTIONS.labels("rate_limit").inc()
         raise _rejection(decision, headers, estimated_tokens)
     admission = Admission(group=group, decision=decision, tpm_specs=token_specs, reserved_tokens=estimated_tokens, headers=headers)
-    lease_key, max_concurrent, lease_scope = _stream_lease(principal)
-    if max_concurrent:
-        lease_id = uuid.uuid4().hex
-        try:
-            lease = await limiter.acquire_lease(
-                lease_key,
-                limit=max_concurrent,
-                lease_id=lease_id,
-                ttl_seconds=settings.GATEWAY_TOTAL_TIMEOUT + 30,
-                group=group,
-            )
-        except LimiterUnavailable:
-            await release(admission, used_tokens=0)
-            raise LimiterDown(LIMITER_DOWN) from None
-        if not lease.allowed:
-            await release(admission, used_tokens=0)
-            observability.REJECTIONS.labels("concurrency").inc()
-            raise LimitExceeded(CONCURRENCY_EXCEEDED.format(scope=lease_scope, limit=max_concurrent), kind="concurrency", headers={"Retry-After": "1", **headers})
+    if lease_id is not None:
         admission.lease = (lease_key, lease_id)
     return admission
 

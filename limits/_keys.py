@@ -26,15 +26,11 @@ def key_for(prefix: str, group: str, part: str, key: str) -> str:
 
 
 def spec_keys(prefix: str, group: str, spec: LimitSpec) -> tuple[str, str, str]:
-    """Return the (state, window meta, block) keys of one spec, as acquire.lua expects."""
-    if spec.kind == "token_bucket":
-        state, meta = (
-            key_for(prefix, group, "tb", spec.key),
-            key_for(prefix, group, "swn", spec.key),
-        )
-    else:
-        state, meta = (
-            key_for(prefix, group, "sw", spec.key),
-            key_for(prefix, group, "swn", spec.key),
-        )
-    return state, meta, key_for(prefix, group, "block", spec.key)
+    """Return the (state, window meta, block) keys of one spec, as acquire.lua expects (a
+    concurrency spec's state is its leases; only a window uses its meta)."""
+    part = {"token_bucket": "tb", "sliding_window": "sw", "concurrency": "lease"}[spec.kind]
+    return (
+        key_for(prefix, group, part, spec.key),
+        key_for(prefix, group, "swn", spec.key),
+        key_for(prefix, group, "block", spec.key),
+    )

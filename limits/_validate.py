@@ -15,7 +15,8 @@ from .specs import LimitSpec
 MSG_BAD_GROUP = "group must be a non-empty string without braces (it is the Redis hash tag)"
 MSG_NO_SPECS = "acquire() needs at least one spec"
 MSG_DUPLICATE_KEY = "duplicate limit key in one call"
-MSG_CONCURRENCY_IN_ACQUIRE = "concurrency limits are taken with acquire_lease(), not acquire()"
+MSG_LEASE_NEEDS_ID = "a concurrency spec in acquire() needs a lease_id, and a lease_id one concurrency spec"
+MSG_ONE_LEASE = "acquire() takes at most one concurrency spec, at cost 1"
 MSG_REFUND_KIND = "refund() applies to token_bucket and sliding_window specs"
 MSG_BAD_AMOUNT = "refund amount must be a non-negative integer"
 MSG_BAD_SECONDS = "seconds must be a positive finite number"
@@ -30,19 +31,28 @@ def check_group(group: str) -> None:
         raise ValueError(MSG_BAD_GROUP)
 
 
-def check_acquire(specs: Sequence[LimitSpec], group: str) -> None:
-    """Refuse an empty call, a lease kind, or one key named twice (the second check would not
-    see the first charge)."""
+def check_acquire(specs: Sequence[LimitSpec], group: str, lease_id: str | None = None) -> None:
+    """Refuse an empty call, one key named twice (the second check would not see the first
+    charge), or a concurrency spec without its lease id (and the reverse)."""
     check_group(group)
     if not specs:
         raise ValueError(MSG_NO_SPECS)
     seen: set[str] = set()
+    leases = 0
     for spec in specs:
         if spec.kind == "concurrency":
-            raise ValueError(MSG_CONCURRENCY_IN_ACQUIRE)
+            leases += 1
+            if spec.cost != 1:
+                raise ValueError(MSG_ONE_LEASE)
         if spec.key in seen:
             raise ValueError(f"{MSG_DUPLICATE_KEY}: {spec.key!r}")
         seen.add(spec.key)
+    if leases > 1:
+        raise ValueError(MSG_ONE_LEASE)
+    if (leases == 1) != (lease_id is not None):
+        raise ValueError(MSG_LEASE_NEEDS_ID)
+    if lease_id is not None and (not isinstance(lease_id, str) or not lease_id):
+        raise ValueError(MSG_BAD_LEASE_ID)
 
 
 def check_refund(spec: LimitSpec, amount: int, group: str) -> None:

@@ -59,7 +59,7 @@ class _Checked:
     fits: bool
     wait: float | None  # ms, NEVER_MS, or None when it fits
     tokens: float = 0.0
-    total: int = 0
+    total: int = 0  # a window's live costs, or a concurrency spec's live leases
     blocked_ms: float = 0.0
 
 
@@ -79,26 +79,29 @@ class InProcessLimiter:
 
     # -- Limiter API ---------------------------------------------------------------------------
 
-    async def acquire(self, specs: Sequence[LimitSpec], *, group: str) -> Decision:
-        """Charge every spec or none."""
-        _validate.check_acquire(specs, group)
+    async def acquire(self, specs: Sequence[LimitSpec], *, group: str, lease_id: str | None = None) -> Decision:
+        """Charge every spec or none (a concurrency spec's slot for ``lease_id``)."""
+        _validate.check_acquire(specs, group, lease_id)
         with self._lock:
             now = self._now_ms()
-            checked = [self._check(spec, group, now) for spec in specs]
+            checked = [self._check(spec, group, now, lease_id) for spec in specs]
             allowed = all(c.fits for c in checked)
             violated, retry = 0, 0.0
             if allowed:
                 for c in checked:
-                    self._charge(c, group, now)
+                    self._charge(c, group, now, lease_id)
             else:
-                for i, c in enumerate(checked, start=1):
-                    if c.fits or c.wait is None:
-                        continue
-                    if c.wait == NEVER_MS:
-                        if retry != NEVER_MS:
-                            violated, retry = i, NEVER_MS
-                    elif retry != NEVER_MS and (violated == 0 or c.wait > retry):
-                        violated, retry = i, c.wait
+                for concurrency_pass in (False, True):  # a full concurrency spec only when nothing else refuses
+                    for i, c in enumerate(checked, start=1):
+                        if c.fits or c.wait is None or (c.spec.kind == "concurrency") != concurrency_pass:
+                            continue
+                        if c.wait == NEVER_MS:
+                            if retry != NEVER_MS:
+                                violated, retry = i, NEVER_MS
+                        elif retry != NEVER_MS and (violated == 0 or c.wait > retry):
+                            violated, retry = i, c.wait
+                    if violated:
+                        break
             states = [self._state(c, group, now) for c in checked]
         return build_decision(
             specs, allowed=allowed, violated=violated, retry_ms=retry, states=states
@@ -148,28 +151,7 @@ class InProcessLimiter:
         _validate.check_lease(key, lease_id, group)
         _validate.check_limit(limit)
         _validate.check_seconds(ttl_seconds)
-        spec = lease_spec(key, limit=limit, ttl_seconds=ttl_seconds)
-        with self._lock:
-            now = self._now_ms()
-            slot = (group, key)
-            leases = self._live_leases(slot, now)
-            allowed, retry = False, 0.0
-            blocked_ms = self._blocked_ms(slot, now)
-            if blocked_ms > 0:
-                retry = blocked_ms
-            elif lease_id in leases or len(leases) < limit:
-                leases[lease_id] = now + ttl_seconds * 1000.0
-                self._leases[slot] = leases
-                allowed = True
-            else:
-                retry = min(leases.values()) - now
-            reset = max(leases.values()) - now if leases else 0.0
-            remaining = max(0, limit - len(leases))
-            if blocked_ms > 0:
-                remaining, reset = 0, max(reset, blocked_ms)
-        return build_decision(
-            [spec], allowed=allowed, violated=1, retry_ms=retry, states=[(remaining, reset)]
-        )
+        return await self.acquire([lease_spec(key, limit=limit, ttl_seconds=ttl_seconds)], group=group, lease_id=lease_id)
 
     async def renew_lease(self, key: str, lease_id: str, *, ttl_seconds: float, group: str) -> bool:
         """Extend a held lease; False if it already expired or was released."""
@@ -246,10 +228,14 @@ class InProcessLimiter:
         while window.entries and window.entries[0][0] <= cutoff:
             window.total -= int(window.entries.popleft()[1])
 
-    def _check(self, spec: LimitSpec, group: str, now: float) -> _Checked:
+    def _check(self, spec: LimitSpec, group: str, now: float, lease_id: str | None) -> _Checked:
         slot = (group, spec.key)
         period = spec.period_seconds * 1000.0
-        if spec.kind == "token_bucket":
+        if spec.kind == "concurrency":
+            leases = self._live_leases(slot, now)
+            fits = lease_id in leases or len(leases) < spec.limit
+            c = _Checked(spec, fits, None if fits else min(leases.values()) - now, total=len(leases))
+        elif spec.kind == "token_bucket":
             rate = spec.limit / period
             bucket = self._buckets.get(slot)
             tokens = (
@@ -289,13 +275,18 @@ class InProcessLimiter:
                 c.wait = max(c.wait or 0.0, blocked_ms)
         return c
 
-    def _charge(self, c: _Checked, group: str, now: float) -> None:
+    def _charge(self, c: _Checked, group: str, now: float, lease_id: str | None) -> None:
         spec = c.spec
         if spec.cost == 0:
             return
         slot = (group, spec.key)
         period = spec.period_seconds * 1000.0
-        if spec.kind == "token_bucket":
+        if spec.kind == "concurrency":
+            assert lease_id is not None  # _validate.check_acquire
+            leases = self._leases.setdefault(slot, {})
+            leases[lease_id] = now + period
+            c.total = len(leases)
+        elif spec.kind == "token_bucket":
             rate = spec.limit / period
             c.tokens = max(0.0, c.tokens - spec.cost)
             self._buckets[slot] = _Bucket(c.tokens, now, now + (spec.limit - c.tokens) / rate)
@@ -309,7 +300,11 @@ class InProcessLimiter:
     def _state(self, c: _Checked, group: str, now: float) -> tuple[int, float]:
         spec = c.spec
         period = spec.period_seconds * 1000.0
-        if spec.kind == "token_bucket":
+        if spec.kind == "concurrency":
+            remaining = max(0, spec.limit - c.total)
+            leases = self._leases.get((group, spec.key))
+            reset = max(0.0, max(leases.values()) - now) if leases else 0.0
+        elif spec.kind == "token_bucket":
             remaining = math.floor(c.tokens + EPS_UNITS)
             reset = (spec.limit - c.tokens) / (spec.limit / period)
         else:

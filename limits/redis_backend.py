@@ -69,7 +69,7 @@ from .specs import Decision, LimitSpec, lease_spec
 DEFAULT_PREFIX = "llmgw:rl"
 DEFAULT_TIMEOUT = 0.1  # seconds, for the whole call (pool wait, connect, send, read)
 
-_KIND_CODES = {"token_bucket": "tb", "sliding_window": "sw"}
+_KIND_CODES = {"token_bucket": "tb", "sliding_window": "sw", "concurrency": "cc"}
 
 
 def _load_lua(name: str) -> str:
@@ -77,7 +77,7 @@ def _load_lua(name: str) -> str:
 
 
 _SOURCES = {
-    name: _load_lua(name) for name in ("acquire", "give_back", "lease_acquire", "lease_renew", "block")
+    name: _load_lua(name) for name in ("acquire", "give_back", "lease_renew", "block")
 }
 
 
@@ -156,9 +156,9 @@ class RedisLimiter:
 
     # -- Limiter API ---------------------------------------------------------------------------
 
-    async def acquire(self, specs: Sequence[LimitSpec], *, group: str) -> Decision:
-        """Charge every spec or none, in one script run."""
-        _validate.check_acquire(specs, group)
+    async def acquire(self, specs: Sequence[LimitSpec], *, group: str, lease_id: str | None = None) -> Decision:
+        """Charge every spec or none (a concurrency spec's slot for ``lease_id``), in one script run."""
+        _validate.check_acquire(specs, group, lease_id)
         keys: list[str] = []
         args: list[str | int | float] = [self._now_arg(), len(specs)]
         for spec in specs:
@@ -166,6 +166,8 @@ class RedisLimiter:
             args.extend(
                 (_KIND_CODES[spec.kind], spec.limit, spec.period_seconds * 1000.0, spec.cost)
             )
+        if lease_id is not None:
+            args.append(lease_id)
         reply = await self._run("acquire", keys, args)
         states = [(int(reply[i]), float(reply[i + 1])) for i in range(3, 3 + 2 * len(specs), 2)]
         return build_decision(
@@ -208,19 +210,7 @@ class RedisLimiter:
         _validate.check_lease(key, lease_id, group)
         _validate.check_limit(limit)
         _validate.check_seconds(ttl_seconds)
-        keys = [
-            _keys.key_for(self._prefix, group, "lease", key),
-            _keys.key_for(self._prefix, group, "block", key),
-        ]
-        args: list[str | int | float] = [self._now_arg(), limit, ttl_seconds * 1000.0, lease_id]
-        allowed, retry_ms, remaining, reset_ms = await self._run("lease_acquire", keys, args)
-        return build_decision(
-            [lease_spec(key, limit=limit, ttl_seconds=ttl_seconds)],
-            allowed=int(allowed) == 1,
-            violated=1,
-            retry_ms=float(retry_ms),
-            states=[(int(remaining), float(reset_ms))],
-        )
+        return await self.acquire([lease_spec(key, limit=limit, ttl_seconds=ttl_seconds)], group=group, lease_id=lease_id)
 
     async def renew_lease(self, key: str, lease_id: str, *, ttl_seconds: float, group: str) -> bool:
         """Extend a held lease; False if it already expired or was released."""

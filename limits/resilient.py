@@ -105,11 +105,11 @@ class ResilientLimiter:
 
     # -- Limiter API ---------------------------------------------------------------------------
 
-    async def acquire(self, specs: Sequence[LimitSpec], *, group: str) -> Decision:
+    async def acquire(self, specs: Sequence[LimitSpec], *, group: str, lease_id: str | None = None) -> Decision:
         return await self._call(
             "acquire",
-            lambda: self.primary.acquire(specs, group=group),
-            lambda limiter: limiter.acquire(specs, group=group),
+            lambda: self.primary.acquire(specs, group=group, lease_id=lease_id),
+            lambda limiter: limiter.acquire(specs, group=group, lease_id=lease_id),
         )
 
     async def refund(self, spec: LimitSpec, amount: int, *, group: str) -> None:

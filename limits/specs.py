@@ -12,8 +12,13 @@ specification):
 - **sliding_window**: an exact log. A call is admitted when the costs admitted during the last
   ``period_seconds`` plus ``cost`` do not exceed ``limit``. An admission at time ``t`` counts
   until ``t + period_seconds`` exclusive: at exactly that instant it has expired.
-- **concurrency**: the kind reported for lease decisions (`Limiter.acquire_lease`); ``limit``
-  is the number of slots and ``period_seconds`` the lease TTL. ``acquire()`` refuses it.
+- **concurrency**: ``limit`` slots held by lease ids until each lease's TTL
+  (``period_seconds``) from its last taking. In ``acquire(..., lease_id=...)`` (at most one
+  such spec, ``cost`` 1) it takes a slot for ``lease_id`` together with the other specs, all or
+  none; a lease id that already holds a slot re-takes it (a renewal) and always fits.
+  `Limiter.acquire_lease` is that with the one spec. A decision names a full concurrency spec
+  as ``violated`` only when no other spec refuses (its wait, until the oldest lease's TTL, says
+  little: streams usually end sooner).
 - ``cost`` greater than ``limit`` can never be admitted: the decision is a rejection with
   ``retry_after == math.inf`` (answer 413/400 rather than 429). ``cost == 0`` charges nothing
   and reports the current state.
@@ -108,8 +113,9 @@ class Limiter(Protocol):
     braces.
     """
 
-    async def acquire(self, specs: Sequence[LimitSpec], *, group: str) -> Decision:
-        """Charge every spec or none; keys must be unique within the call."""
+    async def acquire(self, specs: Sequence[LimitSpec], *, group: str, lease_id: str | None = None) -> Decision:
+        """Charge every spec or none; keys must be unique within the call. ``lease_id`` names the
+        lease a concurrency spec among ``specs`` takes (required with one, refused without)."""
         ...
 
     async def refund(self, spec: LimitSpec, amount: int, *, group: str) -> None:
@@ -126,7 +132,8 @@ class Limiter(Protocol):
     async def acquire_lease(
         self, key: str, *, limit: int, lease_id: str, ttl_seconds: float, group: str
     ) -> Decision:
-        """Take one of ``limit`` concurrent slots until ``ttl_seconds`` from now."""
+        """Take one of ``limit`` concurrent slots until ``ttl_seconds`` from now: ``acquire()`` of
+        that one concurrency spec (`lease_spec`)."""
         ...
 
     async def renew_lease(self, key: str, lease_id: str, *, ttl_seconds: float, group: str) -> bool:

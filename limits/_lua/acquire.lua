@@ -3,18 +3,24 @@
 -- KEYS (3 per spec, spec i = 1..N, all sharing one {hash-tag}):
 --   KEYS[3i-2]  state: token_bucket -> HASH {t = tokens (float), ts = last refill (ms)}
 --                      sliding_window -> ZSET, member "<seq>:<cost>", score = admission time (ms)
+--                      concurrency -> ZSET, member = lease id, score = lease expiry (ms)
 --   KEYS[3i-1]  window meta (sliding_window only): HASH {n = sum of live costs, seq = counter}
 --   KEYS[3i]    block: STRING holding the blocked-until time (ms)
 -- ARGV:
 --   ARGV[1]  now in ms ("" = use Redis TIME, the production clock)
 --   ARGV[2]  N
---   then per spec 4 values: kind ("tb" | "sw"), limit (units), period (ms), cost (units >= 0)
+--   then per spec 4 values: kind ("tb" | "sw" | "cc"), limit (units, or slots), period (ms; a
+--   lease's TTL for "cc"), cost (units >= 0; 1 for "cc")
+--   ARGV[3 + 4N]  the lease id a "cc" spec takes a slot for (at most one "cc" spec)
 -- Units: time in milliseconds (float, microsecond resolution), amounts in whole units.
 -- Returns: {allowed (1|0), violated (1-based spec index, 0 if none), retry_ms (string),
 --           then per spec: remaining (integer), reset_ms (string)}
 --   retry_ms is "-1" when the call can never be admitted (cost > limit).
 --
--- A rejection writes nothing except dropping expired window entries (not a charge).
+-- A concurrency spec fits when its lease id already holds a slot (re-taking it renews it) or a
+-- slot is free; its wait is until the oldest lease expires.
+--
+-- A rejection writes nothing except dropping expired window entries and leases (not a charge).
 -- TTLs are garbage collection only: every decision is made from stored values and `now`,
 -- so a key that expired early is indistinguishable from a full bucket / empty window.
 
@@ -33,6 +39,7 @@ else
 end
 
 local n = tonumber(ARGV[2])
+local lease_id = ARGV[3 + 4 * n]
 local fmt = function(x) return string.format('%.17g', x) end
 local member_cost = function(m) return tonumber(string.match(m, ':(%d+)$')) end
 
@@ -62,6 +69,15 @@ local function load(i)
     s.tokens = tokens
     s.fits = tokens + EPS_UNITS >= s.cost
     if not s.fits then s.wait = (s.cost - tokens) / s.rate end
+  elseif s.kind == 'cc' then
+    redis.call('ZREMRANGEBYSCORE', s.key, '-inf', fmt(now))
+    s.count = redis.call('ZCARD', s.key)
+    s.held = redis.call('ZSCORE', s.key, lease_id) ~= false
+    s.fits = s.held or s.count < s.limit
+    if not s.fits then
+      local oldest = redis.call('ZRANGE', s.key, 0, 0, 'WITHSCORES')
+      s.wait = tonumber(oldest[2]) - now
+    end
   else
     local cutoff = now - s.period + EPS_MS
     local total = tonumber(redis.call('HGET', s.meta, 'n') or '0')
@@ -129,6 +145,11 @@ if allowed then
         s.tokens = math.max(0, s.tokens - s.cost)
         redis.call('HSET', s.key, 't', fmt(s.tokens), 'ts', fmt(now))
         redis.call('PEXPIRE', s.key, math.ceil((s.limit - s.tokens) / s.rate) + GC_MARGIN_MS)
+      elseif s.kind == 'cc' then
+        redis.call('ZADD', s.key, fmt(now + s.period), lease_id)
+        if not s.held then s.count = s.count + 1 end
+        local newest = redis.call('ZRANGE', s.key, -1, -1, 'WITHSCORES')
+        redis.call('PEXPIRE', s.key, math.ceil(tonumber(newest[2]) - now) + GC_MARGIN_MS)
       else
         local seq = redis.call('HINCRBY', s.meta, 'seq', 1)
         redis.call('ZADD', s.key, fmt(now), seq .. ':' .. s.cost)
@@ -140,16 +161,20 @@ if allowed then
     end
   end
 else
-  -- the binding constraint is the one that forces the longest wait; "never" beats any wait
-  for i = 1, n do
-    local w = specs[i].wait
-    if w ~= nil and not specs[i].fits then
-      if w == -1 then
-        if retry ~= -1 then violated, retry = i, -1 end
-      elseif retry ~= -1 and (violated == 0 or w > retry) then
-        violated, retry = i, w
+  -- the binding constraint is the one that forces the longest wait; "never" beats any wait;
+  -- a full concurrency spec only when no other spec refuses
+  for pass = 1, 2 do
+    for i = 1, n do
+      local w = specs[i].wait
+      if w ~= nil and not specs[i].fits and (specs[i].kind == 'cc') == (pass == 2) then
+        if w == -1 then
+          if retry ~= -1 then violated, retry = i, -1 end
+        elseif retry ~= -1 and (violated == 0 or w > retry) then
+          violated, retry = i, w
+        end
       end
     end
+    if violated ~= 0 then break end
   end
 end
 
@@ -160,6 +185,11 @@ for i = 1, n do
   if s.kind == 'tb' then
     remaining = math.floor(s.tokens + EPS_UNITS)
     reset = (s.limit - s.tokens) / s.rate
+  elseif s.kind == 'cc' then
+    remaining = math.max(0, s.limit - s.count)
+    reset = 0
+    local newest = redis.call('ZRANGE', s.key, -1, -1, 'WITHSCORES')
+    if #newest > 0 then reset = math.max(0, tonumber(newest[2]) - now) end
   else
     remaining = math.max(0, s.limit - s.total)
     reset = 0

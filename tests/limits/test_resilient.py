@@ -36,14 +36,14 @@ class ScriptedPrimary(InProcessLimiter):
         self.gate: asyncio.Event | None = None
         self.at_gate = asyncio.Event()
 
-    async def acquire(self, specs: Sequence[LimitSpec], *, group: str) -> Decision:
+    async def acquire(self, specs: Sequence[LimitSpec], *, group: str, lease_id: str | None = None) -> Decision:
         self.calls += 1
         if self.gate is not None:
             self.at_gate.set()
             await self.gate.wait()
         if self.down:
             raise LimiterBackendError("boom")
-        return await super().acquire(specs, group=group)
+        return await super().acquire(specs, group=group, lease_id=lease_id)
 
     async def block(self, key: str, seconds: float, *, group: str) -> None:
         if self.down:

@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from limits import LimitKind, LimitSpec
+from limits import LimitKind, LimitSpec, lease_spec
 
 from .conftest import Backend
 
@@ -332,6 +332,49 @@ async def test_renew_extends_a_lease_and_reports_a_lost_one(backend: Backend) ->
     await lim.release_lease("streams", "a", group=g)
     assert not await lim.renew_lease("streams", "a", ttl_seconds=10, group=g)
     await lim.release_lease("streams", "never-held", group=g)  # a no-op, not an error
+
+
+async def test_a_call_takes_its_rates_and_its_lease_together_or_none_of_them(backend: Backend) -> None:
+    lim, g = backend.limiter, backend.group
+    rpm = backend.spec("rpm", limit=5)
+    streams = lease_spec("streams", limit=1, ttl_seconds=30)
+    first = await lim.acquire([rpm, streams], group=g, lease_id="a")
+    full = await lim.acquire([rpm, streams], group=g, lease_id="b")
+
+    assert first.allowed and first.states[1].remaining == 0
+    assert not full.allowed
+    assert full.violated == streams
+    assert await backend.remaining(rpm) == 4  # the refused call took no request
+    await lim.release_lease("streams", "a", group=g)
+    assert (await lim.acquire([rpm, streams], group=g, lease_id="b")).allowed
+
+
+async def test_a_call_refused_by_a_rate_takes_no_slot_and_the_rate_is_named(backend: Backend) -> None:
+    lim, g = backend.limiter, backend.group
+    rpm = backend.spec("rpm", limit=1, period=10.0)
+    streams = lease_spec("streams", limit=1, ttl_seconds=30)
+    await lim.acquire([rpm, streams], group=g, lease_id="a")
+    both_refuse = await lim.acquire([rpm, streams], group=g, lease_id="b")
+    await lim.release_lease("streams", "a", group=g)
+    rate_refuses = await lim.acquire([rpm, streams], group=g, lease_id="c")
+
+    assert both_refuse.violated == rpm  # the slot may free any moment; the rate says when
+    assert both_refuse.retry_after == pytest.approx(10.0)
+    assert not rate_refuses.allowed and rate_refuses.violated == rpm
+    assert rate_refuses.states[1].remaining == 1  # no slot taken for "c"
+    assert (await lim.acquire_lease("streams", limit=1, lease_id="d", ttl_seconds=30, group=g)).allowed
+
+
+async def test_a_lease_taken_with_rates_renews_like_acquire_lease(backend: Backend) -> None:
+    lim, g = backend.limiter, backend.group
+    streams = lease_spec("streams", limit=1, ttl_seconds=10)
+    await lim.acquire([backend.spec("rpm"), streams], group=g, lease_id="a")
+    backend.clock.advance(8.0)
+    again = await lim.acquire([backend.spec("rpm"), streams], group=g, lease_id="a")
+    backend.clock.advance(8.0)  # past the first expiry, inside the renewed one
+
+    assert again.allowed
+    assert await lim.renew_lease("streams", "a", ttl_seconds=10, group=g)
 
 
 # -- blocks ----------------------------------------------------------------------------------

@@ -45,10 +45,20 @@ def test_invalid_specs_are_refused(kwargs: dict[str, object], message: str) -> N
         LimitSpec(**{**base, **kwargs})  # type: ignore[arg-type]
 
 
-async def test_acquire_refuses_concurrency_specs_and_empty_calls() -> None:
+async def test_acquire_refuses_empty_calls_and_a_lease_without_its_id_or_an_id_without_a_lease() -> None:
     limiter = InProcessLimiter()
-    with pytest.raises(ValueError, match="acquire_lease"):
-        await limiter.acquire([LimitSpec("s", "concurrency", 2, 30.0)], group="g")
+    lease = LimitSpec("s", "concurrency", 2, 30.0)
+    rpm = LimitSpec("r", "token_bucket", 2, 30.0)
+    with pytest.raises(ValueError, match="needs a lease_id"):
+        await limiter.acquire([lease], group="g")
+    with pytest.raises(ValueError, match="needs a lease_id"):
+        await limiter.acquire([rpm], group="g", lease_id="L1")
+    with pytest.raises(ValueError, match="at most one concurrency spec"):
+        await limiter.acquire([lease, LimitSpec("t", "concurrency", 2, 30.0)], group="g", lease_id="L1")
+    with pytest.raises(ValueError, match="at most one concurrency spec"):
+        await limiter.acquire([LimitSpec("s", "concurrency", 2, 30.0, cost=2)], group="g", lease_id="L1")
+    with pytest.raises(ValueError, match="lease_id"):
+        await limiter.acquire([lease], group="g", lease_id="")
     with pytest.raises(ValueError, match="at least one"):
         await limiter.acquire([], group="g")
 
