@@ -72,8 +72,14 @@ DEFAULT_TIMEOUT = 0.1  # seconds, for the whole call (pool wait, connect, send, 
 _KIND_CODES = {"token_bucket": "tb", "sliding_window": "sw", "concurrency": "cc"}
 
 
-def _load_lua(name: str) -> str:
+def _read_lua(name: str) -> str:
     return resources.files(__package__).joinpath("_lua", f"{name}.lua").read_text("utf-8")
+
+
+def _load_lua(name: str) -> str:
+    """A script as Redis runs it: the shared prelude (``now``, ``fmt``, ``GC_MARGIN_MS``), then
+    the script."""
+    return _read_lua("_prelude") + _read_lua(name)
 
 
 _SOURCES = {

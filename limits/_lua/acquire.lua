@@ -24,23 +24,11 @@
 -- TTLs are garbage collection only: every decision is made from stored values and `now`,
 -- so a key that expired early is indistinguishable from a full bucket / empty window.
 
-if redis.replicate_commands then redis.replicate_commands() end
-
 local EPS_UNITS = 1e-6   -- float slack on token comparisons; far below one token
 local EPS_MS = 1e-3      -- one microsecond: the resolution of Redis TIME
-local GC_MARGIN_MS = 1000
-
-local now
-if ARGV[1] ~= '' then
-  now = tonumber(ARGV[1])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-end
 
 local n = tonumber(ARGV[2])
 local lease_id = ARGV[3 + 4 * n]
-local fmt = function(x) return string.format('%.17g', x) end
 local member_cost = function(m) return tonumber(string.match(m, ':(%d+)$')) end
 
 -- Load spec i, apply refill / expiry, return a table describing it.

@@ -19,19 +19,8 @@
 -- is among the newest), shrinking the last one partially if needed.
 -- The lease: a plain ZREM; an unknown or expired id is a no-op.
 
-if redis.replicate_commands then redis.replicate_commands() end
-
 local EPS_MS = 1e-3
-local GC_MARGIN_MS = 1000
 
-local now
-if ARGV[1] ~= '' then
-  now = tonumber(ARGV[1])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-end
-local fmt = function(x) return string.format('%.17g', x) end
 local member_cost = function(m) return tonumber(string.match(m, ':(%d+)$')) end
 
 local function refund(key, meta, kind, limit, period, amount)
