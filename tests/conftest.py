@@ -49,8 +49,14 @@ def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix: N
     """SQLite's test database is a file (not :memory:) so the gateway process can share it; on
     PostgreSQL, each xdist worker's test database is named after it (pytest-django's suffix)."""
     database = settings.DATABASES["default"]
+    _configured_database_name.append(database["NAME"])
     if database["ENGINE"] == "django.db.backends.sqlite3":
         database.setdefault("TEST", {})["NAME"] = str(tmp_path_factory.mktemp("db") / "test.sqlite3")
+
+
+# The database the settings name, before pytest-django points them at a test database (which it
+# creates only for a session with a test that asks for one).
+_configured_database_name: list[str] = []
 
 
 def database_url() -> str:
@@ -73,11 +79,15 @@ def _close_database_pools(django_db_setup: Any, django_db_blocker: Any) -> Itera
     from django.db import connections
 
     with django_db_blocker.unblock():
-        if this_thread.vendor == "postgresql":
+        test_database = this_thread.settings_dict["NAME"]
+        # Only a test database of this session's own: without one the settings still name the
+        # configured database, which the other xdist workers' sessions use as well.
+        if this_thread.vendor == "postgresql" and test_database not in _configured_database_name:
             with this_thread.cursor() as cursor:
                 cursor.execute(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                    " WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+                    " WHERE datname = %s AND pid <> pg_backend_pid() AND backend_type = 'client backend'",
+                    [test_database],
                 )
         for connection in connections.all():
             connection.close()
