@@ -1,14 +1,15 @@
-"""The hot writes of billing as plain statements: one short INSERT run for many rows, one DELETE.
+"""The hot writes of billing as plain statements: one short INSERT run for many rows, a rollup's
+upsert, one DELETE.
 
 `bulk_create` compiles a multi-row INSERT per batch, and psycopg converts each such statement's
 placeholders again (it caches only short ones); the Collector behind `QuerySet.delete()` looks
 for cascades a hold or a ledger row never has. These do the same writes with one statement
-text per model and database, and values prepared by the model's own fields.
+text per model and database (built once), and values prepared by the model's own fields.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from django.db import DEFAULT_DB_ALIAS, connections
 from django.db.backends.base.base import BaseDatabaseWrapper
@@ -69,6 +70,38 @@ def insert_many(model: type[Model], objects: Sequence[Model], *, using: str = DE
         obj.pk = key
         obj._state.adding = False
         obj._state.db = using
+
+
+_UPSERTS: dict[tuple[type[Model], tuple[str, ...], tuple[str, ...], str], tuple[str, tuple[Field, ...]]] = {}
+
+
+def insert_or_add(model: type[Model], *, key: Mapping[str, object], sums: Mapping[str, object], using: str = DEFAULT_DB_ALIAS) -> None:
+    """Add `sums` to the row of `model` that `key` names, or insert it: `INSERT ... ON CONFLICT
+    (key) DO UPDATE SET x = x + EXCLUDED.x`.
+
+    One statement, atomic on PostgreSQL and SQLite alike: concurrent writers to the same row
+    queue on its lock and each adds its own amounts; there is no read-modify-write. `key` names
+    the row (the fields of the model's unique constraint), `sums` what is added to it.
+    """
+    connection = connections[using]
+    statement = (model, tuple(key), tuple(sums), connection.vendor)
+    if statement not in _UPSERTS:
+        quote = connection.ops.quote_name
+        table = quote(model._meta.db_table)
+        concrete = {field.name: field for field in model._meta.concrete_fields}
+        fields = tuple(concrete[name] for name in (*key, *sums))
+        column = {field.name: quote(_column(field)) for field in fields}
+        columns = ", ".join(column[field.name] for field in fields)
+        conflict = ", ".join(column[name] for name in key)
+        updates = ", ".join(f"{column[name]} = {table}.{column[name]} + EXCLUDED.{column[name]}" for name in sums)
+        placeholders = ", ".join(["%s"] * len(fields))
+        sql = f"INSERT INTO {table} ({columns}) VALUES ({placeholders}) ON CONFLICT ({conflict}) DO UPDATE SET {updates}"
+        _UPSERTS[statement] = sql, fields
+    sql, fields = _UPSERTS[statement]
+    values = {**key, **sums}
+    params = [field.get_db_prep_save(values[field.name], connection) for field in fields]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
 
 
 def delete_where_in(model: type[Model], field_name: str, values: Iterable[object], *, using: str = DEFAULT_DB_ALIAS) -> None:

@@ -43,11 +43,11 @@ from enum import Enum
 from typing import Any, Final, Literal
 
 from django.conf import settings
-from django.db import DEFAULT_DB_ALIAS, InterfaceError, OperationalError, connections, transaction
+from django.db import DEFAULT_DB_ALIAS, InterfaceError, OperationalError, transaction
 from django.utils import timezone
 
 from billing import pricing_cache
-from billing._sql import delete_where_in, insert_many
+from billing._sql import delete_where_in, insert_many, insert_or_add
 from billing.exceptions import PriceMissing, QuotaExceeded
 from billing.models import (
     CANCELLED_STATUSES,
@@ -486,9 +486,9 @@ def usage_records_create(*, rows: Sequence[UsageRow]) -> list[UsageRecord]:
     with transaction.atomic():
         insert_many(UsageRecord, records)
         for (user_id, model, endpoint, day), sums in sorted(daily.items(), key=lambda item: item[0]):
-            _rollup_add(DailyUsage, key={"user": user_id, "model": model, "endpoint": endpoint, "day": day}, sums=sums)
+            insert_or_add(DailyUsage, key={"user": user_id, "model": model, "endpoint": endpoint, "day": day}, sums=sums)
         for (api_key_id, day), sums in sorted(by_key.items(), key=lambda item: item[0]):
-            _rollup_add(DailyKeyUsage, key={"api_key": api_key_id, "day": day}, sums=sums)
+            insert_or_add(DailyKeyUsage, key={"api_key": api_key_id, "day": day}, sums=sums)
         delete_where_in(Reservation, "request_id", [record.request_id for record in records])
     return records
 
@@ -535,8 +535,8 @@ def _daily_usage_add(
     endpoint: str = UsageRecord.Endpoint.CHAT_COMPLETIONS,
     using: str = DEFAULT_DB_ALIAS,
 ) -> None:
-    """Add one call to its user x model x endpoint x day rollup (`_rollup_add`)."""
-    _rollup_add(
+    """Add one call to its user x model x endpoint x day rollup (`billing._sql.insert_or_add`)."""
+    insert_or_add(
         DailyUsage,
         key={"user": user_id, "model": model, "endpoint": endpoint, "day": day},
         sums={
@@ -550,35 +550,6 @@ def _daily_usage_add(
         },
         using=using,
     )
-
-
-def _rollup_add(
-    rollup: type[DailyUsage] | type[DailyKeyUsage],
-    *,
-    key: Mapping[str, object],
-    sums: Mapping[str, object],
-    using: str = DEFAULT_DB_ALIAS,
-) -> None:
-    """Add calls to their rollup row: `INSERT ... ON CONFLICT (key) DO UPDATE SET x = x + EXCLUDED.x`.
-
-    One statement, atomic on PostgreSQL and SQLite alike: concurrent writers to the same row
-    queue on its lock and each adds its own amounts; there is no read-modify-write. `key` names
-    the row (the fields of the rollup's unique constraint), `sums` what the calls add to it.
-    """
-    connection = connections[using]
-    quote = connection.ops.quote_name
-    table = quote(rollup._meta.db_table)
-    values = {**key, **sums}
-    concrete = {field.name: field for field in rollup._meta.concrete_fields}
-    column = {name: quote(concrete[name].get_attname_column()[1] or name) for name in values}
-    columns = ", ".join(column[name] for name in values)
-    params = [concrete[name].get_db_prep_save(value, connection) for name, value in values.items()]
-    conflict = ", ".join(column[name] for name in key)
-    updates = ", ".join(f"{column[name]} = {table}.{column[name]} + EXCLUDED.{column[name]}" for name in sums)
-    placeholders = ", ".join(["%s"] * len(values))
-    sql = f"INSERT INTO {table} ({columns}) VALUES ({placeholders}) ON CONFLICT ({conflict}) DO UPDATE SET {updates}"
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
 
 
 # --- Prices -----------------------------------------------------------------------------------
