@@ -205,6 +205,10 @@ class ChatCompletions(Endpoint):
         chunk = super().read(raw)
         if chunk is not None:
             chunk.raw = raw  # relayed as it came unless the framer must change it
+            if chunk.usage is None:
+                # A queued chunk holds its bytes, not the parsed event (a dozen objects that the
+                # garbage collector would walk while the chunk waits for a slow client).
+                chunk.forget_data()
         return chunk
 
     def framer(self, *, include_usage: bool) -> Framer:

@@ -117,6 +117,12 @@ class ProviderChunk:
             self._data = orjson.loads(self.raw)
         return self._data
 
+    def forget_data(self) -> None:
+        """Drop the parsed event, keeping its JSON (`raw`): `data` parses it again if asked."""
+        if self.raw is None:
+            raise ValueError("a chunk without its raw JSON cannot forget its data")
+        self._data = None
+
     def __repr__(self) -> str:
         return f"ProviderChunk(text={self.text!r}, usage={self.usage!r}, upstream_id={self.upstream_id!r})"
 

@@ -40,3 +40,12 @@ def test_the_billed_usage_chunk_takes_its_head_from_the_first_chunk() -> None:
     data = orjson.loads(usage_frame.removeprefix(b"data: "))
     assert data == {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}}
     assert done == b"data: [DONE]\n\n"
+
+
+def test_a_relayed_text_chunk_holds_its_bytes_and_parses_them_again_only_when_asked() -> None:
+    chunk = CHAT.read(CONTENT)
+    assert chunk is not None
+    assert chunk._data is None  # what waits in a relay's queue is the event's bytes
+    assert chunk.data == orjson.loads(CONTENT)  # a non-stream answer still folds every field
+    usage = CHAT.read(USAGE)
+    assert usage is not None and usage._data is not None  # the framer rebuilds a usage chunk
