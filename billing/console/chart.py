@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from datetime import date
 from decimal import ROUND_HALF_UP, Decimal
+from html import escape
 
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString, mark_safe
@@ -82,16 +83,16 @@ def spend_chart_svg(days: Sequence[DaySpend], *, link: Callable[[date], str] | N
     line = " ".join(f"{x},{y}" for x, y, _ in points)
     area = f"{points[0][0]},{bottom} {line} {points[-1][0]},{bottom}"
 
-    def point(x: str, y: str, day: DaySpend) -> SafeString:
-        dot = format_html(
-            '<circle class="point" cx="{}" cy="{}" r="3.5" data-day="{}" data-cost-usd="{}">'
-            "<title>{}: {} ({})</title></circle>",
-            x, y, f"{day.day:%Y-%m-%d}", format(day.cost_usd, "f"),
-            f"{day.day:%a %Y-%m-%d}", usd_brief(day.cost_usd), f"{day.requests:,} call{'' if day.requests == 1 else 's'}",
+    def point(x: str, y: str, day: DaySpend) -> str:
+        # Up to 366 of them: each value escaped here (`format_html` took three times as long).
+        dot = (
+            f'<circle class="point" cx="{escape(x)}" cy="{escape(y)}" r="3.5" data-day="{day.day:%Y-%m-%d}"'
+            f' data-cost-usd="{escape(format(day.cost_usd, "f"))}"><title>{day.day:%a %Y-%m-%d}: {escape(usd_brief(day.cost_usd))}'
+            f" ({day.requests:,} call{'' if day.requests == 1 else 's'})</title></circle>"
         )
         if link is None:
             return dot
-        return format_html('<a href="{}">{}</a>', link(day.day), dot)
+        return f'<a href="{escape(link(day.day))}">{dot}</a>'
 
     return format_html(
         '<svg class="spend-chart" viewBox="0 0 {width} {height}" role="img" aria-labelledby="spend-chart-title spend-chart-desc"'
@@ -119,5 +120,5 @@ def spend_chart_svg(days: Sequence[DaySpend], *, link: Callable[[date], str] | N
         ),
         area=area,
         line=line,
-        points=format_html_join("", "{}", ((point(x, y, day),) for x, y, day in points)),
+        points=mark_safe("".join(point(x, y, day) for x, y, day in points)),  # noqa: S308  # escaped in point()
     )

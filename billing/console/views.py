@@ -132,9 +132,9 @@ def _columns(query: QueryDict, param: str, current: str) -> list[Column]:
 
 
 def _table(
-    dimension: Dimension, *, query: QueryDict, sort: str, days: Period, top: int, latency: dict[str, Latency], ledger: str
+    dimension: Dimension, spenders: list[SpendRow], *, query: QueryDict, sort: str, days: Period, latency: dict[str, Latency],
+    ledger: str,
 ) -> Table:
-    spenders = selectors.top_spenders(by=dimension, days=days, sort=sort, limit=top)
     rows = [
         Row(
             spend=row,
@@ -155,21 +155,26 @@ def console_view(request: HttpRequest, *, admin_site: AdminSite) -> TemplateResp
     at: datetime = now()
     days = selectors.console_days(at=at, days=query.setting("days", DEFAULT_DAYS))
     top = query.setting("top", TOP_CHOICES[0])
+    sorts: dict[Dimension, str] = {dimension: query.setting(f"o_{dimension}", DEFAULT_SORT) for dimension in _TITLES}
     since, until = selectors.latency_window(at=at, hours=LATENCY_HOURS)
     latency = selectors.ttft_by_model(since=since, until=until)
+    totals = selectors.range_totals(days=days)
+    spenders: dict[Dimension, list[SpendRow]] = {
+        "user": selectors.top_spenders(by="user", days=days, sort=sorts["user"], limit=top),
+        "key": selectors.top_spenders(by="key", days=days, sort=sorts["key"], limit=top),
+        "model": selectors.top_models(totals, sort=sorts["model"], limit=top),
+    }
     ledger = reverse("admin:billing_usagerecord_changelist")
     tables = {
         dimension: _table(
-            dimension, query=request.GET, sort=query.setting(f"o_{dimension}", DEFAULT_SORT), days=days, top=top,
-            latency=latency, ledger=ledger,
+            dimension, rows, query=request.GET, sort=sorts[dimension], days=days, latency=latency, ledger=ledger,
         )
-        for dimension in ("user", "key", "model")
+        for dimension, rows in spenders.items()
     }
     budgets = selectors.account_budgets(at=at)
-    totals = selectors.range_totals(days=days)
     endpoints = [
         EndpointRow(spend=spend, ledger_url=ledger_url(period=days, ledger=ledger, endpoint__exact=spend.endpoint))
-        for spend in selectors.spend_by_endpoint(days=days)
+        for spend in totals.by_endpoint
     ]
 
     def day_ledger(day: date) -> str:

@@ -25,9 +25,10 @@ from .conftest import NOW
 
 pytestmark = [pytest.mark.django_db, pytest.mark.ledger]
 
-# Session and user, permissions, then the console's own reads: spend per period, the range's days
-# and totals (two), three tables, latency, budgets (three), spend per endpoint.
-MAX_QUERIES = 16
+# Session and user, permissions (two), then the console's own reads: spend per period, the range's
+# totals per day, model and endpoint and with a key (two), the user and key tables (the models are
+# ranked from the range's totals), latency, budgets (three).
+MAX_QUERIES = 13
 
 
 # --- Who may see it ----------------------------------------------------------------------------
@@ -183,6 +184,28 @@ def test_the_tables_sort_by_any_column_and_show_the_top_n(viewer_client, console
     page = viewer_client.get(f"{console_url}?o_user=-requests").content.decode()
     # The sorted heading says so and its link reverses the order; the others sort largest first.
     assert 'aria-sort="descending"' in page and 'href="?o_user=requests"' in page and 'href="?o_user=-cost"' in page
+
+
+def test_the_models_table_sorts_by_any_column_with_ties_by_name(viewer_client, console_url, clock, call, user_factory) -> None:
+    uma = user_factory("uma")
+    for model, calls, prompt, completion in (("m-b", 2, 1000, 0), ("m-a", 1, 2000, 10), ("m-c", 1, 500, 10), ("M-d", 4, 100, 0)):
+        for _ in range(calls):
+            call(uma, model=model, prompt=prompt, completion=completion)
+
+    def models(query: str) -> list[str]:
+        return [row.spend.label for row in viewer_client.get(f"{console_url}?{query}").context["models"].rows]
+
+    # spend: m-a 2.02, m-b 2, m-c 0.52, M-d 0.4; calls 1, 2, 1, 4; tokens out 10, 0, 10, 0
+    assert models("") == ["m-a", "m-b", "m-c", "M-d"]
+    assert models("o_model=cost") == ["M-d", "m-c", "m-b", "m-a"]
+    assert models("o_model=-requests") == ["M-d", "m-b", "m-a", "m-c"]  # m-a and m-c tie: by name
+    assert models("o_model=requests") == ["m-a", "m-c", "m-b", "M-d"]
+    assert models("o_model=-output") == ["m-a", "m-c", "M-d", "m-b"]
+    assert models("o_model=name") == ["M-d", "m-a", "m-b", "m-c"]  # code point order
+    assert models("o_model=-name") == ["m-c", "m-b", "m-a", "M-d"]
+    [row] = viewer_client.get(f"{console_url}?o_model=-requests").context["models"].rows[:1]
+    assert (row.spend.id, row.spend.sums.requests, row.spend.sums.prompt_tokens) == ("M-d", 4, 400)
+    assert len(viewer_client.get(console_url).context["models"].rows) == 4
 
 
 def test_bad_parameters_show_the_defaults_with_a_400(viewer_client, console_url, clock) -> None:

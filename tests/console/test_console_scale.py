@@ -11,6 +11,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from billing.console.selectors import console_days, range_totals, top_spenders
+from billing.money import money_ratio
 from llmgateway.services import api_key_create
 
 from .conftest import NOW
@@ -34,6 +35,32 @@ def test_an_empty_range_has_zero_totals_and_a_flat_chart(db) -> None:
     totals = range_totals(days=console_days(at=NOW, days=3))
     assert totals.all_calls.cost_usd == 0 and totals.all_calls.requests == 0 and totals.all_calls.failed_requests == 0
     assert [(day.cost_usd, day.requests) for day in totals.by_day] == [(0, 0)] * 3
+    assert (totals.by_model, totals.by_endpoint, totals.with_a_key_usd) == ({}, [], 0)
+
+
+def test_one_pass_gives_the_range_per_model_and_endpoint_too(call, user_factory) -> None:
+    cat, dan = user_factory("cat"), user_factory("dan")
+    key, _ = api_key_create(username="cat")
+    call(cat, prompt=1000, completion=5, api_key_id=key.pk)
+    call(dan, prompt=2000, status="cancelled", at=NOW - timedelta(days=1))
+    call(cat, model="m-two", endpoint="responses", prompt=3000, status="timeout", at=NOW - timedelta(days=1))
+    call(cat, model="m-two", prompt=1, at=NOW - timedelta(days=2), api_key_id=key.pk)
+    call(dan, prompt=9000, at=NOW - timedelta(days=3))  # outside the 3 days
+    with CaptureQueriesContext(connection) as captured:
+        totals = range_totals(days=console_days(at=NOW, days=3))
+    assert len(captured) == 2  # the rollups per day, model and endpoint; the keys' spend
+    model = {name: (sums.requests, sums.prompt_tokens, sums.cost_usd, sums.cancelled_requests, sums.failed_requests)
+             for name, sums in totals.by_model.items()}
+    assert model == {
+        "console-test": (2, 3000, Decimal("3.01"), 1, 0),
+        "m-two": (2, 3001, Decimal("3.001"), 0, 1),
+    }
+    assert [(row.endpoint, row.path, row.sums.requests, row.sums.cost_usd, row.share) for row in totals.by_endpoint] == [
+        ("chat.completions", "/v1/chat/completions", 3, Decimal("3.011"), money_ratio(Decimal("3.011"), Decimal("6.011"))),
+        ("responses", "/v1/responses", 1, Decimal(3), money_ratio(Decimal(3), Decimal("6.011"))),
+    ]
+    assert totals.all_calls.cost_usd == Decimal("6.011") and totals.all_calls.requests == 4
+    assert totals.with_a_key_usd == Decimal("1.011") and totals.without_a_key_usd == Decimal(5)
 
 
 def _group_by(sql: str) -> str:
