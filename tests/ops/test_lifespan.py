@@ -1,9 +1,11 @@
-"""The ASGI lifespan's shutdown: what the process's writers were handed is answered first."""
+"""The ASGI lifespan: startup leaves what it built out of later garbage collections; shutdown
+answers what the process's writers were handed first."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import gc
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -13,6 +15,13 @@ from billing.services import budget_holds
 from llmgateway.lifespan import lifespan
 
 pytestmark = [pytest.mark.django_db]
+
+
+@pytest.fixture(autouse=True)
+def _unfreeze() -> Iterator[None]:
+    """The lifespan freezes the objects of the process it starts in: here, the test session's."""
+    yield
+    gc.unfreeze()
 
 
 async def test_holds_and_ledger_rows_handed_in_are_written_before_shutdown_completes(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -51,5 +60,6 @@ async def test_holds_and_ledger_rows_handed_in_are_written_before_shutdown_compl
         await running
 
     assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    assert gc.get_freeze_count() > 10_000  # startup's objects: no full collection walks them again
     assert sorted(written) == ["holds", "ledger"]
     assert (hold.result(), row.result()) == ("holds written", "ledger written")
