@@ -3,9 +3,10 @@
 One `AsyncOpenAI` client per upstream is shared by every request (connection pooling), with the
 SDK's retries off: the gateway decides about retries, and a retried stream would double-bill.
 The request body is forwarded as sent (so new OpenAI parameters pass through) to the endpoint's
-path (`streaming.endpoints`), and the events are relayed as the upstream sent them (the SDK sends
-the request and raises its typed errors; the body is parsed here, which costs a fraction of the
-SDK's per-chunk decoding, and each event is read by its endpoint).
+path (`streaming.endpoints`), and the events are relayed as the upstream sent them. The SDK builds
+the request (URL, auth, headers, timeouts: once per path, `OpenAIProvider._template`), sends it
+through its HTTP client and makes its typed errors; the body is parsed here, which costs a
+fraction of the SDK's per-chunk decoding, and each event is read by its endpoint.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import aiohttp
 import httpx2
 import openai
 import orjson
+from openai._models import FinalRequestOptions
 from openai._vendor.httpx_aiohttp.transport import AiohttpTransport  # the SDK's aiohttp transport
 
 from streaming.catalog import Deployment
@@ -208,25 +210,63 @@ class OpenAIProvider:
             ),
         )
 
+        self._templates: dict[str, httpx2.Request] = {}
+
     async def aclose(self) -> None:
         await self._client.close()
+
+    def _template(self, path: str) -> httpx2.Request:
+        """The SDK's request to `path` with no body: its URL, auth, headers and timeouts, which
+        are the same for every call (the SDK builds them once per path, not once per call)."""
+        template = self._templates.get(path)
+        if template is None:
+            template = self._client._build_request(FinalRequestOptions.construct(method="post", url=path))
+            del template.headers["Content-Length"]  # each call's body has its own
+            self._templates[path] = template
+        return template
+
+    async def _send(self, path: str, body: Mapping[str, Any], *, request_id: str, stream: bool) -> httpx2.Response:
+        """POST `body` as the SDK would, through its HTTP client, and raise its typed error
+        (`translate_error`d) for an answer that is not a success; the body of a success is unread.
+
+        The SDK's own `post()` builds the same request anew for every call (options, URL, headers,
+        retries), a good part of a short call's cost; this takes the SDK's request once per path
+        (`_template`) and sends a copy with the call's body.
+        """
+        template = self._template(path)
+        headers = template.headers.copy()
+        if request_id:
+            # OpenAI's header for the caller's own id, so the upstream's logs name the gateway's
+            # ledger row (and a reconciliation can match them).
+            headers[CLIENT_REQUEST_ID_HEADER] = request_id
+        http_request = httpx2.Request(
+            "POST", template.url, headers=headers, content=orjson.dumps(body), extensions=template.extensions
+        )
+        try:
+            response = await self._client._client.send(http_request, stream=stream)
+        except httpx2.TimeoutException as error:
+            if _is_failed_connection(error):
+                raise UpstreamError("connection", "Could not reach the upstream, or it dropped the connection.") from error
+            raise UpstreamError("timeout", "The upstream timed out.") from error
+        except httpx2.HTTPError as error:
+            raise UpstreamError("connection", "Could not reach the upstream, or it dropped the connection.") from error
+        if not response.is_success:
+            try:
+                await response.aread()
+            except httpx2.HTTPError:
+                pass  # the status alone then says what went wrong
+            finally:
+                await response.aclose()
+            raise translate_error(self._client._make_status_error_from_response(response))
+        return response
 
     async def stream(self, request: ProviderRequest) -> AsyncIterator[ProviderChunk]:
         endpoint = request.endpoint
         streamed = endpoint.streams_upstream(request.body)
         body = endpoint.upstream_body(request.body, upstream_model=request.deployment.upstream_model)
-        try:
-            # cast_to=Response: the SDK sends the request and raises its typed errors for a
-            # non-2xx answer, then hands over the unread body, parsed below (far cheaper per
-            # chunk than the SDK's own SSE decoding and model building).
-            # X-Client-Request-Id: OpenAI's header for the caller's own id, so the upstream's
-            # logs name the gateway's ledger row (and a reconciliation can match them).
-            headers = {CLIENT_REQUEST_ID_HEADER: request.request_id} if request.request_id else {}
-            response = await self._client.post(
-                endpoint.path, cast_to=httpx2.Response, body=body, stream=streamed, options={"headers": headers}
-            )
-        except openai.APIError as error:
-            raise translate_error(error) from error
+        # The body is handed over unread and parsed below: far cheaper per chunk than the SDK's
+        # own SSE decoding and model building.
+        response = await self._send(endpoint.path, body, request_id=request.request_id, stream=streamed)
         if request.on_response_headers is not None:
             request.on_response_headers(rate_limit_headers(response.headers))
         upstream = _aiohttp_response(response)
