@@ -240,7 +240,7 @@ class OpenAIProvider:
             # ledger row (and a reconciliation can match them).
             headers[CLIENT_REQUEST_ID_HEADER] = request_id
         http_request = httpx2.Request(
-            "POST", template.url, headers=headers, content=orjson.dumps(body), extensions=template.extensions
+            "POST", template.url, headers=headers, content=orjson.dumps(body), extensions=dict(template.extensions)
         )
         try:
             response = await self._client._client.send(http_request, stream=stream)
@@ -257,7 +257,8 @@ class OpenAIProvider:
                 pass  # the status alone then says what went wrong
             finally:
                 await response.aclose()
-            raise translate_error(self._client._make_status_error_from_response(response))
+            refusal = self._client._make_status_error_from_response(response)
+            raise translate_error(refusal) from refusal
         return response
 
     async def stream(self, request: ProviderRequest) -> AsyncIterator[ProviderChunk]:

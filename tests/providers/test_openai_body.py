@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
+import openai as openai_sdk
 import pytest
 from aiohttp import web
 
@@ -170,3 +171,57 @@ async def test_a_client_that_leaves_has_the_upstream_connection_cut_in_the_same_
         assert relay.outcome.status == "cancelled"
     finally:
         await provider.aclose()
+
+
+async def test_every_call_sends_the_sdks_request_with_its_own_body_and_request_id(upstream_serving) -> None:
+    seen: list[tuple[dict[str, str], Any]] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append(({name.lower(): value for name, value in request.headers.items()}, await request.json()))
+        return web.Response(body=sse(["ok"]), content_type="text/event-stream")
+
+    base_url = await upstream_serving(record)
+    provider = OpenAIProvider(
+        base_url=base_url, api_key="sk-test", connect_timeout=2.0, read_timeout=5.0, max_connections=4, headers={"X-Team": "blue"}
+    )
+    deployment = Deployment(provider=ProviderSpec(name="test", kind="openai", base_url=base_url), upstream_model="upstream-m")
+    try:
+        for request_id, content in (("call-1", "first"), ("call-2", "second")):
+            request = ProviderRequest(
+                deployment=deployment,
+                endpoint=endpoints.ENDPOINTS["chat.completions"],
+                body={"model": "m", "messages": [{"role": "user", "content": content}], "stream": True},
+                request_id=request_id,
+            )
+            assert [chunk.text async for chunk in provider.stream(request)] == ["ok"]
+    finally:
+        await provider.aclose()
+
+    for (headers, body), request_id, content in zip(seen, ("call-1", "call-2"), ("first", "second"), strict=True):
+        assert headers["authorization"] == "Bearer sk-test"
+        assert headers["x-team"] == "blue"
+        assert headers["user-agent"].startswith("AsyncOpenAI/Python")
+        assert headers["x-client-request-id"] == request_id
+        assert headers["content-type"] == "application/json"
+        assert body["model"] == "upstream-m" and body["messages"][0]["content"] == content
+        assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+
+
+async def test_an_error_answer_is_the_sdks_typed_error_with_its_message_and_limits(upstream_serving) -> None:
+    async def limited(request: web.Request) -> web.Response:
+        return web.json_response(
+            {"error": {"message": "Slow down.", "type": "tokens", "code": "rate_limit_exceeded"}},
+            status=429,
+            headers={"retry-after-ms": "1500", "x-ratelimit-remaining-tokens": "0"},
+        )
+
+    base_url = await upstream_serving(limited)
+
+    with pytest.raises(UpstreamError) as raised:
+        await streamed_text(base_url)
+
+    error = raised.value
+    assert (error.kind, error.status, error.message) == ("rate_limited", 429, "Slow down.")
+    assert error.retry_after == 1.5 and error.limit_type == "tokens"
+    assert error.headers["x-ratelimit-remaining-tokens"] == "0"
+    assert isinstance(error.__cause__, openai_sdk.RateLimitError)
