@@ -54,6 +54,7 @@ def insert_many(model: type[Model], objects: Sequence[Model], *, using: str = DE
     sql, fields = _insert_statement(model, connection)
     rows = [[field.get_db_prep_save(field.pre_save(obj, True), connection) for field in fields] for obj in objects]
     keys = []
+    connection.validate_no_broken_transaction()  # as Django's own cursor does before a statement
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
             driver_cursor = cursor.cursor  # Django's executemany() does not pass `returning`

@@ -197,8 +197,7 @@ async def admit(*, principal: Principal, estimated_tokens: int) -> Admission:
         raise LimiterDown(LIMITER_DOWN) from None
     headers = _headers(decision)
     if not decision.allowed:
-        assert decision.violated is not None
-        if decision.violated.kind == "concurrency":
+        if decision.violated is not None and decision.violated.kind == "concurrency":
             observability.REJECTIONS.labels("concurrency").inc()
             message = CONCURRENCY_EXCEEDED.format(scope=lease_scope, limit=max_concurrent)
             raise LimitExceeded(message, kind="concurrency", headers={"Retry-After": "1", **headers})

@@ -215,13 +215,19 @@ class OpenAIProvider:
     async def aclose(self) -> None:
         await self._client.close()
 
-    def _template(self, path: str) -> httpx2.Request:
+    async def _template(self, path: str) -> httpx2.Request:
         """The SDK's request to `path` with no body: its URL, auth, headers and timeouts, which
-        are the same for every call (the SDK builds them once per path, not once per call)."""
+        are the same for every call (the SDK builds them once per path, not once per call).
+
+        Built in a thread: the SDK's first request reads the platform (blocking). No cookies:
+        one the upstream set (a load balancer's) would be sent with every later call as it was.
+        """
         template = self._templates.get(path)
         if template is None:
-            template = self._client._build_request(FinalRequestOptions.construct(method="post", url=path))
-            del template.headers["Content-Length"]  # each call's body has its own
+            options = FinalRequestOptions.construct(method="post", url=path)
+            template = await asyncio.to_thread(self._client._build_request, options)
+            for name in ("Content-Length", "Cookie"):  # each call's body has its own length
+                template.headers.pop(name, None)
             self._templates[path] = template
         return template
 
@@ -231,9 +237,10 @@ class OpenAIProvider:
 
         The SDK's own `post()` builds the same request anew for every call (options, URL, headers,
         retries), a good part of a short call's cost; this takes the SDK's request once per path
-        (`_template`) and sends a copy with the call's body.
+        (`_template`) and sends a copy with the call's body. It holds for a client with a fixed
+        API key, as `__init__` builds it (no key provider, no custom auth).
         """
-        template = self._template(path)
+        template = await self._template(path)
         headers = template.headers.copy()
         if request_id:
             # OpenAI's header for the caller's own id, so the upstream's logs name the gateway's
@@ -253,11 +260,11 @@ class OpenAIProvider:
         if not response.is_success:
             try:
                 await response.aread()
-            except httpx2.HTTPError:
-                pass  # the status alone then says what went wrong
+                refusal = self._client._make_status_error_from_response(response)
+            except httpx2.HTTPError:  # the body was cut: the status alone says what went wrong
+                refusal = self._client._make_status_error(f"Error code: {response.status_code}", body=None, response=response)
             finally:
                 await response.aclose()
-            refusal = self._client._make_status_error_from_response(response)
             raise translate_error(refusal) from refusal
         return response
 

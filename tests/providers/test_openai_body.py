@@ -225,3 +225,21 @@ async def test_an_error_answer_is_the_sdks_typed_error_with_its_message_and_limi
     assert error.retry_after == 1.5 and error.limit_type == "tokens"
     assert error.headers["x-ratelimit-remaining-tokens"] == "0"
     assert isinstance(error.__cause__, openai_sdk.RateLimitError)
+
+
+async def test_an_error_answer_whose_body_is_cut_is_still_a_typed_upstream_error(upstream_serving) -> None:
+    async def cut(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(status=503, headers={"Content-Type": "application/json", "Content-Length": "1000"})
+        await response.prepare(request)
+        await response.write(b'{"error": {"mess')
+        assert request.transport is not None
+        request.transport.close()
+        return response
+
+    base_url = await upstream_serving(cut)
+
+    with pytest.raises(UpstreamError) as raised:
+        await streamed_text(base_url)
+
+    assert (raised.value.kind, raised.value.status) == ("server_error", 503)
+    assert isinstance(raised.value.__cause__, openai_sdk.InternalServerError)
