@@ -76,16 +76,12 @@ def insert_many(model: type[Model], objects: Sequence[Model], *, using: str = DE
 _UPSERTS: dict[tuple[type[Model], tuple[str, ...], tuple[str, ...], str], tuple[str, tuple[Field, ...]]] = {}
 
 
-def insert_or_add(model: type[Model], *, key: Mapping[str, object], sums: Mapping[str, object], using: str = DEFAULT_DB_ALIAS) -> None:
-    """Add `sums` to the row of `model` that `key` names, or insert it: `INSERT ... ON CONFLICT
-    (key) DO UPDATE SET x = x + EXCLUDED.x`.
-
-    One statement, atomic on PostgreSQL and SQLite alike: concurrent writers to the same row
-    queue on its lock and each adds its own amounts; there is no read-modify-write. `key` names
-    the row (the fields of the model's unique constraint), `sums` what is added to it.
-    """
-    connection = connections[using]
-    statement = (model, tuple(key), tuple(sums), connection.vendor)
+def _upsert_statement(
+    model: type[Model], key: tuple[str, ...], sums: tuple[str, ...], connection: BaseDatabaseWrapper
+) -> tuple[str, tuple[Field, ...]]:
+    """`insert_or_add`'s statement for these key and sum fields on this kind of database, and
+    the fields it takes, in order."""
+    statement = (model, key, sums, connection.vendor)
     if statement not in _UPSERTS:
         quote = connection.ops.quote_name
         table = quote(model._meta.db_table)
@@ -98,7 +94,19 @@ def insert_or_add(model: type[Model], *, key: Mapping[str, object], sums: Mappin
         placeholders = ", ".join(["%s"] * len(fields))
         sql = f"INSERT INTO {table} ({columns}) VALUES ({placeholders}) ON CONFLICT ({conflict}) DO UPDATE SET {updates}"
         _UPSERTS[statement] = sql, fields
-    sql, fields = _UPSERTS[statement]
+    return _UPSERTS[statement]
+
+
+def insert_or_add(model: type[Model], *, key: Mapping[str, object], sums: Mapping[str, object], using: str = DEFAULT_DB_ALIAS) -> None:
+    """Add `sums` to the row of `model` that `key` names, or insert it: `INSERT ... ON CONFLICT
+    (key) DO UPDATE SET x = x + EXCLUDED.x`.
+
+    One statement, atomic on PostgreSQL and SQLite alike: concurrent writers to the same row
+    queue on its lock and each adds its own amounts; there is no read-modify-write. `key` names
+    the row (the fields of the model's unique constraint), `sums` what is added to it.
+    """
+    connection = connections[using]
+    sql, fields = _upsert_statement(model, tuple(key), tuple(sums), connection)
     values = {**key, **sums}
     params = [field.get_db_prep_save(values[field.name], connection) for field in fields]
     with connection.cursor() as cursor:

@@ -460,8 +460,9 @@ def usage_records_create(*, rows: Sequence[UsageRow]) -> list[UsageRecord]:
     """Append many calls' ledger rows, add them to their rollups and settle their holds: one transaction.
 
     The batching writer's unit of work (`billing.ledger_writer`): the ledger rows by one INSERT
-    statement run for each (`billing._sql.insert_many`; pipelined on PostgreSQL), one upsert per rollup row the batch touches (its calls' amounts added up first,
-    in a fixed order of rollup rows, so two batches never wait on each other's rows crosswise),
+    statement run for each (`billing._sql.insert_many`; pipelined on PostgreSQL), one upsert per
+    rollup row the batch touches (its calls' amounts added up first, in a fixed order of rollup
+    rows, so two batches never wait on each other's rows crosswise),
     and one DELETE of the batch's holds. All or nothing: any row the database refuses (a
     `request_id` already in the ledger, a deleted user, a value out of range) rolls the whole
     batch back, holds included; the writer then writes the rows one by one.

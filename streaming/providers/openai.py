@@ -37,6 +37,7 @@ CLIENT_REQUEST_ID_HEADER = "X-Client-Request-Id"
 DRAIN_TIMEOUT = 0.5  # seconds
 BODY_PIECE_BYTES = 16 * 1024
 UPSTREAM_READ_BUFFER_BYTES = 64 * 1024
+UNREACHABLE = "Could not reach the upstream, or it dropped the connection."
 
 
 # The headers an answer's failure keeps: when to come back, and the upstream's limits.
@@ -159,12 +160,18 @@ def _is_failed_connection(error: BaseException) -> bool:
     return False
 
 
+def _no_answer(error: BaseException) -> UpstreamError:
+    """A request that got no answer: timed out, or (a failed connection, even one reported as a
+    timeout) never reached the upstream or lost it."""
+    if isinstance(error, openai.APITimeoutError | httpx2.TimeoutException) and not _is_failed_connection(error):
+        return UpstreamError("timeout", "The upstream timed out.")
+    return UpstreamError("connection", UNREACHABLE)
+
+
 def translate_error(error: Exception) -> UpstreamError:
     """Map the SDK's request exceptions onto the gateway's UpstreamError kinds."""
-    if isinstance(error, openai.APITimeoutError) and not _is_failed_connection(error):
-        return UpstreamError("timeout", "The upstream timed out.")
-    if isinstance(error, openai.APIConnectionError):
-        return UpstreamError("connection", "Could not reach the upstream, or it dropped the connection.")
+    if isinstance(error, openai.APIConnectionError):  # APITimeoutError is one
+        return _no_answer(error)
     if isinstance(error, openai.APIStatusError):
         headers = rate_limit_headers(error.response.headers)
         return UpstreamError(
@@ -251,12 +258,8 @@ class OpenAIProvider:
         )
         try:
             response = await self._client._client.send(http_request, stream=stream)
-        except httpx2.TimeoutException as error:
-            if _is_failed_connection(error):
-                raise UpstreamError("connection", "Could not reach the upstream, or it dropped the connection.") from error
-            raise UpstreamError("timeout", "The upstream timed out.") from error
         except httpx2.HTTPError as error:
-            raise UpstreamError("connection", "Could not reach the upstream, or it dropped the connection.") from error
+            raise _no_answer(error) from error
         if not response.is_success:
             try:
                 await response.aread()
@@ -310,7 +313,7 @@ class OpenAIProvider:
         except openai.APIError as error:
             raise translate_error(error) from error
         except httpx2.HTTPError as error:
-            raise UpstreamError("connection", "Could not reach the upstream, or it dropped the connection.") from error
+            raise UpstreamError("connection", UNREACHABLE) from error
 
 
 def _json_object(raw: bytes) -> dict[str, Any]:
