@@ -257,6 +257,12 @@ GATEWAY_STREAM_QUEUE_SIZE = _env_int("GATEWAY_STREAM_QUEUE_SIZE", 64)
 # costs, and how far ahead of it the upstream is read. A large answer to a distant client moves
 # at most this much per round trip: raise it for big embeddings batches over long distances.
 GATEWAY_CLIENT_SEND_BUFFER = _env_int("GATEWAY_CLIENT_SEND_BUFFER", 128 * 1024)
+# Bytes of the kernel's receive buffer for each upstream connection (streaming/providers/openai.py;
+# 0 leaves the kernel's autotuning, up to net.ipv4.tcp_rmem's maximum): how far an upstream can
+# send ahead of a client that stopped reading, and what one read of it brings into the process.
+# A large answer from a distant upstream moves at most about this much per round trip: raise it
+# (or set 0) for big embeddings batches from far away.
+GATEWAY_UPSTREAM_RECEIVE_BUFFER = _env_int("GATEWAY_UPSTREAM_RECEIVE_BUFFER", 32 * 1024)
 # Seconds. Connect: TCP/TLS to the upstream. First token: request sent to first chunk.
 # Idle: between two chunks. Total: the whole call. Heartbeat: SSE comment when idle.
 GATEWAY_CONNECT_TIMEOUT = _env_float("GATEWAY_CONNECT_TIMEOUT", 10.0)

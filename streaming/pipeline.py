@@ -55,12 +55,14 @@ class CompletionTally:
 
     A batch is cut just before a space: in the OpenAI encodings a word's token starts with its
     leading space, so counting the parts separately gives the count of the whole. Memory stays
-    at one batch however long the stream runs (a stream to a stalled client can run long).
+    at one batch however long the stream runs (a stream to a stalled client can run long), held
+    as a few strings: the pieces are joined every `JOIN_PIECES`, not kept as one object per chunk.
     Inside an event loop a batch is counted in a worker thread (the tokenizer releases the GIL),
     so that the loop goes on relaying meanwhile; `counted` then lags by the batches in flight.
     """
 
     BATCH_CHARS = 8192
+    JOIN_PIECES = 64
 
     def __init__(self, count: Callable[[str], int]) -> None:
         self._count = count
@@ -81,6 +83,8 @@ class CompletionTally:
             self._count_batch(joined[:cut])
             rest = joined[cut:]
             self._pending, self._pending_chars = ([rest] if rest else []), len(rest)
+        elif len(self._pending) >= self.JOIN_PIECES:
+            self._pending = ["".join(self._pending)]
 
     def _count_batch(self, batch: str) -> None:
         try:
@@ -452,6 +456,20 @@ class StreamRelay:
                 self._put_last(stopped)
 
 
+# The most frames joined into one write, in bytes (give or take a frame). The server keeps a few
+# writes per connection besides its own buffer (Granian: four queued and one waiting), so for a
+# client that stops reading this sizes what the server holds for it.
+WRITE_BYTES = 4096
+
+
+def _joined(frames: list[bytes]) -> bytes:
+    """The frames as one write, and the list emptied: while a slow client holds the write, the
+    frames are not kept a second time."""
+    joined = b"".join(frames)
+    frames.clear()
+    return joined
+
+
 async def sse_stream(
     relay: StreamRelay,
     first: QueueItem,
@@ -491,11 +509,13 @@ async def sse_stream(
         beat = loop.call_at(sent_at + heartbeat, beat_if_idle)
         while True:
             frames: list[bytes] = []
+            size = 0
             while True:
                 if isinstance(item, ProviderChunk):
                     frame = framer.frame(item)
                     if frame:
                         frames.append(frame)
+                        size += len(frame)
                 elif isinstance(item, _HeartbeatDue):
                     frames.append(_sse.HEARTBEAT)
                 else:
@@ -503,7 +523,7 @@ async def sse_stream(
                     # a client sees the end, the call is in the ledger and its next request is
                     # checked against the updated spend.
                     if frames:
-                        yield b"".join(frames)
+                        yield _joined(frames)
                     await finish()
                     if isinstance(item, _End):
                         last = framer.end(billed_usage())
@@ -514,11 +534,11 @@ async def sse_stream(
                     if last:
                         yield last
                     return
-                if queue.empty():
+                if queue.empty() or size >= WRITE_BYTES:
                     break
                 item = queue.get_nowait()
             if frames:
-                yield b"".join(frames)
+                yield _joined(frames)
                 sent_at = loop.time()
             item = await queue.get()
     finally:

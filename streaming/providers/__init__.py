@@ -38,6 +38,7 @@ def _build(spec: ProviderSpec) -> Provider:
         api_key=spec.api_key(),
         connect_timeout=spec.connect_timeout or settings.GATEWAY_CONNECT_TIMEOUT,
         max_connections=spec.max_connections or settings.GATEWAY_UPSTREAM_MAX_CONNECTIONS,
+        receive_buffer=settings.GATEWAY_UPSTREAM_RECEIVE_BUFFER,
         # The SDK's read timeout is a backstop; the pipeline enforces first-token/idle/total.
         read_timeout=spec.read_timeout or max(settings.GATEWAY_FIRST_TOKEN_TIMEOUT, settings.GATEWAY_IDLE_TIMEOUT) + 5,
         headers=spec.headers,

@@ -61,3 +61,12 @@ async def test_inside_an_event_loop_batches_are_counted_off_the_loop_and_none_is
     assert tally.counted > 0 and not tally._in_flight
     assert any(thread != loop_thread for thread in counted_in)  # batches were counted in threads
     assert tally.tokens() == 10_000
+
+
+def test_the_pending_text_is_held_as_a_few_strings_not_one_object_per_piece() -> None:
+    tally = CompletionTally(len)
+    for _ in range(1_000):  # 2,000 characters: less than a batch, so nothing is counted yet
+        tally.add("ab")
+    assert tally.counted == 0
+    assert len(tally._pending) <= CompletionTally.JOIN_PIECES
+    assert tally.tokens() == 2_000

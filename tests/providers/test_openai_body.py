@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -54,8 +55,10 @@ async def upstream_serving() -> AsyncIterator[Callable[[Handler], Any]]:
         await runner.cleanup()
 
 
-async def streamed_text(base_url: str, *, read_timeout: float = 5.0) -> str:
-    provider = OpenAIProvider(base_url=base_url, api_key="sk-test", connect_timeout=2.0, read_timeout=read_timeout, max_connections=4)
+async def streamed_text(base_url: str, *, read_timeout: float = 5.0, receive_buffer: int = 0) -> str:
+    provider = OpenAIProvider(
+        base_url=base_url, api_key="sk-test", connect_timeout=2.0, read_timeout=read_timeout, max_connections=4, receive_buffer=receive_buffer
+    )
     deployment = Deployment(provider=ProviderSpec(name="test", kind="openai", base_url=base_url), upstream_model="m")
     request = ProviderRequest(
         deployment=deployment,
@@ -87,6 +90,39 @@ async def test_a_plain_stream_is_read_straight_from_aiohttp(upstream_serving, mo
     monkeypatch.setattr(provider_module, "_body_pieces", spying)
     assert await streamed_text(await upstream_serving(plain)) == "Hello, world"
     assert read_through == ["aiohttp"]
+
+
+@pytest.mark.parametrize("receive_buffer", [32 * 1024, 0], ids=["set", "autotuned"])
+async def test_the_upstream_connection_has_the_receive_buffer_it_was_given(
+    upstream_serving, monkeypatch: pytest.MonkeyPatch, receive_buffer: int
+) -> None:
+    made: list[socket.socket] = []
+    socket_factory = provider_module._socket_factory
+
+    def recording(size: int) -> Any:
+        make = socket_factory(size)
+
+        def make_and_record(address: Any) -> socket.socket:
+            made.append(make(address))
+            return made[-1]
+
+        return make_and_record
+
+    monkeypatch.setattr(provider_module, "_socket_factory", recording)
+    seen: list[int] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        # The connection this request came on, as the provider's side sees it.
+        client_port = request.transport.get_extra_info("peername")[1]
+        sockets = [made_socket for made_socket in made if made_socket.getsockname()[1] == client_port]
+        seen.extend(made_socket.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) for made_socket in sockets)
+        return web.Response(body=sse(TEXT), headers={"Content-Type": "text/event-stream"})
+
+    assert await streamed_text(await upstream_serving(answer), receive_buffer=receive_buffer) == "Hello, world"
+    if receive_buffer:
+        assert seen == [2 * receive_buffer]  # Linux doubles it for its bookkeeping
+    else:
+        assert not made and not seen  # the kernel's own sockets, autotuned
 
 
 async def test_a_compressed_stream_is_decoded(upstream_serving) -> None:
