@@ -4,9 +4,10 @@ One `AsyncOpenAI` client per upstream is shared by every request (connection poo
 SDK's retries off: the gateway decides about retries, and a retried stream would double-bill.
 The request body is forwarded as sent (so new OpenAI parameters pass through) to the endpoint's
 path (`streaming.endpoints`), and the events are relayed as the upstream sent them. The SDK builds
-the request (URL, auth, headers, timeouts: once per path, `OpenAIProvider._template`), sends it
-through its HTTP client and makes its typed errors; the body is parsed here, which costs a
-fraction of the SDK's per-chunk decoding, and each event is read by its endpoint.
+the request (URL, auth, headers, timeouts: once per path, `OpenAIProvider._template`) and makes
+the typed errors; each call is sent on the aiohttp session under the SDK's own transport, and the
+body is parsed here, which costs a fraction of the SDK's per-chunk decoding, and each event is
+read by its endpoint.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import aiohttp
@@ -39,6 +41,19 @@ DRAIN_TIMEOUT = 0.5  # seconds
 BODY_PIECE_BYTES = 4 * 1024
 UPSTREAM_READ_BUFFER_BYTES = 16 * 1024
 UNREACHABLE = "Could not reach the upstream, or it dropped the connection."
+# What aiohttp decodes itself whatever else is installed (httpx2 may offer more).
+ACCEPT_ENCODING = "gzip, deflate"
+# Each call has its own body length, and sends no cookie (see `_aiohttp_transport`).
+_PER_CALL_HEADERS = frozenset({"content-length", "cookie"})
+
+
+@dataclass(frozen=True, slots=True)
+class _Template:
+    """What the SDK's request to one path is, whatever the call: see `OpenAIProvider._template`."""
+
+    url: str
+    headers: dict[str, str]
+    timeout: aiohttp.ClientTimeout
 
 
 # The headers an answer's failure keeps: when to come back, and the upstream's limits.
@@ -54,7 +69,7 @@ RATE_LIMIT_HEADERS = (
 )
 
 
-def rate_limit_headers(headers: httpx2.Headers) -> dict[str, str]:
+def rate_limit_headers(headers: Mapping[str, str]) -> dict[str, str]:
     return {name: headers[name] for name in RATE_LIMIT_HEADERS if name in headers}
 
 
@@ -149,7 +164,10 @@ def _aiohttp_transport(max_connections: int, receive_buffer: int) -> AiohttpTran
             ssl=httpx2.create_ssl_context(),
             socket_factory=_socket_factory(receive_buffer) if receive_buffer else None,
         )
-        return aiohttp.ClientSession(connector=connector, read_bufsize=UPSTREAM_READ_BUFFER_BYTES)
+        # No cookie jar: a cookie an upstream set (a load balancer's) would go with every later call.
+        return aiohttp.ClientSession(
+            connector=connector, read_bufsize=UPSTREAM_READ_BUFFER_BYTES, cookie_jar=aiohttp.DummyCookieJar()
+        )
 
     return AiohttpTransport(limits=limits, client=session)
 
@@ -158,7 +176,7 @@ def _is_failed_connection(error: BaseException) -> bool:
     """Whether a timeout is really a refused or dropped connection: the SDK's aiohttp transport
     reports every aiohttp connection error as `httpx2.ConnectTimeout` (the SDK then raises
     `APITimeoutError` from it)."""
-    cause = error.__cause__
+    cause: BaseException | None = error
     while cause is not None:
         if isinstance(cause, aiohttp.ClientConnectionError) and not isinstance(cause, TimeoutError):
             return True
@@ -186,7 +204,8 @@ def _socket_factory(receive_buffer: int) -> aiohttp.SocketFactoryType:
 def _no_answer(error: BaseException) -> UpstreamError:
     """A request that got no answer: timed out, or (a failed connection, even one reported as a
     timeout) never reached the upstream or lost it."""
-    if isinstance(error, openai.APITimeoutError | httpx2.TimeoutException) and not _is_failed_connection(error):
+    timed_out = isinstance(error, openai.APITimeoutError | httpx2.TimeoutException | TimeoutError)
+    if timed_out and not _is_failed_connection(error):
         return UpstreamError("timeout", "The upstream timed out.")
     return UpstreamError("connection", UNREACHABLE)
 
@@ -223,6 +242,7 @@ class OpenAIProvider:
         headers: Mapping[str, str] | None = None,
     ) -> None:
         timeout = httpx2.Timeout(read_timeout, connect=connect_timeout)
+        self._transport = _aiohttp_transport(max_connections, receive_buffer)
         self._client = openai.AsyncOpenAI(
             base_url=base_url,
             # Upstreams without keys (a local vLLM, Ollama) take any; the SDK refuses an empty one.
@@ -237,93 +257,125 @@ class OpenAIProvider:
             http_client=openai.DefaultAioHttpClient(
                 timeout=timeout,
                 limits=httpx2.Limits(max_connections=max_connections),
-                transport=_aiohttp_transport(max_connections, receive_buffer),
+                transport=self._transport,
             ),
         )
-
-        self._templates: dict[str, httpx2.Request] = {}
+        self._templates: dict[str, _Template] = {}
 
     async def aclose(self) -> None:
         await self._client.close()
 
-    async def _template(self, path: str) -> httpx2.Request:
+    def _session(self) -> aiohttp.ClientSession:
+        """The aiohttp session under the SDK's transport (made on first use, as the transport
+        itself does): the SDK's own calls and the gateway's share one pool of connections."""
+        if not isinstance(self._transport.client, aiohttp.ClientSession):
+            self._transport.client = self._transport.get_client()
+        return self._transport.client
+
+    async def _template(self, path: str) -> _Template:
         """The SDK's request to `path` with no body: its URL, auth, headers and timeouts, which
         are the same for every call (the SDK builds them once per path, not once per call).
 
-        Built in a thread: the SDK's first request reads the platform (blocking). No cookies:
-        one the upstream set (a load balancer's) would be sent with every later call as it was.
+        Built in a thread: the SDK's first request reads the platform (blocking).
         """
         template = self._templates.get(path)
         if template is None:
             options = FinalRequestOptions.construct(method="post", url=path)
-            template = await asyncio.to_thread(self._client._build_request, options)
-            for name in ("Content-Length", "Cookie"):  # each call's body has its own length
-                template.headers.pop(name, None)
-            self._templates[path] = template
+            built = await asyncio.to_thread(self._client._build_request, options)
+            headers = {name: value for name, value in built.headers.items() if name not in _PER_CALL_HEADERS}
+            headers["accept-encoding"] = ACCEPT_ENCODING
+            if "x-stainless-async" in headers:  # built in a thread, the SDK saw no event loop
+                headers["x-stainless-async"] = "async:asyncio"
+            timeouts = built.extensions.get("timeout", {})
+            template = self._templates[path] = _Template(
+                url=str(built.url),
+                headers=headers,
+                # As the SDK's transport maps httpx's timeouts onto aiohttp's.
+                timeout=aiohttp.ClientTimeout(
+                    sock_connect=timeouts.get("connect"), sock_read=timeouts.get("read"), connect=timeouts.get("pool")
+                ),
+            )
         return template
 
-    async def _send(self, path: str, body: Mapping[str, Any], *, request_id: str, stream: bool) -> httpx2.Response:
-        """POST `body` as the SDK would, through its HTTP client, and raise its typed error
-        (`translate_error`d) for an answer that is not a success; the body of a success is unread.
+    async def _send(self, path: str, body: Mapping[str, Any], *, request_id: str) -> aiohttp.ClientResponse:
+        """POST `body` as the SDK would, on the session under its transport, and raise its typed
+        error (`translate_error`d) for an answer that is not a success; the body of a success
+        is unread.
 
         The SDK's own `post()` builds the same request anew for every call (options, URL, headers,
-        retries), a good part of a short call's cost; this takes the SDK's request once per path
-        (`_template`) and sends a copy with the call's body. It holds for a client with a fixed
-        API key, as `__init__` builds it (no key provider, no custom auth).
+        retries) and httpx wraps the transport's answer in its own models: together most of a
+        short call's cost here. This takes the SDK's request once per path (`_template`) and
+        sends it with the call's body straight through aiohttp, as the SDK's transport does. It
+        holds for a client with a fixed API key, as `__init__` builds it (no key provider, no
+        custom auth).
         """
         template = await self._template(path)
-        headers = template.headers.copy()
+        headers = template.headers
         if request_id:
             # OpenAI's header for the caller's own id, so the upstream's logs name the gateway's
             # ledger row (and a reconciliation can match them).
-            headers[CLIENT_REQUEST_ID_HEADER] = request_id
-        http_request = httpx2.Request(
-            "POST", template.url, headers=headers, content=orjson.dumps(body), extensions=dict(template.extensions)
-        )
+            headers = {**headers, CLIENT_REQUEST_ID_HEADER: request_id}
         try:
-            response = await self._client._client.send(http_request, stream=stream)
-        except httpx2.HTTPError as error:
+            response = await self._session().post(
+                template.url,
+                headers=headers,
+                data=orjson.dumps(body),
+                allow_redirects=False,
+                compress=False,
+                timeout=template.timeout,
+            )
+        except (aiohttp.ClientError, TimeoutError) as error:
             raise _no_answer(error) from error
-        if not response.is_success:
-            try:
-                await response.aread()
-                refusal = self._client._make_status_error_from_response(response)
-            except httpx2.HTTPError:  # the body was cut: the status alone says what went wrong
-                refusal = self._client._make_status_error(f"Error code: {response.status_code}", body=None, response=response)
-            finally:
-                await response.aclose()
+        if not 200 <= response.status < 300:
+            refusal = await self._status_error(response, template)
             raise translate_error(refusal) from refusal
         return response
 
+    async def _status_error(self, response: aiohttp.ClientResponse, template: _Template) -> openai.APIStatusError:
+        """The SDK's typed error for an answer that is not a success (its status alone when the
+        body was cut), made from the answer as the SDK's transport would hand it over."""
+        try:
+            content: bytes | None = await response.read()
+        except (aiohttp.ClientError, TimeoutError):
+            content = None
+        finally:
+            response.release()
+        answer = httpx2.Response(
+            response.status,
+            headers=response.raw_headers,
+            content=content or b"",
+            request=httpx2.Request("POST", template.url),
+        )
+        if content is None:
+            return self._client._make_status_error(f"Error code: {response.status}", body=None, response=answer)
+        return self._client._make_status_error_from_response(answer)
+
     async def stream(self, request: ProviderRequest) -> AsyncIterator[ProviderChunk]:
         endpoint = request.endpoint
-        streamed = endpoint.streams_upstream(request.body)
         body = endpoint.upstream_body(request.body, upstream_model=request.deployment.upstream_model)
-        # The body is handed over unread and parsed below: far cheaper per chunk than the SDK's
+        # The body is read here as it arrives, not by the SDK: far cheaper per chunk than its
         # own SSE decoding and model building.
-        response = await self._send(endpoint.path, body, request_id=request.request_id, stream=streamed)
+        response = await self._send(endpoint.path, body, request_id=request.request_id)
         if request.on_response_headers is not None:
             request.on_response_headers(rate_limit_headers(response.headers))
-        upstream = _aiohttp_response(response)
-        if upstream is not None and request.on_connection is not None:
-            request.on_connection(upstream.close)  # closes its connection, not back to the pool
+        if request.on_connection is not None:
+            request.on_connection(response.close)  # closes its connection, not back to the pool
         try:
-            if not streamed:
-                yield endpoint.chunk(_json_object(await response.aread()))
+            if not endpoint.streams_upstream(request.body):
+                yield endpoint.chunk(_json_object(await response.read()))
                 return
-            async for chunk in _sse_events(_body_pieces(response, upstream), endpoint):
+            # Bounded pieces: `iter_any()` joins all that is buffered into one, and a stream whose
+            # client does not read would then hold far more.
+            async for chunk in _sse_events(response.content.iter_chunked(BODY_PIECE_BYTES), endpoint):
                 yield chunk
-        except httpx2.HTTPError as error:
-            if isinstance(error, httpx2.TimeoutException) and not _is_failed_connection(error):
-                raise UpstreamError("timeout", "The upstream timed out mid-stream.") from error
-            raise UpstreamError("connection", "The upstream dropped the connection mid-stream.") from error
-        except aiohttp.ClientError as error:  # a body read from aiohttp itself (`_body_pieces`)
+        except aiohttp.ClientError as error:
             if isinstance(error, TimeoutError):  # aiohttp's read timeout (sock_read)
                 raise UpstreamError("timeout", "The upstream timed out mid-stream.") from error
             raise UpstreamError("connection", "The upstream dropped the connection mid-stream.") from error
         finally:
-            # Closing the response closes the connection at once when we stop early.
-            await response.aclose()
+            # Back to the pool when the body was read to its end; closed at once when we stop early.
+            response.release()
+            await response.wait_for_close()
 
     async def stored(self, *, deployment: Deployment, method: Literal["GET", "DELETE", "POST"], path: str) -> dict[str, Any]:
         try:
@@ -360,33 +412,8 @@ async def _drain(pieces: AsyncIterator[bytes]) -> None:
         async with asyncio.timeout(DRAIN_TIMEOUT):
             async for _ in pieces:
                 pass
-    except (TimeoutError, httpx2.HTTPError, aiohttp.ClientError):
+    except (TimeoutError, aiohttp.ClientError):
         pass
-
-
-def _body_pieces(response: httpx2.Response, aiohttp_response: aiohttp.ClientResponse | None) -> AsyncIterator[bytes]:
-    """The body's pieces as they arrive.
-
-    A body with no content encoding is read from `aiohttp_response`, the one under the SDK's
-    transport (`openai.DefaultAioHttpClient`): through httpx, each piece passes four more async generators
-    on its way, a good part of the gateway's work per relayed chunk. Anything else (an encoded
-    body, another transport) goes through httpx, which decodes it. Closing stays the httpx
-    response's (`response.aclose()`), which closes the aiohttp one.
-    """
-    if aiohttp_response is None or response.headers.get("content-encoding", "identity") != "identity":
-        return response.aiter_bytes()
-    # Bounded pieces, as the transport reads them: `iter_any()` joins all that is buffered into
-    # one piece, and a stream whose client does not read then holds far more (twice the memory
-    # for 100 such clients, measured).
-    return aiohttp_response.content.iter_chunked(BODY_PIECE_BYTES)
-
-
-def _aiohttp_response(response: httpx2.Response) -> aiohttp.ClientResponse | None:
-    """The aiohttp response under the SDK's transport (`openai.DefaultAioHttpClient`), if that is
-    the transport."""
-    transport_stream = getattr(response.stream, "_stream", None)  # httpx's wrapper of the transport's
-    aiohttp_response = getattr(transport_stream, "_aiohttp_response", None)
-    return aiohttp_response if isinstance(aiohttp_response, aiohttp.ClientResponse) else None
 
 
 async def _sse_events(pieces: AsyncIterator[bytes], endpoint: Endpoint) -> AsyncIterator[ProviderChunk]:
