@@ -36,7 +36,7 @@ from streaming.providers.base import (
 if TYPE_CHECKING:
     from streaming.endpoints import Endpoint
 
-CLIENT_REQUEST_ID_HEADER = "X-Client-Request-Id"
+CLIENT_REQUEST_ID_HEADER = "x-client-request-id"  # lower case, as the template's names are
 DRAIN_TIMEOUT = 0.5  # seconds
 BODY_PIECE_BYTES = 4 * 1024
 UPSTREAM_READ_BUFFER_BYTES = 16 * 1024
@@ -45,6 +45,7 @@ UNREACHABLE = "Could not reach the upstream, or it dropped the connection."
 ACCEPT_ENCODING = "gzip, deflate"
 # Each call has its own body length, and sends no cookie (see `_aiohttp_transport`).
 _PER_CALL_HEADERS = frozenset({"content-length", "cookie"})
+_BODY_FRAMING_HEADERS = frozenset({b"content-encoding", b"content-length", b"transfer-encoding"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,9 +174,10 @@ def _aiohttp_transport(max_connections: int, receive_buffer: int) -> AiohttpTran
 
 
 def _is_failed_connection(error: BaseException) -> bool:
-    """Whether a timeout is really a refused or dropped connection: the SDK's aiohttp transport
-    reports every aiohttp connection error as `httpx2.ConnectTimeout` (the SDK then raises
-    `APITimeoutError` from it)."""
+    """Whether an error, or one it was raised from, is a refused or dropped connection rather
+    than a timeout: aiohttp's own errors (the provider's sends), and the SDK's, whose aiohttp
+    transport reports every aiohttp connection error as `httpx2.ConnectTimeout` (the SDK then
+    raises `APITimeoutError` from it)."""
     cause: BaseException | None = error
     while cause is not None:
         if isinstance(cause, aiohttp.ClientConnectionError) and not isinstance(cause, TimeoutError):
@@ -261,6 +263,9 @@ class OpenAIProvider:
             ),
         )
         self._templates: dict[str, _Template] = {}
+        # An upstream's configured Accept-Encoding (`identity`, say) is sent as configured.
+        configured = {name.lower(): value for name, value in (headers or {}).items()}
+        self._accept_encoding = configured.get("accept-encoding", ACCEPT_ENCODING)
 
     async def aclose(self) -> None:
         await self._client.close()
@@ -283,7 +288,7 @@ class OpenAIProvider:
             options = FinalRequestOptions.construct(method="post", url=path)
             built = await asyncio.to_thread(self._client._build_request, options)
             headers = {name: value for name, value in built.headers.items() if name not in _PER_CALL_HEADERS}
-            headers["accept-encoding"] = ACCEPT_ENCODING
+            headers["accept-encoding"] = self._accept_encoding
             if "x-stainless-async" in headers:  # built in a thread, the SDK saw no event loop
                 headers["x-stainless-async"] = "async:asyncio"
             timeouts = built.extensions.get("timeout", {})
@@ -340,9 +345,11 @@ class OpenAIProvider:
             content = None
         finally:
             response.release()
+        # aiohttp has decoded the body already: httpx must not decode it again.
+        headers = [(name, value) for name, value in response.raw_headers if name.lower() not in _BODY_FRAMING_HEADERS]
         answer = httpx2.Response(
             response.status,
-            headers=response.raw_headers,
+            headers=headers,
             content=content or b"",
             request=httpx2.Request("POST", template.url),
         )

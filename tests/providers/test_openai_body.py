@@ -252,13 +252,14 @@ async def test_every_call_sends_the_sdks_request_with_its_own_body_and_request_i
         assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
 
 
-async def test_an_error_answer_is_the_sdks_typed_error_with_its_message_and_limits(upstream_serving) -> None:
+@pytest.mark.parametrize("compressed", [False, True], ids=["plain", "gzipped"])
+async def test_an_error_answer_is_the_sdks_typed_error_with_its_message_and_limits(upstream_serving, compressed: bool) -> None:
     async def limited(request: web.Request) -> web.Response:
-        return web.json_response(
-            {"error": {"message": "Slow down.", "type": "tokens", "code": "rate_limit_exceeded"}},
-            status=429,
-            headers={"retry-after-ms": "1500", "x-ratelimit-remaining-tokens": "0"},
-        )
+        body = json.dumps({"error": {"message": "Slow down.", "type": "tokens", "code": "rate_limit_exceeded"}}).encode()
+        headers = {"Content-Type": "application/json", "retry-after-ms": "1500", "x-ratelimit-remaining-tokens": "0"}
+        if compressed:  # as a CDN in front of an upstream may send it
+            body, headers = gzip.compress(body), {**headers, "Content-Encoding": "gzip"}
+        return web.Response(body=body, status=429, headers=headers)
 
     base_url = await upstream_serving(limited)
 
@@ -270,6 +271,17 @@ async def test_an_error_answer_is_the_sdks_typed_error_with_its_message_and_limi
     assert error.retry_after == 1.5 and error.limit_type == "tokens"
     assert error.headers["x-ratelimit-remaining-tokens"] == "0"
     assert isinstance(error.__cause__, openai_sdk.RateLimitError)
+
+
+async def test_an_upstream_that_refuses_the_connection_is_a_connection_error(upstream_serving) -> None:
+    with socket.socket() as unused:  # a port nothing listens on
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+
+    with pytest.raises(UpstreamError) as raised:
+        await streamed_text(f"http://127.0.0.1:{port}/v1")
+
+    assert raised.value.kind == "connection"
 
 
 async def test_an_error_answer_whose_body_is_cut_is_still_a_typed_upstream_error(upstream_serving) -> None:
@@ -288,3 +300,26 @@ async def test_an_error_answer_whose_body_is_cut_is_still_a_typed_upstream_error
 
     assert (raised.value.kind, raised.value.status) == ("server_error", 503)
     assert isinstance(raised.value.__cause__, openai_sdk.InternalServerError)
+
+
+async def test_an_upstreams_configured_accept_encoding_is_sent_as_configured(upstream_serving) -> None:
+    seen: list[str] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append(request.headers["Accept-Encoding"])
+        return web.Response(body=sse(["ok"]), content_type="text/event-stream")
+
+    base_url = await upstream_serving(record)
+    provider = OpenAIProvider(
+        base_url=base_url, api_key="sk-test", connect_timeout=2.0, read_timeout=5.0, max_connections=4, headers={"Accept-Encoding": "identity"}
+    )
+    request = ProviderRequest(
+        deployment=Deployment(provider=ProviderSpec(name="test", kind="openai", base_url=base_url), upstream_model="m"),
+        endpoint=endpoints.ENDPOINTS["chat.completions"],
+        body={"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True},
+    )
+    try:
+        assert [chunk.text async for chunk in provider.stream(request)] == ["ok"]
+    finally:
+        await provider.aclose()
+    assert seen == ["identity"]
