@@ -339,12 +339,11 @@ class OpenAIProvider:
     async def _status_error(self, response: aiohttp.ClientResponse, template: _Template) -> openai.APIStatusError:
         """The SDK's typed error for an answer that is not a success (its status alone when the
         body was cut), made from the answer as the SDK's transport would hand it over."""
-        try:
-            content: bytes | None = await response.read()
-        except (aiohttp.ClientError, TimeoutError):
-            content = None
-        finally:
-            response.release()
+        async with response:  # released when done, as aiohttp's own `async with` does
+            try:
+                content: bytes | None = await response.read()
+            except (aiohttp.ClientError, TimeoutError):
+                content = None
         # aiohttp has decoded the body already: httpx must not decode it again.
         headers = [(name, value) for name, value in response.raw_headers if name.lower() not in _BODY_FRAMING_HEADERS]
         answer = httpx2.Response(
@@ -367,22 +366,21 @@ class OpenAIProvider:
             request.on_response_headers(rate_limit_headers(response.headers))
         if request.on_connection is not None:
             request.on_connection(response.close)  # closes its connection, not back to the pool
-        try:
-            if not endpoint.streams_upstream(request.body):
-                yield endpoint.chunk(_json_object(await response.read()))
-                return
-            # Bounded pieces: `iter_any()` joins all that is buffered into one, and a stream whose
-            # client does not read would then hold far more.
-            async for chunk in _sse_events(response.content.iter_chunked(BODY_PIECE_BYTES), endpoint):
-                yield chunk
-        except aiohttp.ClientError as error:
-            if isinstance(error, TimeoutError):  # aiohttp's read timeout (sock_read)
-                raise UpstreamError("timeout", "The upstream timed out mid-stream.") from error
-            raise UpstreamError("connection", "The upstream dropped the connection mid-stream.") from error
-        finally:
-            # Back to the pool when the body was read to its end; closed at once when we stop early.
-            response.release()
-            await response.wait_for_close()
+        # Leaving it puts the connection back in the pool when the body was read to its end, and
+        # closes it at once when we stop early.
+        async with response:
+            try:
+                if not endpoint.streams_upstream(request.body):
+                    yield endpoint.chunk(_json_object(await response.read()))
+                    return
+                # Bounded pieces: `iter_any()` joins all that is buffered into one, and a stream
+                # whose client does not read would then hold far more.
+                async for chunk in _sse_events(response.content.iter_chunked(BODY_PIECE_BYTES), endpoint):
+                    yield chunk
+            except aiohttp.ClientError as error:
+                if isinstance(error, TimeoutError):  # aiohttp's read timeout (sock_read)
+                    raise UpstreamError("timeout", "The upstream timed out mid-stream.") from error
+                raise UpstreamError("connection", "The upstream dropped the connection mid-stream.") from error
 
     async def stored(self, *, deployment: Deployment, method: Literal["GET", "DELETE", "POST"], path: str) -> dict[str, Any]:
         try:
