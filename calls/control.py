@@ -92,15 +92,20 @@ class ActiveCalls:
 active_calls = ActiveCalls()
 
 
+# The most a stop waits for the channel layer: a frozen Redis must not hold up staff's action.
+PUBLISH_TIMEOUT_SECONDS = 2.0
+
+
 async def stop_calls(order: StopOrder) -> int:
     """Stop the matching calls in every process; return how many ran in this one."""
     stopped_here = active_calls.apply(order)
     layer = get_channel_layer()
     if layer is not None:
         try:
-            await layer.group_send(CONTROL_GROUP, {"type": STOP_MESSAGE, **asdict(order)})
+            async with asyncio.timeout(PUBLISH_TIMEOUT_SECONDS):
+                await layer.group_send(CONTROL_GROUP, {"type": STOP_MESSAGE, **asdict(order)})
         except Exception as error:
-            logger.warning("could not publish a stop order to other processes (%s); applied here only", error)
+            logger.warning("could not publish a stop order to other processes (%r); applied here only", error)
     return stopped_here
 
 

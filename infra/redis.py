@@ -134,3 +134,36 @@ async def astate(client: AsyncClient) -> str:
 
 class ClusterNotOk(RedisClusterException):
     """Every node answers, but the cluster says it cannot serve every slot."""
+
+
+# channels-redis's default layer receives with a blocking pop that waits this long (its
+# ``brpop_timeout``) before it asks again; a socket timeout at or under it makes every quiet receive
+# fail. redis-py 8 gives every socket a 5 s timeout by default, exactly that wait.
+CHANNEL_LAYER_BLOCKING_POP_SECONDS = 5.0
+CHANNEL_LAYER_SOCKET_TIMEOUT = CHANNEL_LAYER_BLOCKING_POP_SECONDS + 5.0
+CHANNEL_LAYER_CONNECT_TIMEOUT = 2.0
+
+
+def channel_layer(url: str, *, cluster: bool, prefix: str | None = None) -> dict[str, Any]:
+    """Django Channels' ``CHANNEL_LAYERS["default"]`` on the Redis ``url`` names.
+
+    On a cluster, channels-redis's pub/sub layer: its default layer keeps channels and groups in
+    lists and sorted sets that its Lua scripts touch several of at once (not one slot), whereas
+    Redis Cluster delivers a PUBLISH on any node to the subscribers of every node, so processes
+    attached to different nodes (or the same one) hear one another. What the gateway sends on the
+    layer (stop orders, live reports, requests for them) is meant for whoever listens now, which
+    is all pub/sub delivers: a message is not kept for a listener that is not subscribed yet.
+
+    Either way a socket read waits longer than the default layer's blocking pop (a quiet receive
+    is not a failure), and a frozen Redis still fails a send within that bound.
+    """
+    host = {
+        "address": url,
+        "socket_timeout": CHANNEL_LAYER_SOCKET_TIMEOUT,
+        "socket_connect_timeout": CHANNEL_LAYER_CONNECT_TIMEOUT,
+    }
+    config: dict[str, Any] = {"hosts": [host]}
+    if prefix is not None:
+        config["prefix"] = prefix
+    backend = "channels_redis.pubsub.RedisPubSubChannelLayer" if cluster else "channels_redis.core.RedisChannelLayer"
+    return {"BACKEND": backend, "CONFIG": config}

@@ -12,6 +12,8 @@ from urllib.parse import urlsplit
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
+from infra.redis import channel_layer
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("LLMGATEWAY_VAR_DIR", BASE_DIR / "var"))
 
@@ -161,22 +163,8 @@ if REDIS_CLUSTER and REDIS_URL and urlsplit(REDIS_URL).path.strip("/") not in ("
     # Said at start, not as an error on every request: a cluster client refuses such a URL.
     raise ImproperlyConfigured("REDIS_CLUSTER: a Redis Cluster has only database 0; REDIS_URL names another")
 if REDIS_URL:
-    CHANNEL_LAYERS = {
-        "default": {
-            # On a cluster, the pub/sub layer: channels-redis's default layer keeps channels and
-            # groups in lists and sorted sets that its Lua scripts touch several of at once (not
-            # one slot), whereas Redis Cluster delivers a PUBLISH on any node to the subscribers
-            # of every node, so processes attached to different nodes (or the same one) hear one
-            # another. What the gateway sends on the layer (stop orders, live reports, requests
-            # for them) is meant for whoever listens now, which is all pub/sub delivers: a
-            # message is not kept for a listener that is not subscribed yet. The default layer
-            # stays for a single Redis, where it is proven here.
-            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer"
-            if REDIS_CLUSTER
-            else "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL]},
-        }
-    }
+    # channels-redis: its pub/sub layer on a cluster (see infra/redis.py).
+    CHANNEL_LAYERS = {"default": channel_layer(REDIS_URL, cluster=REDIS_CLUSTER)}
     CACHES = {
         "default": {
             # Django's RedisCache, but an operation that cannot reach Redis answers as a miss

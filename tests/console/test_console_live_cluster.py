@@ -25,11 +25,10 @@ from django.conf import settings
 
 from calls import control, live
 from calls.control import CONTROL_GROUP, STOP_MESSAGE, StopOrder
+from infra.redis import channel_layer
 from llmgateway.console_live import ConsoleLiveConsumer
 from tests.console.test_console_live import a_running_call, next_of
 from tests.redis_cluster import primary_urls, require_cluster
-
-BACKEND = "channels_redis.pubsub.RedisPubSubChannelLayer"
 
 
 class Layers:
@@ -58,9 +57,9 @@ async def layers() -> AsyncIterator[Layers]:
     nodes = primary_urls(require_cluster())
     prefix = f"test{uuid.uuid4().hex[:8]}."
     previous = settings.CHANNEL_LAYERS
-    settings.CHANNEL_LAYERS = {"default": {"BACKEND": BACKEND, "CONFIG": {"hosts": [nodes[0]], "prefix": prefix}}}
+    settings.CHANNEL_LAYERS = {"default": channel_layer(nodes[0], cluster=True, prefix=prefix)}
     channel_layers.backends.clear()
-    elsewhere = RedisPubSubChannelLayer(hosts=[nodes[1]], prefix=prefix)
+    elsewhere = RedisPubSubChannelLayer(**channel_layer(nodes[1], cluster=True, prefix=prefix)["CONFIG"])
     try:
         yield Layers(get_channel_layer(), elsewhere, prefix, nodes)
     finally:

@@ -18,6 +18,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 
 from billing.models import UsageRecord
+from infra.redis import channel_layer
 from llmgateway.models import ApiKey
 from llmgateway.services import api_key_revoke, user_suspend
 from tests.conftest import ROOT, database_url
@@ -34,7 +35,7 @@ BODY = {"model": MODEL, "messages": [{"role": "user", "content": "A long answer,
 def redis_channel_layer(clean_redis: str) -> Iterator[str]:
     """This test process's channel layer on the same Redis as the gateway under test."""
     previous = settings.CHANNEL_LAYERS
-    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [clean_redis]}}}
+    settings.CHANNEL_LAYERS = {"default": channel_layer(clean_redis, cluster=False)}
     channel_layers.backends.clear()
     yield clean_redis
     settings.CHANNEL_LAYERS = previous
