@@ -133,49 +133,58 @@ LISTEN_RETRY_SECONDS = 1.0
 REJOIN_SECONDS = 3600.0
 
 
-async def _receive(layer: Any, channel: str) -> dict[str, Any]:
-    """The channel's next message, joining CONTROL_GROUP again every REJOIN_SECONDS meanwhile:
-    channels-redis's default layer forgets group members after its group_expiry (a day by
-    default). The receive itself is never cancelled for that: the pub/sub layer (REDIS_CLUSTER)
-    drops a channel whose receive is cancelled, and the group_add that follows would fail."""
-    receiving = asyncio.ensure_future(layer.receive(channel))
-    try:
-        while True:
-            done, _ = await asyncio.wait({receiving}, timeout=REJOIN_SECONDS)
-            if done:
-                return receiving.result()
-            await layer.group_add(CONTROL_GROUP, channel)
-    finally:
-        if not receiving.done():
-            receiving.cancel()
-            await asyncio.gather(receiving, return_exceptions=True)
+def _handle(message: dict[str, Any]) -> None:
+    if message.get("type") != STOP_MESSAGE:
+        handler = message_handlers.get(message.get("type", ""))
+        if handler is not None:
+            handler(message)
+        return
+    order = _order_from(message)
+    active_calls.apply(order)
+    if order.api_key_id is not None or order.user_id is not None:
+        for hook in on_principal_stopped:
+            hook(order)
 
 
 async def _listen() -> None:
+    """Hear CONTROL_GROUP on one channel for the life of the process.
+
+    The channel outlives failures: what was sent to it while Redis was out of reach, or while
+    the listener waited to retry, is still read after (channels-redis's default layer keeps it
+    for its expiry), and no dead channel is left in the group. The group is joined again every
+    REJOIN_SECONDS (that layer forgets members after its group_expiry, a day by default) without
+    cancelling the receive in flight: the pub/sub layer (REDIS_CLUSTER) drops a channel whose
+    receive is cancelled.
+    """
     layer = get_channel_layer()
     if layer is None:
         return
-    while True:
-        try:
-            channel = await layer.new_channel()
-            await layer.group_add(CONTROL_GROUP, channel)
-            while True:
-                message = await _receive(layer, channel)
-                if message.get("type") != STOP_MESSAGE:
-                    handler = message_handlers.get(message.get("type", ""))
-                    if handler is not None:
-                        handler(message)
-                    continue
-                order = _order_from(message)
-                active_calls.apply(order)
-                if order.api_key_id is not None or order.user_id is not None:
-                    for hook in on_principal_stopped:
-                        hook(order)
-        except asyncio.CancelledError:
-            raise
-        except Exception as error:
-            logger.warning("listening for stop orders failed (%s); retrying", error)
-            await asyncio.sleep(LISTEN_RETRY_SECONDS)
+    channel: str | None = None
+    receiving: asyncio.Future[dict[str, Any]] | None = None
+    try:
+        while True:
+            try:
+                if channel is None:
+                    channel = await layer.new_channel()
+                await layer.group_add(CONTROL_GROUP, channel)
+                while True:
+                    if receiving is None:
+                        receiving = asyncio.ensure_future(layer.receive(channel))
+                    done, _ = await asyncio.wait({receiving}, timeout=REJOIN_SECONDS)
+                    if not done:
+                        await layer.group_add(CONTROL_GROUP, channel)
+                        continue
+                    finished, receiving = receiving, None
+                    _handle(finished.result())  # or raise what the receive raised
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                logger.warning("listening for stop orders failed (%s); retrying", error)
+                await asyncio.sleep(LISTEN_RETRY_SECONDS)
+    finally:
+        if receiving is not None and not receiving.done():
+            receiving.cancel()
+            await asyncio.gather(receiving, return_exceptions=True)
 
 
 # Started and stopped by the ASGI lifespan: stop orders are heard for the life of the process.

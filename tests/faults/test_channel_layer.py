@@ -10,7 +10,9 @@ import time
 from collections.abc import Iterator
 
 import pytest
+import redis
 from channels.layers import channel_layers, get_channel_layer
+from channels_redis.core import RedisChannelLayer
 from django.conf import settings
 
 from calls import control
@@ -51,6 +53,37 @@ async def test_the_stop_order_listener_hears_a_message_sent_after_a_quiet_spell_
         await asyncio.gather(listening, return_exceptions=True)
     assert heard == [{"type": "test.ping", "n": 1}]
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], "the quiet spell was taken for a failure"
+
+
+async def test_an_order_sent_while_the_listener_reconnects_is_heard_after_and_no_dead_channel_is_left(
+    layer_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    heard: list[dict] = []
+    monkeypatch.setitem(control.message_handlers, "test.ping", heard.append)
+    monkeypatch.setattr(control, "LISTEN_RETRY_SECONDS", 1.0)
+    admin = redis.Redis.from_url(layer_redis.url)
+    group_key = f"{get_channel_layer().prefix}:group:{CONTROL_GROUP}"
+    listening = asyncio.create_task(control._listen())
+    try:
+        for _ in range(200):
+            if admin.zcard(group_key):
+                break
+            await asyncio.sleep(0.01)
+        [member] = admin.zrange(group_key, 0, -1)
+        admin.client_kill_filter(_type="normal", skipme=True)  # the listener's connection drops
+        await asyncio.sleep(0.2)  # it has failed, and waits to retry
+        elsewhere = RedisChannelLayer(**channel_layer(layer_redis.url, cluster=False)["CONFIG"])
+        await elsewhere.group_send(CONTROL_GROUP, {"type": "test.ping", "n": 2})
+        for _ in range(300):
+            if heard:
+                break
+            await asyncio.sleep(0.01)
+        assert heard == [{"type": "test.ping", "n": 2}]
+        assert admin.zrange(group_key, 0, -1) == [member]
+    finally:
+        listening.cancel()
+        await asyncio.gather(listening, return_exceptions=True)
+        admin.close()
 
 
 async def test_a_frozen_redis_delays_a_stop_by_at_most_the_publish_timeout_and_the_stop_applies_here(
