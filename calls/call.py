@@ -59,7 +59,7 @@ from calls.live import live_reporter
 from calls.principal import Principal
 from infra import observability
 from limits import Permit
-from streaming.catalog import Catalog, Deployment, ModelRoute
+from streaming.catalog import Catalog, Deployment, ModelRoute, ProviderSpec
 from streaming.endpoints import ENDPOINTS
 from streaming.pipeline import (
     END,
@@ -132,10 +132,13 @@ def _outbox() -> LedgerOutbox:
     return outbox
 
 
-def _timeouts() -> Timeouts:
+def _timeouts(provider: ProviderSpec) -> Timeouts:
+    """The gateway's timeouts, the provider's `read_timeout` (how long it may be silent) tightening
+    the first-token and idle ones."""
+    silence = provider.read_timeout or float("inf")
     return Timeouts(
-        first_token=settings.GATEWAY_FIRST_TOKEN_TIMEOUT,
-        idle=settings.GATEWAY_IDLE_TIMEOUT,
+        first_token=min(settings.GATEWAY_FIRST_TOKEN_TIMEOUT, silence),
+        idle=min(settings.GATEWAY_IDLE_TIMEOUT, silence),
         total=settings.GATEWAY_TOTAL_TIMEOUT,
         heartbeat=settings.GATEWAY_HEARTBEAT_INTERVAL,
     )
@@ -400,7 +403,7 @@ class ApiCall:
                 on_response_headers=self._upstream_headers.update,
             ),
             queue_size=settings.GATEWAY_STREAM_QUEUE_SIZE,
-            timeouts=_timeouts(),
+            timeouts=_timeouts(deployment.provider),
             count_text=partial(count_text_tokens, model=deployment.upstream_model),
             completion_token_cap=self.completion_token_cap,
         )

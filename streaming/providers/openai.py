@@ -295,10 +295,11 @@ class OpenAIProvider:
             template = self._templates[path] = _Template(
                 url=str(built.url),
                 headers=headers,
-                # As the SDK's transport maps httpx's timeouts onto aiohttp's.
-                timeout=aiohttp.ClientTimeout(
-                    sock_connect=timeouts.get("connect"), sock_read=timeouts.get("read"), connect=timeouts.get("pool")
-                ),
+                # As the SDK's transport maps httpx's timeouts onto aiohttp's, but no read timeout:
+                # every body `stream` reads is under the relay's first-token and idle deadlines
+                # (`streaming.pipeline`, which the provider's `read_timeout` tightens), whereas
+                # aiohttp's would cancel and set a timer on every read.
+                timeout=aiohttp.ClientTimeout(sock_connect=timeouts.get("connect"), sock_read=None, connect=timeouts.get("pool")),
             )
         return template
 
@@ -378,8 +379,6 @@ class OpenAIProvider:
                 async for chunk in _sse_events(response.content.iter_chunked(BODY_PIECE_BYTES), endpoint):
                     yield chunk
             except aiohttp.ClientError as error:
-                if isinstance(error, TimeoutError):  # aiohttp's read timeout (sock_read)
-                    raise UpstreamError("timeout", "The upstream timed out mid-stream.") from error
                 raise UpstreamError("connection", "The upstream dropped the connection mid-stream.") from error
 
     async def stored(self, *, deployment: Deployment, method: Literal["GET", "DELETE", "POST"], path: str) -> dict[str, Any]:

@@ -35,9 +35,13 @@ def backup_upstream() -> Iterator[Any]:
         yield server
 
 
-def upstreams_file(tmp_path: Path, *, providers: dict[str, str], models: list[dict[str, Any]]) -> str:
+def upstreams_file(
+    tmp_path: Path, *, providers: dict[str, str], models: list[dict[str, Any]], settings: dict[str, dict[str, Any]] | None = None
+) -> str:
     document = {
-        "providers": [{"name": name, "kind": "openai", "base_url": url} for name, url in providers.items()],
+        "providers": [
+            {"name": name, "kind": "openai", "base_url": url, **(settings or {}).get(name, {})} for name, url in providers.items()
+        ],
         "models": models,
     }
     path = tmp_path / "upstreams.json"
@@ -54,11 +58,12 @@ def primary_only(tmp_path: Path, primary: Any, **deployment: Any) -> str:
     )
 
 
-def primary_then_backup(tmp_path: Path, primary: Any, backup: Any) -> str:
+def primary_then_backup(tmp_path: Path, primary: Any, backup: Any, **primary_settings: Any) -> str:
     """gpt-4o-mini served by two deployments, tried in that order."""
     return upstreams_file(
         tmp_path,
         providers={"primary": primary.base_url, "backup": backup.base_url},
+        settings={"primary": primary_settings},
         models=[
             {
                 "name": "gpt-4o-mini",
@@ -279,6 +284,21 @@ def test_an_upstream_that_sends_no_first_token_in_time_is_left_for_another_deplo
     assert answered.status == "completed"
     # The stalled upstream call was closed, not left hanging.
     assert fake_upstream.wait_until(lambda: fake_upstream.requests[-1].closed_at is not None, timeout=5)
+
+
+def test_a_providers_read_timeout_shorter_than_the_gateways_lets_it_be_silent_no_longer(
+    gateway_factory, api_key, fake_upstream, backup_upstream, tmp_path
+) -> None:
+    fake_upstream.ttft = 30  # headers at once, then nothing
+    path = primary_then_backup(tmp_path, fake_upstream, backup_upstream, read_timeout=0.5)
+    gateway = gateway_factory(UPSTREAMS_FILE=path, GATEWAY_FIRST_TOKEN_TIMEOUT="10")
+    started = time.monotonic()
+    response = post(gateway, api_key, stream=True)
+    assert response.status_code == 200 and "data: [DONE]" in response.text
+    assert time.monotonic() - started < 3  # the provider's 0.5 s, not the gateway's 10 s
+    timed_out, answered = call_rows(response)
+    assert (timed_out.provider, timed_out.status, timed_out.error_kind) == ("primary", "timeout", "timeout")
+    assert answered.provider == "backup" and answered.status == "completed"
 
 
 def test_a_429_over_tokens_cuts_the_learned_tokens_limit_and_leaves_requests_alone(

@@ -55,9 +55,24 @@ async def upstream_serving() -> AsyncIterator[Callable[[Handler], Any]]:
         await runner.cleanup()
 
 
-async def streamed_text(base_url: str, *, read_timeout: float = 5.0, receive_buffer: int = 0) -> str:
+def relay_over(provider: OpenAIProvider, base_url: str, timeouts: Timeouts) -> StreamRelay:
+    return StreamRelay(
+        provider=provider,
+        request=ProviderRequest(
+            deployment=Deployment(provider=ProviderSpec(name="test", kind="openai", base_url=base_url), upstream_model="m"),
+            endpoint=endpoints.ENDPOINTS["chat.completions"],
+            body={"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True},
+        ),
+        queue_size=64,
+        timeouts=timeouts,
+        count_text=len,
+        completion_token_cap=10_000,
+    )
+
+
+async def streamed_text(base_url: str, *, receive_buffer: int = 0) -> str:
     provider = OpenAIProvider(
-        base_url=base_url, api_key="sk-test", connect_timeout=2.0, read_timeout=read_timeout, max_connections=4, receive_buffer=receive_buffer
+        base_url=base_url, api_key="sk-test", connect_timeout=2.0, read_timeout=5.0, max_connections=4, receive_buffer=receive_buffer
     )
     deployment = Deployment(provider=ProviderSpec(name="test", kind="openai", base_url=base_url), upstream_model="m")
     request = ProviderRequest(
@@ -151,17 +166,37 @@ async def test_a_stream_cut_mid_way_is_a_connection_error(upstream_serving) -> N
     assert raised.value.kind == "connection"
 
 
-async def test_a_stream_that_falls_silent_past_the_read_timeout_is_a_timeout(upstream_serving) -> None:
+async def test_a_stream_that_falls_silent_is_ended_by_the_relays_idle_deadline_with_the_connection_closed(upstream_serving) -> None:
+    upstream_saw_the_end = asyncio.Event()
+
     async def silent(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         await response.write(sse(TEXT[:1]).split(b"data: [DONE]")[0])
-        await asyncio.sleep(5)
+        for _ in range(100):  # silent for 5 s, unless the gateway hangs up first
+            await asyncio.sleep(0.05)
+            if request.transport is None or request.transport.is_closing():
+                upstream_saw_the_end.set()
+                break
         return response
 
-    with pytest.raises(UpstreamError) as raised:
-        await streamed_text(await upstream_serving(silent), read_timeout=0.3)
-    assert raised.value.kind == "timeout"
+    base_url = await upstream_serving(silent)
+    provider = OpenAIProvider(base_url=base_url, api_key="sk-test", connect_timeout=2.0, read_timeout=5.0, max_connections=4)
+    relay = relay_over(provider, base_url, Timeouts(first_token=5, idle=0.3, total=30, heartbeat=5))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    relay.start()
+    try:
+        assert isinstance(await asyncio.wait_for(relay.get(), 5), ProviderChunk)
+        last = await asyncio.wait_for(relay.get(), 5)
+        assert isinstance(last, UpstreamError) and last.kind == "timeout" and "idle" in last.message
+        assert loop.time() - started < 2
+        async with asyncio.timeout(2):
+            await upstream_saw_the_end.wait()
+        await relay.aclose()
+        assert relay.outcome.status == "timeout"
+    finally:
+        await provider.aclose()
 
 
 async def test_a_client_that_leaves_has_the_upstream_connection_cut_in_the_same_step(upstream_serving, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -189,18 +224,7 @@ async def test_a_client_that_leaves_has_the_upstream_connection_cut_in_the_same_
     monkeypatch.setattr(aiohttp.ClientResponse, "close", recorded_close)
     base_url = await upstream_serving(endless)
     provider = OpenAIProvider(base_url=base_url, api_key="sk-test", connect_timeout=2.0, read_timeout=5.0, max_connections=4)
-    relay = StreamRelay(
-        provider=provider,
-        request=ProviderRequest(
-            deployment=Deployment(provider=ProviderSpec(name="test", kind="openai", base_url=base_url), upstream_model="m"),
-            endpoint=endpoints.ENDPOINTS["chat.completions"],
-            body={"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True},
-        ),
-        queue_size=64,
-        timeouts=Timeouts(first_token=5, idle=5, total=30, heartbeat=5),
-        count_text=len,
-        completion_token_cap=10_000,
-    )
+    relay = relay_over(provider, base_url, Timeouts(first_token=5, idle=5, total=30, heartbeat=5))
     relay.start()
     try:
         assert isinstance(await asyncio.wait_for(relay.get(), 5), ProviderChunk)
