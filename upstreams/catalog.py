@@ -10,6 +10,7 @@ since deleted, say) is logged and the environment's catalog is used until it is 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -108,22 +109,39 @@ def catalog() -> Catalog:
     return _store(read)
 
 
+_reading: asyncio.Task[Catalog | None] | None = None  # the read in flight, shared by every caller
+
+
+async def _read_or_none() -> Catalog | None:
+    try:
+        return await _read_in_thread()
+    except Exception:
+        return None
+
+
 async def acatalog() -> Catalog:
-    """The live catalog, from async code (a read runs in a thread)."""
+    """The live catalog, from async code. A read runs in a thread, one at a time: the calls that
+    find the catalog stale together (every call of a busy process, each UPSTREAMS_CACHE_SECONDS)
+    wait for the same read instead of each sending its own to the database."""
+    global _reading
     if _fresh():
         assert _catalog is not None
         return _catalog
+    reading = _reading
+    if reading is None or reading.done() or reading.get_loop() is not asyncio.get_running_loop():
+        reading = _reading = asyncio.ensure_future(_read_or_none())
     try:
-        read: Catalog | None = await _read_in_thread()
-    except Exception:
-        read = None
+        read = await asyncio.shield(reading)  # a caller that leaves does not cancel the others' read
+    finally:
+        if _reading is reading and reading.done():
+            _reading = None
     return _store(read)
 
 
 def forget() -> None:
     """Read the catalog again on next use (staff changed it, or a test changed the settings)."""
-    global _catalog, _read_at
-    _catalog, _read_at = None, 0.0
+    global _catalog, _read_at, _reading
+    _catalog, _read_at, _reading = None, 0.0, None
 
 
 def route_for(model: str) -> ModelRoute | None:
