@@ -137,7 +137,7 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
         prefix = f"test:limits:{uuid.uuid4().hex[:12]}"
         # a generous timeout: these tests specify semantics, not latency
         limiter = RedisLimiter(
-            async_client(url), prefix=prefix, timeout=2.0, clock=clock, owns_client=True
+            async_client(url), prefix=prefix, timeout=10.0, clock=clock, owns_client=True
         )
     yield Backend(request.param, limiter, clock)
     await limiter.aclose()

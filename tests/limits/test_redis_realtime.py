@@ -19,7 +19,7 @@ from .conftest import async_client, is_cluster
 
 @pytest.fixture
 async def limiter(redis_url: str, prefix: str) -> AsyncIterator[RedisLimiter]:
-    limiter = RedisLimiter.from_url(redis_url, prefix=prefix, timeout=2.0, cluster=is_cluster(redis_url))
+    limiter = RedisLimiter.from_url(redis_url, prefix=prefix, timeout=10.0, cluster=is_cluster(redis_url))
     yield limiter
     await limiter.aclose()
 
