@@ -4,7 +4,12 @@ One class for the tests (a session's gateway, a gateway with a setting of one te
 for the benchmarks (the run's gateway, several gateways sharing Redis). It runs
 ``python -m granian ... llmgateway.asgi:application`` from the repository's root with the
 caller's environment, on a free port of 127.0.0.1, waits until ``GET /v1/models`` answers and
-every worker is up, and stops it with SIGTERM (SIGKILL after 15 s).
+every worker listens, and stops it with SIGTERM (SIGKILL after 15 s).
+
+Every worker must be listening before the gateway is handed over: on Linux each Granian worker
+binds its own ``SO_REUSEPORT`` socket and the kernel spreads new connections over the sockets
+that exist, so keep-alive connections opened while one worker was still starting would all stay
+on the first, and a "two workers" figure would be one worker's.
 
 Worker processes and their memory are read from ``/proc`` (Linux), so the tests need no
 ``psutil``; :mod:`testbed.samplers` measures CPU.
@@ -83,7 +88,7 @@ class Gateway:
             stderr=subprocess.STDOUT if self._log is not None else None,
         )  # fmt: skip
         deadline = time.monotonic() + timeout
-        while not (self._answers() and len(self.worker_pids()) >= workers):
+        while not (self._answers() and self.listening_sockets() >= workers):
             if self.process.poll() is not None:
                 self._close_log()
                 raise RuntimeError(
@@ -112,6 +117,17 @@ class Gateway:
             return False
         finally:
             connection.close()
+
+    def listening_sockets(self) -> int:
+        """Sockets listening on the gateway's port (one per worker once all are up), from
+        /proc/net/tcp."""
+        local = f"0100007F:{self.port:04X}"  # 127.0.0.1, as the kernel writes it
+        listening = 0
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[1] == local and fields[3] == "0A":  # 0A: TCP_LISTEN
+                listening += 1
+        return listening
 
     def worker_pids(self) -> list[int]:
         """The worker processes Granian forked (and theirs), from /proc."""
