@@ -17,6 +17,7 @@ from django.db import connection
 
 from billing.exceptions import QuotaExceeded
 from billing.models import Account, Reservation
+from billing.selectors import PeriodUsage, period_usage
 from billing.services import (
     SPEND_QUOTA_EXCEEDED,
     TOKEN_QUOTA_EXCEEDED,
@@ -108,6 +109,31 @@ def test_a_daily_budget_resets_at_local_midnight_and_a_monthly_one_at_the_month(
         admit(user, at=datetime(2025, 6, 20, tzinfo=UTC))
     assert "monthly budget" in monthly.value.message
     admit_and_settle(datetime(2025, 6, 30, 22, 0, tzinfo=UTC))  # 1 July in Berlin: a new month
+
+
+@pytest.mark.django_db
+def test_period_usage_is_this_users_day_and_month_and_this_accounts_live_holds(user, user_factory) -> None:
+    other = user_factory()
+    for payer in (user, other):
+        account_quota_set(user_id=payer.pk, monthly_spend_limit_usd=D("100"))
+    record_call(user, completion=500, at=NOW)  # 0.00045: today
+    record_call(user, completion=1000, at=NOW - timedelta(days=3))  # 0.00075: earlier this month
+    record_call(user, completion=2000, at=NOW - timedelta(days=31))  # last month: not counted
+    record_call(other, completion=700, at=NOW)  # another user's day
+    admit(user, completion=100, at=NOW - timedelta(seconds=django_settings.BILLING_RESERVATION_TTL + 1))  # expired
+    admit(user, completion=300, at=NOW)  # live: 1000 x 0.15 + 300 x 0.60 per 1M = 0.00033
+    admit(other, at=NOW)  # another account's hold
+
+    usage = period_usage(account=Account.objects.get(user=user), at=NOW)
+
+    assert usage == PeriodUsage(
+        day_cost_usd=D("0.00045"),
+        month_cost_usd=D("0.0012"),
+        day_tokens=1500,
+        month_tokens=3500,
+        reserved_usd=D("0.00033"),
+        reserved_tokens=1300,
+    )
 
 
 @pytest.mark.django_db
