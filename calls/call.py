@@ -667,6 +667,8 @@ class ApiCall:
             observability.COST.labels(model).inc(float(cost))  # Prometheus is float; the ledger is exact
         if self.relay is not None and self.relay.backpressure_waits:
             observability.BACKPRESSURE_WAITS.inc(self.relay.backpressure_waits)
+        if not observability.call_log_enabled():
+            return
         observability.log_call(
             {
                 "request_id": str(self.request_id),

@@ -6,11 +6,11 @@ workers so `/metrics` aggregates all of them (prometheus_client's multiprocess m
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any
 
+import orjson
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -75,6 +75,11 @@ def metrics_payload() -> bytes:
     return generate_latest()
 
 
+def call_log_enabled() -> bool:
+    """Whether `log_call` writes anything: its caller need not build the fields otherwise."""
+    return call_log.isEnabledFor(logging.INFO)
+
+
 def log_call(fields: dict[str, Any]) -> None:
     """One JSON line per call; never the prompt, never a secret."""
-    call_log.info(json.dumps(fields, default=str, separators=(",", ":")))
+    call_log.info(orjson.dumps(fields, default=str).decode())

@@ -105,6 +105,19 @@ async def test_each_call_logs_one_json_line_without_prompt_or_key(api_key, caplo
     assert "secret" not in lines[0] and api_key not in lines[0]
 
 
+@pytest.mark.ledger
+async def test_the_call_log_turned_down_to_warning_writes_no_line(api_key, caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="llmgateway.calls"):
+        response = await AsyncClient().post(
+            "/v1/chat/completions",
+            data=json.dumps({"model": "sim-fast", "messages": [{"role": "user", "content": "hi"}]}),
+            content_type="application/json",
+            headers={"Authorization": f"Bearer {api_key}"},
+        )
+    assert response.status_code == 200
+    assert [record for record in caplog.records if record.name == "llmgateway.calls"] == []
+
+
 def _stream_in_background(gateway, api_key: str, tokens: int, result: dict) -> threading.Thread:
     def run() -> None:
         try:
