@@ -53,8 +53,8 @@ def _streaming(name: str, config: Json) -> list[str]:
         "",
         f"[{name}] Throughput (content tokens received inside the window), health and CPU (% of one core over the window)",
         f"{'load':<14} | {'direct tok/s':>12} {'gw tok/s':>9} {'ratio':>6} {'gw str/s':>8} | {'stalled':>7} {'errors':>6} "
-        f"{'max gap s':>9} | {'chunks/read d/g':>15} | {'gw CPU ms/str':>13} | {'gateway run: gw(sys)/up/lg/other':>32} | "
-        f"{'direct run: up/lg/other':>23}",
+        f"{'max gap s':>9} | {'chunks/read d/g':>15} | {'gw CPU ms/str':>13} | {'gateway run: gw(sys)/up/lg/other/steal':>38} | "
+        f"{'direct run: up/lg/other/steal':>29}",
     ]
     for key, row in rows.items():
         d, g = row["direct"], row["gateway"]
@@ -64,9 +64,9 @@ def _streaming(name: str, config: Json) -> list[str]:
             f"{streams_per_s(g):>8.1f} | {g['unfinished'] + g['gap_stalled']:>7} {g['error_count']:>6} {g['max_gap_s']:>9.2f} | "
             f"{fmt(chunks_per_read(d), '.2f'):>7}/{fmt(chunks_per_read(g), '.2f'):<7} | "
             f"{fmt(cpu_ms_per_stream(g), '.2f'):>13} | "
-            f"{fmt(gc.get('gateway'), '.0f'):>14}({fmt(gc.get('gateway_sys'), '.0f')})/{fmt(gc.get('upstream'), '.0f')}/"
-            f"{fmt(gc.get('loadgen'), '.0f')}/{fmt(gc.get('other'), '.0f'):<6} | "
-            f"{fmt(dc.get('upstream'), '.0f'):>13}/{fmt(dc.get('loadgen'), '.0f')}/{fmt(dc.get('other'), '.0f'):<5}"
+            f"{fmt(gc.get('gateway'), '.0f'):>20}({fmt(gc.get('gateway_sys'), '.0f')})/{fmt(gc.get('upstream'), '.0f')}/"
+            f"{fmt(gc.get('loadgen'), '.0f')}/{fmt(gc.get('other'), '.0f')}/{fmt(gc.get('steal'), '.0f'):<6} | "
+            f"{fmt(dc.get('upstream'), '.0f'):>19}/{fmt(dc.get('loadgen'), '.0f')}/{fmt(dc.get('other'), '.0f')}/{fmt(dc.get('steal'), '.0f'):<5}"
         )
     errors: dict[str, int] = {}
     for row in rows.values():
@@ -212,6 +212,20 @@ def render(results: Json) -> str:
         lines += [
             f"WARNING: other processes on this machine used a median {median:.0f}% of a core during the streaming "
             "loads (column 'other'): the figures are pessimistic. Rerun on a quiet machine (--wait-quiet).",
+            "",
+        ]
+    stolen = sorted(
+        value
+        for config in configs.values()
+        for row in (config.get("streaming") or {}).values()
+        for value in (row["gateway"]["cpu_pct"].get("steal"), row["direct"]["cpu_pct"].get("steal"))
+        if value is not None
+    )
+    if stolen and (median := percentile(stolen, 50) or 0.0) > 10:
+        lines += [
+            f"WARNING: the hypervisor gave a median {median:.0f}% of a core (max {stolen[-1]:.0f}%) of this virtual "
+            "machine's CPU to other guests during the streaming loads (steal time): every latency and throughput "
+            "figure is pessimistic, the CPU figures much less so. Rerun when the host is quieter.",
             "",
         ]
     lines += _targets(results)

@@ -476,11 +476,12 @@ class ServingRun:
             self.env,
         )
         # CPU over the measured window only (after the warm-up), like the throughput.
+        machine_window = MachineCpuWindow()
         windows = {
             "gateway": CpuWindow(self.gateway.pids()),
             "upstream": CpuWindow([self.upstream.pid]),
             "loadgen": CpuWindow([generator.process.pid]),
-            "machine": MachineCpuWindow(),
+            "machine": machine_window,
         }
         time.sleep(max(0.0, start_at + spec.warmup - time.monotonic()))
         for window in windows.values():
@@ -492,6 +493,7 @@ class ServingRun:
         generator.finish()
         cpu = {name: rounded(window.percent, 1) for name, window in windows.items()}
         cpu["gateway_sys"] = rounded(windows["gateway"].system_percent, 1)
+        cpu["steal"] = rounded(machine_window.steal_percent, 1)
         ours = [windows[name].percent for name in ("gateway", "upstream", "loadgen")]
         machine = windows["machine"].percent
         cpu["other"] = (

@@ -225,7 +225,7 @@ def _calls(run: Json, config: Json) -> Measured:
         gateway.get("calls_per_second"),
         baseline=f"direct {fmt(direct.get('calls_per_second'), ',.0f')}/s",
         note=f"p99 {fmt(gateway.get('p99_ms'), '.1f')} ms; gw CPU {fmt(gateway.get('gateway_cpu_ms_per_call'), '.2f')} ms/call; "
-        f"ledger {'ok' if ledger.get('ok') else 'NOT ok'}",
+        f"steal {fmt(gateway.get('steal_cpu_percent'), '.0f')}%; ledger {'ok' if ledger.get('ok') else 'NOT ok'}",
         also_ok=bool(ledger.get("ok", True)),
     )
 
