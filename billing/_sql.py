@@ -45,8 +45,10 @@ def insert_many(model: type[Model], objects: Sequence[Model], *, using: str = DE
 
     No signals, as with `bulk_create`; each value is prepared by its field (`get_db_prep_save`),
     so money stays `Decimal` and times carry their zone as the ORM would write them. PostgreSQL
-    runs the statement for every row in one pipeline (psycopg's `executemany`) and returns each
-    row's key; SQLite, in process, runs it row by row and reads `lastrowid`.
+    runs the statement for every row of a batch in one pipeline (psycopg's `executemany`) and
+    returns each row's key; one row is a plain `execute`, because entering and leaving pipeline
+    mode costs more than the round trip it saves. SQLite, in process, runs it row by row and
+    reads `lastrowid`.
     """
     if not objects:
         return
@@ -56,13 +58,16 @@ def insert_many(model: type[Model], objects: Sequence[Model], *, using: str = DE
     keys = []
     connection.validate_no_broken_transaction()  # as Django's own cursor does before a statement
     with connection.cursor() as cursor:
-        if connection.vendor == "postgresql":
+        if connection.vendor == "postgresql" and len(rows) > 1:
             driver_cursor = cursor.cursor  # Django's executemany() does not pass `returning`
             with connection.wrap_database_errors:
                 driver_cursor.executemany(sql, rows, returning=True)
                 keys.append(driver_cursor.fetchone()[0])
                 while driver_cursor.nextset():
                     keys.append(driver_cursor.fetchone()[0])
+        elif connection.vendor == "postgresql":
+            cursor.execute(sql, rows[0])
+            keys.append(cursor.fetchone()[0])
         else:
             for row in rows:
                 cursor.execute(sql, row)

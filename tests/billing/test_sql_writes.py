@@ -25,14 +25,15 @@ def _field_values(record: UsageRecord) -> dict[str, Any]:
     return {field.attname: getattr(record, field.attname) for field in UsageRecord._meta.concrete_fields}
 
 
-def test_ledger_rows_read_back_field_for_field_with_their_keys_set(user: Any) -> None:
-    records = [_usage_record(row(user.pk, index)) for index in range(7)]
+@pytest.mark.parametrize("rows", [1, 7], ids=["one row (plain execute)", "a batch (pipelined)"])
+def test_ledger_rows_read_back_field_for_field_with_their_keys_set(user: Any, rows: int) -> None:
+    records = [_usage_record(row(user.pk, index)) for index in range(rows)]
 
     with transaction.atomic():
         insert_many(UsageRecord, records)
 
     assert all(record.pk is not None and not record._state.adding for record in records)
-    assert len({record.pk for record in records}) == 7
+    assert len({record.pk for record in records}) == rows
     for record in records:
         stored = UsageRecord.objects.get(request_id=record.request_id)
         assert _field_values(stored) == _field_values(record)
@@ -48,10 +49,12 @@ def test_a_saved_ledger_row_is_immutable_like_one_the_orm_saved(user: Any) -> No
         record.save()
 
 
-def test_a_refused_row_is_djangos_integrity_error_and_the_transaction_writes_nothing(user: Any) -> None:
+@pytest.mark.parametrize("alone", [True, False], ids=["alone", "in a batch"])
+def test_a_refused_row_is_djangos_integrity_error_and_the_transaction_writes_nothing(user: Any, alone: bool) -> None:
     taken = uuid.uuid4()
     insert_many(UsageRecord, [_usage_record(row(user.pk, 0, request_id=taken))])
-    batch = [_usage_record(row(user.pk, 1)), _usage_record(row(user.pk, 2, request_id=taken))]
+    refused = _usage_record(row(user.pk, 2, request_id=taken))
+    batch = [refused] if alone else [_usage_record(row(user.pk, 1)), refused]
 
     with pytest.raises(IntegrityError), transaction.atomic():
         insert_many(UsageRecord, batch)
