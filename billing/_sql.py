@@ -9,9 +9,12 @@ text per model and database (built once), and values prepared by the model's own
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
-from django.db import DEFAULT_DB_ALIAS, connections
+from django.db import DEFAULT_DB_ALIAS, connections, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import Field, Model
 
@@ -130,3 +133,117 @@ def delete_where_in(model: type[Model], field_name: str, values: Iterable[object
     placeholders = ", ".join(["%s"] * len(params))
     with connection.cursor() as cursor:
         cursor.execute(f"DELETE FROM {quote(model._meta.db_table)} WHERE {quote(_column(field))} IN ({placeholders})", params)
+
+
+@dataclass(frozen=True, slots=True)
+class RollupAdd:
+    """Rows of a rollup `model` to add to (`insert_or_add`): each row maps the `key` fields and
+    the `sums` fields to values. No two rows may share a key; their order is the order their
+    locks are taken in."""
+
+    model: type[Model]
+    key: tuple[str, ...]
+    sums: tuple[str, ...]
+    rows: Sequence[Mapping[str, object]]
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteWhereIn:
+    """The rows of `model` whose `field_name` is one of `values` (`delete_where_in`)."""
+
+    model: type[Model]
+    field_name: str
+    values: Sequence[object]
+
+
+_TOGETHER: dict[tuple[object, ...], tuple[str, tuple[Field, ...], tuple[tuple[Field, ...], ...], Field]] = {}
+
+
+def _together_statement(
+    model: type[Model], rollups: Sequence[RollupAdd], delete: DeleteWhereIn, connection: BaseDatabaseWrapper
+) -> tuple[str, tuple[Field, ...], tuple[tuple[Field, ...], ...], Field]:
+    """`insert_add_delete`'s one PostgreSQL statement for these models and fields, and the fields
+    its arrays are made of: the inserted model's, each rollup's (key then sums), the deleted one."""
+    statement = (model, tuple((r.model, r.key, r.sums) for r in rollups), delete.model, delete.field_name)
+    if statement not in _TOGETHER:
+        quote = connection.ops.quote_name
+
+        def array_of(field: Field) -> str:
+            # The type without its modifiers (varchar[], not varchar(50)[]), as Django's own
+            # UNNEST insert casts: a value is checked by its column, never cut by the cast.
+            return f"%s::{str(field.db_type(connection)).split('(')[0]}[]"
+
+        def unnest(fields: Sequence[Field]) -> str:
+            return "SELECT * FROM unnest(" + ", ".join(array_of(field) for field in fields) + ")"
+
+        insert_sql, fields = _insert_statement(model, connection)
+        parts = [f"ledger AS ({insert_sql.partition(' VALUES ')[0]} {unnest(fields)} RETURNING {quote(_column(model._meta.pk))})"]
+        rollup_fields = []
+        for index, rollup in enumerate(rollups):
+            upsert_sql, upsert_fields = _upsert_statement(rollup.model, rollup.key, rollup.sums, connection)
+            head, _, rest = upsert_sql.partition(" VALUES (")
+            conflict = rest.partition(")")[2]  # " ON CONFLICT (...) DO UPDATE SET ..."
+            parts.append(f"rollup_{index} AS ({head} {unnest(upsert_fields)}{conflict})")
+            rollup_fields.append(upsert_fields)
+        deleted = delete.model._meta.get_field(delete.field_name)
+        assert isinstance(deleted, Field)
+        parts.append(
+            f"deleted AS (DELETE FROM {quote(delete.model._meta.db_table)} "
+            f"WHERE {quote(_column(deleted))} = ANY({array_of(deleted)}))"
+        )
+        sql = "WITH " + ", ".join(parts) + f" SELECT {quote(_column(model._meta.pk))} FROM ledger"
+        _TOGETHER[statement] = sql, fields, tuple(rollup_fields), deleted
+    return _TOGETHER[statement]
+
+
+def insert_add_delete(
+    model: type[Model],
+    objects: Sequence[Model],
+    *,
+    rollups: Sequence[RollupAdd],
+    delete: DeleteWhereIn,
+    using: str = DEFAULT_DB_ALIAS,
+) -> None:
+    """`insert_many(model, objects)`, `insert_or_add` of every rollup row and `delete_where_in`,
+    all or nothing: the ledger's write of a batch.
+
+    PostgreSQL runs them as one statement (data-modifying `WITH` clauses over `unnest`ed
+    arrays, one text whatever the batch's size): one round trip in place of one per statement
+    plus BEGIN and COMMIT, and the rollup rows' locks are held for that statement alone. In
+    autocommit it is its own transaction; inside one it runs under a savepoint. SQLite runs the
+    statements one after another in a transaction. The objects' keys are set, as `insert_many`
+    sets them.
+    """
+    if not objects:
+        return
+    connection = connections[using]
+    if connection.vendor != "postgresql":
+        with transaction.atomic(using=using):
+            insert_many(model, objects, using=using)
+            for rollup in rollups:
+                for row in rollup.rows:
+                    insert_or_add(
+                        rollup.model,
+                        key={name: row[name] for name in rollup.key},
+                        sums={name: row[name] for name in rollup.sums},
+                        using=using,
+                    )
+            delete_where_in(delete.model, delete.field_name, delete.values, using=using)
+        return
+    sql, fields, rollup_fields, deleted = _together_statement(model, rollups, delete, connection)
+    params: list[Any] = [[field.get_db_prep_save(field.pre_save(obj, True), connection) for obj in objects] for field in fields]
+    for rollup, upsert_fields in zip(rollups, rollup_fields, strict=True):
+        params += [[field.get_db_prep_save(row[field.name], connection) for row in rollup.rows] for field in upsert_fields]
+    params.append([deleted.get_db_prep_value(value, connection) for value in delete.values])
+    # Inside the caller's transaction the statement gets a savepoint, so that a refusal leaves
+    # that transaction usable, as the statements in `atomic` did; in autocommit it is atomic alone.
+    savepoint = transaction.atomic(using=using) if connection.in_atomic_block else contextlib.nullcontext()
+    with savepoint, connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        # In the arrays' order, as Django's own bulk_create (INSERT ... SELECT * FROM UNNEST ...
+        # RETURNING) reads them back.
+        keys = [key for (key,) in cursor.fetchall()]
+    for obj, key in zip(objects, keys, strict=True):
+        obj.pk = key
+        obj._state.adding = False
+        obj._state.db = using

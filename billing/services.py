@@ -47,7 +47,7 @@ from django.db import DEFAULT_DB_ALIAS, InterfaceError, OperationalError, transa
 from django.utils import timezone
 
 from billing import pricing_cache
-from billing._sql import delete_where_in, insert_many, insert_or_add
+from billing._sql import DeleteWhereIn, RollupAdd, insert_add_delete, insert_many, insert_or_add
 from billing.exceptions import PriceMissing, QuotaExceeded
 from billing.models import (
     CANCELLED_STATUSES,
@@ -459,11 +459,11 @@ _KEY_SUMS: Final = ("requests", "prompt_tokens", "completion_tokens", "cached_to
 def usage_records_create(*, rows: Sequence[UsageRow]) -> list[UsageRecord]:
     """Append many calls' ledger rows, add them to their rollups and settle their holds: one transaction.
 
-    The batching writer's unit of work (`billing.ledger_writer`): the ledger rows by one INSERT
-    statement run for each (`billing._sql.insert_many`; pipelined on PostgreSQL), one upsert per
+    The batching writer's unit of work (`billing.ledger_writer`): the ledger rows, one upsert per
     rollup row the batch touches (its calls' amounts added up first, in a fixed order of rollup
-    rows, so two batches never wait on each other's rows crosswise),
-    and one DELETE of the batch's holds. All or nothing: any row the database refuses (a
+    rows, so two batches never wait on each other's rows crosswise), and one DELETE of the
+    batch's holds (`billing._sql.insert_add_delete`: one statement on PostgreSQL). All or
+    nothing: any row the database refuses (a
     `request_id` already in the ledger, a deleted user, a value out of range) rolls the whole
     batch back, holds included; the writer then writes the rows one by one.
     """
@@ -484,13 +484,28 @@ def usage_records_create(*, rows: Sequence[UsageRow]) -> list[UsageRecord]:
         _add_to(daily.setdefault((record.user_id, record.model, record.endpoint, day), {}), amounts, _DAILY_SUMS)
         if record.api_key_id is not None:
             _add_to(by_key.setdefault((record.api_key_id, day), {}), amounts, _KEY_SUMS)
-    with transaction.atomic():
-        insert_many(UsageRecord, records)
-        for (user_id, model, endpoint, day), sums in sorted(daily.items(), key=lambda item: item[0]):
-            insert_or_add(DailyUsage, key={"user": user_id, "model": model, "endpoint": endpoint, "day": day}, sums=sums)
-        for (api_key_id, day), sums in sorted(by_key.items(), key=lambda item: item[0]):
-            insert_or_add(DailyKeyUsage, key={"api_key": api_key_id, "day": day}, sums=sums)
-        delete_where_in(Reservation, "request_id", [record.request_id for record in records])
+    insert_add_delete(
+        UsageRecord,
+        records,
+        rollups=[
+            RollupAdd(
+                DailyUsage,
+                key=("user", "model", "endpoint", "day"),
+                sums=_DAILY_SUMS,
+                rows=[
+                    {"user": user_id, "model": model, "endpoint": endpoint, "day": day, **sums}
+                    for (user_id, model, endpoint, day), sums in sorted(daily.items(), key=lambda item: item[0])
+                ],
+            ),
+            RollupAdd(
+                DailyKeyUsage,
+                key=("api_key", "day"),
+                sums=_KEY_SUMS,
+                rows=[{"api_key": api_key_id, "day": day, **sums} for (api_key_id, day), sums in sorted(by_key.items(), key=lambda item: item[0])],
+            ),
+        ],
+        delete=DeleteWhereIn(Reservation, "request_id", [record.request_id for record in records]),
+    )
     return records
 
 
