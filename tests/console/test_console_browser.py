@@ -66,7 +66,9 @@ def _a_month_of_calls() -> None:
     # through what is held for calls in flight and a large call just now.
     budgets = {
         "alice": ({"monthly_spend_limit_usd": Decimal("0.40")}, None),
-        "bob": ({"monthly_spend_limit_usd": Decimal("25"), "daily_token_limit": 60_000}, (Decimal("0.12"), 9000)),
+        # Bob stays under his thresholds on any day at any hour: his busiest day (ten calls of up
+        # to 8,500 tokens) and his hold stay well under 80% of his daily tokens.
+        "bob": ({"monthly_spend_limit_usd": Decimal("25"), "daily_token_limit": 150_000}, (Decimal("0.12"), 9000)),
         "carol": ({"monthly_spend_limit_usd": Decimal("1.00"), "soft_threshold": Decimal("0.9")}, (Decimal("0.95"), 40_000)),
         "dave": ({"daily_spend_limit_usd": Decimal("0.50"), "monthly_spend_limit_usd": Decimal("10")}, (Decimal("0.45"), 30_000)),
         "erin": ({"monthly_token_limit": 2_000_000}, None),
