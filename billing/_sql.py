@@ -135,6 +135,24 @@ def delete_where_in(model: type[Model], field_name: str, values: Iterable[object
         cursor.execute(f"DELETE FROM {quote(model._meta.db_table)} WHERE {quote(_column(field))} IN ({placeholders})", params)
 
 
+
+def delete_where(
+    model: type[Model], *, equal: Mapping[str, object], at_most: Mapping[str, object], using: str = DEFAULT_DB_ALIAS
+) -> None:
+    """DELETE the rows of `model` whose fields equal `equal`'s values and are at most `at_most`'s
+    (a model nothing refers to): `filter(a=x, b__lte=y).delete()` without the ORM's collector."""
+    connection = connections[using]
+    quote = connection.ops.quote_name
+    conditions, params = [], []
+    for names, operator in ((equal, "="), (at_most, "<=")):
+        for name, value in names.items():
+            field = model._meta.get_field(name)
+            assert isinstance(field, Field)
+            conditions.append(f"{quote(_column(field))} {operator} %s")
+            params.append(field.get_db_prep_value(value, connection))
+    with connection.cursor() as cursor:
+        cursor.execute(f"DELETE FROM {quote(model._meta.db_table)} WHERE {' AND '.join(conditions)}", params)
+
 @dataclass(frozen=True, slots=True)
 class RollupAdd:
     """Rows of a rollup `model` to add to (`insert_or_add`): each row maps the `key` fields and

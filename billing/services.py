@@ -47,7 +47,14 @@ from django.db import DEFAULT_DB_ALIAS, InterfaceError, OperationalError, transa
 from django.utils import timezone
 
 from billing import pricing_cache
-from billing._sql import DeleteWhereIn, RollupAdd, insert_add_delete, insert_many, insert_or_add
+from billing._sql import (
+    DeleteWhereIn,
+    RollupAdd,
+    delete_where,
+    insert_add_delete,
+    insert_many,
+    insert_or_add,
+)
 from billing.exceptions import PriceMissing, QuotaExceeded
 from billing.models import (
     CANCELLED_STATUSES,
@@ -195,7 +202,7 @@ def budget_reserve(
         account = Account.objects.select_for_update().get(pk=pricing.account_id)
         if not account.has_limits:
             return unheld
-        Reservation.objects.filter(account=account, expires_at__lte=now).delete()
+        delete_where(Reservation, equal={"account": account.pk}, at_most={"expires_at": now})
         warning = _check_budgets(account, period_usage(account=account, at=now), cost=estimate, tokens=tokens)
         Reservation.objects.create(
             request_id=request_id,
@@ -274,7 +281,7 @@ def budget_reserve_many(*, requests: Sequence[HoldRequest]) -> list[Admission | 
             periods = {(period_containing("day", request.now).first_day, period_containing("month", request.now).first_day) for _, request, _ in calls}
             if len(periods) > 1:  # across a period's end: each call at its own instant, as alone
                 for index, request, unheld in calls:
-                    Reservation.objects.filter(account=account, expires_at__lte=request.now).delete()
+                    delete_where(Reservation, equal={"account": account.pk}, at_most={"expires_at": request.now})
                     try:
                         hold, outcomes[index] = _hold(account, request, unheld, period_usage(account=account, at=request.now))
                     except QuotaExceeded as refusal:
@@ -283,7 +290,7 @@ def budget_reserve_many(*, requests: Sequence[HoldRequest]) -> list[Admission | 
                     hold.save(force_insert=True)
                 continue
             now = max(request.now for _, request, _ in calls)
-            Reservation.objects.filter(account=account, expires_at__lte=now).delete()
+            delete_where(Reservation, equal={"account": account.pk}, at_most={"expires_at": now})
             usage = period_usage(account=account, at=now)
             for index, request, unheld in calls:
                 try:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from django.db import IntegrityError, transaction
 
-from billing._sql import delete_where_in, insert_many
+from billing._sql import delete_where, delete_where_in, insert_many
 from billing.models import Reservation, UsageRecord
 from billing.services import _usage_record, account_get_or_create
 
@@ -78,3 +78,21 @@ def test_holds_are_inserted_and_only_the_named_ones_deleted(user: Any) -> None:
     delete_where_in(Reservation, "request_id", [])
 
     assert set(Reservation.objects.values_list("pk", flat=True)) == {holds[0].pk, holds[2].pk, holds[4].pk}
+
+
+def test_delete_where_takes_only_the_rows_equal_to_and_at_most_the_values(user: Any, user_factory: Any) -> None:
+    mine, theirs = account_get_or_create(user_id=user.pk), account_get_or_create(user_id=user_factory().pk)
+
+    def hold(account: Any, expires_in: timedelta) -> Reservation:
+        return Reservation(
+            request_id=uuid.uuid4(), account=account, model="gpt-4o-mini", cost_usd=Decimal("0.001"), tokens=1,
+            created_at=NOW, expires_at=NOW + expires_in,
+        )
+
+    expired, due_now, live = hold(mine, -timedelta(seconds=1)), hold(mine, timedelta(0)), hold(mine, timedelta(seconds=1))
+    other_expired = hold(theirs, -timedelta(seconds=1))
+    insert_many(Reservation, [expired, due_now, live, other_expired])
+
+    delete_where(Reservation, equal={"account": mine.pk}, at_most={"expires_at": NOW})
+
+    assert set(Reservation.objects.values_list("request_id", flat=True)) == {live.request_id, other_expired.request_id}
