@@ -201,26 +201,14 @@ def render(results: Json) -> str:
         from bench import admin_pages
 
         lines += [*admin_pages.table(admin), ""] if admin.get("status") == "ok" else [f"Admin pages: n/a ({admin.get('reason')})", ""]
-    others = sorted(
-        value
-        for config in configs.values()
-        for row in (config.get("streaming") or {}).values()
-        for value in (row["gateway"]["cpu_pct"].get("other"), row["direct"]["cpu_pct"].get("other"))
-        if value is not None
-    )
+    others = _streaming_cpu(configs, "other")
     if others and (median := percentile(others, 50) or 0.0) > 20:
         lines += [
             f"WARNING: other processes on this machine used a median {median:.0f}% of a core during the streaming "
             "loads (column 'other'): the figures are pessimistic. Rerun on a quiet machine (--wait-quiet).",
             "",
         ]
-    stolen = sorted(
-        value
-        for config in configs.values()
-        for row in (config.get("streaming") or {}).values()
-        for value in (row["gateway"]["cpu_pct"].get("steal"), row["direct"]["cpu_pct"].get("steal"))
-        if value is not None
-    )
+    stolen = _streaming_cpu(configs, "steal")
     if stolen and (median := percentile(stolen, 50) or 0.0) > 10:
         lines += [
             f"WARNING: the hypervisor gave a median {median:.0f}% of a core (max {stolen[-1]:.0f}%) of this virtual "
@@ -230,6 +218,17 @@ def render(results: Json) -> str:
         ]
     lines += _targets(results)
     return "\n".join(lines)
+
+
+def _streaming_cpu(configs: Json, name: str) -> list[float]:
+    """One CPU figure (`other`, `steal`) of every streaming load's runs, direct and gateway, sorted."""
+    return sorted(
+        value
+        for config in configs.values()
+        for row in (config.get("streaming") or {}).values()
+        for value in (row["gateway"]["cpu_pct"].get(name), row["direct"]["cpu_pct"].get(name))
+        if value is not None
+    )
 
 
 def _targets(results: Json) -> list[str]:
