@@ -24,22 +24,35 @@ def _column(field: Field | None) -> str:
     return field.column
 
 
-_INSERTS: dict[tuple[type[Model], str], tuple[str, tuple[Field, ...]]] = {}
+@dataclass(frozen=True, slots=True)
+class _Insert:
+    """An INSERT of some of a model's fields, in parts: `head` names the table and columns,
+    `tail` is what follows the rows (RETURNING, ON CONFLICT ...); `one_row` is the statement for
+    a row of `%s` placeholders, one per field."""
+
+    head: str
+    tail: str
+    fields: tuple[Field, ...]
+    one_row: str
+
+    @classmethod
+    def of(cls, model: type[Model], fields: tuple[Field, ...], tail: str, connection: BaseDatabaseWrapper) -> _Insert:
+        quote = connection.ops.quote_name
+        head = f"INSERT INTO {quote(model._meta.db_table)} ({', '.join(quote(_column(field)) for field in fields)})"
+        return cls(head, tail, fields, f"{head} VALUES ({', '.join(['%s'] * len(fields))}){tail}")
 
 
-def _insert_statement(model: type[Model], connection: BaseDatabaseWrapper) -> tuple[str, tuple[Field, ...]]:
-    """The single-row INSERT of `model` on this kind of database (returning the new row's key on
-    PostgreSQL), and the fields it takes, in order."""
+_INSERTS: dict[tuple[type[Model], str], _Insert] = {}
+
+
+def _insert_statement(model: type[Model], connection: BaseDatabaseWrapper) -> _Insert:
+    """The INSERT of `model`'s fields on this kind of database (returning the new row's key on
+    PostgreSQL)."""
     key = (model, connection.vendor)
     if key not in _INSERTS:
-        quote = connection.ops.quote_name
         fields = tuple(field for field in model._meta.concrete_fields if not field.primary_key)
-        columns = ", ".join(quote(_column(field)) for field in fields)
-        placeholders = ", ".join(["%s"] * len(fields))
-        sql = f"INSERT INTO {quote(model._meta.db_table)} ({columns}) VALUES ({placeholders})"
-        if connection.vendor == "postgresql":
-            sql += f" RETURNING {quote(_column(model._meta.pk))}"
-        _INSERTS[key] = sql, fields
+        returning = f" RETURNING {connection.ops.quote_name(_column(model._meta.pk))}" if connection.vendor == "postgresql" else ""
+        _INSERTS[key] = _Insert.of(model, fields, returning, connection)
     return _INSERTS[key]
 
 
@@ -56,8 +69,9 @@ def insert_many(model: type[Model], objects: Sequence[Model], *, using: str = DE
     if not objects:
         return
     connection = connections[using]
-    sql, fields = _insert_statement(model, connection)
-    rows = [[field.get_db_prep_save(field.pre_save(obj, True), connection) for field in fields] for obj in objects]
+    insert = _insert_statement(model, connection)
+    sql = insert.one_row
+    rows = [[field.get_db_prep_save(field.pre_save(obj, True), connection) for field in insert.fields] for obj in objects]
     keys = []
     connection.validate_no_broken_transaction()  # as Django's own cursor does before a statement
     with connection.cursor() as cursor:
@@ -81,14 +95,11 @@ def insert_many(model: type[Model], objects: Sequence[Model], *, using: str = DE
         obj._state.db = using
 
 
-_UPSERTS: dict[tuple[type[Model], tuple[str, ...], tuple[str, ...], str], tuple[str, tuple[Field, ...]]] = {}
+_UPSERTS: dict[tuple[type[Model], tuple[str, ...], tuple[str, ...], str], _Insert] = {}
 
 
-def _upsert_statement(
-    model: type[Model], key: tuple[str, ...], sums: tuple[str, ...], connection: BaseDatabaseWrapper
-) -> tuple[str, tuple[Field, ...]]:
-    """`insert_or_add`'s statement for these key and sum fields on this kind of database, and
-    the fields it takes, in order."""
+def _upsert_statement(model: type[Model], key: tuple[str, ...], sums: tuple[str, ...], connection: BaseDatabaseWrapper) -> _Insert:
+    """`insert_or_add`'s statement for these key and sum fields on this kind of database."""
     statement = (model, key, sums, connection.vendor)
     if statement not in _UPSERTS:
         quote = connection.ops.quote_name
@@ -96,12 +107,9 @@ def _upsert_statement(
         concrete = {field.name: field for field in model._meta.concrete_fields}
         fields = tuple(concrete[name] for name in (*key, *sums))
         column = {field.name: quote(_column(field)) for field in fields}
-        columns = ", ".join(column[field.name] for field in fields)
         conflict = ", ".join(column[name] for name in key)
         updates = ", ".join(f"{column[name]} = {table}.{column[name]} + EXCLUDED.{column[name]}" for name in sums)
-        placeholders = ", ".join(["%s"] * len(fields))
-        sql = f"INSERT INTO {table} ({columns}) VALUES ({placeholders}) ON CONFLICT ({conflict}) DO UPDATE SET {updates}"
-        _UPSERTS[statement] = sql, fields
+        _UPSERTS[statement] = _Insert.of(model, fields, f" ON CONFLICT ({conflict}) DO UPDATE SET {updates}", connection)
     return _UPSERTS[statement]
 
 
@@ -114,11 +122,11 @@ def insert_or_add(model: type[Model], *, key: Mapping[str, object], sums: Mappin
     the row (the fields of the model's unique constraint), `sums` what is added to it.
     """
     connection = connections[using]
-    sql, fields = _upsert_statement(model, tuple(key), tuple(sums), connection)
+    upsert = _upsert_statement(model, tuple(key), tuple(sums), connection)
     values = {**key, **sums}
-    params = [field.get_db_prep_save(values[field.name], connection) for field in fields]
+    params = [field.get_db_prep_save(values[field.name], connection) for field in upsert.fields]
     with connection.cursor() as cursor:
-        cursor.execute(sql, params)
+        cursor.execute(upsert.one_row, params)
 
 
 def delete_where_in(model: type[Model], field_name: str, values: Iterable[object], *, using: str = DEFAULT_DB_ALIAS) -> None:
@@ -133,7 +141,6 @@ def delete_where_in(model: type[Model], field_name: str, values: Iterable[object
     placeholders = ", ".join(["%s"] * len(params))
     with connection.cursor() as cursor:
         cursor.execute(f"DELETE FROM {quote(model._meta.db_table)} WHERE {quote(_column(field))} IN ({placeholders})", params)
-
 
 
 def delete_where(
@@ -152,6 +159,7 @@ def delete_where(
             params.append(field.get_db_prep_value(value, connection))
     with connection.cursor() as cursor:
         cursor.execute(f"DELETE FROM {quote(model._meta.db_table)} WHERE {' AND '.join(conditions)}", params)
+
 
 @dataclass(frozen=True, slots=True)
 class RollupAdd:
@@ -174,14 +182,15 @@ class DeleteWhereIn:
     values: Sequence[object]
 
 
-_TOGETHER: dict[tuple[object, ...], tuple[str, tuple[Field, ...], tuple[tuple[Field, ...], ...], Field]] = {}
+_TOGETHER: dict[tuple[object, ...], tuple[str, tuple[_Insert, ...], Field]] = {}
 
 
 def _together_statement(
     model: type[Model], rollups: Sequence[RollupAdd], delete: DeleteWhereIn, connection: BaseDatabaseWrapper
-) -> tuple[str, tuple[Field, ...], tuple[tuple[Field, ...], ...], Field]:
-    """`insert_add_delete`'s one PostgreSQL statement for these models and fields, and the fields
-    its arrays are made of: the inserted model's, each rollup's (key then sums), the deleted one."""
+) -> tuple[str, tuple[_Insert, ...], Field]:
+    """`insert_add_delete`'s one PostgreSQL statement for these models and fields, the INSERTs
+    whose fields its arrays are made of (the inserted model's, then each rollup's), and the
+    field of the DELETE's array."""
     statement = (model, tuple((r.model, r.key, r.sums) for r in rollups), delete.model, delete.field_name)
     if statement not in _TOGETHER:
         quote = connection.ops.quote_name
@@ -191,26 +200,19 @@ def _together_statement(
             # UNNEST insert casts: a value is checked by its column, never cut by the cast.
             return f"%s::{str(field.db_type(connection)).split('(')[0]}[]"
 
-        def unnest(fields: Sequence[Field]) -> str:
-            return "SELECT * FROM unnest(" + ", ".join(array_of(field) for field in fields) + ")"
+        def from_arrays(insert: _Insert) -> str:
+            return f"{insert.head} SELECT * FROM unnest({', '.join(array_of(field) for field in insert.fields)}){insert.tail}"
 
-        insert_sql, fields = _insert_statement(model, connection)
-        parts = [f"ledger AS ({insert_sql.partition(' VALUES ')[0]} {unnest(fields)} RETURNING {quote(_column(model._meta.pk))})"]
-        rollup_fields = []
-        for index, rollup in enumerate(rollups):
-            upsert_sql, upsert_fields = _upsert_statement(rollup.model, rollup.key, rollup.sums, connection)
-            head, _, rest = upsert_sql.partition(" VALUES (")
-            conflict = rest.partition(")")[2]  # " ON CONFLICT (...) DO UPDATE SET ..."
-            parts.append(f"rollup_{index} AS ({head} {unnest(upsert_fields)}{conflict})")
-            rollup_fields.append(upsert_fields)
+        inserts = (_insert_statement(model, connection), *(_upsert_statement(r.model, r.key, r.sums, connection) for r in rollups))
         deleted = delete.model._meta.get_field(delete.field_name)
         assert isinstance(deleted, Field)
+        parts = [f"written_{index} AS ({from_arrays(insert)})" for index, insert in enumerate(inserts)]
         parts.append(
             f"deleted AS (DELETE FROM {quote(delete.model._meta.db_table)} "
             f"WHERE {quote(_column(deleted))} = ANY({array_of(deleted)}))"
         )
-        sql = "WITH " + ", ".join(parts) + f" SELECT {quote(_column(model._meta.pk))} FROM ledger"
-        _TOGETHER[statement] = sql, fields, tuple(rollup_fields), deleted
+        sql = "WITH " + ", ".join(parts) + f" SELECT {quote(_column(model._meta.pk))} FROM written_0"
+        _TOGETHER[statement] = sql, inserts, deleted
     return _TOGETHER[statement]
 
 
@@ -248,10 +250,10 @@ def insert_add_delete(
                     )
             delete_where_in(delete.model, delete.field_name, delete.values, using=using)
         return
-    sql, fields, rollup_fields, deleted = _together_statement(model, rollups, delete, connection)
-    params: list[Any] = [[field.get_db_prep_save(field.pre_save(obj, True), connection) for obj in objects] for field in fields]
-    for rollup, upsert_fields in zip(rollups, rollup_fields, strict=True):
-        params += [[field.get_db_prep_save(row[field.name], connection) for row in rollup.rows] for field in upsert_fields]
+    sql, (insert, *upserts), deleted = _together_statement(model, rollups, delete, connection)
+    params: list[Any] = [[field.get_db_prep_save(field.pre_save(obj, True), connection) for obj in objects] for field in insert.fields]
+    for rollup, upsert in zip(rollups, upserts, strict=True):
+        params += [[field.get_db_prep_save(row[field.name], connection) for row in rollup.rows] for field in upsert.fields]
     params.append([deleted.get_db_prep_value(value, connection) for value in delete.values])
     # Inside the caller's transaction the statement gets a savepoint, so that a refusal leaves
     # that transaction usable, as the statements in `atomic` did; in autocommit it is atomic alone.

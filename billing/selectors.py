@@ -19,6 +19,7 @@ from django.db.models import (
 )
 from django.db.models.functions import Coalesce
 
+from billing._sql import _column
 from billing.fields import ExactDecimalField
 from billing.models import (
     TOTAL_DIGITS,
@@ -137,7 +138,7 @@ def _period_usage_statement(connection: BaseDatabaseWrapper) -> str:
         def column(model: type[Model], name: str) -> str:
             field = model._meta.get_field(name)
             assert isinstance(field, Field)  # a concrete field, not a reverse relation
-            return quote(cast(str, field.column))
+            return quote(_column(field))
 
         day, cost = column(DailyUsage, "day"), column(DailyUsage, "cost_usd")
         tokens = f"{column(DailyUsage, 'prompt_tokens')} + {column(DailyUsage, 'completion_tokens')}"
