@@ -63,7 +63,7 @@ def _streaming(name: str, config: Json) -> list[str]:
             f"{key:<14} | {tokens_per_s(d):>12,.0f} {tokens_per_s(g):>9,.0f} {fmt(throughput_ratio(row), '.3f'):>6} "
             f"{streams_per_s(g):>8.1f} | {g['unfinished'] + g['gap_stalled']:>7} {g['error_count']:>6} {g['max_gap_s']:>9.2f} | "
             f"{fmt(chunks_per_read(d), '.2f'):>7}/{fmt(chunks_per_read(g), '.2f'):<7} | "
-            f"{fmt(cpu_ms_per_stream(g), '.2f'):>13} | "
+            f"{fmt(cpu_ms_per_stream(g, row['load']['tokens']), '.2f'):>13} | "
             f"{fmt(gc.get('gateway'), '.0f'):>20}({fmt(gc.get('gateway_sys'), '.0f')})/{fmt(gc.get('upstream'), '.0f')}/"
             f"{fmt(gc.get('loadgen'), '.0f')}/{fmt(gc.get('other'), '.0f')}/{fmt(gc.get('steal'), '.0f'):<6} | "
             f"{fmt(dc.get('upstream'), '.0f'):>19}/{fmt(dc.get('loadgen'), '.0f')}/{fmt(dc.get('other'), '.0f')}/{fmt(dc.get('steal'), '.0f'):<5}"

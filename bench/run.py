@@ -127,7 +127,8 @@ class Plan:
         Load("20ms-300-1w", 20.0, 300, 8.0, one_worker=True),
         # The cost of one relayed chunk: the slope between 10- and 110-token streams.
         Load("chunks-10-1w", 20.0, 50, 4.0, tokens=10, one_worker=True),
-        Load("chunks-110-1w", 20.0, 50, 7.0, tokens=110, one_worker=True),
+        # Its window holds about three of its 2.2 s streams, so that its CPU figure is steady.
+        Load("chunks-110-1w", 20.0, 50, 10.0, tokens=110, one_worker=True),
     )
     drain: float = 20.0
     stall_gap: float = 5.0
