@@ -222,14 +222,18 @@ def _pricing(*, user_id: int, model: str, upstream_model: str | None, now: datet
     """The user's account, whether it has limits, and its rates for the model (cached)."""
     pricing = pricing_cache.get(user_id, model, upstream_model)
     if pricing is None:
-        account = account_get_or_create(user_id=user_id)
-        pricing = pricing_cache.Pricing(
-            account_id=account.pk,
-            has_limits=account.has_limits,
-            rates=rates_for(account=account, model=model, upstream_model=upstream_model, at=now),
-        )
+        pricing = _pricing_read(user_id, model, upstream_model, now=now)
         pricing_cache.put(user_id, model, upstream_model, pricing)
     return pricing
+
+
+def _pricing_read(user_id: int, model: str, upstream_model: str | None, *, now: datetime | None = None) -> pricing_cache.Pricing:
+    account = account_get_or_create(user_id=user_id)
+    return pricing_cache.Pricing(
+        account_id=account.pk,
+        has_limits=account.has_limits,
+        rates=rates_for(account=account, model=model, upstream_model=upstream_model, at=now or timezone.now()),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -648,9 +652,10 @@ async def abudget_reserve(
     now: datetime | None = None,
 ) -> Admission:
     """`budget_reserve` from async code. A user without budgets whose pricing is cached needs no
-    database work at all, so that case is answered here without a hop to a worker thread; the
-    others are batched with the admissions of the same moment (`budget_holds`)."""
-    pricing = pricing_cache.get(user_id, model, upstream_model)
+    database work at all (and while calls use it, it is read again ahead of its expiry), so that
+    case is answered here without a hop to a worker thread; the others are batched with the
+    admissions of the same moment (`budget_holds`), which cache the pricing they read."""
+    pricing = pricing_cache.cached(user_id, model, upstream_model)
     if pricing is not None and not pricing.has_limits:
         return _admission_without_hold(pricing, model=model)
     # Admissions that arrive together are held together (`budget_reserve_many`): one lock of
@@ -668,5 +673,6 @@ async def abudget_reserve(
     )
 
 
+pricing_cache.read = db_task(_pricing_read)
 abudget_release = db_task(budget_release)
 ausage_record_create = db_task(usage_record_create)

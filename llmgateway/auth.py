@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hmac
-import time
 from datetime import timedelta
 from importlib import import_module
 
@@ -14,6 +13,7 @@ from django.utils import timezone
 
 from calls.principal import Principal
 from infra.db import db_task
+from infra.refresh import RefreshAhead
 from llmgateway.errors import AuthenticationFailed
 from llmgateway.models import KEY_PREFIX, ApiKey, hash_api_key
 
@@ -24,10 +24,6 @@ SESSION_REQUIRED = "Log in to use the chat page."
 INACTIVE_USER = "The account that owns this API key is disabled."
 # last_used_at is refreshed at most this often, so authentication stays a read.
 LAST_USED_RESOLUTION = timedelta(minutes=1)
-# Verified keys by hash, trusted for AUTH_CACHE_SECONDS (never past the key's expiry). Revoking
-# a key in this process forgets them at once; other processes within AUTH_CACHE_SECONDS.
-_verified: dict[str, tuple[float, Principal]] = {}
-_MAX_VERIFIED = 100_000
 # Where the lean ASGI handler leaves the Principal of an API call it authenticated before
 # reading the body (`llmgateway.asgi`). Only the server sets ASGI scope keys, never a client.
 PRINCIPAL_SCOPE_KEY = "llmgateway.principal"
@@ -57,17 +53,7 @@ async def aauthenticate(authorization: str | None) -> Principal:
     raw_key = _bearer_token(authorization)
     if not raw_key.startswith(KEY_PREFIX) or len(raw_key) > 200:
         raise AuthenticationFailed(INVALID_KEY)
-    presented_hash = hash_api_key(raw_key)
-    cached = _verified.get(presented_hash)
-    if cached is not None and cached[0] > time.monotonic():
-        return cached[1]
-    principal, valid_for = await _aprincipal_for(presented_hash)
-    ttl = min(settings.AUTH_CACHE_SECONDS, valid_for)
-    if ttl > 0:
-        if len(_verified) >= _MAX_VERIFIED:
-            _verified.clear()
-        _verified[presented_hash] = (time.monotonic() + ttl, principal)
-    return principal
+    return await _verified.get(hash_api_key(raw_key))
 
 
 def forget_verified_keys(**_: object) -> None:
@@ -133,3 +119,16 @@ async def aprincipal_for_session(request: HttpRequest) -> Principal:
 
 _aprincipal_for = db_task(_principal_for)
 _asession_principal = db_task(_session_principal)
+
+
+async def _verify(presented_hash: str) -> tuple[Principal, float]:
+    principal, valid_for = await _aprincipal_for(presented_hash)
+    return principal, min(settings.AUTH_CACHE_SECONDS, valid_for)
+
+
+# Verified keys by hash, trusted for AUTH_CACHE_SECONDS (never past the key's expiry) and read
+# again ahead of that while in use. Revoking a key in this process forgets them at once; other
+# processes within AUTH_CACHE_SECONDS.
+_verified: RefreshAhead[str, Principal] = RefreshAhead(
+    _verify, name="verified API keys", max_entries=100_000, drop_on=(AuthenticationFailed,)
+)

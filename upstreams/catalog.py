@@ -109,39 +109,43 @@ def catalog() -> Catalog:
     return _store(read)
 
 
-_reading: asyncio.Task[Catalog | None] | None = None  # the read in flight, shared by every caller
+_reading: asyncio.Task[Catalog] | None = None  # the read in flight, shared by every caller
+_generation = 0  # moved on by forget(): a read begun before it stores nothing
 
 
-async def _read_or_none() -> Catalog | None:
+async def _read_and_store() -> Catalog:
+    generation = _generation
     try:
-        return await _read_in_thread()
+        read: Catalog | None = await _read_in_thread()
     except Exception:
-        return None
+        read = None
+    if generation != _generation:  # forgotten meanwhile: this read may predate the change
+        return read or _catalog or environment_catalog()
+    return _store(read)
 
 
 async def acatalog() -> Catalog:
-    """The live catalog, from async code. A read runs in a thread, one at a time: the calls that
-    find the catalog stale together (every call of a busy process, each UPSTREAMS_CACHE_SECONDS)
-    wait for the same read instead of each sending its own to the database."""
+    """The live catalog, from async code. A read runs in a thread, one at a time, and is shared
+    by every caller that finds the catalog stale. Once a catalog was read, those callers get it
+    at once and the read replaces it when it ends (refresh ahead: the calls of a busy process
+    never wait for the database); only with none yet (at start, or forgotten) do they wait."""
     global _reading
     if _fresh():
         assert _catalog is not None
         return _catalog
     reading = _reading
     if reading is None or reading.done() or reading.get_loop() is not asyncio.get_running_loop():
-        reading = _reading = asyncio.ensure_future(_read_or_none())
-    try:
-        read = await asyncio.shield(reading)  # a caller that leaves does not cancel the others' read
-    finally:
-        if _reading is reading and reading.done():
-            _reading = None
-    return _store(read)
+        reading = _reading = asyncio.ensure_future(_read_and_store())
+    if _catalog is not None:
+        return _catalog
+    return await asyncio.shield(reading)  # a caller that leaves does not cancel the others' read
 
 
 def forget() -> None:
     """Read the catalog again on next use (staff changed it, or a test changed the settings)."""
-    global _catalog, _read_at, _reading
+    global _catalog, _read_at, _reading, _generation
     _catalog, _read_at, _reading = None, 0.0, None
+    _generation += 1
 
 
 def route_for(model: str) -> ModelRoute | None:
