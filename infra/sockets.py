@@ -1,4 +1,4 @@
-"""The sockets this process serves on.
+"""The sockets this process serves on, and the upstream connections it cuts.
 
 Granian binds and accepts; it has no setting for the accepted sockets' send buffer. Linux gives
 an accepted socket the listening socket's SO_SNDBUF (and, once set, turns off the buffer's
@@ -9,6 +9,7 @@ past it the server's writes wait, the relay's queue fills and the upstream is no
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -44,3 +45,32 @@ def limit_client_send_buffers(size: int) -> int:
             except OSError as error:
                 logger.warning("could not set the send buffer of a listening socket: %s", error)
     return count
+
+
+def shut_down_now(transport: asyncio.BaseTransport) -> None:
+    """Send the peer the end of the connection (a FIN) now, before the transport is closed.
+
+    `close()` on an asyncio or uvloop transport only schedules its socket's close for the loop's
+    next pass, after every callback already due: when many clients leave at once that pass is
+    tens of milliseconds away, and an upstream goes on generating (and billing) meanwhile. The
+    shutdown goes through a duplicate descriptor (uvloop's transport sockets refuse `shutdown()`);
+    it acts on the connection, and closing the duplicate leaves the transport's own descriptor
+    for its `close()`. Never raises: a socket already gone has nothing left to cut.
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    try:
+        duplicate = os.dup(sock.fileno())
+    except (OSError, ValueError):  # closed already (fileno() -1)
+        return
+    try:
+        connection = socket.socket(fileno=duplicate)
+    except OSError:
+        os.close(duplicate)
+        return
+    with connection:  # closes the duplicate only
+        try:
+            connection.shutdown(socket.SHUT_RDWR)
+        except OSError:  # not connected any more
+            pass

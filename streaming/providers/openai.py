@@ -16,6 +16,7 @@ import asyncio
 import socket
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import aiohttp
@@ -25,6 +26,7 @@ import orjson
 from openai._models import FinalRequestOptions
 from openai._vendor.httpx_aiohttp.transport import AiohttpTransport  # the SDK's aiohttp transport
 
+from infra.sockets import shut_down_now
 from streaming.catalog import Deployment
 from streaming.providers.base import (
     ProviderChunk,
@@ -366,7 +368,7 @@ class OpenAIProvider:
         if request.on_response_headers is not None:
             request.on_response_headers(rate_limit_headers(response.headers))
         if request.on_connection is not None:
-            request.on_connection(response.close)  # closes its connection, not back to the pool
+            request.on_connection(partial(_cut, response))
         # Leaving it puts the connection back in the pool when the body was read to its end, and
         # closes it at once when we stop early.
         async with response:
@@ -394,6 +396,16 @@ class OpenAIProvider:
             raise translate_error(error) from error
         except httpx2.HTTPError as error:
             raise UpstreamError("connection", UNREACHABLE) from error
+
+
+def _cut(response: aiohttp.ClientResponse) -> None:
+    """End the upstream call now: its connection is shut down in this step and closed, not put
+    back in the pool."""
+    connection = response.connection
+    transport = connection.transport if connection is not None else None
+    if transport is not None:
+        shut_down_now(transport)
+    response.close()
 
 
 def _json_object(raw: bytes) -> dict[str, Any]:

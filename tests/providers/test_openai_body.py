@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import os
 import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -215,10 +216,15 @@ async def test_a_client_that_leaves_has_the_upstream_connection_cut_in_the_same_
         return response
 
     closed: list[object] = []
+    sockets: list[socket.socket] = []
     close = aiohttp.ClientResponse.close
 
     def recorded_close(self: aiohttp.ClientResponse) -> None:
         closed.append(self)
+        assert self.connection is not None and self.connection.transport is not None
+        # The connection's own descriptor is closed at the loop's next pass: a duplicate of it
+        # stays usable to look at the connection after `abort()`, in the same step.
+        sockets.append(socket.socket(fileno=os.dup(self.connection.transport.get_extra_info("socket").fileno())))
         close(self)
 
     monkeypatch.setattr(aiohttp.ClientResponse, "close", recorded_close)
@@ -230,6 +236,9 @@ async def test_a_client_that_leaves_has_the_upstream_connection_cut_in_the_same_
         assert isinstance(await asyncio.wait_for(relay.get(), 5), ProviderChunk)
         relay.abort()
         assert len(closed) == 1  # cut here, not when the cancelled producer next runs
+        with sockets[0] as connection:  # and already shut down: the upstream has its FIN
+            with pytest.raises(BrokenPipeError):
+                connection.send(b"x", socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
         async with asyncio.timeout(2):
             await upstream_saw_the_end.wait()
         await relay.aclose()
