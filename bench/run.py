@@ -72,7 +72,7 @@ from bench.common import (
     with_database,
 )
 from bench.common import process_env as _process_env
-from testbed.gateway import SERVE_ARGS, Gateway
+from testbed.gateway import APPLICATION, SERVE_ARGS, Gateway
 from testbed.samplers import CpuWindow, MachineCpuWindow, machine_busy, wait_quiet
 from testbed.upstream_host import UpstreamHost, read_json_line
 
@@ -433,6 +433,7 @@ class ServingRun:
             workers=self.gateway_workers,
             granian_args=SERVE_ARGS,
             log=self.workdir / "gateway.log",
+            app=self.args.app,
         )
         log(
             f"{self.serving.name}: gateway on :{self.gateway.port}, {self.gateway_workers} worker(s), "
@@ -1166,6 +1167,7 @@ def _meta(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
         "git": git("rev-parse", "--short", "HEAD"),
         "git_dirty_files": len(dirty.splitlines()),
         "quick": args.quick,
+        "app": args.app,
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
         "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
@@ -1272,6 +1274,12 @@ def main(argv: list[str] | None = None) -> int:
         "instead of REDIS_URL, e.g. redis://127.0.0.1:17000/0 (scripts/services starts one)",
     )  # fmt: skip
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (databases, logs)")
+    parser.add_argument(
+        "--app",
+        default=APPLICATION,
+        help="the ASGI application to serve (default: the gateway's own); bench.stage_marks:application "
+        "marks where each call's time goes (see bench/stage_marks.py)",
+    )
     args = parser.parse_args(argv)
     if args.workers is not None and args.workers < 1:
         parser.error("--workers must be >= 1")

@@ -2,9 +2,10 @@
 
 One class for the tests (a session's gateway, a gateway with a setting of one test's own) and
 for the benchmarks (the run's gateway, several gateways sharing Redis). It runs
-``python -m granian ... llmgateway.asgi:application`` from the repository's root with the
-caller's environment, on a free port of 127.0.0.1, waits until ``GET /v1/models`` answers and
-every worker listens, and stops it with SIGTERM (SIGKILL after 15 s).
+``python -m granian ... llmgateway.asgi:application`` (or a wrapper of it) from the
+repository's root with the caller's environment, on a free port of 127.0.0.1, waits until
+``GET /v1/models`` answers and every worker listens, and stops it with SIGTERM (SIGKILL after
+15 s).
 
 Every worker must be listening before the gateway is handed over: on Linux each Granian worker
 binds its own ``SO_REUSEPORT`` socket and the kernel spreads new connections over the sockets
@@ -29,6 +30,8 @@ from typing import IO, Self
 from testbed.net import HOST, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
+
+APPLICATION = "llmgateway.asgi:application"
 
 # As scripts/serve: HTTP/1 only (with `auto` Granian waits without limit for a new connection's
 # first bytes), a 10 s limit on reading request headers, 64 KB of Granian buffer per connection.
@@ -66,10 +69,13 @@ class Gateway:
         granian_args: Sequence[str] = (),
         log: Path | None = None,
         timeout: float = 60.0,
+        app: str = APPLICATION,
     ) -> None:
         """Start it and wait (``timeout`` seconds) until it answers with all ``workers`` up.
 
-        Its output goes to ``log`` (appended), else to this process's stdout and stderr.
+        Its output goes to ``log`` (appended), else to this process's stdout and stderr. ``app``
+        is the ASGI application Granian serves (``module:attribute``): the gateway's own, or a
+        wrapper of it that measures it (``bench.stage_marks:application``).
         """
         self.port = free_port()
         self.workers = workers
@@ -80,7 +86,7 @@ class Gateway:
             [
                 sys.executable, "-m", "granian", "--interface", "asgi", "--host", HOST,
                 "--port", str(self.port), "--workers", str(workers), "--log-level", "warning",
-                *granian_args, "llmgateway.asgi:application",
+                *granian_args, app,
             ],
             cwd=ROOT,
             env=dict(env),

@@ -17,7 +17,7 @@ import pytest
 from django.conf import settings
 from django.test import override_settings
 
-from testbed.gateway import Gateway
+from testbed.gateway import APPLICATION, Gateway
 from testbed.net import free_port
 
 if TYPE_CHECKING:
@@ -138,7 +138,12 @@ def fake_upstream(upstream: FakeUpstream) -> Iterator[FakeUpstream]:
 
 
 def start_gateway(
-    env_overrides: dict[str, str], *, upstream: FakeUpstream, workers: int = 1, granian_args: tuple[str, ...] = ()
+    env_overrides: dict[str, str],
+    *,
+    upstream: FakeUpstream,
+    workers: int = 1,
+    granian_args: tuple[str, ...] = (),
+    app: str = APPLICATION,
 ) -> Gateway:
     """A gateway under Granian (testbed.gateway) with the tests' settings, against ``upstream``."""
     env = {
@@ -161,7 +166,7 @@ def start_gateway(
         **env_overrides,
     }
     env.pop("SQLITE_TEST_NAME", None)
-    return Gateway(env, workers=workers, granian_args=granian_args, timeout=30)
+    return Gateway(env, workers=workers, granian_args=granian_args, timeout=30, app=app)
 
 
 def stop_gateway(gateway: Gateway) -> None:
@@ -180,8 +185,8 @@ def gateway_factory(django_db_setup: Any, upstream: FakeUpstream) -> Iterator[Ca
     """Start a gateway with extra settings (environment variables) for one test."""
     started: list[Gateway] = []
 
-    def make(workers: int = 1, granian_args: tuple[str, ...] = (), **env: str) -> Gateway:
-        server = start_gateway(env, upstream=upstream, workers=workers, granian_args=granian_args)
+    def make(workers: int = 1, granian_args: tuple[str, ...] = (), app: str = APPLICATION, **env: str) -> Gateway:
+        server = start_gateway(env, upstream=upstream, workers=workers, granian_args=granian_args, app=app)
         started.append(server)
         return server
 
