@@ -72,6 +72,7 @@ from bench.common import (
     with_database,
 )
 from bench.common import process_env as _process_env
+from bench.stages import LOAD_HEADER
 from testbed.gateway import APPLICATION, SERVE_ARGS, Gateway
 from testbed.samplers import CpuWindow, MachineCpuWindow, machine_busy, wait_quiet
 from testbed.upstream_host import UpstreamHost, read_json_line
@@ -456,7 +457,9 @@ class ServingRun:
         if target == "direct":
             port, headers = self.upstream.port, {}
         else:
-            port, headers = self.gateway.port, {"authorization": f"Bearer {self.api_key}"}
+            # The load's name goes with each call, for the stage marks (bench/stage_marks.py).
+            headers = {"authorization": f"Bearer {self.api_key}", LOAD_HEADER: spec.key}
+            port = self.gateway.port
         start_at = time.monotonic() + LAUNCH_MARGIN
         generator = LoadGen(
             {

@@ -7,7 +7,8 @@
 `application` is the gateway's own (`llmgateway.asgi.application`) with the functions of
 `STAGES` wrapped. For every `POST /v1/...` a worker serves, it keeps the time of each mark since
 the request reached the application, in milliseconds, and once the request has ended (outside
-what it measures) appends them as one JSON line to `$STAGE_MARKS_DIR/marks.<pid>.jsonl`. A mark
+what it measures) appends them as one JSON line to `$STAGE_MARKS_DIR/marks.<pid>.jsonl`, with
+the name of the benchmark's load the call belongs to (its `x-bench-load` header, if any). A mark
 is taken the first time its stage is reached in a request (a retried upstream attempt keeps the
 first attempt's). Besides the stages: `response start` (http.response.start sent), `first body`,
 `first token` (the first body with a content delta) and `ended`.
@@ -29,11 +30,13 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from bench.stages import LOAD_HEADER
 from llmgateway import asgi
 
 Marks = dict[str, float]
 
 CONTENT_DELTA = b'"delta":{"content":"'
+LOAD_HEADER_BYTES = LOAD_HEADER.encode()
 
 # (module, class or None, function, stage): in the order a call reaches them.
 STAGES: tuple[tuple[str, str | None, str, str], ...] = (
@@ -106,12 +109,12 @@ class _Output:
         self.directory = directory
         self.fd: int | None = None
 
-    def write(self, marks: Mapping[str, float], started: float) -> None:
+    def write(self, load: str | None, marks: Mapping[str, float], started: float) -> None:
         if self.fd is None:
             self.directory.mkdir(parents=True, exist_ok=True)
             path = self.directory / f"marks.{os.getpid()}.jsonl"
             self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        line = {name: round((at - started) * 1000, 4) for name, at in marks.items()}
+        line = {"load": load, "marks": {name: round((at - started) * 1000, 4) for name, at in marks.items()}}
         os.write(self.fd, json.dumps(line).encode() + b"\n")
 
 
@@ -140,6 +143,7 @@ def install(directory: Path) -> Any:
             await handle(self, scope, receive, send)
             return
         started = time.perf_counter()
+        load = next((value.decode("latin1") for name, value in scope["headers"] if name == LOAD_HEADER_BYTES), None)
         marks: Marks = {}
         token = _marks.set(marks)
         try:
@@ -147,7 +151,7 @@ def install(directory: Path) -> Any:
         finally:
             marks["ended"] = time.perf_counter()
             _marks.reset(token)
-            output.write(marks, started)
+            output.write(load, marks, started)
 
     asgi.LeanASGIHandler.handle = marked_handle  # type: ignore[method-assign]
     return asgi.application

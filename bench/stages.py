@@ -1,11 +1,12 @@
 """Read the marks of `bench.stage_marks`: where the calls' time went, stage by stage.
 
-    python -m bench.stages DIR [--skip 50] [--slowest 5] [--until "first token"]
+    python -m bench.stages DIR [--load 0ms-1] [--skip 20] [--slowest 5] [--until "first token"]
 
 For each stage (in the order the calls reached them): when it started and how long it took,
 the median over all calls, and the mean over the slowest `--slowest` percent of them by the
-`--until` mark (by default the first token, as the benchmark's TTFT). The first `--skip` calls of
-each worker are left out: they meet cold caches and pools. The lines "between stages" are the
+`--until` mark (by default the first token, as the benchmark's TTFT). Only the calls of `--load`
+count (by default those of every load but the warm-ups), and the first `--skip` of them in each
+worker are left out: they meet cold caches and pools. The lines "between stages" are the
 time no stage accounts for: the event loop's turns, Django's handler, the code between the
 wrapped functions.
 """
@@ -20,13 +21,19 @@ from pathlib import Path
 from typing import Any
 
 POINTS = ("response start", "first body", "first token", "ended")
+# The header `bench.run` names each gateway call's load with ("warm-up", "0ms-1", ...).
+LOAD_HEADER = "x-bench-load"
+WARM_UP = "warm-up"
 
 
-def read_marks(directory: Path, skip: int) -> list[dict[str, float]]:
+def read_marks(directory: Path, *, skip: int, load: str | None = None) -> list[dict[str, float]]:
+    """The marks of the calls of `load` (every load but the warm-ups when None), leaving out
+    the first `skip` of each worker."""
     calls: list[dict[str, float]] = []
     for path in sorted(directory.glob("marks.*.jsonl")):
-        lines = path.read_text().splitlines()
-        calls.extend(json.loads(line) for line in lines[skip:])
+        lines = [json.loads(line) for line in path.read_text().splitlines()]
+        chosen = [line["marks"] for line in lines if line["load"] == load or (load is None and line["load"] != WARM_UP)]
+        calls.extend(chosen[skip:])
     return calls
 
 
@@ -85,13 +92,14 @@ def report(calls: list[dict[str, float]], *, slowest: float, until: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("directory", type=Path, help="the STAGE_MARKS_DIR of a marked run")
-    parser.add_argument("--skip", type=int, default=50, help="leave out each worker's first N calls (default 50)")
+    parser.add_argument("--load", help="only the calls of this load (default: every load but the warm-ups)")
+    parser.add_argument("--skip", type=int, default=20, help="leave out each worker's first N calls (default 20)")
     parser.add_argument("--slowest", type=float, default=5.0, help="the slowest percent to show apart (default 5)")
     parser.add_argument("--until", default="first token", help='the mark calls are ranked by (default "first token")')
     args = parser.parse_args(argv)
-    calls = read_marks(args.directory, args.skip)
+    calls = read_marks(args.directory, skip=args.skip, load=args.load)
     if not calls:
-        print(f"no marks in {args.directory} (after skipping {args.skip} per worker)", file=sys.stderr)
+        print(f"no marks in {args.directory} for that load (after skipping {args.skip} per worker)", file=sys.stderr)
         return 1
     print(report(calls, slowest=args.slowest, until=args.until))
     return 0

@@ -41,7 +41,10 @@ def test_a_streamed_call_through_a_marked_gateway_leaves_every_stage_in_order(ga
     gateway = gateway_factory(app="bench.stage_marks:application", STAGE_MARKS_DIR=str(tmp_path))
     client = openai.OpenAI(base_url=gateway.api_url, api_key=api_key, max_retries=0)
     with client.chat.completions.create(
-        model="gpt-4o-mini", messages=[{"role": "user", "content": "Say something."}], stream=True
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "Say something."}],
+        stream=True,
+        extra_headers={"x-bench-load": "0ms-1"},
     ) as stream:
         text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
     assert text
@@ -49,11 +52,14 @@ def test_a_streamed_call_through_a_marked_gateway_leaves_every_stage_in_order(ga
 
     [path] = tmp_path.glob("marks.*.jsonl")
     [line] = path.read_text().splitlines()
-    marks = json.loads(line)
+    call = json.loads(line)
+    assert call["load"] == "0ms-1"
+    marks = call["marks"]
     assert set(IN_ORDER) <= set(marks)
     times = [marks[name] for name in IN_ORDER]
     assert times == sorted(times) and times[0] >= 0
 
+    assert read_marks(tmp_path, skip=0, load="warm-up") == []
     drawn = report(read_marks(tmp_path, skip=0), slowest=50, until="first token")
     assert drawn.startswith("1 calls reached `first token`")
     for stage in ("authenticate", "rate limits", "budget hold", "upstream request", "first token"):
