@@ -13,8 +13,15 @@ is taken the first time its stage is reached in a request (a retried upstream at
 first attempt's). Besides the stages: `response start` (http.response.start sent), `first body`,
 `first token` (the first body with a content delta) and `ended`.
 
-The wrappers cost a few microseconds each: compare the stages of one marked run with each other,
-and a marked run with another marked run, never with an unmarked one.
+`first token` is the first body with `"delta":{"content":"`, the pattern the benchmark's load
+generator counts as a token (a chat completion's content; not the Responses API's events).
+
+A task that a request starts and that outlives it (a shared writer's, a cache's refresh) copies
+the request's context: its marks stop at `ended`, so such work is never put on a later call, and
+whatever it does for other calls is theirs as "between stages". The wrappers cost a few
+microseconds each, and the line is written on the event loop once the call has ended: compare
+the stages of one marked run with each other, and a marked run with another marked run, never
+with an unmarked one.
 """
 
 from __future__ import annotations
@@ -64,7 +71,7 @@ _marks: contextvars.ContextVar[Marks | None] = contextvars.ContextVar("stage_mar
 def mark(name: str) -> None:
     """Note `name` now in the current request's marks (the first time only)."""
     marks = _marks.get()
-    if marks is not None and name not in marks:
+    if marks is not None and name not in marks and "ended" not in marks:
         marks[name] = time.perf_counter()
 
 

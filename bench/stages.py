@@ -5,7 +5,7 @@
 For each stage (in the order the calls reached them): when it started and how long it took,
 the median over all calls, and the mean over the slowest `--slowest` percent of them by the
 `--until` mark (by default the first token, as the benchmark's TTFT). Only the calls of `--load`
-count (by default those of every load but the warm-ups), and the first `--skip` of them in each
+count (by default those of every named load but the warm-ups), and the first `--skip` of them in each
 worker are left out: they meet cold caches and pools. The lines "between stages" are the
 time no stage accounts for: the event loop's turns, Django's handler, the code between the
 wrapped functions.
@@ -20,19 +20,23 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bench.common import percentile
+
 POINTS = ("response start", "first body", "first token", "ended")
+# Stages that contain the ones after them: the time between stages is counted from their start.
+ENCLOSING = ("view",)
 # The header `bench.run` names each gateway call's load with ("warm-up", "0ms-1", ...).
 LOAD_HEADER = "x-bench-load"
 WARM_UP = "warm-up"
 
 
 def read_marks(directory: Path, *, skip: int, load: str | None = None) -> list[dict[str, float]]:
-    """The marks of the calls of `load` (every load but the warm-ups when None), leaving out
-    the first `skip` of each worker."""
+    """The marks of the calls of `load` (when None, of every named load but the warm-ups: not the
+    memory and storm phases' held streams), leaving out the first `skip` of each worker."""
     calls: list[dict[str, float]] = []
     for path in sorted(directory.glob("marks.*.jsonl")):
         lines = [json.loads(line) for line in path.read_text().splitlines()]
-        chosen = [line["marks"] for line in lines if line["load"] == load or (load is None and line["load"] != WARM_UP)]
+        chosen = [line["marks"] for line in lines if line["load"] == load or (load is None and line["load"] not in (None, WARM_UP))]
         calls.extend(chosen[skip:])
     return calls
 
@@ -65,10 +69,11 @@ def report(calls: list[dict[str, float]], *, slowest: float, until: str) -> str:
         return f"no call reached `{until}`"
     slow = timed[int(len(timed) * (1 - slowest / 100)) :]
     values = [call[until] for call in timed]
+    p50, p99 = percentile(values, 50), percentile(values, 99)
+    assert p50 is not None and p99 is not None
     lines = [
-        f"{len(timed)} calls reached `{until}`: p50 {statistics.median(values):.3f} ms, "
-        f"p99 {values[min(len(values) - 1, int(len(values) * 0.99))]:.3f} ms; "
-        f"the slowest {slowest:g}%: {len(slow)} calls",
+        f"{len(timed)} call(s) reached `{until}`: p50 {p50:.3f} ms, p99 {p99:.3f} ms; "
+        f"the slowest {slowest:g}%: {len(slow)} call(s)",
         "",
         f"{'stage':24s} {'all: at':>9} {'took':>9}   {'slowest: at':>11} {'took':>9}   (ms)",
     ]
@@ -85,7 +90,7 @@ def report(calls: list[dict[str, float]], *, slowest: float, until: str) -> str:
         lines.append(f"{stage:24s} {_cell(at_all)} {_cell(took_all)}   {_cell(at_slow):>11} {_cell(took_slow)}")
         for key, at, took in (("all", at_all, took_all), ("slow", at_slow, took_slow)):
             if at is not None:
-                previous_end[key] = at + (took or 0.0)
+                previous_end[key] = at if stage in ENCLOSING else at + (took or 0.0)
     return "\n".join(lines)
 
 

@@ -402,8 +402,9 @@ class StreamRelay:
                             outcome.upstream_id = chunk.upstream_id
                         await self._put(chunk)
                         if chunk.text and outcome.content_chunks == 1:
-                            # Let the first token reach the client before reading on: from an
-                            # upstream that sends a burst, the queue would be filled first.
+                            # Give the response side a turn to send the first token before
+                            # reading on: from an upstream that sends a burst, the queue would
+                            # be filled first.
                             await asyncio.sleep(0)
                     deadline.upstream_done()  # only the client's pace remains
                     await self._put(END)

@@ -43,20 +43,28 @@ def test_the_peer_reads_the_end_of_the_connection_before_the_loop_runs_again(loo
                 server_side.recv(1)
             shut_down_now(transport)
             assert server_side.recv(1) == b""  # the FIN, in this same step
-            await asyncio.sleep(0)
-            assert transport.is_closing()
 
     run_on(loop, scenario)
 
 
 @pytest.mark.parametrize("loop", LOOPS)
-def test_a_transport_whose_socket_is_gone_is_left_alone(loop: str) -> None:
+def test_a_closed_transport_never_cuts_the_connection_that_took_its_descriptor_number(loop: str) -> None:
     async def scenario() -> None:
         transport, server_side, listening = await connected()
+        number = transport.get_extra_info("socket").fileno()
         with server_side, listening:
             transport.close()
             for _ in range(3):
-                await asyncio.sleep(0)  # its socket is closed now
-            shut_down_now(transport)
+                await asyncio.sleep(0)  # its socket is closed now, and its number free
+            other = socket.create_connection(listening.getsockname())
+            other_server_side, _ = listening.accept()
+            with other, other_server_side:
+                assert number in (other.fileno(), other_server_side.fileno())  # the kernel reused it
+                other_server_side.settimeout(0)
+                other.settimeout(0)
+                shut_down_now(transport)
+                for end in (other, other_server_side):
+                    with pytest.raises(BlockingIOError):  # nothing to read, and no end either
+                        end.recv(1)
 
     run_on(loop, scenario)

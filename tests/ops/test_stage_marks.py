@@ -61,6 +61,6 @@ def test_a_streamed_call_through_a_marked_gateway_leaves_every_stage_in_order(ga
 
     assert read_marks(tmp_path, skip=0, load="warm-up") == []
     drawn = report(read_marks(tmp_path, skip=0), slowest=50, until="first token")
-    assert drawn.startswith("1 calls reached `first token`")
+    assert drawn.startswith("1 call(s) reached `first token`")
     for stage in ("authenticate", "rate limits", "budget hold", "upstream request", "first token"):
         assert f"\n{stage} " in drawn
