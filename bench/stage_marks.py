@@ -37,12 +37,12 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from bench._loadgen import CONTENT
 from bench.stages import LOAD_HEADER
 from llmgateway import asgi
 
 Marks = dict[str, float]
 
-CONTENT_DELTA = b'"delta":{"content":"'
 LOAD_HEADER_BYTES = LOAD_HEADER.encode()
 
 # (module, class or None, function, stage): in the order a call reaches them.
@@ -131,7 +131,7 @@ def _marked_send(send: Callable[[Mapping[str, Any]], Awaitable[None]]) -> Callab
             mark("response start")
         elif message["type"] == "http.response.body" and message.get("body"):
             mark("first body")
-            if CONTENT_DELTA in message["body"]:
+            if CONTENT in message["body"]:  # what the load generator counts as a token
                 mark("first token")
         await send(message)
 
@@ -150,7 +150,7 @@ def install(directory: Path) -> Any:
             await handle(self, scope, receive, send)
             return
         started = time.perf_counter()
-        load = next((value.decode("latin1") for name, value in scope["headers"] if name == LOAD_HEADER_BYTES), None)
+        load = asgi._header(scope, LOAD_HEADER_BYTES)
         marks: Marks = {}
         token = _marks.set(marks)
         try:
