@@ -1,8 +1,17 @@
-"""The Redis limiter: one atomic Lua script, one round trip, per decision.
+"""The Redis limiter: one atomic Lua script per decision, and one round trip for the decisions
+of the calls that ask at once.
 
 Each operation is one script from ``_lua/`` (see the header of each file for KEYS, ARGV, units
 and reply), registered once per client with ``register_script``; redis-py's `Script` reloads it
-when Redis answers NOSCRIPT (after a restart or ``SCRIPT FLUSH``). The clock is Redis ``TIME``,
+when Redis answers NOSCRIPT (after a restart or ``SCRIPT FLUSH``).
+
+Round trips: on a single server the scripts are group-committed (`infra.group_commit`), as the
+ledger's rows are. A script asked for while none is on its way is sent at once, alone; those
+asked for while a round trip is out go together, in one pipeline (EVALSHA each, not a
+transaction: each script is still atomic on its own, and one's failure is its alone), as soon
+as it is back. A busy gateway then pays one send, one read and one wake-up of Redis for many
+calls' decisions instead of one each. redis-py refuses scripts in a cluster pipeline, so on a
+Redis Cluster each script is its own round trip. The clock is Redis ``TIME``,
 read inside the script, so every process and host agrees on time. Keys live under one
 ``{group}`` hash tag (see ``_keys``), so the scripts also run on Redis Cluster. Every key has a
 TTL a little past the moment its state stops mattering; TTLs only collect garbage, decisions
@@ -38,12 +47,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Self
 
 from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import (
     ClusterDownError,
+    NoScriptError,
     OutOfMemoryError,
     ReadOnlyError,
     RedisClusterException,
@@ -53,6 +64,7 @@ from redis.exceptions import (
 )
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from infra.group_commit import GroupCommit
 from infra.redis import async_client
 
 from . import _keys, _validate
@@ -68,6 +80,7 @@ from .specs import Decision, LimitSpec, lease_spec
 
 DEFAULT_PREFIX = "llmgw:rl"
 DEFAULT_TIMEOUT = 0.1  # seconds, for the whole call (pool wait, connect, send, read)
+MAX_SCRIPTS_PER_ROUND_TRIP = 128
 
 _KIND_CODES = {"token_bucket": "tb", "sliding_window": "sw", "concurrency": "cc"}
 
@@ -85,6 +98,15 @@ def _load_lua(name: str) -> str:
 _SOURCES = {
     name: _load_lua(name) for name in ("acquire", "give_back", "lease_renew", "block")
 }
+
+type _Arg = str | int | float
+
+
+@dataclass(frozen=True, slots=True)
+class _ScriptRun:
+    name: str
+    keys: list[str]
+    args: Sequence[_Arg]
 
 
 class RedisLimiter:
@@ -123,6 +145,11 @@ class RedisLimiter:
         self._clock = clock
         self._owns_client = owns_client
         self._scripts = {name: client.register_script(src) for name, src in _SOURCES.items()}
+        self._round_trips: GroupCommit[_ScriptRun, Any] | None = (
+            None
+            if isinstance(client, RedisCluster)
+            else GroupCommit(self._run_together, name="llmgateway-limiter-scripts", max_batch=MAX_SCRIPTS_PER_ROUND_TRIP)
+        )
 
     @classmethod
     def from_url(
@@ -253,7 +280,9 @@ class RedisLimiter:
         return {"backend": "redis", "state": "ok", "latency_ms": round(latency_ms, 3)}
 
     async def aclose(self) -> None:
-        """Close the client if this limiter created it."""
+        """Let the scripts asked for be sent (bounded); close the client if this limiter created it."""
+        if self._round_trips is not None:
+            await self._round_trips.aclose()
         if self._owns_client:
             await self._client.aclose()
 
@@ -262,8 +291,30 @@ class RedisLimiter:
     def _now_arg(self) -> str:
         return "" if self._clock is None else repr(self._clock() * 1000.0)
 
-    async def _run(self, name: str, keys: list[str], args: Sequence[str | int | float]) -> Any:
-        return await self._guard(self._scripts[name](keys=keys, args=args))
+    async def _run(self, name: str, keys: list[str], args: Sequence[_Arg]) -> Any:
+        if self._round_trips is None:
+            return await self._guard(self._scripts[name](keys=keys, args=args))
+        # Past the deadline the run is taken back if it has not been sent (a cancelled future).
+        return await self._guard(self._round_trips.submit(_ScriptRun(name, keys, args)))
+
+    async def _run_together(self, runs: Sequence[_ScriptRun]) -> list[Any]:
+        """Send `runs` in one pipeline; each gets its reply or its error (a script Redis forgot
+        is loaded and run again alone)."""
+        pipeline = self._client.pipeline(transaction=False)
+        for run in runs:
+            pipeline.evalsha(self._scripts[run.name].sha, len(run.keys), *run.keys, *run.args)
+        try:
+            async with asyncio.timeout(self._timeout):
+                replies: list[Any] = await pipeline.execute(raise_on_error=False)
+                for index, (run, reply) in enumerate(zip(runs, replies, strict=True)):
+                    if isinstance(reply, NoScriptError):
+                        try:
+                            replies[index] = await self._scripts[run.name](keys=run.keys, args=run.args)
+                        except (RedisError, OSError) as error:
+                            replies[index] = error
+        except (RedisError, RedisClusterException, OSError) as error:  # no reply came back
+            return [error] * len(runs)
+        return replies
 
     async def _guard(self, awaitable: Awaitable[Any]) -> Any:
         """Await a Redis call under the deadline; turn every failure into
