@@ -2,12 +2,12 @@
 
 Per call, before the upstream is contacted:
 - per API key and per user: requests per minute, tokens per minute and a concurrent-stream
-  lease per key, checked together in one all-or-nothing decision (one Lua script, one round
-  trip; the user id is the hash tag): a call refused for any of them takes nothing from the
-  others. A key's own limits win, else the global defaults.
+  lease per key, checked together in one all-or-nothing decision (one Lua script; the user id
+  is the hash tag): a call refused for any of them takes nothing from the others. A key's own
+  limits win, else the global defaults.
   Tokens per minute reserve prompt tokens + max_tokens (or GATEWAY_DEFAULT_MAX_TOKENS) and the
   unused part is refunded when the call ends, with its stream lease, in one give-back (one
-  script, one round trip).
+  script). Scripts of concurrent calls share round trips (`limits.redis_backend`).
 - the web chat page's calls (a session, no key) instead of a key's limits: the user's chat-page
   requests per minute, tokens per minute and concurrent streams (LIMITS_CHAT_USER_RPM,
   LIMITS_CHAT_USER_TPM, LIMITS_CHAT_USER_MAX_CONCURRENT), on by default, so one person at the

@@ -3,7 +3,11 @@ of the calls that ask at once.
 
 Each operation is one script from ``_lua/`` (see the header of each file for KEYS, ARGV, units
 and reply), registered once per client with ``register_script``; redis-py's `Script` reloads it
-when Redis answers NOSCRIPT (after a restart or ``SCRIPT FLUSH``).
+when Redis answers NOSCRIPT (after a restart or ``SCRIPT FLUSH``). The clock is Redis ``TIME``,
+read inside the script, so every process and host agrees on time. Keys live under one
+``{group}`` hash tag (see ``_keys``), so the scripts also run on Redis Cluster. Every key has a
+TTL a little past the moment its state stops mattering; TTLs only collect garbage, decisions
+never depend on them.
 
 Round trips: on a single server the scripts are group-committed (`infra.group_commit`), as the
 ledger's rows are. A script asked for while none is on its way is sent at once, alone; those
@@ -11,11 +15,7 @@ asked for while a round trip is out go together, in one pipeline (EVALSHA each, 
 transaction: each script is still atomic on its own, and one's failure is its alone), as soon
 as it is back. A busy gateway then pays one send, one read and one wake-up of Redis for many
 calls' decisions instead of one each. redis-py refuses scripts in a cluster pipeline, so on a
-Redis Cluster each script is its own round trip. The clock is Redis ``TIME``,
-read inside the script, so every process and host agrees on time. Keys live under one
-``{group}`` hash tag (see ``_keys``), so the scripts also run on Redis Cluster. Every key has a
-TTL a little past the moment its state stops mattering; TTLs only collect garbage, decisions
-never depend on them.
+Redis Cluster each script is its own round trip.
 
 Memory: a token bucket is one small hash per key. The sliding window is an exact log, one ZSET
 member (about 60-80 bytes with its score) per admission still inside the window, plus one meta
