@@ -36,6 +36,10 @@ CLOSE_TIMEOUT = 10.0  # seconds `aclose` waits for the items already handed in
 STOPPED = "the writer stopped before this item was written"
 
 
+class WriterStopped(RuntimeError):
+    """The writer was stopped (cancelled) before the item's batch was written."""
+
+
 @dataclass(slots=True)
 class _Entry[T, R]:
     item: T
@@ -104,7 +108,7 @@ class GroupCommit[T, R]:
                 self.on_batch(len(batch))
                 outcomes = await self._write([entry.item for entry in batch])
             except asyncio.CancelledError:
-                self._fail([*batch, *self._queue], RuntimeError(STOPPED))
+                self._fail([*batch, *self._queue], WriterStopped(STOPPED))
                 self._queue.clear()
                 raise
             except Exception as error:  # no verdict on any item: each gets the error

@@ -14,8 +14,9 @@ ledger's rows are. A script asked for while none is on its way is sent at once, 
 asked for while a round trip is out go together, in one pipeline (EVALSHA each, not a
 transaction: each script is still atomic on its own, and one's failure is its alone), as soon
 as it is back. A busy gateway then pays one send, one read and one wake-up of Redis for many
-calls' decisions instead of one each. redis-py refuses scripts in a cluster pipeline, so on a
-Redis Cluster each script is its own round trip.
+calls' decisions instead of one each. A script's deadline covers its wait for the round trip
+already out as well as its own. redis-py refuses scripts in a cluster pipeline, so on a Redis
+Cluster each script is its own round trip.
 
 Memory: a token bucket is one small hash per key. The sliding window is an exact log, one ZSET
 member (about 60-80 bytes with its score) per admission still inside the window, plus one meta
@@ -37,7 +38,9 @@ Failure policy:
   this class never decides on its own without Redis. Wrap it in `ResilientLimiter` to fail
   open (in-process fallback) or closed (`LimiterUnavailable`).
 - **Races that remain:** a call that times out after Redis ran the script has charged the
-  limit although the caller saw an error (over-counting, never over-admission). A cancelled
+  limit although the caller saw an error (over-counting, never over-admission). The client's
+  one retry resends a whole pipeline whose connection failed, so a connection lost after Redis
+  ran its scripts charges each of them twice (over-counting again). A cancelled
   `acquire()` likewise may or may not have charged; `acquire_waiting` handles that case by
   refunding.
 """
@@ -64,7 +67,7 @@ from redis.exceptions import (
 )
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from infra.group_commit import GroupCommit
+from infra.group_commit import GroupCommit, WriterStopped
 from infra.redis import async_client
 
 from . import _keys, _validate
@@ -80,6 +83,7 @@ from .specs import Decision, LimitSpec, lease_spec
 
 DEFAULT_PREFIX = "llmgw:rl"
 DEFAULT_TIMEOUT = 0.1  # seconds, for the whole call (pool wait, connect, send, read)
+# Bounds one pipeline's size, so one round trip's reply stays quick to read and parse.
 MAX_SCRIPTS_PER_ROUND_TRIP = 128
 
 _KIND_CODES = {"token_bucket": "tb", "sliding_window": "sw", "concurrency": "cc"}
@@ -148,7 +152,9 @@ class RedisLimiter:
         self._round_trips: GroupCommit[_ScriptRun, Any] | None = (
             None
             if isinstance(client, RedisCluster)
-            else GroupCommit(self._run_together, name="llmgateway-limiter-scripts", max_batch=MAX_SCRIPTS_PER_ROUND_TRIP)
+            else GroupCommit(
+                self._run_together, name="llmgateway-limiter-scripts", max_batch=MAX_SCRIPTS_PER_ROUND_TRIP
+            )
         )
 
     @classmethod
@@ -193,7 +199,7 @@ class RedisLimiter:
         """Charge every spec or none (a concurrency spec's slot for ``lease_id``), in one script run."""
         _validate.check_acquire(specs, group, lease_id)
         keys: list[str] = []
-        args: list[str | int | float] = [self._now_arg(), len(specs)]
+        args: list[_Arg] = [self._now_arg(), len(specs)]
         for spec in specs:
             keys.extend(_keys.spec_keys(self._prefix, group, spec))
             args.extend(
@@ -227,7 +233,7 @@ class RedisLimiter:
         if not refunds and lease is None:
             return
         keys: list[str] = []
-        args: list[str | int | float] = [self._now_arg(), len(refunds)]
+        args: list[_Arg] = [self._now_arg(), len(refunds)]
         for spec, amount in refunds:
             keys.extend(_keys.spec_keys(self._prefix, group, spec)[:2])
             args.extend((_KIND_CODES[spec.kind], spec.limit, spec.period_seconds * 1000.0, amount))
@@ -294,26 +300,37 @@ class RedisLimiter:
     async def _run(self, name: str, keys: list[str], args: Sequence[_Arg]) -> Any:
         if self._round_trips is None:
             return await self._guard(self._scripts[name](keys=keys, args=args))
-        # Past the deadline the run is taken back if it has not been sent (a cancelled future).
+        # A caller that gives up (its deadline, its call cancelled) cancels the future: a run
+        # not yet sent is then never sent.
         return await self._guard(self._round_trips.submit(_ScriptRun(name, keys, args)))
 
     async def _run_together(self, runs: Sequence[_ScriptRun]) -> list[Any]:
-        """Send `runs` in one pipeline; each gets its reply or its error (a script Redis forgot
-        is loaded and run again alone)."""
+        """Send `runs` in one pipeline; each gets its reply or its error. The scripts Redis
+        forgot (NOSCRIPT, after a restart) are loaded once each and their runs sent again
+        together."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                replies = await self._pipelined(runs)
+        except (RedisError, RedisClusterException, OSError) as error:  # no reply to read
+            return [error] * len(runs)
+        forgotten = [index for index, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if forgotten:
+            try:
+                async with asyncio.timeout(self._timeout):
+                    for name in {runs[index].name for index in forgotten}:
+                        await self._client.script_load(_SOURCES[name])
+                    rerun = await self._pipelined([runs[index] for index in forgotten])
+            except (RedisError, RedisClusterException, OSError) as error:
+                rerun = [error] * len(forgotten)
+            for index, reply in zip(forgotten, rerun, strict=True):
+                replies[index] = reply
+        return replies
+
+    async def _pipelined(self, runs: Sequence[_ScriptRun]) -> list[Any]:
         pipeline = self._client.pipeline(transaction=False)
         for run in runs:
             pipeline.evalsha(self._scripts[run.name].sha, len(run.keys), *run.keys, *run.args)
-        try:
-            async with asyncio.timeout(self._timeout):
-                replies: list[Any] = await pipeline.execute(raise_on_error=False)
-                for index, (run, reply) in enumerate(zip(runs, replies, strict=True)):
-                    if isinstance(reply, NoScriptError):
-                        try:
-                            replies[index] = await self._scripts[run.name](keys=run.keys, args=run.args)
-                        except (RedisError, OSError) as error:
-                            replies[index] = error
-        except (RedisError, RedisClusterException, OSError) as error:  # no reply came back
-            return [error] * len(runs)
+        replies: list[Any] = await pipeline.execute(raise_on_error=False)
         return replies
 
     async def _guard(self, awaitable: Awaitable[Any]) -> Any:
@@ -332,6 +349,7 @@ class RedisLimiter:
             raise LimiterBackendError(f"{MSG_BACKEND_ERROR}: {exc}") from exc
         except ResponseError as exc:
             raise LimiterCommandError(f"{MSG_BACKEND_ERROR}: {exc}") from exc
-        # RedisClusterException: no cluster node could be reached, or none serves the slot
-        except (RedisError, RedisClusterException, OSError) as exc:
+        # RedisClusterException: no cluster node could be reached, or none serves the slot;
+        # WriterStopped: the limiter was closed before the script was sent
+        except (RedisError, RedisClusterException, OSError, WriterStopped) as exc:
             raise LimiterBackendError(f"{MSG_BACKEND_ERROR}: {exc}") from exc
