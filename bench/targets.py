@@ -163,13 +163,12 @@ def _throughput(key: str) -> Callable[[Json, Json], Measured]:
 
 def _cpu_per_chunk(run: Json, config: Json) -> Measured:
     rows = config.get("streaming", {})
-    long = rows.get(CHUNKS_LONG)
-    value = cpu_us_per_chunk(config)
-    if long is None:
+    short, long = rows.get(CHUNKS_SHORT), rows.get(CHUNKS_LONG)
+    if short is None or long is None:  # a run of one of the two loads: no slope
         return Measured(None)
     return Measured(
-        value,
-        baseline=f"slope of gw CPU/stream, {rows[CHUNKS_SHORT]['load']['tokens']} vs "
+        cpu_us_per_chunk(config),
+        baseline=f"slope of gw CPU/stream, {short['load']['tokens']} vs "
         f"{long['load']['tokens']} tokens, {long['load']['concurrency']} streams",
         note=f"chunks/read d {fmt(chunks_per_read(long['direct']), '.2f')} "
         f"g {fmt(chunks_per_read(long['gateway']), '.2f')}; {_cpu_note(long['gateway'])}",
