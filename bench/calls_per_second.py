@@ -14,7 +14,10 @@ sending its next ``"stream": false`` request when the answer to the last one has
 (a raw asyncio HTTP/1.1 client, no aiohttp: about half a millisecond of CPU per call here,
 which the report shows as ``client_cpu_ms_per_call``). The first ``--warmup`` seconds are left out: calls/s counts the
 answers that arrived inside the measured window, and p50/p99 are of the requests sent in it.
-The same load is first sent straight to the fake upstream ("direct"), for a ceiling.
+The same load is first sent straight to the fake upstream ("direct"), for a ceiling, then
+through ``bench.bare_io`` ("bare I/O": the same Redis, PostgreSQL and upstream round trips per
+call in a bare ASGI app on the same workers, no Django, no batching), for a floor of what these
+parts cost on this machine whatever the gateway does. ``--no-bare-io`` skips it.
 
 After the load the run checks the ledger: once it stops changing (bounded wait), it must hold
 exactly one ``billing_usagerecord`` row per call the client saw answered, and no budget hold
@@ -44,6 +47,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from bench.bare_io import TABLES as BARE_IO_TABLES
 from bench.common import BENCH_LIMITS, ROOT, percentile, without_proxies
 from bench.common import with_database as _with_database
 from testbed.gateway import SERVE_ARGS, Gateway
@@ -225,11 +229,12 @@ class Run:
         with psycopg.connect(self.args.postgres, autocommit=True, connect_timeout=10) as db:
             db.execute(statement)  # type: ignore[arg-type]
 
-    def _query(self, sql: str) -> list[tuple[Any, ...]]:
+    def _query(self, sql: str, *, fetch: bool = True) -> list[tuple[Any, ...]]:
         import psycopg
 
-        with psycopg.connect(self.database_url, connect_timeout=10) as db:
-            return db.execute(sql).fetchall()  # type: ignore[arg-type]
+        with psycopg.connect(self.database_url, autocommit=True, connect_timeout=10) as db:
+            cursor = db.execute(sql)  # type: ignore[arg-type]
+            return cursor.fetchall() if fetch else []
 
     def _manage(self, *command: str) -> str:
         done = subprocess.run(
@@ -246,6 +251,8 @@ class Run:
         self._postgres(f'CREATE DATABASE "{self.db_name}"')
         self.created = True
         self._manage("migrate", "--noinput", "-v0")
+        for statement in BARE_IO_TABLES:
+            self._query(statement, fetch=False)
         key = (
             self._manage("createapikey", USER, "--name", "calls-per-second")
             .strip()
@@ -262,6 +269,23 @@ class Run:
             self.env, workers=self.args.workers, granian_args=SERVE_ARGS, log=self.workdir / "gateway.log"
         )
         return key
+
+    def bare_io(self) -> Gateway:
+        """``bench.bare_io`` served as the gateway is, on the run's database, Redis and upstream."""
+        assert self.upstream is not None
+        env = {
+            **self.env,
+            "BARE_IO_UPSTREAM": self.upstream.base_url,
+            "BARE_IO_REDIS": self.args.redis,
+            "BARE_IO_POSTGRES": self.database_url,
+        }
+        return Gateway(
+            env,
+            workers=self.args.workers,
+            granian_args=SERVE_ARGS,
+            log=self.workdir / "bare_io.log",
+            app="bench.bare_io:application",
+        )
 
     def ledger(self, answered: int, limit: float = 30.0) -> dict[str, Any]:
         """Wait (bounded) for the ledger to hold every answered call, then count it and the holds."""
@@ -298,6 +322,44 @@ class Run:
             _log(f"kept {self.workdir}")
         else:
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+async def _measured(
+    args: argparse.Namespace, server: Gateway, upstream: Upstream, headers: dict[str, str], body: dict[str, Any]
+) -> dict[str, Any]:
+    """`drive` against `server`, with the CPU of the server, the upstream and the machine over
+    the measured window."""
+    window = CpuWindow(server.pids())
+    upstream_window = CpuWindow([upstream.pid])
+    machine_window = MachineCpuWindow()
+    loop_start = time.monotonic()
+
+    async def cpu_at_window() -> None:
+        await asyncio.sleep(max(0.0, loop_start + args.warmup - time.monotonic()))
+        for started in (window, upstream_window, machine_window):
+            started.start()
+        await asyncio.sleep(args.seconds)
+        for stopped in (window, upstream_window, machine_window):
+            stopped.stop()
+
+    watcher = asyncio.ensure_future(cpu_at_window())
+    try:
+        result = await drive(server.port, headers, body, concurrency=args.concurrency, warmup=args.warmup, seconds=args.seconds)
+    finally:
+        await watcher
+    cps = result["calls_per_second"] or 0.0
+    result["server_cpu_percent"] = _round(window.percent, 1)
+    result["server_cpu_ms_per_call"] = _round(10 * (window.percent or 0.0) / cps if cps else None)
+    result["upstream_cpu_percent"] = _round(upstream_window.percent, 1)
+    result["machine_cpu_percent"] = _round(machine_window.percent, 1)
+    # What the rest of the machine used meanwhile (this client is part of it): on a shared
+    # machine, the share the server could not have.
+    result["others_cpu_percent"] = _round(
+        (machine_window.percent or 0.0) - (window.percent or 0.0) - (upstream_window.percent or 0.0), 1
+    )
+    # CPU the hypervisor gave to other guests meanwhile: calls/s falls with it, CPU per call not.
+    result["steal_cpu_percent"] = _round(machine_window.steal_percent, 1)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -339,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
         "hold); 'none' for no budget (no hold, no account lock: to see what admission costs)",
     )
     parser.add_argument("--no-direct", action="store_true", help="skip the direct baseline")
+    parser.add_argument(
+        "--no-bare-io", action="store_true", help="skip the bare I/O floor (bench.bare_io)"
+    )
     parser.add_argument(
         "--json", type=Path, default=None, help="also write the result as JSON here"
     )
@@ -386,55 +451,20 @@ def main(argv: list[str] | None = None) -> int:
             result["direct"] = {
                 k: direct[k] for k in ("calls_per_second", "p50_ms", "p99_ms", "errors")
             }
+        if not args.no_bare_io:
+            _log(f"bare I/O ({args.workers} workers) ...")
+            with run.bare_io() as bare:
+                floor = asyncio.run(_measured(args, bare, run.upstream, {}, body))
+            result["bare_io"] = {
+                k: floor[k]
+                for k in ("calls_per_second", "p50_ms", "p99_ms", "errors", "server_cpu_ms_per_call", "machine_cpu_percent")
+            }
         _log(f"through the gateway ({args.workers} workers) ...")
-        processes = run.gateway.pids()
-        window = CpuWindow(processes)
-        upstream_window = CpuWindow([run.upstream.pid])
-        machine_window = MachineCpuWindow()
-        loop_start = time.monotonic()
-
-        async def measured() -> dict[str, Any]:
-            async def cpu_at_window() -> None:
-                await asyncio.sleep(max(0.0, loop_start + args.warmup - time.monotonic()))
-                window.start()
-                upstream_window.start()
-                machine_window.start()
-                await asyncio.sleep(args.seconds)
-                window.stop()
-                upstream_window.stop()
-                machine_window.stop()
-
-            watcher = asyncio.ensure_future(cpu_at_window())
-            try:
-                return await drive(
-                    run.gateway.port,  # type: ignore[union-attr]
-                    {"authorization": f"Bearer {key}"},
-                    body,
-                    concurrency=args.concurrency,
-                    warmup=args.warmup,
-                    seconds=args.seconds,
-                )
-            finally:
-                await watcher
-
-        gateway = asyncio.run(measured())
-        cps = gateway["calls_per_second"] or 0.0
-        gateway["gateway_cpu_percent"] = _round(window.percent, 1)
-        gateway["gateway_cpu_ms_per_call"] = _round(
-            10 * (window.percent or 0.0) / cps if cps else None
+        gateway = asyncio.run(
+            _measured(args, run.gateway, run.upstream, {"authorization": f"Bearer {key}"}, body)
         )
-        gateway["upstream_cpu_percent"] = _round(upstream_window.percent, 1)
-        gateway["machine_cpu_percent"] = _round(machine_window.percent, 1)
-        # What the rest of the machine used meanwhile (this client is part of it): on a shared
-        # machine, the share the gateway could not have.
-        gateway["others_cpu_percent"] = _round(
-            (machine_window.percent or 0.0)
-            - (window.percent or 0.0)
-            - (upstream_window.percent or 0.0),
-            1,
-        )
-        # CPU the hypervisor gave to other guests meanwhile: calls/s falls with it, CPU per call not.
-        gateway["steal_cpu_percent"] = _round(machine_window.steal_percent, 1)
+        gateway["gateway_cpu_percent"] = gateway.pop("server_cpu_percent")
+        gateway["gateway_cpu_ms_per_call"] = gateway.pop("server_cpu_ms_per_call")
         result["gateway"] = gateway
         result["ledger"] = run.ledger(gateway["answered"])
     finally:

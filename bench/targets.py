@@ -225,11 +225,12 @@ def _calls(run: Json, config: Json) -> Measured:
     if not calls or calls.get("status") != "ok":
         reason = (calls or {}).get("reason", "not run")
         return Measured(None, note=f"n/a: {reason}")
-    gateway, direct = calls.get("gateway", {}), calls.get("direct") or {}
+    gateway, direct, bare = calls.get("gateway", {}), calls.get("direct") or {}, calls.get("bare_io") or {}
     ledger = calls.get("ledger", {})
     return Measured(
         gateway.get("calls_per_second"),
-        baseline=f"direct {fmt(direct.get('calls_per_second'), ',.0f')}/s",
+        baseline=f"direct {fmt(direct.get('calls_per_second'), ',.0f')}/s, bare I/O "
+        f"{fmt(bare.get('calls_per_second'), ',.0f')}/s at {fmt(bare.get('server_cpu_ms_per_call'), '.2f')} ms/call",
         note=f"p99 {fmt(gateway.get('p99_ms'), '.1f')} ms; gw CPU {fmt(gateway.get('gateway_cpu_ms_per_call'), '.2f')} ms/call; "
         f"steal {fmt(gateway.get('steal_cpu_percent'), '.0f')}%; ledger {'ok' if ledger.get('ok') else 'NOT ok'}",
         also_ok=bool(ledger.get("ok", True)),
