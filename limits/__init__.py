@@ -1,7 +1,6 @@
 """Async rate limiting for the gateway: token buckets, sliding windows, concurrency leases and
 blocks, with a Redis backend (atomic Lua, one script per decision, concurrent decisions sharing
-round trips) and an in-process one of
-identical semantics.
+round trips) and an in-process one of identical semantics.
 
 Typical wiring (all configuration is passed in; nothing here reads Django settings)::
 
