@@ -1,6 +1,5 @@
 """The local Redis Cluster the tests run on (three masters; `scripts/services` starts it):
-TEST_REDIS_CLUSTER_URL, any one node. Without it the cluster tests are skipped, unless CI is set or
-TEST_REDIS_CLUSTER_URL is given: then its absence is a failure, as a missing Redis is.
+TEST_REDIS_CLUSTER_URL, any one node. Its absence is a failure, as a missing Redis is.
 
 Redis Cluster has only database 0, shared by whoever uses these ports: every test keeps to key
 prefixes of its own and deletes what it wrote (`delete_prefixed`), never FLUSHALL."""
@@ -16,7 +15,6 @@ from redis.cluster import RedisCluster
 from redis.exceptions import RedisClusterException
 
 CLUSTER_URL = os.environ.get("TEST_REDIS_CLUSTER_URL", "redis://127.0.0.1:17000/0")
-CLUSTER_REQUIRED = bool(os.environ.get("CI") or os.environ.get("TEST_REDIS_CLUSTER_URL"))
 
 
 def cluster_is_up(url: str) -> bool:
@@ -34,7 +32,7 @@ def cluster_is_up(url: str) -> bool:
 
 @pytest.fixture(scope="session")
 def redis_cluster_url() -> str:
-    """The local Redis Cluster: a skip without it, unless required (see the module docstring)."""
+    """The local Redis Cluster (see the module docstring)."""
     return require_cluster()
 
 
@@ -53,10 +51,7 @@ def delete_prefixed(client: redis.Redis | RedisCluster, prefix: str) -> None:
 def require_cluster() -> str:
     """The cluster's URL, for tests outside tests/limits (a plain function: no conftest needed)."""
     if not cluster_is_up(CLUSTER_URL):
-        message = f"no Redis Cluster in cluster_state:ok at {CLUSTER_URL} (scripts/services starts one)"
-        if CLUSTER_REQUIRED:
-            pytest.fail(message)
-        pytest.skip(message)
+        pytest.fail(f"no Redis Cluster in cluster_state:ok at {CLUSTER_URL} (scripts/services starts one)")
     return CLUSTER_URL
 
 

@@ -247,11 +247,10 @@ def test_the_ledger_finds_a_call_by_its_upstream_id_exactly(admin_client, ledger
         assert list(admin_client.get(url, {"q": near}).context["cl"].result_list) == [], near
 
 
+@pytest.mark.postgresql
 def test_the_upstream_id_search_reads_its_partial_index(ledger_factory) -> None:
     from django.db import connection
 
-    if connection.vendor != "postgresql":
-        pytest.skip("PostgreSQL's plan")
     record = ledger_factory(10).records[4]
     with connection.cursor() as cursor:
         cursor.execute("SET LOCAL enable_seqscan = off")  # a tiny table: the planner would scan it

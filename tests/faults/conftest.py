@@ -69,7 +69,7 @@ class PostgresFault:
 @pytest.fixture
 def postgres_fault(transactional_db: None) -> Iterator[PostgresFault]:
     if connection.vendor != "postgresql":
-        pytest.skip("the PostgreSQL fault needs PostgreSQL")
+        pytest.fail("the PostgreSQL fault needs the tests on PostgreSQL (DATABASE_URL; scripts/test sets it)")
     fault = PostgresFault()
     try:
         yield fault

@@ -8,31 +8,35 @@ import os
 from collections.abc import Iterator
 
 import httpx
+import psycopg
 import pytest
 import redis
-from django.db import connection
 
 from bench.bare_io import TABLES
 from testbed.fake_upstream import FakeUpstream
 from testbed.gateway import Gateway
-from tests.conftest import database_url
+from testbed.services import PostgresDatabase
 
-pytestmark = pytest.mark.django_db(transaction=True)
+# The PostgreSQL server the suite runs on (scripts/test), whichever database Django's tests use.
+POSTGRES_SERVER = os.environ.get("PG_URL", "postgres://postgres@127.0.0.1:5432/postgres")
 
 
 @pytest.fixture
-def tables() -> Iterator[None]:
-    if connection.vendor != "postgresql":
-        pytest.skip("the floor writes to PostgreSQL")
-    with connection.cursor() as cursor:
-        for statement in TABLES:
-            cursor.execute(statement)
-    yield
-    with connection.cursor() as cursor:
-        cursor.execute("DROP TABLE bare_io_holds, bare_io_ledger")
+def database() -> Iterator[PostgresDatabase]:
+    """A database of the test's own with the floor's tables."""
+    created = PostgresDatabase(POSTGRES_SERVER, f"llmgateway_bare_io_{os.getpid()}")
+    try:
+        with psycopg.connect(created.url, autocommit=True) as connection:
+            for statement in TABLES:
+                connection.execute(statement)  # type: ignore[arg-type]
+        yield created
+    finally:
+        created.drop()
 
 
-def test_each_call_runs_both_scripts_writes_one_settled_row_and_relays_the_answer(tables: None, fake_upstream: FakeUpstream) -> None:
+def test_each_call_runs_both_scripts_writes_one_settled_row_and_relays_the_answer(
+    database: PostgresDatabase, fake_upstream: FakeUpstream
+) -> None:
     redis_url = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
     counters = redis.Redis.from_url(redis_url)
     counters.delete("{bare-io}limits", "{bare-io}give-back")
@@ -40,7 +44,7 @@ def test_each_call_runs_both_scripts_writes_one_settled_row_and_relays_the_answe
         **os.environ,
         "BARE_IO_UPSTREAM": fake_upstream.base_url,
         "BARE_IO_REDIS": redis_url,
-        "BARE_IO_POSTGRES": database_url(),
+        "BARE_IO_POSTGRES": database.url,
     }
     with Gateway(env, app="bench.bare_io:application", timeout=30) as server:
         answers = [
@@ -54,11 +58,10 @@ def test_each_call_runs_both_scripts_writes_one_settled_row_and_relays_the_answe
     assert [answer.status_code for answer in answers] == [200, 200, 200]
     assert all(answer.json()["choices"][0]["message"]["content"] for answer in answers)
     assert int(counters.get("{bare-io}limits") or 0) == int(counters.get("{bare-io}give-back") or 0) == 3
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT count(*), count(DISTINCT request_id), min(tokens) FROM bare_io_ledger")
-        rows, distinct, fewest_tokens = cursor.fetchone()
-        cursor.execute("SELECT count(*) FROM bare_io_holds")
-        (holds,) = cursor.fetchone()
+    [(rows, distinct, fewest_tokens)] = database.query(
+        "SELECT count(*), count(DISTINCT request_id), min(tokens) FROM bare_io_ledger"
+    )
+    [(holds,)] = database.query("SELECT count(*) FROM bare_io_holds")
     assert (rows, distinct, holds) == (3, 3, 0)
     assert fewest_tokens > 0
     counters.delete("{bare-io}limits", "{bare-io}give-back")
