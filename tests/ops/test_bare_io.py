@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import psycopg
@@ -17,8 +18,11 @@ from testbed.fake_upstream import FakeUpstream
 from testbed.gateway import Gateway
 from testbed.services import PostgresDatabase
 
-# The PostgreSQL server the suite runs on (scripts/test), whichever database Django's tests use.
-POSTGRES_SERVER = os.environ.get("PG_URL", "postgres://postgres@127.0.0.1:5432/postgres")
+# The PostgreSQL server the suite runs on (scripts/test's PG_URL), through its maintenance
+# database: PG_URL's own need not exist (Django's tests use test_<its name>).
+POSTGRES_SERVER = urlunsplit(
+    urlsplit(os.environ.get("PG_URL", "postgres://postgres@127.0.0.1:5432/postgres"))._replace(path="/postgres")
+)
 
 
 @pytest.fixture
