@@ -191,15 +191,15 @@ def test_a_client_disconnect_closes_the_upstream_at_once_and_bills_the_partial_s
     record = wait_for_record()
     assert record.status == "cancelled"
     assert record.token_source == "estimated"
-    # Billed for what the upstream produced: at least what we read, far less than the whole answer.
-    # The upstream may have written one more chunk as the client left (paced 20 ms apart, on a
-    # busy machine): on the wire or in the socket's buffer when the call was cut, it never
-    # reached the gateway, which bills what reached it.
+    # Billed for what reached the gateway: at least the 5 chunks the client read, at most what
+    # the upstream wrote, far less than the whole answer. The chunks the upstream wrote as the
+    # client left (paced 20 ms apart) may still have been on the wire or in the socket's buffer
+    # when the call was cut, and never reached the gateway: on a busy machine, several (4 in one
+    # CI run whose workers were starved of CPU).
     sent = upstream_request.content_chunks_sent
     assert 5 <= sent < 500
-    assert record.completion_tokens in {
-        count_text_tokens("tok " * received, model="gpt-4o-mini") for received in (sent - 1, sent)
-    }
+    read_by_client = count_text_tokens("tok " * 5, model="gpt-4o-mini")
+    assert read_by_client <= record.completion_tokens <= count_text_tokens("tok " * sent, model="gpt-4o-mini")
 
 
 def wait_until_stalled(read_progress, *, quiet_for: float = 1.0, timeout: float = 20.0) -> int:
