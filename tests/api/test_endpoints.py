@@ -22,6 +22,7 @@ import pytest
 from billing.models import UsageRecord
 from streaming.tokens import count_chat_prompt_tokens, count_text_tokens
 from tests.api.ledger import the_only_record, wait_for_record
+from tests.api.test_streaming import STOPPED_AT_ONCE
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.ledger]
 
@@ -154,7 +155,9 @@ def test_disconnecting_from_a_responses_stream_cancels_the_upstream_and_bills_th
     upstream_request = fake_upstream.requests[-1]
     assert fake_upstream.wait_until(lambda: upstream_request.closed_at is not None, timeout=5)
     assert upstream_request.client_disconnected and not upstream_request.completed
-    assert upstream_request.closed_at - closed_at < 0.1
+    # At once, not when the answer would have ended (500 tokens, 20 ms apart: 10 s). How soon is
+    # the benchmark's to measure (its disconnect storm): a loaded CI machine has taken 150 ms.
+    assert upstream_request.closed_at - closed_at < STOPPED_AT_ONCE
     row = wait_for_record()
     assert row.status == "cancelled" and row.endpoint == "responses" and row.token_source == "estimated"
     # As for chat (tests/api/test_streaming.py): at least what the client read, at most what the

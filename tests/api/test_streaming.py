@@ -17,6 +17,8 @@ from tests.conftest import free_port
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.ledger]
 
 MESSAGES = [{"role": "user", "content": "Say something."}]
+# Seconds from a client's hang-up to its upstream call's close that still count as "at once".
+STOPPED_AT_ONCE = 1.0
 
 
 @pytest.fixture
@@ -187,7 +189,9 @@ def test_a_client_disconnect_closes_the_upstream_at_once_and_bills_the_partial_s
     upstream_request = fake_upstream.requests[-1]
     assert fake_upstream.wait_until(lambda: upstream_request.closed_at is not None, timeout=5)
     assert upstream_request.client_disconnected and not upstream_request.completed
-    assert upstream_request.closed_at - closed_at < 0.1
+    # At once, not when the answer would have ended (500 tokens, 20 ms apart: 10 s). How soon is
+    # the benchmark's to measure (its disconnect storm): a loaded CI machine has taken 150 ms.
+    assert upstream_request.closed_at - closed_at < STOPPED_AT_ONCE
     record = wait_for_record()
     assert record.status == "cancelled"
     assert record.token_source == "estimated"
