@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
+from infra.postgres_pool import check_idle_connection
 from infra.redis import channel_layer
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -146,9 +147,11 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
         # many seconds have passed, then gives up until the next request asks: kept short, so a
         # gateway is back within seconds of its database instead of after a backoff grown long.
         "reconnect_timeout": _env_float("DATABASE_POOL_RECONNECT_TIMEOUT", 2.0),
+        # The pool checks a connection as it hands it out: after a database restart or terminated
+        # backends it replaces the dead ones, instead of failing one step with each in turn. Only a
+        # connection the server wrote to while it was idle costs a round trip (infra/postgres_pool.py).
+        "check": check_idle_connection,
     }
-    # The pool checks a connection as it hands it out: after a database restart or terminated
-    # backends it replaces the dead ones, instead of failing one step with each in turn.
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 # Threads for the API's database work (infra/db.py), apart from the event loop's other threads.
 DATABASE_THREADS = _env_int("DATABASE_THREADS", 8)
