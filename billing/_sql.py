@@ -10,7 +10,7 @@ text per model and database (built once), and values prepared by the model's own
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,12 @@ from django.db.models import Field, Model
 def _column(field: Field | None) -> str:
     assert field is not None and field.column is not None  # a concrete field has its column
     return field.column
+
+
+def _field(model: type[Model], name: str) -> Field:
+    field = model._meta.get_field(name)
+    assert isinstance(field, Field)  # a concrete field, not a reverse relation
+    return field
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,8 +138,7 @@ def insert_or_add(model: type[Model], *, key: Mapping[str, object], sums: Mappin
 def delete_where_in(model: type[Model], field_name: str, values: Iterable[object], *, using: str = DEFAULT_DB_ALIAS) -> None:
     """DELETE the rows of `model` whose `field_name` is one of `values` (a model nothing refers to)."""
     connection = connections[using]
-    field = model._meta.get_field(field_name)
-    assert isinstance(field, Field)
+    field = _field(model, field_name)
     params = [field.get_db_prep_value(value, connection) for value in values]
     if not params:
         return
@@ -153,8 +158,7 @@ def delete_where(
     conditions, params = [], []
     for names, operator in ((equal, "="), (at_most, "<=")):
         for name, value in names.items():
-            field = model._meta.get_field(name)
-            assert isinstance(field, Field)
+            field = _field(model, name)
             conditions.append(f"{quote(_column(field))} {operator} %s")
             params.append(field.get_db_prep_value(value, connection))
     with connection.cursor() as cursor:
@@ -173,6 +177,9 @@ class RollupAdd:
     rows: Sequence[Mapping[str, object]]
 
 
+type _ArrayOf = Callable[[Field], str]
+
+
 @dataclass(frozen=True, slots=True)
 class DeleteWhereIn:
     """The rows of `model` whose `field_name` is one of `values` (`delete_where_in`)."""
@@ -181,17 +188,68 @@ class DeleteWhereIn:
     field_name: str
     values: Sequence[object]
 
+    @property
+    def shape(self) -> tuple[object, ...]:
+        return (DeleteWhereIn, self.model, self.field_name)
 
-_TOGETHER: dict[tuple[object, ...], tuple[str, tuple[_Insert, ...], Field]] = {}
+    def sql(self, connection: BaseDatabaseWrapper, array_of: _ArrayOf) -> str:
+        quote = connection.ops.quote_name
+        field = _field(self.model, self.field_name)
+        return f"DELETE FROM {quote(self.model._meta.db_table)} WHERE {quote(_column(field))} = ANY({array_of(field)})"
+
+    def params(self, connection: BaseDatabaseWrapper) -> list[list[Any]]:
+        field = _field(self.model, self.field_name)
+        return [[field.get_db_prep_value(value, connection) for value in self.values]]
+
+    def run(self, *, using: str) -> None:
+        delete_where_in(self.model, self.field_name, self.values, using=using)
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteWhereAtMost:
+    """The rows of `model` whose `equal` field is the first value of one of `bounds` and whose
+    `at_most` field is at most its second: `delete_where` for many pairs of values at once."""
+
+    model: type[Model]
+    equal: str
+    at_most: str
+    bounds: Sequence[tuple[object, object]]
+
+    @property
+    def shape(self) -> tuple[object, ...]:
+        return (DeleteWhereAtMost, self.model, self.equal, self.at_most)
+
+    def sql(self, connection: BaseDatabaseWrapper, array_of: _ArrayOf) -> str:
+        quote = connection.ops.quote_name
+        table = quote(self.model._meta.db_table)
+        equal, at_most = _field(self.model, self.equal), _field(self.model, self.at_most)
+        return (
+            f"DELETE FROM {table} USING unnest({array_of(equal)}, {array_of(at_most)}) AS bound(equal, at_most)"
+            f" WHERE {table}.{quote(_column(equal))} = bound.equal AND {table}.{quote(_column(at_most))} <= bound.at_most"
+        )
+
+    def params(self, connection: BaseDatabaseWrapper) -> list[list[Any]]:
+        equal, at_most = _field(self.model, self.equal), _field(self.model, self.at_most)
+        return [
+            [equal.get_db_prep_value(value, connection) for value, _ in self.bounds],
+            [at_most.get_db_prep_value(bound, connection) for _, bound in self.bounds],
+        ]
+
+    def run(self, *, using: str) -> None:
+        for value, bound in self.bounds:
+            delete_where(self.model, equal={self.equal: value}, at_most={self.at_most: bound}, using=using)
+
+
+_TOGETHER: dict[tuple[object, ...], tuple[str, tuple[_Insert, ...]]] = {}
 
 
 def _together_statement(
-    model: type[Model], rollups: Sequence[RollupAdd], delete: DeleteWhereIn, connection: BaseDatabaseWrapper
-) -> tuple[str, tuple[_Insert, ...], Field]:
-    """`insert_add_delete`'s one PostgreSQL statement for these models and fields, the INSERTs
-    whose fields its arrays are made of (the inserted model's, then each rollup's), and the
-    field of the DELETE's array."""
-    statement = (model, tuple((r.model, r.key, r.sums) for r in rollups), delete.model, delete.field_name)
+    model: type[Model], rollups: Sequence[RollupAdd], delete: DeleteWhereIn | DeleteWhereAtMost, connection: BaseDatabaseWrapper
+) -> tuple[str, tuple[_Insert, ...]]:
+    """`insert_add_delete`'s one PostgreSQL statement for these models and fields, and the
+    INSERTs whose fields its arrays are made of (the inserted model's, then each rollup's); the
+    DELETE's arrays come last."""
+    statement = (model, tuple((r.model, r.key, r.sums) for r in rollups), delete.shape)
     if statement not in _TOGETHER:
         quote = connection.ops.quote_name
 
@@ -204,15 +262,10 @@ def _together_statement(
             return f"{insert.head} SELECT * FROM unnest({', '.join(array_of(field) for field in insert.fields)}){insert.tail}"
 
         inserts = (_insert_statement(model, connection), *(_upsert_statement(r.model, r.key, r.sums, connection) for r in rollups))
-        deleted = delete.model._meta.get_field(delete.field_name)
-        assert isinstance(deleted, Field)
         parts = [f"written_{index} AS ({from_arrays(insert)})" for index, insert in enumerate(inserts)]
-        parts.append(
-            f"deleted AS (DELETE FROM {quote(delete.model._meta.db_table)} "
-            f"WHERE {quote(_column(deleted))} = ANY({array_of(deleted)}))"
-        )
+        parts.append(f"deleted AS ({delete.sql(connection, array_of)})")
         sql = "WITH " + ", ".join(parts) + f" SELECT {quote(_column(model._meta.pk))} FROM written_0"
-        _TOGETHER[statement] = sql, inserts, deleted
+        _TOGETHER[statement] = sql, inserts
     return _TOGETHER[statement]
 
 
@@ -221,24 +274,24 @@ def insert_add_delete(
     objects: Sequence[Model],
     *,
     rollups: Sequence[RollupAdd],
-    delete: DeleteWhereIn,
+    delete: DeleteWhereIn | DeleteWhereAtMost,
     using: str = DEFAULT_DB_ALIAS,
 ) -> None:
-    """`insert_many(model, objects)`, `insert_or_add` of every rollup row and `delete_where_in`,
-    all or nothing: the ledger's write of a batch.
+    """`insert_many(model, objects)`, `insert_or_add` of every rollup row and `delete`, all or
+    nothing: the ledger's write of a batch, and the budget holds' (which has no rollups).
 
     PostgreSQL runs them as one statement (data-modifying `WITH` clauses over `unnest`ed
     arrays, one text whatever the batch's size): one round trip in place of one per statement
     plus BEGIN and COMMIT, and the rollup rows' locks are held for that statement alone. In
-    autocommit it is its own transaction; inside one it runs under a savepoint. SQLite runs the
-    statements one after another in a transaction. The objects' keys are set, as `insert_many`
-    sets them.
+    autocommit it is its own transaction; inside one it runs under a savepoint. The DELETE
+    sees the table as it was before the statement, not the rows it inserts; SQLite runs the
+    DELETE first, then the other statements, in a transaction. The objects' keys are set, as
+    `insert_many` sets them.
     """
-    if not objects:
-        return
     connection = connections[using]
     if connection.vendor != "postgresql":
         with transaction.atomic(using=using):
+            delete.run(using=using)
             insert_many(model, objects, using=using)
             for rollup in rollups:
                 for row in rollup.rows:
@@ -248,13 +301,12 @@ def insert_add_delete(
                         sums={name: row[name] for name in rollup.sums},
                         using=using,
                     )
-            delete_where_in(delete.model, delete.field_name, delete.values, using=using)
         return
-    sql, (insert, *upserts), deleted = _together_statement(model, rollups, delete, connection)
+    sql, (insert, *upserts) = _together_statement(model, rollups, delete, connection)
     params: list[Any] = [[field.get_db_prep_save(field.pre_save(obj, True), connection) for obj in objects] for field in insert.fields]
     for rollup, upsert in zip(rollups, upserts, strict=True):
         params += [[field.get_db_prep_save(row[field.name], connection) for row in rollup.rows] for field in upsert.fields]
-    params.append([deleted.get_db_prep_value(value, connection) for value in delete.values])
+    params += delete.params(connection)
     # Inside the caller's transaction the statement gets a savepoint, so that a refusal leaves
     # that transaction usable, as the statements in `atomic` did; in autocommit it is atomic alone.
     savepoint = transaction.atomic(using=using) if connection.in_atomic_block else contextlib.nullcontext()

@@ -48,11 +48,11 @@ from django.utils import timezone
 
 from billing import pricing_cache
 from billing._sql import (
+    DeleteWhereAtMost,
     DeleteWhereIn,
     RollupAdd,
     delete_where,
     insert_add_delete,
-    insert_many,
     insert_or_add,
 )
 from billing.exceptions import PriceMissing, QuotaExceeded
@@ -253,9 +253,10 @@ def budget_reserve_many(*, requests: Sequence[HoldRequest]) -> list[Admission | 
     """`budget_reserve` for many calls in one transaction; one outcome per call, in order: its
     `Admission`, or the `PriceMissing` or `QuotaExceeded` it would have raised alone.
 
-    Each account is locked once (accounts in id order), its expired holds deleted and its usage
-    read once, and its calls admitted in order against that usage plus the holds granted before
-    them in the batch; the holds are inserted together. That is admitting them one after
+    Each account is locked once (accounts in id order) and its usage read once, and its calls
+    admitted in order against that usage plus the holds granted before them in the batch. The
+    holds are inserted together, in the statement that deletes the accounts' expired holds
+    (which the usage read leaves out already). That is admitting them one after
     another at the batch's latest instant, which they are milliseconds apart from. An account
     whose calls do not share one billing day and month (a batch across midnight) has them
     admitted one by one instead, each at its own instant. Any other failure raises, and then
@@ -276,6 +277,7 @@ def budget_reserve_many(*, requests: Sequence[HoldRequest]) -> list[Admission | 
     if not waiting:
         return outcomes
     holds: list[Reservation] = []
+    expired: list[tuple[int, datetime]] = []  # (account, instant): its holds expired by then
     with transaction.atomic():
         for account_id in sorted(waiting):
             account = Account.objects.select_for_update().get(pk=account_id)
@@ -294,7 +296,7 @@ def budget_reserve_many(*, requests: Sequence[HoldRequest]) -> list[Admission | 
                     hold.save(force_insert=True)
                 continue
             now = max(request.now for _, request, _ in calls)
-            delete_where(Reservation, equal={"account": account.pk}, at_most={"expires_at": now})
+            expired.append((account.pk, now))
             usage = period_usage(account=account, at=now)
             for index, request, unheld in calls:
                 try:
@@ -304,7 +306,7 @@ def budget_reserve_many(*, requests: Sequence[HoldRequest]) -> list[Admission | 
                     continue
                 holds.append(hold)
                 usage = replace(usage, reserved_usd=money_sum([usage.reserved_usd, hold.cost_usd]), reserved_tokens=usage.reserved_tokens + hold.tokens)
-        insert_many(Reservation, holds)
+        insert_add_delete(Reservation, holds, rollups=(), delete=DeleteWhereAtMost(Reservation, "account", "expires_at", expired))
     return outcomes
 
 

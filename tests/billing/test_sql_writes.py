@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from django.db import IntegrityError, transaction
 
-from billing._sql import delete_where, delete_where_in, insert_many
+from billing._sql import DeleteWhereAtMost, delete_where, delete_where_in, insert_add_delete, insert_many
 from billing.models import Reservation, UsageRecord
 from billing.services import _usage_record, account_get_or_create
 
@@ -96,3 +96,41 @@ def test_delete_where_takes_only_the_rows_equal_to_and_at_most_the_values(user: 
     delete_where(Reservation, equal={"account": mine.pk}, at_most={"expires_at": NOW})
 
     assert set(Reservation.objects.values_list("request_id", flat=True)) == {live.request_id, other_expired.request_id}
+
+
+def test_holds_are_inserted_in_the_statement_that_deletes_each_accounts_expired_ones(user: Any, user_factory: Any) -> None:
+    mine, theirs, third = (account_get_or_create(user_id=each.pk) for each in (user, user_factory(), user_factory()))
+
+    def hold(account: Any, expires_at: Any) -> Reservation:
+        return Reservation(
+            request_id=uuid.uuid4(), account=account, model="gpt-4o-mini", cost_usd=Decimal("0.0000000003"), tokens=7,
+            created_at=NOW - timedelta(minutes=10), expires_at=expires_at,
+        )
+
+    second = timedelta(seconds=1)
+    mine_expired, mine_live = hold(mine, NOW - second), hold(mine, NOW + second)
+    theirs_expired, theirs_live = hold(theirs, NOW + second), hold(theirs, NOW + 2 * second)  # theirs: at NOW + 1 s
+    third_expired = hold(third, NOW - second)  # not named: kept
+    insert_many(Reservation, [mine_expired, mine_live, theirs_expired, theirs_live, third_expired])
+    new = [hold(mine, NOW + timedelta(minutes=5)), hold(theirs, NOW - second)]  # one already expired: inserted all the same
+
+    insert_add_delete(Reservation, new, rollups=(), delete=DeleteWhereAtMost(Reservation, "account", "expires_at", [(mine.pk, NOW), (theirs.pk, NOW + second)]))
+
+    assert all(each.pk is not None and not each._state.adding for each in new)
+    kept = {mine_live, theirs_live, third_expired, *new}
+    assert set(Reservation.objects.values_list("request_id", flat=True)) == {each.request_id for each in kept}
+    stored = Reservation.objects.get(pk=new[0].pk)
+    assert (stored.request_id, stored.account_id, stored.cost_usd, stored.tokens, stored.expires_at) == (
+        new[0].request_id, mine.pk, Decimal("0.0000000003"), 7, NOW + timedelta(minutes=5),
+    )
+
+
+def test_an_empty_batch_of_holds_still_deletes_the_expired_ones(user: Any) -> None:
+    account = account_get_or_create(user_id=user.pk)
+    insert_many(Reservation, [
+        Reservation(request_id=uuid.uuid4(), account=account, model="gpt-4o-mini", cost_usd=Decimal("0.001"), tokens=1, created_at=NOW, expires_at=NOW)
+    ])
+
+    insert_add_delete(Reservation, [], rollups=(), delete=DeleteWhereAtMost(Reservation, "account", "expires_at", [(account.pk, NOW)]))
+
+    assert not Reservation.objects.exists()
