@@ -1,6 +1,6 @@
 """Short non-stream calls per second through the full path, in one command.
 
-    python -m bench.calls_per_second [--workers 2] [--seconds 10] [--concurrency 64] [--json FILE]
+    python -m bench.calls_per_second [--workers 2] [--rounds 3] [--seconds 5] [--concurrency 64] [--json FILE]
 
 What "the full path" is here: Granian (``--interface asgi``, ``--workers`` processes) serving the
 gateway on a fresh PostgreSQL database (``llmgateway_cps_<pid>``, created, migrated and dropped
@@ -12,12 +12,15 @@ answering a non-stream chat completion at once with ``--tokens`` tokens.
 The client is a closed loop of ``--concurrency`` keep-alive connections in this process, each
 sending its next ``"stream": false`` request when the answer to the last one has arrived
 (a raw asyncio HTTP/1.1 client, no aiohttp: about half a millisecond of CPU per call here,
-which the report shows as ``client_cpu_ms_per_call``). The first ``--warmup`` seconds are left out: calls/s counts the
-answers that arrived inside the measured window, and p50/p99 are of the requests sent in it.
-The same load is first sent straight to the fake upstream ("direct"), for a ceiling, then
-through ``bench.bare_io`` ("bare I/O": the same Redis, PostgreSQL and upstream round trips per
-call in a bare ASGI app on the same workers, no Django, no batching), for a floor of what these
-parts cost on this machine whatever the gateway does. ``--no-bare-io`` skips it.
+which the report shows as ``client_cpu_ms_per_call``). The first ``--warmup`` seconds of a turn are left out: calls/s
+counts the answers that arrived inside its measured window, and p50/p99 are of the requests sent
+in it. The same load goes straight to the fake upstream ("direct"), for a ceiling, through
+``bench.bare_io`` ("bare I/O": the same Redis, PostgreSQL and upstream round trips per call in a
+bare ASGI app on the same workers, no Django, no batching), for a floor of what these parts cost
+on this machine whatever the gateway does (``--no-bare-io`` skips it), and through the gateway.
+The three take turns, ``--rounds`` times: a VM whose speed drifts within a minute moves the
+three alike, so each figure is the median of its turns, and ``gateway_vs_bare_io`` the median of
+the turns' ratios (``turns`` has each turn's calls/s).
 
 After the load the run checks the ledger: once it stops changing (bounded wait), it must hold
 exactly one ``billing_usagerecord`` row per call the client saw answered, and no budget hold
@@ -35,10 +38,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import secrets
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -186,6 +191,28 @@ async def drive(
 
 def _round(value: float | None, digits: int = 3) -> float | None:
     return None if value is None else round(value, digits)
+
+
+# Counts over all turns; every other number is the median of the turns'.
+_SUMMED = ("calls_in_window", "answered")
+
+
+def figures_of_turns(turns: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, Any]:
+    """One load's figures over its turns: counts and errors added up, the rest the median of
+    the turns' (`None` where no turn had it)."""
+    figures: dict[str, Any] = {}
+    for key in keys:
+        if key == "errors":
+            errors: Counter[str] = Counter()
+            for turn in turns:
+                errors.update(turn["errors"])
+            figures[key] = dict(errors)
+        elif key in _SUMMED:
+            figures[key] = sum(turn[key] for turn in turns)
+        else:
+            values = [turn[key] for turn in turns if turn.get(key) is not None]
+            figures[key] = _round(statistics.median(values)) if values else None
+    return figures
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -370,10 +397,16 @@ def main(argv: list[str] | None = None) -> int:
         "--workers", type=int, default=2, help="Granian worker processes (default 2)"
     )
     parser.add_argument(
-        "--seconds", type=float, default=10.0, help="measured seconds of load (default 10)"
+        "--seconds", type=float, default=5.0, help="measured seconds of each turn of each load (default 5)"
     )
     parser.add_argument(
-        "--warmup", type=float, default=3.0, help="seconds of load before the window (default 3)"
+        "--warmup", type=float, default=2.0, help="seconds of load before each turn's window (default 2)"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="turns each load takes, the direct, bare I/O and gateway loads one after another (default 3)",
     )
     parser.add_argument(
         "--concurrency", type=int, default=64, help="closed-loop clients (default 64)"
@@ -429,44 +462,55 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "settings": {
             k: getattr(args, k)
-            for k in ("workers", "seconds", "warmup", "concurrency", "tokens", "monthly_budget")
+            for k in ("workers", "rounds", "seconds", "warmup", "concurrency", "tokens", "monthly_budget")
         },
         "cpus": os.cpu_count(),
     }
     try:
         key = run.setup()
         assert run.upstream is not None and run.gateway is not None
-        if not args.no_direct:
-            _log("direct to the fake upstream ...")
-            direct = asyncio.run(
-                drive(
-                    run.upstream.port,
-                    {},
-                    body,
-                    concurrency=args.concurrency,
-                    warmup=1.0,
-                    seconds=min(args.seconds, 5.0),
-                )
+        upstream, gateway = run.upstream, run.gateway
+        turns: dict[str, list[dict[str, Any]]] = {"direct": [], "bare_io": [], "gateway": []}
+        with contextlib.ExitStack() as servers:
+            bare = None if args.no_bare_io else servers.enter_context(run.bare_io())
+            for turn in range(1, args.rounds + 1):
+                if not args.no_direct:
+                    _log(f"turn {turn}/{args.rounds}: direct to the fake upstream ...")
+                    turns["direct"].append(
+                        asyncio.run(drive(upstream.port, {}, body, concurrency=args.concurrency, warmup=1.0, seconds=args.seconds))
+                    )
+                if bare is not None:
+                    _log(f"turn {turn}/{args.rounds}: bare I/O ({args.workers} workers) ...")
+                    turns["bare_io"].append(asyncio.run(_measured(args, bare, upstream, {}, body)))
+                _log(f"turn {turn}/{args.rounds}: through the gateway ({args.workers} workers) ...")
+                measured = asyncio.run(_measured(args, gateway, upstream, {"authorization": f"Bearer {key}"}, body))
+                measured["gateway_cpu_percent"] = measured.pop("server_cpu_percent")
+                measured["gateway_cpu_ms_per_call"] = measured.pop("server_cpu_ms_per_call")
+                turns["gateway"].append(measured)
+        if turns["direct"]:
+            result["direct"] = figures_of_turns(turns["direct"], ("calls_per_second", "p50_ms", "p99_ms", "errors"))
+        if turns["bare_io"]:
+            result["bare_io"] = figures_of_turns(
+                turns["bare_io"],
+                ("calls_per_second", "p50_ms", "p99_ms", "errors", "server_cpu_ms_per_call", "machine_cpu_percent"),
             )
-            result["direct"] = {
-                k: direct[k] for k in ("calls_per_second", "p50_ms", "p99_ms", "errors")
+        result["gateway"] = figures_of_turns(turns["gateway"], tuple(turns["gateway"][0]))
+        result["turns"] = [
+            {
+                name: each["calls_per_second"]
+                for name, each in (("direct", direct), ("bare_io", floor), ("gateway", through))
+                if each is not None
             }
-        if not args.no_bare_io:
-            _log(f"bare I/O ({args.workers} workers) ...")
-            with run.bare_io() as bare:
-                floor = asyncio.run(_measured(args, bare, run.upstream, {}, body))
-            result["bare_io"] = {
-                k: floor[k]
-                for k in ("calls_per_second", "p50_ms", "p99_ms", "errors", "server_cpu_ms_per_call", "machine_cpu_percent")
-            }
-        _log(f"through the gateway ({args.workers} workers) ...")
-        gateway = asyncio.run(
-            _measured(args, run.gateway, run.upstream, {"authorization": f"Bearer {key}"}, body)
-        )
-        gateway["gateway_cpu_percent"] = gateway.pop("server_cpu_percent")
-        gateway["gateway_cpu_ms_per_call"] = gateway.pop("server_cpu_ms_per_call")
-        result["gateway"] = gateway
-        result["ledger"] = run.ledger(gateway["answered"])
+            for direct, floor, through in itertools.zip_longest(turns["direct"], turns["bare_io"], turns["gateway"])
+        ]
+        if turns["bare_io"]:
+            ratios = [
+                through["calls_per_second"] / floor["calls_per_second"]
+                for floor, through in zip(turns["bare_io"], turns["gateway"], strict=True)
+                if floor["calls_per_second"]
+            ]
+            result["gateway_vs_bare_io"] = _round(statistics.median(ratios)) if ratios else None
+        result["ledger"] = run.ledger(result["gateway"]["answered"])
     finally:
         run.teardown()
     text = json.dumps(result, indent=2)

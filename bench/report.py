@@ -191,7 +191,7 @@ def render(results: Json) -> str:
     lines += _limiter(results.get("limiter"))
     calls = results.get("calls")
     if calls and calls.get("status") == "ok":
-        lines += [f"Ledger calls/s (bench/calls_per_second.py): {json.dumps({k: calls[k] for k in ('direct', 'bare_io', 'gateway', 'ledger') if k in calls})}", ""]
+        lines += [f"Ledger calls/s (bench/calls_per_second.py): {json.dumps({k: calls[k] for k in ('direct', 'bare_io', 'gateway', 'gateway_vs_bare_io', 'turns', 'ledger') if k in calls})}", ""]
     if "chaos" in results:
         from bench import chaos
 

@@ -143,7 +143,8 @@ class Plan:
     accuracy_gateways: int = 3
     accuracy_rpm: int = 60
     accuracy_requests: int = 200
-    calls_seconds: float = 10.0
+    calls_seconds: float = 5.0  # each turn's (bench.calls_per_second --seconds)
+    calls_rounds: int = 3
 
 
 QUICK = Plan(
@@ -162,6 +163,7 @@ QUICK = Plan(
     storm_clients=100,
     limiter_seconds=0.2,
     calls_seconds=3.0,
+    calls_rounds=1,
 )
 
 
@@ -1003,7 +1005,7 @@ class Run:
             return
         out = self.workdir / "calls_per_second.json"
         command = [sys.executable, "-m", "bench.calls_per_second", "--json", str(out),
-                   "--seconds", str(self.plan.calls_seconds)]  # fmt: skip
+                   "--seconds", str(self.plan.calls_seconds), "--rounds", str(self.plan.calls_rounds)]  # fmt: skip
         if self.args.postgres:
             command += ["--postgres", self.args.postgres]
         redis_url = os.environ.get("REDIS_URL") or LOCAL_REDIS_URL  # as the production serving's

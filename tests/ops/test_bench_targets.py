@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bench.calls_per_second import figures_of_turns
 from bench.targets import CHUNKS_LONG, CHUNKS_SHORT, evaluate
 
 
@@ -16,3 +17,36 @@ def test_cpu_per_chunk_is_not_available_from_one_of_its_two_loads() -> None:
 
         assert row["value"] is None
         assert row["status"] == "n/a"
+
+
+def test_the_calls_row_shows_the_gateway_against_the_bare_io_floor_of_the_same_turns() -> None:
+    turns = [
+        {"calls_per_second": 300.0, "calls_in_window": 1500, "answered": 1700, "p99_ms": 90.0, "errors": {"HTTP 503": 1}, "steal_cpu_percent": None},
+        {"calls_per_second": 200.0, "calls_in_window": 1000, "answered": 1200, "p99_ms": 120.0, "errors": {"HTTP 503": 2}, "steal_cpu_percent": None},
+        {"calls_per_second": 250.0, "calls_in_window": 1250, "answered": 1400, "p99_ms": 100.0, "errors": {}, "steal_cpu_percent": None},
+    ]
+    gateway = figures_of_turns(turns, tuple(turns[0]))
+    assert gateway == {
+        "calls_per_second": 250.0,  # the median turn, not the mean of a drifting machine
+        "calls_in_window": 3750,
+        "answered": 4300,  # every answered call owes a ledger row, whichever turn it came in
+        "p99_ms": 100.0,
+        "errors": {"HTTP 503": 3},
+        "steal_cpu_percent": None,
+    }
+    run = {
+        "configs": {},
+        "calls": {
+            "status": "ok",
+            "direct": {"calls_per_second": 3000.0},
+            "bare_io": {"calls_per_second": 500.0, "server_cpu_ms_per_call": 2.0},
+            "gateway": gateway,
+            "gateway_vs_bare_io": 0.52,
+            "ledger": {"ok": True},
+        },
+    }
+
+    (row,) = [row for row in evaluate(run) if row["id"] == "ledger-calls"]
+
+    assert (row["value"], row["status"]) == (250.0, "MISS")
+    assert row["baseline"] == "direct 3,000/s, bare I/O 500/s at 2.00 ms/call (gateway 0.52x of it)"
