@@ -275,6 +275,7 @@ def insert_add_delete(
     *,
     rollups: Sequence[RollupAdd],
     delete: DeleteWhereIn | DeleteWhereAtMost,
+    savepoint: bool = True,
     using: str = DEFAULT_DB_ALIAS,
 ) -> None:
     """`insert_many(model, objects)`, `insert_or_add` of every rollup row and `delete`, all or
@@ -283,14 +284,17 @@ def insert_add_delete(
     PostgreSQL runs them as one statement (data-modifying `WITH` clauses over `unnest`ed
     arrays, one text whatever the batch's size): one round trip in place of one per statement
     plus BEGIN and COMMIT, and the rollup rows' locks are held for that statement alone. In
-    autocommit it is its own transaction; inside one it runs under a savepoint. The DELETE
+    autocommit it is its own transaction. Inside one it runs under a savepoint, so that a
+    refusal leaves that transaction usable; with `savepoint=False` (two round trips fewer) a
+    refusal marks the caller's transaction for rollback instead, as Django's
+    `atomic(savepoint=False)` does. The DELETE
     sees the table as it was before the statement, not the rows it inserts; SQLite runs the
     DELETE first, then the other statements, in a transaction. The objects' keys are set, as
     `insert_many` sets them.
     """
     connection = connections[using]
     if connection.vendor != "postgresql":
-        with transaction.atomic(using=using):
+        with transaction.atomic(using=using, savepoint=savepoint):
             delete.run(using=using)
             insert_many(model, objects, using=using)
             for rollup in rollups:
@@ -307,10 +311,8 @@ def insert_add_delete(
     for rollup, upsert in zip(rollups, upserts, strict=True):
         params += [[field.get_db_prep_save(row[field.name], connection) for row in rollup.rows] for field in upsert.fields]
     params += delete.params(connection)
-    # Inside the caller's transaction the statement gets a savepoint, so that a refusal leaves
-    # that transaction usable, as the statements in `atomic` did; in autocommit it is atomic alone.
-    savepoint = transaction.atomic(using=using) if connection.in_atomic_block else contextlib.nullcontext()
-    with savepoint, connection.cursor() as cursor:
+    inside = transaction.atomic(using=using, savepoint=savepoint) if connection.in_atomic_block else contextlib.nullcontext()
+    with inside, connection.cursor() as cursor:
         cursor.execute(sql, params)
         # In the arrays' order, as Django's own bulk_create (INSERT ... SELECT * FROM UNNEST ...
         # RETURNING) reads them back.

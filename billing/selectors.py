@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import cast
+from typing import Any, cast
 
 from django.db import DEFAULT_DB_ALIAS, connections
 from django.db.backends.base.base import BaseDatabaseWrapper
@@ -129,34 +129,108 @@ class PeriodUsage:
 _PERIOD_USAGE: dict[str, str] = {}
 
 
+def _period_usage_parts(connection: BaseDatabaseWrapper, asked: dict[str, str]) -> tuple[str, str, str]:
+    """The select list and the two aggregates (`settled`, `held`) `period_usage` reads, for the
+    SQL expressions `asked` gives for its inputs (day, month_first, month_end, user, account, at).
+    Built as text once per kind of database: the ORM compiled its six correlated subqueries anew
+    for every admission, at a cost of milliseconds of CPU each."""
+    quote = connection.ops.quote_name
+
+    def column(model: type[Model], name: str) -> str:
+        field = model._meta.get_field(name)
+        assert isinstance(field, Field)  # a concrete field, not a reverse relation
+        return quote(_column(field))
+
+    day, cost = column(DailyUsage, "day"), column(DailyUsage, "cost_usd")
+    tokens = f"{column(DailyUsage, 'prompt_tokens')} + {column(DailyUsage, 'completion_tokens')}"
+    select = "settled.day_cost, settled.month_cost, settled.day_tokens, settled.month_tokens, held.cost, held.tokens"
+    settled = (
+        f"SELECT COALESCE(SUM(CASE WHEN {day} = {asked['day']} THEN {cost} END), 0) AS day_cost,"
+        f" COALESCE(SUM({cost}), 0) AS month_cost,"
+        f" COALESCE(SUM(CASE WHEN {day} = {asked['day']} THEN {tokens} END), 0) AS day_tokens,"
+        f" COALESCE(SUM({tokens}), 0) AS month_tokens"
+        f" FROM {quote(DailyUsage._meta.db_table)}"
+        f" WHERE {column(DailyUsage, 'user')} = {asked['user']} AND {day} >= {asked['month_first']} AND {day} < {asked['month_end']}"
+    )
+    held = (
+        f"SELECT COALESCE(SUM({column(Reservation, 'cost_usd')}), 0) AS cost,"
+        f" COALESCE(SUM({column(Reservation, 'tokens')}), 0) AS tokens"
+        f" FROM {quote(Reservation._meta.db_table)}"
+        f" WHERE {column(Reservation, 'account')} = {asked['account']} AND {column(Reservation, 'expires_at')} > {asked['at']}"
+    )
+    return select, settled, held
+
+
 def _period_usage_statement(connection: BaseDatabaseWrapper) -> str:
-    """`period_usage`'s statement on this kind of database, built once: the ORM compiled its six
-    correlated subqueries anew for every admission, at a cost of milliseconds of CPU each."""
+    """`period_usage`'s statement for one account, its inputs as placeholders in the order
+    `_period_usage_params` gives them."""
     if connection.vendor not in _PERIOD_USAGE:
-        quote = connection.ops.quote_name
-
-        def column(model: type[Model], name: str) -> str:
-            field = model._meta.get_field(name)
-            assert isinstance(field, Field)  # a concrete field, not a reverse relation
-            return quote(_column(field))
-
-        day, cost = column(DailyUsage, "day"), column(DailyUsage, "cost_usd")
-        tokens = f"{column(DailyUsage, 'prompt_tokens')} + {column(DailyUsage, 'completion_tokens')}"
-        _PERIOD_USAGE[connection.vendor] = (
-            "SELECT settled.day_cost, settled.month_cost, settled.day_tokens, settled.month_tokens,"
-            " held.cost, held.tokens FROM"
-            f" (SELECT COALESCE(SUM(CASE WHEN {day} = %s THEN {cost} END), 0) AS day_cost,"
-            f" COALESCE(SUM({cost}), 0) AS month_cost,"
-            f" COALESCE(SUM(CASE WHEN {day} = %s THEN {tokens} END), 0) AS day_tokens,"
-            f" COALESCE(SUM({tokens}), 0) AS month_tokens"
-            f" FROM {quote(DailyUsage._meta.db_table)}"
-            f" WHERE {column(DailyUsage, 'user')} = %s AND {day} >= %s AND {day} < %s) AS settled,"
-            f" (SELECT COALESCE(SUM({column(Reservation, 'cost_usd')}), 0) AS cost,"
-            f" COALESCE(SUM({column(Reservation, 'tokens')}), 0) AS tokens"
-            f" FROM {quote(Reservation._meta.db_table)}"
-            f" WHERE {column(Reservation, 'account')} = %s AND {column(Reservation, 'expires_at')} > %s) AS held"
-        )
+        placeholders = dict.fromkeys(("day", "month_first", "month_end", "user", "account", "at"), "%s")
+        select, settled, held = _period_usage_parts(connection, placeholders)
+        _PERIOD_USAGE[connection.vendor] = f"SELECT {select} FROM ({settled}) AS settled, ({held}) AS held"
     return _PERIOD_USAGE[connection.vendor]
+
+
+def _period_usage_params(connection: BaseDatabaseWrapper, account: Account, at: datetime) -> list[Any]:
+    day = period_containing("day", at)
+    month = period_containing("month", at)
+    ops = connection.ops
+    return [
+        ops.adapt_datefield_value(day.first_day),
+        ops.adapt_datefield_value(day.first_day),
+        account.user_id,
+        ops.adapt_datefield_value(month.first_day),
+        ops.adapt_datefield_value(month.end_day),
+        account.pk,
+        ops.adapt_datetimefield_value(at),
+    ]
+
+
+_PERIOD_USAGES: dict[str, str] = {}
+
+
+def _period_usages_statement(connection: BaseDatabaseWrapper) -> str:
+    """`period_usages`' one PostgreSQL statement: `period_usage`'s reads for each row of arrays
+    of inputs (`unnest`), in the arrays' order."""
+    if connection.vendor not in _PERIOD_USAGES:
+
+        def array_of(model: type[Model], name: str) -> str:
+            field = model._meta.get_field(name)
+            assert isinstance(field, Field)
+            return f"%s::{str(field.db_type(connection)).split('(')[0]}[]"
+
+        inputs = ("day", "month_first", "month_end", "user", "account", "at")
+        quote = connection.ops.quote_name  # "user" is a reserved word
+        select, settled, held = _period_usage_parts(connection, {name: f"asked.{quote(name)}" for name in inputs})
+        arrays = ", ".join(
+            [
+                *(array_of(DailyUsage, "day") for _ in range(3)),
+                array_of(DailyUsage, "user"),
+                array_of(Reservation, "account"),
+                array_of(Reservation, "expires_at"),
+            ]
+        )
+        _PERIOD_USAGES[connection.vendor] = (
+            f"SELECT {select} FROM unnest({arrays}) WITH ORDINALITY AS asked({', '.join(map(quote, inputs))}, position)"
+            f" CROSS JOIN LATERAL ({settled}) AS settled CROSS JOIN LATERAL ({held}) AS held ORDER BY asked.position"
+        )
+    return _PERIOD_USAGES[connection.vendor]
+
+
+def _period_usage_row(connection: BaseDatabaseWrapper, row: Sequence[object]) -> PeriodUsage:
+    day_cost, month_cost, day_tokens, month_tokens, held_cost, held_tokens = row
+
+    def money(value: object) -> Decimal:
+        return cast(Decimal, _MONEY.from_db_value(value, None, connection))
+
+    return PeriodUsage(
+        day_cost_usd=money(day_cost),
+        month_cost_usd=money(month_cost),
+        day_tokens=int(cast(int, day_tokens)),
+        month_tokens=int(cast(int, month_tokens)),
+        reserved_usd=money(held_cost),
+        reserved_tokens=int(cast(int, held_tokens)),
+    )
 
 
 def period_usage(*, account: Account, at: datetime, using: str = DEFAULT_DB_ALIAS) -> PeriodUsage:
@@ -166,33 +240,28 @@ def period_usage(*, account: Account, at: datetime, using: str = DEFAULT_DB_ALIA
     commits atomically and is seen either wholly or not at all, never counted twice or missed.
     """
     connection = connections[using]
-    day = period_containing("day", at)
-    month = period_containing("month", at)
-    ops = connection.ops
-    params = [
-        ops.adapt_datefield_value(day.first_day),
-        ops.adapt_datefield_value(day.first_day),
-        account.user_id,
-        ops.adapt_datefield_value(month.first_day),
-        ops.adapt_datefield_value(month.end_day),
-        account.pk,
-        ops.adapt_datetimefield_value(at),
-    ]
     with connection.cursor() as cursor:
-        cursor.execute(_period_usage_statement(connection), params)
-        day_cost, month_cost, day_tokens, month_tokens, held_cost, held_tokens = cursor.fetchone()
+        cursor.execute(_period_usage_statement(connection), _period_usage_params(connection, account, at))
+        return _period_usage_row(connection, cursor.fetchone())
 
-    def money(value: object) -> Decimal:
-        return cast(Decimal, _MONEY.from_db_value(value, None, connection))
 
-    return PeriodUsage(
-        day_cost_usd=money(day_cost),
-        month_cost_usd=money(month_cost),
-        day_tokens=int(day_tokens),
-        month_tokens=int(month_tokens),
-        reserved_usd=money(held_cost),
-        reserved_tokens=int(held_tokens),
-    )
+def period_usages(*, asked: Sequence[tuple[Account, datetime]], using: str = DEFAULT_DB_ALIAS) -> list[PeriodUsage]:
+    """`period_usage` of each (account, instant) of `asked`, in order.
+
+    PostgreSQL reads them all in one statement (one snapshot, one round trip, however many
+    accounts a batch of admissions holds for); SQLite, in process, one after another.
+    """
+    connection = connections[using]
+    if connection.vendor != "postgresql" or len(asked) == 1:
+        return [period_usage(account=account, at=at, using=using) for account, at in asked]
+    columns: list[list[object]] = [[] for _ in range(6)]
+    for account, at in asked:
+        day, _, user_id, month_first, month_end, account_id, instant = _period_usage_params(connection, account, at)
+        for column, value in zip(columns, (day, month_first, month_end, user_id, account_id, instant), strict=True):
+            column.append(value)
+    with connection.cursor() as cursor:
+        cursor.execute(_period_usages_statement(connection), columns)
+        return [_period_usage_row(connection, row) for row in cursor.fetchall()]
 
 
 @dataclass(frozen=True, slots=True)

@@ -70,7 +70,7 @@ from billing.models import (
 from billing.money import Rates, money_ratio, money_sum, usd, usd_display
 from billing.periods import billing_day, period_containing
 from billing.pricefile import PriceRow, read_price_file
-from billing.selectors import PeriodUsage, period_usage, rates_for
+from billing.selectors import PeriodUsage, period_usage, period_usages, rates_for
 from infra.db import db_task
 from infra.group_commit import GroupCommit
 
@@ -253,10 +253,11 @@ def budget_reserve_many(*, requests: Sequence[HoldRequest]) -> list[Admission | 
     """`budget_reserve` for many calls in one transaction; one outcome per call, in order: its
     `Admission`, or the `PriceMissing` or `QuotaExceeded` it would have raised alone.
 
-    Each account is locked once (accounts in id order) and its usage read once, and its calls
-    admitted in order against that usage plus the holds granted before them in the batch. The
-    holds are inserted together, in the statement that deletes the accounts' expired holds
-    (which the usage read leaves out already). That is admitting them one after
+    The batch's accounts are locked together (in id order) and their usage read together, and
+    each account's calls admitted in order against its usage plus the holds granted before them
+    in the batch. The holds are inserted together, in the statement that deletes the accounts'
+    expired holds (which the usage read leaves out already): on PostgreSQL a batch costs the same
+    five round trips however many accounts it holds for. That is admitting them one after
     another at the batch's latest instant, which they are milliseconds apart from. An account
     whose calls do not share one billing day and month (a batch across midnight) has them
     admitted one by one instead, each at its own instant. Any other failure raises, and then
@@ -279,9 +280,14 @@ def budget_reserve_many(*, requests: Sequence[HoldRequest]) -> list[Admission | 
     holds: list[Reservation] = []
     expired: list[tuple[int, datetime]] = []  # (account, instant): its holds expired by then
     with transaction.atomic():
-        for account_id in sorted(waiting):
-            account = Account.objects.select_for_update().get(pk=account_id)
-            calls = waiting[account_id]
+        # One statement locks the batch's accounts, in id order as every batch takes them, so
+        # that two batches never wait on each other crosswise.
+        accounts = list(Account.objects.select_for_update().filter(pk__in=waiting).order_by("pk"))
+        if len(accounts) != len(waiting):
+            raise Account.DoesNotExist(f"accounts {sorted(set(waiting) - {account.pk for account in accounts})} are gone")
+        at_once: list[tuple[Account, datetime]] = []
+        for account in accounts:
+            calls = waiting[account.pk]
             if not account.has_limits:
                 continue  # its calls keep their admission without a hold
             periods = {(period_containing("day", request.now).first_day, period_containing("month", request.now).first_day) for _, request, _ in calls}
@@ -295,10 +301,10 @@ def budget_reserve_many(*, requests: Sequence[HoldRequest]) -> list[Admission | 
                         continue
                     hold.save(force_insert=True)
                 continue
-            now = max(request.now for _, request, _ in calls)
+            at_once.append((account, max(request.now for _, request, _ in calls)))
+        for (account, now), usage in zip(at_once, period_usages(asked=at_once), strict=True):
             expired.append((account.pk, now))
-            usage = period_usage(account=account, at=now)
-            for index, request, unheld in calls:
+            for index, request, unheld in waiting[account.pk]:
                 try:
                     hold, outcomes[index] = _hold(account, request, unheld, usage)
                 except QuotaExceeded as refusal:
@@ -306,7 +312,11 @@ def budget_reserve_many(*, requests: Sequence[HoldRequest]) -> list[Admission | 
                     continue
                 holds.append(hold)
                 usage = replace(usage, reserved_usd=money_sum([usage.reserved_usd, hold.cost_usd]), reserved_tokens=usage.reserved_tokens + hold.tokens)
-        insert_add_delete(Reservation, holds, rollups=(), delete=DeleteWhereAtMost(Reservation, "account", "expires_at", expired))
+        # No savepoint: a refused write rolls the whole batch back (and `_budget_reserve_batch`
+        # holds its calls one by one).
+        insert_add_delete(
+            Reservation, holds, rollups=(), delete=DeleteWhereAtMost(Reservation, "account", "expires_at", expired), savepoint=False
+        )
     return outcomes
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from django.db import connection
+from django.test.utils import CaptureQueriesContext
 
 from billing.exceptions import QuotaExceeded
 from billing.models import Reservation
@@ -119,3 +120,60 @@ def test_concurrent_admissions_share_batches_and_never_hold_past_the_budget(user
     assert sorted(outcome_kinds(outcomes)) == sorted(["held"] * 10 + ["QuotaExceeded"] * 20)
     assert Reservation.objects.count() == 10
     assert budget_holds.batches - batches_before < 30  # admissions of one moment shared transactions
+
+
+def _twins(user_factory: Any, limits: dict[str, Any]) -> tuple[Any, Any]:
+    """Two users with the same limits and the same hold already taken: one for a batch, one alone."""
+    pair = (user_factory(), user_factory())
+    for each in pair:
+        account_quota_set(user_id=each.pk, **limits)
+        budget_reserve(user_id=each.pk, model=MODEL, upstream_model=MODEL, prompt_tokens=1000, completion_tokens=500, request_id=uuid.uuid4(), now=NOW)
+        # A hold from long ago, expired: it counts for nothing, and the batch deletes its own.
+        budget_reserve(user_id=each.pk, model=MODEL, upstream_model=MODEL, prompt_tokens=1000, completion_tokens=500, request_id=uuid.uuid4(), now=NOW - timedelta(days=1))
+    return pair
+
+
+def test_a_batch_for_several_accounts_admits_each_as_it_would_alone(user_factory) -> None:
+    limits = [
+        {"monthly_spend_limit_usd": TEN_HOLDS},  # 9 more holds fit
+        {"daily_token_limit": 6_000},  # 3 more
+        {"monthly_spend_limit_usd": Decimal("0.0009"), "soft_threshold": Decimal("0.5")},  # 1 more, with a warning
+        {},  # no limits: no hold
+    ]
+    twins = [_twins(user_factory, each) for each in limits]
+    order = [twin for _ in range(9) for twin in twins]  # the accounts' calls interleaved
+
+    batched = budget_reserve_many(requests=[request(batch_user, NOW + timedelta(milliseconds=1)) for batch_user, _ in order])
+    alone: list[Any] = []
+    for _, alone_user in order:
+        try:
+            alone.append(
+                budget_reserve(user_id=alone_user.pk, model=MODEL, upstream_model=MODEL, prompt_tokens=1000, completion_tokens=500, request_id=uuid.uuid4(), now=NOW + timedelta(milliseconds=1))
+            )
+        except QuotaExceeded as refusal:
+            alone.append(refusal)
+
+    assert outcome_kinds(batched) == outcome_kinds(alone)
+    assert [getattr(o, "warning", str(o)) for o in batched] == [getattr(o, "warning", str(o)) for o in alone]
+    assert outcome_kinds(batched[:4]) == ["held", "held", "held", "Admission"]
+    assert outcome_kinds(batched[-4:]) == ["held", "QuotaExceeded", "QuotaExceeded", "Admission"]
+    for batch_user, alone_user in twins:
+        held = [Reservation.objects.filter(account__user=each).count() for each in (batch_user, alone_user)]
+        assert held[0] == held[1]
+    assert not Reservation.objects.filter(expires_at__lte=NOW).exists()
+
+
+@pytest.mark.postgresql
+def test_a_batch_costs_the_same_statements_for_many_accounts_as_for_one(user, user_factory) -> None:
+    others = [user_factory() for _ in range(5)]
+    for each in (user, *others):
+        account_quota_set(user_id=each.pk, monthly_spend_limit_usd=TEN_HOLDS)
+    budget_reserve_many(requests=[request(each) for each in (user, *others)])  # their prices are cached now
+
+    def statements(users: list[Any]) -> int:
+        with CaptureQueriesContext(connection) as captured:
+            outcomes = budget_reserve_many(requests=[request(each) for each in users])
+        assert outcome_kinds(outcomes) == ["held"] * len(users)
+        return len(captured.captured_queries)
+
+    assert statements([user] * 6) == statements(others) == 5  # BEGIN, lock, usage, holds written, COMMIT

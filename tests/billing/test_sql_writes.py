@@ -11,7 +11,13 @@ from typing import Any
 import pytest
 from django.db import IntegrityError, transaction
 
-from billing._sql import DeleteWhereAtMost, delete_where, delete_where_in, insert_add_delete, insert_many
+from billing._sql import (
+    DeleteWhereAtMost,
+    delete_where,
+    delete_where_in,
+    insert_add_delete,
+    insert_many,
+)
 from billing.models import Reservation, UsageRecord
 from billing.services import _usage_record, account_get_or_create
 
