@@ -4,9 +4,10 @@
 
 What "the full path" is here: Granian (``--interface asgi``, ``--workers`` processes) serving the
 gateway on a fresh PostgreSQL database (``llmgateway_cps_<pid>``, created, migrated and dropped
-by the run), its limits in Redis (``--redis``, a prefix of its own), one API key whose user has a
-monthly budget (``setquota --monthly-budget 1000``, so every call takes a budget hold and settles
-it with its ledger row), and the fake upstream (``testbed.upstream_host``, its own process)
+by the run), its limits in Redis (``--redis``, a prefix of its own), an API key for each of
+``--users`` users (1 by default; the clients spread over them), each user with a monthly budget
+(``setquota --monthly-budget 1000``, so every call takes a budget hold and settles it with its
+ledger row), and the fake upstream (``testbed.upstream_host``, its own process)
 answering a non-stream chat completion at once with ``--tokens`` tokens.
 
 The client is a closed loop of ``--concurrency`` keep-alive connections in this process, each
@@ -49,6 +50,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -121,14 +123,15 @@ class _Answer(asyncio.Protocol):
 
 async def drive(
     port: int,
-    headers: dict[str, str],
+    headers: Sequence[Mapping[str, str]],
     body: dict[str, Any],
     *,
     concurrency: int,
     warmup: float,
     seconds: float,
 ) -> dict[str, Any]:
-    """Closed-loop load for ``warmup + seconds``; figures from the last ``seconds``."""
+    """Closed-loop load for ``warmup + seconds``; figures from the last ``seconds``. Client
+    ``i`` sends its requests with ``headers[i % len(headers)]`` (a key of its own user)."""
     raw = json.dumps(body, separators=(",", ":")).encode()
     lines = [
         f"POST {PATH} HTTP/1.1",
@@ -136,9 +139,10 @@ async def drive(
         "content-type: application/json",
         f"content-length: {len(raw)}",
     ]
-    payload = (
-        "\r\n".join([*lines, *(f"{k}: {v}" for k, v in headers.items())]) + "\r\n\r\n"
-    ).encode() + raw
+    payloads = [
+        ("\r\n".join([*lines, *(f"{k}: {v}" for k, v in each.items())]) + "\r\n\r\n").encode() + raw
+        for each in headers
+    ]
     loop = asyncio.get_running_loop()
     start = time.monotonic()
     window_from, window_to = start + warmup, start + warmup + seconds
@@ -146,7 +150,7 @@ async def drive(
     errors: Counter[str] = Counter()
     answered = in_window = 0
 
-    async def client() -> None:
+    async def client(payload: bytes) -> None:
         nonlocal answered, in_window
         connection: _Answer | None = None
         while time.monotonic() < window_to:
@@ -175,7 +179,7 @@ async def drive(
             connection.transport.close()
 
     cpu = time.process_time()
-    await asyncio.gather(*(client() for _ in range(concurrency)))
+    await asyncio.gather(*(client(payloads[index % len(payloads)]) for index in range(concurrency)))
     client_cpu = time.process_time() - cpu
     latencies.sort()
     return {
@@ -274,19 +278,18 @@ class Run:
         )
         return done.stdout
 
-    def setup(self) -> str:
+    def setup(self) -> list[str]:
+        """The database, the fake upstream and the gateway; returns an API key of each user."""
         self._postgres(f'CREATE DATABASE "{self.db_name}"')
         self.created = True
         self._manage("migrate", "--noinput", "-v0")
         for statement in BARE_IO_TABLES:
             self._query(statement, fetch=False)
-        key = (
-            self._manage("createapikey", USER, "--name", "calls-per-second")
-            .strip()
-            .splitlines()[-1]
-        )
-        if self.args.monthly_budget != "none":  # every call then takes a hold and settles it
-            self._manage("setquota", USER, "--monthly-budget", self.args.monthly_budget)
+        keys = []
+        for user in [USER] if self.args.users == 1 else [f"{USER}-{index}" for index in range(self.args.users)]:
+            keys.append(self._manage("createapikey", user, "--name", "calls-per-second").strip().splitlines()[-1])
+            if self.args.monthly_budget != "none":  # every call then takes a hold and settles it
+                self._manage("setquota", user, "--monthly-budget", self.args.monthly_budget)
         log = (self.workdir / "upstream.log").open("ab")
         self.logs.append(log)
         self.upstream = Upstream(self.env, log)
@@ -295,7 +298,7 @@ class Run:
         self.gateway = Gateway(
             self.env, workers=self.args.workers, granian_args=SERVE_ARGS, log=self.workdir / "gateway.log"
         )
-        return key
+        return keys
 
     def bare_io(self) -> Gateway:
         """``bench.bare_io`` served as the gateway is, on the run's database, Redis and upstream."""
@@ -352,7 +355,7 @@ class Run:
 
 
 async def _measured(
-    args: argparse.Namespace, server: Gateway, upstream: Upstream, headers: dict[str, str], body: dict[str, Any]
+    args: argparse.Namespace, server: Gateway, upstream: Upstream, headers: Sequence[Mapping[str, str]], body: dict[str, Any]
 ) -> dict[str, Any]:
     """`drive` against `server`, with the CPU of the server, the upstream and the machine over
     the measured window."""
@@ -433,6 +436,13 @@ def main(argv: list[str] | None = None) -> int:
         help="the key's user's monthly budget in USD (default 1000: every call takes a budget "
         "hold); 'none' for no budget (no hold, no account lock: to see what admission costs)",
     )
+    parser.add_argument(
+        "--users",
+        type=int,
+        default=1,
+        help="users with a key (and budget) each, the clients spread over them (default 1: every "
+        "call is the same account's; more puts several accounts in a batch of holds)",
+    )
     parser.add_argument("--no-direct", action="store_true", help="skip the direct baseline")
     parser.add_argument(
         "--no-bare-io", action="store_true", help="skip the bare I/O floor (bench.bare_io)"
@@ -462,12 +472,13 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "settings": {
             k: getattr(args, k)
-            for k in ("workers", "rounds", "seconds", "warmup", "concurrency", "tokens", "monthly_budget")
+            for k in ("workers", "rounds", "seconds", "warmup", "concurrency", "users", "tokens", "monthly_budget")
         },
         "cpus": os.cpu_count(),
     }
     try:
-        key = run.setup()
+        keys = run.setup()
+        authorized = [{"authorization": f"Bearer {key}"} for key in keys]
         assert run.upstream is not None and run.gateway is not None
         upstream, gateway = run.upstream, run.gateway
         turns: dict[str, list[dict[str, Any]]] = {"direct": [], "bare_io": [], "gateway": []}
@@ -477,13 +488,13 @@ def main(argv: list[str] | None = None) -> int:
                 if not args.no_direct:
                     _log(f"turn {turn}/{args.rounds}: direct to the fake upstream ...")
                     turns["direct"].append(
-                        asyncio.run(drive(upstream.port, {}, body, concurrency=args.concurrency, warmup=1.0, seconds=args.seconds))
+                        asyncio.run(drive(upstream.port, [{}], body, concurrency=args.concurrency, warmup=1.0, seconds=args.seconds))
                     )
                 if bare is not None:
                     _log(f"turn {turn}/{args.rounds}: bare I/O ({args.workers} workers) ...")
-                    turns["bare_io"].append(asyncio.run(_measured(args, bare, upstream, {}, body)))
+                    turns["bare_io"].append(asyncio.run(_measured(args, bare, upstream, [{}], body)))
                 _log(f"turn {turn}/{args.rounds}: through the gateway ({args.workers} workers) ...")
-                measured = asyncio.run(_measured(args, gateway, upstream, {"authorization": f"Bearer {key}"}, body))
+                measured = asyncio.run(_measured(args, gateway, upstream, authorized, body))
                 measured["gateway_cpu_percent"] = measured.pop("server_cpu_percent")
                 measured["gateway_cpu_ms_per_call"] = measured.pop("server_cpu_ms_per_call")
                 turns["gateway"].append(measured)
