@@ -267,6 +267,17 @@ class Run:
             cursor = db.execute(sql)  # type: ignore[arg-type]
             return cursor.fetchall() if fetch else []
 
+    def service_pids(self) -> tuple[list[int], int]:
+        """The PostgreSQL backends connected to the run's database, and the Redis server's PID."""
+        import redis
+
+        backends = self._query("SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        client = redis.Redis.from_url(self.args.redis)
+        try:
+            return [pid for (pid,) in backends], int(client.info("server")["process_id"])
+        finally:
+            client.close()
+
     def _manage(self, *command: str) -> str:
         done = subprocess.run(
             [sys.executable, "manage.py", *command],
@@ -355,21 +366,31 @@ class Run:
 
 
 async def _measured(
-    args: argparse.Namespace, server: Gateway, upstream: Upstream, headers: Sequence[Mapping[str, str]], body: dict[str, Any]
+    args: argparse.Namespace,
+    run: Run,
+    server: Gateway,
+    headers: Sequence[Mapping[str, str]],
+    body: dict[str, Any],
 ) -> dict[str, Any]:
-    """`drive` against `server`, with the CPU of the server, the upstream and the machine over
-    the measured window."""
+    """`drive` against `server`, with the CPU of the server, the upstream, PostgreSQL's backends
+    on the run's database, Redis and the machine over the measured window."""
+    assert run.upstream is not None
     window = CpuWindow(server.pids())
-    upstream_window = CpuWindow([upstream.pid])
+    upstream_window = CpuWindow([run.upstream.pid])
     machine_window = MachineCpuWindow()
+    services: dict[str, CpuWindow] = {}
     loop_start = time.monotonic()
 
     async def cpu_at_window() -> None:
         await asyncio.sleep(max(0.0, loop_start + args.warmup - time.monotonic()))
-        for started in (window, upstream_window, machine_window):
+        # The backends connected by now: the pools have grown to the load in the warmup.
+        postgres_pids, redis_pid = await asyncio.to_thread(run.service_pids)
+        services.update(postgres=CpuWindow(postgres_pids), redis=CpuWindow([redis_pid]))
+        windows = (window, upstream_window, machine_window, *services.values())
+        for started in windows:
             started.start()
         await asyncio.sleep(args.seconds)
-        for stopped in (window, upstream_window, machine_window):
+        for stopped in windows:
             stopped.stop()
 
     watcher = asyncio.ensure_future(cpu_at_window())
@@ -378,12 +399,18 @@ async def _measured(
     finally:
         await watcher
     cps = result["calls_per_second"] or 0.0
+
+    def per_call(percent: float | None) -> float | None:
+        return _round(10 * percent / cps) if cps and percent is not None else None
+
     result["server_cpu_percent"] = _round(window.percent, 1)
-    result["server_cpu_ms_per_call"] = _round(10 * (window.percent or 0.0) / cps if cps else None)
+    result["server_cpu_ms_per_call"] = per_call(window.percent)
+    result["postgres_cpu_ms_per_call"] = per_call(services["postgres"].percent)
+    result["redis_cpu_ms_per_call"] = per_call(services["redis"].percent)
     result["upstream_cpu_percent"] = _round(upstream_window.percent, 1)
     result["machine_cpu_percent"] = _round(machine_window.percent, 1)
-    # What the rest of the machine used meanwhile (this client is part of it): on a shared
-    # machine, the share the server could not have.
+    # What the rest of the machine used meanwhile (PostgreSQL, Redis and this client are part of
+    # it): on a shared machine, the share the server could not have.
     result["others_cpu_percent"] = _round(
         (machine_window.percent or 0.0) - (window.percent or 0.0) - (upstream_window.percent or 0.0), 1
     )
@@ -492,9 +519,9 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 if bare is not None:
                     _log(f"turn {turn}/{args.rounds}: bare I/O ({args.workers} workers) ...")
-                    turns["bare_io"].append(asyncio.run(_measured(args, bare, upstream, [{}], body)))
+                    turns["bare_io"].append(asyncio.run(_measured(args, run, bare, [{}], body)))
                 _log(f"turn {turn}/{args.rounds}: through the gateway ({args.workers} workers) ...")
-                measured = asyncio.run(_measured(args, gateway, upstream, authorized, body))
+                measured = asyncio.run(_measured(args, run, gateway, authorized, body))
                 measured["gateway_cpu_percent"] = measured.pop("server_cpu_percent")
                 measured["gateway_cpu_ms_per_call"] = measured.pop("server_cpu_ms_per_call")
                 turns["gateway"].append(measured)
@@ -503,7 +530,10 @@ def main(argv: list[str] | None = None) -> int:
         if turns["bare_io"]:
             result["bare_io"] = figures_of_turns(
                 turns["bare_io"],
-                ("calls_per_second", "p50_ms", "p99_ms", "errors", "server_cpu_ms_per_call", "machine_cpu_percent"),
+                (
+                    "calls_per_second", "p50_ms", "p99_ms", "errors", "server_cpu_ms_per_call",
+                    "postgres_cpu_ms_per_call", "redis_cpu_ms_per_call", "machine_cpu_percent",
+                ),  # fmt: skip
             )
         result["gateway"] = figures_of_turns(turns["gateway"], tuple(turns["gateway"][0]))
         result["turns"] = [

@@ -232,7 +232,8 @@ def _calls(run: Json, config: Json) -> Measured:
         baseline=f"direct {fmt(direct.get('calls_per_second'), ',.0f')}/s, bare I/O "
         f"{fmt(bare.get('calls_per_second'), ',.0f')}/s at {fmt(bare.get('server_cpu_ms_per_call'), '.2f')} ms/call "
         f"(gateway {fmt(calls.get('gateway_vs_bare_io'), '.2f')}x of it)",
-        note=f"p99 {fmt(gateway.get('p99_ms'), '.1f')} ms; gw CPU {fmt(gateway.get('gateway_cpu_ms_per_call'), '.2f')} ms/call; "
+        note=f"p99 {fmt(gateway.get('p99_ms'), '.1f')} ms; CPU ms/call gw {fmt(gateway.get('gateway_cpu_ms_per_call'), '.2f')} "
+        f"pg {fmt(gateway.get('postgres_cpu_ms_per_call'), '.2f')} redis {fmt(gateway.get('redis_cpu_ms_per_call'), '.2f')}; "
         f"steal {fmt(gateway.get('steal_cpu_percent'), '.0f')}%; ledger {'ok' if ledger.get('ok') else 'NOT ok'}",
         also_ok=bool(ledger.get("ok", True)),
     )
