@@ -14,9 +14,31 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db.backends.utils import CursorWrapper
 from django.db.models import Field, Model
+
+
+def hot_cursor(connection: BaseDatabaseWrapper) -> CursorWrapper:
+    """`connection.cursor()` for the hot statements (a batch's write, the usage read of its
+    admissions): on PostgreSQL, one that sends their parameters apart from the text.
+
+    Django's own cursors bind parameters on the client: psycopg quotes every value of a batch's
+    arrays into the statement's text in Python, and the server parses and plans that text
+    anew each time. With server-side binding the values travel as parameters, and psycopg
+    prepares a statement it has run `prepare_threshold` times on a connection (set in settings;
+    Django leaves it off, and its own cursors never prepare): these statements' texts are built
+    once per model, so each connection plans them once. Django's wrapper is kept (errors as
+    Django's, queries logged when they are).
+    """
+    if connection.vendor != "postgresql":
+        return connection.cursor()
+    connection.ensure_connection()
+    with connection.wrap_database_errors:
+        cursor: Any = psycopg.Cursor(connection.connection)  # Django's wrappers take the driver's cursor
+    return connection.make_debug_cursor(cursor) if connection.queries_logged else connection.make_cursor(cursor)
 
 
 def _column(field: Field | None) -> str:
@@ -312,7 +334,7 @@ def insert_add_delete(
         params += [[field.get_db_prep_save(row[field.name], connection) for row in rollup.rows] for field in upsert.fields]
     params += delete.params(connection)
     inside = transaction.atomic(using=using, savepoint=savepoint) if connection.in_atomic_block else contextlib.nullcontext()
-    with inside, connection.cursor() as cursor:
+    with inside, hot_cursor(connection) as cursor:
         cursor.execute(sql, params)
         # In the arrays' order, as Django's own bulk_create (INSERT ... SELECT * FROM UNNEST ...
         # RETURNING) reads them back.

@@ -19,7 +19,7 @@ from django.db.models import (
 )
 from django.db.models.functions import Coalesce
 
-from billing._sql import _column
+from billing._sql import _column, hot_cursor
 from billing.fields import ExactDecimalField
 from billing.models import (
     TOTAL_DIGITS,
@@ -240,7 +240,7 @@ def period_usage(*, account: Account, at: datetime, using: str = DEFAULT_DB_ALIA
     commits atomically and is seen either wholly or not at all, never counted twice or missed.
     """
     connection = connections[using]
-    with connection.cursor() as cursor:
+    with hot_cursor(connection) as cursor:
         cursor.execute(_period_usage_statement(connection), _period_usage_params(connection, account, at))
         return _period_usage_row(connection, cursor.fetchone())
 
@@ -259,7 +259,7 @@ def period_usages(*, asked: Sequence[tuple[Account, datetime]], using: str = DEF
         day, _, user_id, month_first, month_end, account_id, instant = _period_usage_params(connection, account, at)
         for column, value in zip(columns, (day, month_first, month_end, user_id, account_id, instant), strict=True):
             column.append(value)
-    with connection.cursor() as cursor:
+    with hot_cursor(connection) as cursor:
         cursor.execute(_period_usages_statement(connection), columns)
         return [_period_usage_row(connection, row) for row in cursor.fetchall()]
 

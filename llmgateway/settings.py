@@ -153,6 +153,10 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
         "check": check_idle_connection,
     }
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+    # The hot statements' cursors prepare a statement after this many runs on a connection
+    # (billing._sql.hot_cursor; Django's own cursors never prepare). Off behind a pooler in
+    # transaction mode that does not keep prepared statements (PgBouncer before 1.21).
+    DATABASES["default"]["OPTIONS"]["prepare_threshold"] = 5 if _env_bool("DATABASE_PREPARED_STATEMENTS", True) else None
 # Threads for the API's database work (infra/db.py), apart from the event loop's other threads.
 DATABASE_THREADS = _env_int("DATABASE_THREADS", 8)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"

@@ -9,7 +9,8 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from django.db import IntegrityError, transaction
+from django.conf import settings
+from django.db import IntegrityError, connection, transaction
 
 from billing._sql import (
     DeleteWhereAtMost,
@@ -19,7 +20,7 @@ from billing._sql import (
     insert_many,
 )
 from billing.models import Reservation, UsageRecord
-from billing.services import _usage_record, account_get_or_create
+from billing.services import _usage_record, account_get_or_create, usage_records_create
 
 from .conftest import NOW
 from .test_ledger_writer import row
@@ -140,3 +141,23 @@ def test_an_empty_batch_of_holds_still_deletes_the_expired_ones(user: Any) -> No
     insert_add_delete(Reservation, [], rollups=(), delete=DeleteWhereAtMost(Reservation, "account", "expires_at", [(account.pk, NOW)]))
 
     assert not Reservation.objects.exists()
+
+
+@pytest.mark.postgresql
+def test_the_ledgers_statement_is_sent_with_its_parameters_apart_and_prepared_after_a_few_runs(user: Any) -> None:
+    runs = settings.DATABASES["default"]["OPTIONS"]["prepare_threshold"]
+
+    def prepared() -> list[str]:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT statement FROM pg_prepared_statements")
+            return [statement for (statement,) in cursor.fetchall() if statement.startswith('WITH written_0 AS (INSERT INTO "billing_usagerecord"')]
+
+    for index in range(runs):  # counted, not prepared yet
+        usage_records_create(rows=[row(user.pk, index)])
+        assert prepared() == []
+
+    usage_records_create(rows=[row(user.pk, runs)])
+
+    (statement,) = prepared()
+    assert "$1::uuid[]" in statement  # the batch's values are parameters, not quoted into the text
+    assert UsageRecord.objects.count() == runs + 1
