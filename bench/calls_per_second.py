@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.bare_io import TABLES as BARE_IO_TABLES
-from bench.common import BENCH_LIMITS, ROOT, percentile, without_proxies
+from bench.common import BENCH_LIMITS, ROOT, figures_of_turns, percentile, rounded, without_proxies
 from bench.common import with_database as _with_database
 from testbed.gateway import SERVE_ARGS, Gateway
 from testbed.samplers import CpuWindow, MachineCpuWindow
@@ -186,37 +186,11 @@ async def drive(
         "calls_per_second": round(in_window / seconds, 1),
         "calls_in_window": in_window,
         "answered": answered,
-        "p50_ms": _round(percentile(latencies, 50)),
-        "p99_ms": _round(percentile(latencies, 99)),
+        "p50_ms": rounded(percentile(latencies, 50)),
+        "p99_ms": rounded(percentile(latencies, 99)),
         "errors": dict(errors),
-        "client_cpu_ms_per_call": _round(1000 * client_cpu / max(answered, 1)),
+        "client_cpu_ms_per_call": rounded(1000 * client_cpu / max(answered, 1)),
     }
-
-
-def _round(value: float | None, digits: int = 3) -> float | None:
-    return None if value is None else round(value, digits)
-
-
-# Counts over all turns; every other number is the median of the turns'.
-_SUMMED = ("calls_in_window", "answered")
-
-
-def figures_of_turns(turns: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, Any]:
-    """One load's figures over its turns: counts and errors added up, the rest the median of
-    the turns' (`None` where no turn had it)."""
-    figures: dict[str, Any] = {}
-    for key in keys:
-        if key == "errors":
-            errors: Counter[str] = Counter()
-            for turn in turns:
-                errors.update(turn["errors"])
-            figures[key] = dict(errors)
-        elif key in _SUMMED:
-            figures[key] = sum(turn[key] for turn in turns)
-        else:
-            values = [turn[key] for turn in turns if turn.get(key) is not None]
-            figures[key] = _round(statistics.median(values)) if values else None
-    return figures
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -401,21 +375,21 @@ async def _measured(
     cps = result["calls_per_second"] or 0.0
 
     def per_call(percent: float | None) -> float | None:
-        return _round(10 * percent / cps) if cps and percent is not None else None
+        return rounded(10 * percent / cps) if cps and percent is not None else None
 
-    result["server_cpu_percent"] = _round(window.percent, 1)
+    result["server_cpu_percent"] = rounded(window.percent, 1)
     result["server_cpu_ms_per_call"] = per_call(window.percent)
     result["postgres_cpu_ms_per_call"] = per_call(services["postgres"].percent)
     result["redis_cpu_ms_per_call"] = per_call(services["redis"].percent)
-    result["upstream_cpu_percent"] = _round(upstream_window.percent, 1)
-    result["machine_cpu_percent"] = _round(machine_window.percent, 1)
+    result["upstream_cpu_percent"] = rounded(upstream_window.percent, 1)
+    result["machine_cpu_percent"] = rounded(machine_window.percent, 1)
     # What the rest of the machine used meanwhile (PostgreSQL, Redis and this client are part of
     # it): on a shared machine, the share the server could not have.
-    result["others_cpu_percent"] = _round(
+    result["others_cpu_percent"] = rounded(
         (machine_window.percent or 0.0) - (window.percent or 0.0) - (upstream_window.percent or 0.0), 1
     )
     # CPU the hypervisor gave to other guests meanwhile: calls/s falls with it, CPU per call not.
-    result["steal_cpu_percent"] = _round(machine_window.steal_percent, 1)
+    result["steal_cpu_percent"] = rounded(machine_window.steal_percent, 1)
     return result
 
 
@@ -550,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
                 for floor, through in zip(turns["bare_io"], turns["gateway"], strict=True)
                 if floor["calls_per_second"]
             ]
-            result["gateway_vs_bare_io"] = _round(statistics.median(ratios)) if ratios else None
+            result["gateway_vs_bare_io"] = rounded(statistics.median(ratios)) if ratios else None
         result["ledger"] = run.ledger(result["gateway"]["answered"])
     finally:
         run.teardown()

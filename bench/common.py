@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from testbed.net import HOST
@@ -68,3 +71,25 @@ def fmt(value: float | None, spec: str = ".2f", none: str = "n/a") -> str:
 
 def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# Counts over all turns; every other number is the median of the turns'.
+SUMMED_OVER_TURNS = ("calls_in_window", "answered")
+
+
+def figures_of_turns(turns: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, Any]:
+    """One load's figures over its turns: counts and errors added up, the rest the median of
+    the turns' (`None` where no turn had it)."""
+    figures: dict[str, Any] = {}
+    for key in keys:
+        if key == "errors":
+            errors: Counter[str] = Counter()
+            for turn in turns:
+                errors.update(turn["errors"])
+            figures[key] = dict(errors)
+        elif key in SUMMED_OVER_TURNS:
+            figures[key] = sum(turn[key] for turn in turns)
+        else:
+            values = [turn[key] for turn in turns if turn.get(key) is not None]
+            figures[key] = rounded(statistics.median(values)) if values else None
+    return figures

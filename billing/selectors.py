@@ -12,14 +12,13 @@ from django.db import DEFAULT_DB_ALIAS, connections
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import (
     Count,
-    Field,
     Model,
     Sum,
     Value,
 )
 from django.db.models.functions import Coalesce
 
-from billing._sql import _column, hot_cursor
+from billing._sql import _column, _field, hot_cursor
 from billing.fields import ExactDecimalField
 from billing.models import (
     TOTAL_DIGITS,
@@ -137,9 +136,7 @@ def _period_usage_parts(connection: BaseDatabaseWrapper, asked: dict[str, str]) 
     quote = connection.ops.quote_name
 
     def column(model: type[Model], name: str) -> str:
-        field = model._meta.get_field(name)
-        assert isinstance(field, Field)  # a concrete field, not a reverse relation
-        return quote(_column(field))
+        return quote(_column(_field(model, name)))
 
     day, cost = column(DailyUsage, "day"), column(DailyUsage, "cost_usd")
     tokens = f"{column(DailyUsage, 'prompt_tokens')} + {column(DailyUsage, 'completion_tokens')}"
@@ -195,9 +192,7 @@ def _period_usages_statement(connection: BaseDatabaseWrapper) -> str:
     if connection.vendor not in _PERIOD_USAGES:
 
         def array_of(model: type[Model], name: str) -> str:
-            field = model._meta.get_field(name)
-            assert isinstance(field, Field)
-            return f"%s::{str(field.db_type(connection)).split('(')[0]}[]"
+            return f"%s::{str(_field(model, name).db_type(connection)).split('(')[0]}[]"
 
         inputs = ("day", "month_first", "month_end", "user", "account", "at")
         quote = connection.ops.quote_name  # "user" is a reserved word

@@ -146,6 +146,9 @@ def test_an_empty_batch_of_holds_still_deletes_the_expired_ones(user: Any) -> No
 @pytest.mark.postgresql
 def test_the_ledgers_statement_is_sent_with_its_parameters_apart_and_prepared_after_a_few_runs(user: Any) -> None:
     runs = settings.DATABASES["default"]["OPTIONS"]["prepare_threshold"]
+    # A connection of its own: a pooled one may have run (and prepared) it in earlier tests.
+    connection.close()
+    connection.close_pool()
 
     def prepared() -> list[str]:
         with connection.cursor() as cursor:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.calls_per_second import figures_of_turns
+from bench.common import figures_of_turns
 from bench.targets import CHUNKS_LONG, CHUNKS_SHORT, evaluate
 
 
