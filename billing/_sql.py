@@ -10,7 +10,7 @@ text per model and database (built once), and values prepared by the model's own
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +50,13 @@ def _field(model: type[Model], name: str) -> Field:
     field = model._meta.get_field(name)
     assert isinstance(field, Field)  # a concrete field, not a reverse relation
     return field
+
+
+def array_parameter(field: Field, connection: BaseDatabaseWrapper) -> str:
+    """A placeholder for an array of `field`'s values, cast to its type without the modifiers
+    (varchar[], not varchar(50)[]), as Django's own UNNEST insert casts: a value is checked by
+    its column, never cut by the cast."""
+    return f"%s::{str(field.db_type(connection)).split('(')[0]}[]"
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,9 +206,6 @@ class RollupAdd:
     rows: Sequence[Mapping[str, object]]
 
 
-type _ArrayOf = Callable[[Field], str]
-
-
 @dataclass(frozen=True, slots=True)
 class DeleteWhereIn:
     """The rows of `model` whose `field_name` is one of `values` (`delete_where_in`)."""
@@ -214,10 +218,10 @@ class DeleteWhereIn:
     def shape(self) -> tuple[object, ...]:
         return (DeleteWhereIn, self.model, self.field_name)
 
-    def sql(self, connection: BaseDatabaseWrapper, array_of: _ArrayOf) -> str:
+    def sql(self, connection: BaseDatabaseWrapper) -> str:
         quote = connection.ops.quote_name
         field = _field(self.model, self.field_name)
-        return f"DELETE FROM {quote(self.model._meta.db_table)} WHERE {quote(_column(field))} = ANY({array_of(field)})"
+        return f"DELETE FROM {quote(self.model._meta.db_table)} WHERE {quote(_column(field))} = ANY({array_parameter(field, connection)})"
 
     def params(self, connection: BaseDatabaseWrapper) -> list[list[Any]]:
         field = _field(self.model, self.field_name)
@@ -241,12 +245,13 @@ class DeleteWhereAtMost:
     def shape(self) -> tuple[object, ...]:
         return (DeleteWhereAtMost, self.model, self.equal, self.at_most)
 
-    def sql(self, connection: BaseDatabaseWrapper, array_of: _ArrayOf) -> str:
+    def sql(self, connection: BaseDatabaseWrapper) -> str:
         quote = connection.ops.quote_name
         table = quote(self.model._meta.db_table)
         equal, at_most = _field(self.model, self.equal), _field(self.model, self.at_most)
+        arrays = f"{array_parameter(equal, connection)}, {array_parameter(at_most, connection)}"
         return (
-            f"DELETE FROM {table} USING unnest({array_of(equal)}, {array_of(at_most)}) AS bound(equal, at_most)"
+            f"DELETE FROM {table} USING unnest({arrays}) AS bound(equal, at_most)"
             f" WHERE {table}.{quote(_column(equal))} = bound.equal AND {table}.{quote(_column(at_most))} <= bound.at_most"
         )
 
@@ -275,17 +280,13 @@ def _together_statement(
     if statement not in _TOGETHER:
         quote = connection.ops.quote_name
 
-        def array_of(field: Field) -> str:
-            # The type without its modifiers (varchar[], not varchar(50)[]), as Django's own
-            # UNNEST insert casts: a value is checked by its column, never cut by the cast.
-            return f"%s::{str(field.db_type(connection)).split('(')[0]}[]"
-
         def from_arrays(insert: _Insert) -> str:
-            return f"{insert.head} SELECT * FROM unnest({', '.join(array_of(field) for field in insert.fields)}){insert.tail}"
+            arrays = ", ".join(array_parameter(field, connection) for field in insert.fields)
+            return f"{insert.head} SELECT * FROM unnest({arrays}){insert.tail}"
 
         inserts = (_insert_statement(model, connection), *(_upsert_statement(r.model, r.key, r.sums, connection) for r in rollups))
         parts = [f"written_{index} AS ({from_arrays(insert)})" for index, insert in enumerate(inserts)]
-        parts.append(f"deleted AS ({delete.sql(connection, array_of)})")
+        parts.append(f"deleted AS ({delete.sql(connection)})")
         sql = "WITH " + ", ".join(parts) + f" SELECT {quote(_column(model._meta.pk))} FROM written_0"
         _TOGETHER[statement] = sql, inserts
     return _TOGETHER[statement]
@@ -309,10 +310,9 @@ def insert_add_delete(
     autocommit it is its own transaction. Inside one it runs under a savepoint, so that a
     refusal leaves that transaction usable; with `savepoint=False` (two round trips fewer) a
     refusal marks the caller's transaction for rollback instead, as Django's
-    `atomic(savepoint=False)` does. The DELETE
-    sees the table as it was before the statement, not the rows it inserts; SQLite runs the
-    DELETE first, then the other statements, in a transaction. The objects' keys are set, as
-    `insert_many` sets them.
+    `atomic(savepoint=False)` does. The DELETE sees the table as it was before the statement,
+    not the rows it inserts; SQLite runs the DELETE first, then the other statements, in a
+    transaction. The objects' keys are set, as `insert_many` sets them.
     """
     connection = connections[using]
     if connection.vendor != "postgresql":

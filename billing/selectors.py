@@ -18,7 +18,7 @@ from django.db.models import (
 )
 from django.db.models.functions import Coalesce
 
-from billing._sql import _column, _field, hot_cursor
+from billing._sql import _column, _field, array_parameter, hot_cursor
 from billing.fields import ExactDecimalField
 from billing.models import (
     TOTAL_DIGITS,
@@ -192,7 +192,7 @@ def _period_usages_statement(connection: BaseDatabaseWrapper) -> str:
     if connection.vendor not in _PERIOD_USAGES:
 
         def array_of(model: type[Model], name: str) -> str:
-            return f"%s::{str(_field(model, name).db_type(connection)).split('(')[0]}[]"
+            return array_parameter(_field(model, name), connection)
 
         inputs = ("day", "month_first", "month_end", "user", "account", "at")
         quote = connection.ops.quote_name  # "user" is a reserved word

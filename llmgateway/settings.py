@@ -152,7 +152,6 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
         # connection the server wrote to while it was idle costs a round trip (infra/postgres_pool.py).
         "check": check_idle_connection,
     }
-    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
     # The hot statements' cursors prepare a statement after this many runs on a connection
     # (billing._sql.hot_cursor; Django's own cursors never prepare). Off behind a pooler in
     # transaction mode that does not keep prepared statements (PgBouncer before 1.21).
