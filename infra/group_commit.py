@@ -15,6 +15,10 @@ item's future gets, or an exception, which it raises. The loop:
 - `withdraw()` takes back an item no batch has taken yet; one in a batch being written cannot
   be taken back (its write may be in a thread, which cannot be cancelled).
 
+Each batch's size and the time its write took go to `/metrics` (`llmgateway_batch_items`,
+`llmgateway_batch_seconds`, labelled by the writer's `name`): how long items wait for a batch
+is about that long again, so these say what a database or Redis that slows down costs a call.
+
 The writer owns one task, started by the first item and ended when nothing waits; `aclose()`
 lets the items handed in be written (bounded), then stops it. Each event loop gets its own state
 (a test suite runs one loop per test).
@@ -24,10 +28,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+from infra.observability import BATCH_ITEMS, BATCH_SECONDS
 from infra.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
@@ -63,11 +69,11 @@ class GroupCommit[T, R]:
         self._in_flight: set[asyncio.Future[R]] = set()
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        # What it has done, for tests and metrics: batches written and the items they held.
+        # What it has done, for tests: batches written and the items they held.
         self.batches = 0
         self.items = 0
-        # Told the size of each batch as it is written (a metrics histogram).
-        self.on_batch: Callable[[int], None] = lambda size: None
+        self._batch_items = BATCH_ITEMS.labels(writer=name)
+        self._batch_seconds = BATCH_SECONDS.labels(writer=name)
 
     def submit(self, item: T) -> asyncio.Future[R]:
         """Queue `item` for the next batch; the future gets its outcome."""
@@ -104,8 +110,9 @@ class GroupCommit[T, R]:
             if not batch:
                 continue
             self._in_flight = {entry.future for entry in batch}
+            self._batch_items.observe(len(batch))
+            started = time.perf_counter()
             try:
-                self.on_batch(len(batch))
                 outcomes = await self._write([entry.item for entry in batch])
             except asyncio.CancelledError:
                 self._fail([*batch, *self._queue], WriterStopped(STOPPED))
@@ -117,6 +124,7 @@ class GroupCommit[T, R]:
                 continue
             finally:
                 self._in_flight = set()
+                self._batch_seconds.observe(time.perf_counter() - started)
             self.batches += 1
             self.items += len(batch)
             for entry, outcome in zip(batch, outcomes, strict=True):

@@ -55,6 +55,18 @@ UPSTREAM_LEARNED_LIMIT = Gauge(
     ["deployment", "unit"],
     multiprocess_mode="mostrecent",
 )
+BATCH_ITEMS = Histogram(
+    "llmgateway_batch_items",
+    "Items in each group-committed batch, by writer (ledger rows, budget holds, limiter scripts).",
+    ["writer"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+BATCH_SECONDS = Histogram(
+    "llmgateway_batch_seconds",
+    "Time to write one group-committed batch, by writer: its round trips, locks waited for and work in a thread.",
+    ["writer"],
+    buckets=_LATENCY_BUCKETS,
+)
 REJECTIONS = Counter("llmgateway_rejections_total", "Requests refused before the upstream.", ["reason"])
 BACKPRESSURE_WAITS = Counter(
     "llmgateway_backpressure_waits_total", "Times a producer found the stream queue full (slow client)."

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from django.db import IntegrityError, OperationalError, connection
+from prometheus_client import REGISTRY
 
 from billing.ledger_writer import LedgerWriter, Outcome, _write_batch_in_thread
 from billing.models import DailyKeyUsage, DailyUsage, Reservation, UsageRecord
@@ -133,6 +134,32 @@ def test_rows_arriving_while_a_batch_is_written_wait_and_form_the_next_one(user)
     assert UsageRecord.objects.count() == 41
     if connection.vendor == "postgresql":
         assert transactions_that_wrote_the_ledger() == 2
+
+
+def test_each_batch_reports_its_size_and_how_long_its_write_took(user) -> None:
+    def metric(sample: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(f"llmgateway_batch_{sample}", {"writer": "llmgateway-ledger-writer", **labels}) or 0.0
+
+    samples = [("items_count", {}), ("items_sum", {}), ("items_bucket", {"le": "1.0"}), ("seconds_count", {}), ("seconds_sum", {})]
+    before = [metric(sample, **labels) for sample, labels in samples]
+    recorder = Recorder()
+    writer = LedgerWriter(recorder)
+
+    async def main() -> None:
+        recorder.gate = asyncio.Event()
+        first = writer.submit(row(user.pk, 0))
+        await recorder.started.wait()
+        later = [writer.submit(row(user.pk, index)) for index in range(1, 6)]
+        await asyncio.sleep(0.2)  # the first batch's write is held open this long
+        recorder.gate.set()
+        await asyncio.gather(first, *later)
+
+    run(main)
+
+    items, items_sum, batches_of_one, writes, seconds = (metric(s, **labels) - b for (s, labels), b in zip(samples, before, strict=True))
+    assert recorder.sizes == [1, 5]
+    assert (items, items_sum, batches_of_one, writes) == (2, 6, 1, 2)
+    assert seconds >= 0.2
 
 
 def test_a_batch_is_bounded(user) -> None:
