@@ -55,7 +55,16 @@ from pathlib import Path
 from typing import Any
 
 from bench.bare_io import TABLES as BARE_IO_TABLES
-from bench.common import BENCH_LIMITS, ROOT, figures_of_turns, percentile, rounded, without_proxies
+from bench.common import (
+    BENCH_LIMITS,
+    ROOT,
+    batch_figures,
+    batch_totals,
+    figures_of_turns,
+    percentile,
+    rounded,
+    without_proxies,
+)
 from bench.common import with_database as _with_database
 from testbed.gateway import SERVE_ARGS, Gateway
 from testbed.samplers import CpuWindow, MachineCpuWindow
@@ -200,6 +209,7 @@ class Run:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.workdir = Path(tempfile.mkdtemp(prefix="llmgateway-cps-", dir="/tmp"))
+        self.metrics_dir = self.workdir / "metrics"
         self.db_name = f"llmgateway_cps_{os.getpid()}"
         self.database_url = _with_database(args.postgres, self.db_name)
         self.env = without_proxies(dict(os.environ))
@@ -215,14 +225,14 @@ class Run:
                 "LLMGATEWAY_VAR_DIR": str(self.workdir / "var"),
                 "DJANGO_SECRET_KEY": secrets.token_urlsafe(50),
                 "DJANGO_SETTINGS_MODULE": "llmgateway.settings",
-                "PROMETHEUS_MULTIPROC_DIR": str(self.workdir / "metrics"),
+                "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir),
                 "NO_PROXY": "127.0.0.1,localhost",
                 "PYTHONPATH": os.pathsep.join(
                     filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])
                 ),
             }
         )
-        (self.workdir / "metrics").mkdir()
+        self.metrics_dir.mkdir()
         self.upstream: Upstream | None = None
         self.gateway: Gateway | None = None
         self.created = False
@@ -353,6 +363,7 @@ async def _measured(
     upstream_window = CpuWindow([run.upstream.pid])
     machine_window = MachineCpuWindow()
     services: dict[str, CpuWindow] = {}
+    batches: list[dict[str, tuple[float, float, float]]] = []
     loop_start = time.monotonic()
 
     async def cpu_at_window() -> None:
@@ -363,9 +374,11 @@ async def _measured(
         windows = (window, upstream_window, machine_window, *services.values())
         for started in windows:
             started.start()
+        batches.append(await asyncio.to_thread(batch_totals, run.metrics_dir))
         await asyncio.sleep(args.seconds)
         for stopped in windows:
             stopped.stop()
+        batches.append(await asyncio.to_thread(batch_totals, run.metrics_dir))
 
     watcher = asyncio.ensure_future(cpu_at_window())
     try:
@@ -390,6 +403,7 @@ async def _measured(
     )
     # CPU the hypervisor gave to other guests meanwhile: calls/s falls with it, CPU per call not.
     result["steal_cpu_percent"] = rounded(machine_window.steal_percent, 1)
+    result.update(batch_figures(*batches))
     return result
 
 

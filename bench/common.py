@@ -8,7 +8,7 @@ import statistics
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -92,4 +92,37 @@ def figures_of_turns(turns: list[dict[str, Any]], keys: tuple[str, ...]) -> dict
         else:
             values = [turn[key] for turn in turns if turn.get(key) is not None]
             figures[key] = rounded(statistics.median(values)) if values else None
+    return figures
+
+
+# The gateway's group-committing writers (`llmgateway_batch_*` in its metrics), as the figures name them.
+BATCH_WRITERS = {"llmgateway-budget-holds": "hold", "llmgateway-ledger-writer": "ledger", "llmgateway-limiter-scripts": "limiter"}
+
+
+def batch_totals(metrics_dir: Path) -> dict[str, tuple[float, float, float]]:
+    """Each writer's batches, their items and the seconds their writes took, so far, from the
+    gateway workers' multiprocess metrics (`infra.group_commit`)."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(metrics_dir))
+    totals: dict[str, list[float]] = {}
+    names = {"llmgateway_batch_items_count": 0, "llmgateway_batch_items_sum": 1, "llmgateway_batch_seconds_sum": 2}
+    for family in registry.collect():
+        for sample in family.samples:
+            if sample.name in names and sample.labels.get("writer") in BATCH_WRITERS:
+                totals.setdefault(sample.labels["writer"], [0.0, 0.0, 0.0])[names[sample.name]] = sample.value
+    return {writer: (batches, items, seconds) for writer, (batches, items, seconds) in totals.items()}
+
+
+def batch_figures(before: Mapping[str, tuple[float, float, float]], after: Mapping[str, tuple[float, float, float]]) -> dict[str, float | None]:
+    """Each writer's mean items per batch and ms per batch between two `batch_totals`."""
+    figures: dict[str, float | None] = {}
+    for writer, short in BATCH_WRITERS.items():
+        if writer not in after:
+            continue
+        batches, items, seconds = (now - then for now, then in zip(after[writer], before.get(writer, (0.0, 0.0, 0.0)), strict=True))
+        figures[f"{short}_batch_items"] = rounded(items / batches, 1) if batches else None
+        figures[f"{short}_batch_ms"] = rounded(1000 * seconds / batches, 2) if batches else None
     return figures

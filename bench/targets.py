@@ -234,7 +234,11 @@ def _calls(run: Json, config: Json) -> Measured:
         f"(gateway {fmt(calls.get('gateway_vs_bare_io'), '.2f')}x of it)",
         note=f"p99 {fmt(gateway.get('p99_ms'), '.1f')} ms; CPU ms/call gw {fmt(gateway.get('gateway_cpu_ms_per_call'), '.2f')} "
         f"pg {fmt(gateway.get('postgres_cpu_ms_per_call'), '.2f')} redis {fmt(gateway.get('redis_cpu_ms_per_call'), '.2f')}; "
-        f"steal {fmt(gateway.get('steal_cpu_percent'), '.0f')}%; ledger {'ok' if ledger.get('ok') else 'NOT ok'}",
+        f"steal {fmt(gateway.get('steal_cpu_percent'), '.0f')}%; "
+        f"batch ms (items) holds {fmt(gateway.get('hold_batch_ms'), '.1f')} ({fmt(gateway.get('hold_batch_items'), '.1f')}) "
+        f"ledger {fmt(gateway.get('ledger_batch_ms'), '.1f')} ({fmt(gateway.get('ledger_batch_items'), '.1f')}) "
+        f"limiter {fmt(gateway.get('limiter_batch_ms'), '.1f')} ({fmt(gateway.get('limiter_batch_items'), '.1f')}); "
+        f"ledger {'ok' if ledger.get('ok') else 'NOT ok'}",
         also_ok=bool(ledger.get("ok", True)),
     )
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from bench.common import figures_of_turns
+import os
+import subprocess
+import sys
+
+from bench.common import ROOT, batch_figures, batch_totals, figures_of_turns
 from bench.targets import CHUNKS_LONG, CHUNKS_SHORT, evaluate
 
 
@@ -50,3 +54,38 @@ def test_the_calls_row_shows_the_gateway_against_the_bare_io_floor_of_the_same_t
 
     assert (row["value"], row["status"]) == (250.0, "MISS")
     assert row["baseline"] == "direct 3,000/s, bare I/O 500/s at 2.00 ms/call (gateway 0.52x of it)"
+
+
+def test_the_calls_figures_include_each_writers_batches_read_from_the_gateways_metrics(tmp_path) -> None:
+    # A process with the gateway's multiprocess metrics writes a batch of one, then a batch of four
+    # held open 50 ms: what `bench.calls_per_second` reads from the workers' metrics directory.
+    script = """
+import asyncio
+from infra.group_commit import GroupCommit
+
+async def main():
+    gate = asyncio.Event()
+    async def write(items):
+        if len(items) > 1:
+            await asyncio.sleep(0.05)
+        await gate.wait()
+        return list(items)
+    writer = GroupCommit(write, name="llmgateway-ledger-writer", max_batch=10)
+    first = writer.submit(0)
+    await asyncio.sleep(0)
+    later = [writer.submit(item) for item in range(1, 5)]
+    gate.set()
+    await asyncio.gather(first, *later)
+
+asyncio.run(main())
+"""
+    environment = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    before = batch_totals(tmp_path)
+    subprocess.run([sys.executable, "-c", script], env=environment, check=True, timeout=60)
+
+    figures = batch_figures(before, batch_totals(tmp_path))
+
+    assert before == {}
+    assert figures["ledger_batch_items"] == 2.5  # (1 + 4) items in 2 batches
+    assert figures["ledger_batch_ms"] is not None and figures["ledger_batch_ms"] >= 25  # (~0 + 50 ms) / 2
+    assert "hold_batch_items" not in figures  # no such writer ran
