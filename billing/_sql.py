@@ -328,17 +328,48 @@ def insert_add_delete(
                         using=using,
                     )
         return
+    sql, params = _together_sql_and_params(model, objects, rollups, delete, connection)
+    inside = transaction.atomic(using=using, savepoint=savepoint) if connection.in_atomic_block else contextlib.nullcontext()
+    with inside, hot_cursor(connection) as cursor:
+        cursor.execute(sql, params)
+        _set_keys(objects, [key for (key,) in cursor.fetchall()], using)
+
+
+async def ainsert_add_delete(
+    model: type[Model],
+    objects: Sequence[Model],
+    *,
+    rollups: Sequence[RollupAdd],
+    delete: DeleteWhereIn | DeleteWhereAtMost,
+    connection: psycopg.AsyncConnection[Any],
+    using: str = DEFAULT_DB_ALIAS,
+) -> None:
+    """`insert_add_delete`'s one PostgreSQL statement, on a connection of the event loop
+    (`infra.async_postgres`): its own transaction in autocommit, else part of the caller's (a
+    refusal then fails that transaction, as with `savepoint=False`). The objects' keys are set."""
+    sql, params = _together_sql_and_params(model, objects, rollups, delete, connections[using])
+    cursor = await connection.execute(sql, params)
+    _set_keys(objects, [key for (key,) in await cursor.fetchall()], using)
+
+
+def _together_sql_and_params(
+    model: type[Model],
+    objects: Sequence[Model],
+    rollups: Sequence[RollupAdd],
+    delete: DeleteWhereIn | DeleteWhereAtMost,
+    connection: BaseDatabaseWrapper,
+) -> tuple[str, list[Any]]:
     sql, (insert, *upserts) = _together_statement(model, rollups, delete, connection)
     params: list[Any] = [[field.get_db_prep_save(field.pre_save(obj, True), connection) for obj in objects] for field in insert.fields]
     for rollup, upsert in zip(rollups, upserts, strict=True):
         params += [[field.get_db_prep_save(row[field.name], connection) for row in rollup.rows] for field in upsert.fields]
     params += delete.params(connection)
-    inside = transaction.atomic(using=using, savepoint=savepoint) if connection.in_atomic_block else contextlib.nullcontext()
-    with inside, hot_cursor(connection) as cursor:
-        cursor.execute(sql, params)
-        # In the arrays' order, as Django's own bulk_create (INSERT ... SELECT * FROM UNNEST ...
-        # RETURNING) reads them back.
-        keys = [key for (key,) in cursor.fetchall()]
+    return sql, params
+
+
+def _set_keys(objects: Sequence[Model], keys: Sequence[Any], using: str) -> None:
+    """Each object saved with its key: in the arrays' order, as Django's own bulk_create
+    (INSERT ... SELECT * FROM UNNEST ... RETURNING) reads them back."""
     for obj, key in zip(objects, keys, strict=True):
         obj.pk = key
         obj._state.adding = False

@@ -6,9 +6,9 @@ is not. The writer is a group commit (`infra.group_commit`): a row handed in whi
 being written is written at once, alone; rows that arrive while a batch is being written wait,
 and become the next batch (at most `MAX_BATCH_ROWS`) as soon as that one is done.
 
-- One batch is one transaction (`billing.services.usage_records_create`): one INSERT statement run
-  for each ledger row (one round trip on PostgreSQL), one upsert per rollup row it touches (the calls' amounts added up first),
-  and the DELETE of those calls' budget holds. A failure leaves neither the rows nor the holds'
+- One batch is one transaction (`billing.services.usage_records_create`): the ledger rows, one
+  upsert per rollup row it touches (the calls' amounts added up first) and the DELETE of those
+  calls' budget holds (one statement, one round trip on PostgreSQL). A failure leaves neither the rows nor the holds'
   release: it is all or nothing, as for one call.
 - A batch the database refuses for a reason of its rows (a `request_id` already in the ledger,
   a deleted user, a value out of range) is written again row by row, so one bad row costs only
@@ -23,8 +23,10 @@ taken yet, so a row given up on is not written twice; a row already in a batch b
 cannot be taken back (a database thread cannot be cancelled): it may still commit, and the
 outbox's copy is then found in the ledger and not written again.
 
-One writer per process, its batches written one at a time in the database threads
-(`infra.db.db_task`); the processes' batches run side by side, in separate transactions.
+One writer per process, its batches written one at a time: on PostgreSQL on the event loop, on
+a connection of its own (`infra.async_postgres`), elsewhere in the database threads
+(`infra.db.db_task`), as is the row-by-row write of a refused batch. The processes' batches run
+side by side, in separate transactions.
 """
 
 from __future__ import annotations
@@ -35,7 +37,13 @@ from decimal import Decimal
 
 from django.db import InterfaceError, OperationalError
 
-from billing.services import UsageRow, usage_record_create, usage_records_create
+from billing.services import (
+    UsageRow,
+    ausage_records_create,
+    usage_record_create,
+    usage_records_create,
+)
+from infra.async_postgres import LoopConnection, on_postgres
 from infra.db import db_task
 from infra.group_commit import GroupCommit
 
@@ -57,12 +65,40 @@ def write_batch(rows: Sequence[UsageRow]) -> list[Outcome]:
     """
     try:
         return [record.cost_usd for record in usage_records_create(rows=rows)]
-    except _DATABASE_AWAY as error:
+    except Exception as error:
+        if (outcomes := _when_refused(rows, error)) is not None:
+            return outcomes
+    return write_row_by_row(rows)
+
+
+async def write_batch_on_loop(rows: Sequence[UsageRow]) -> list[Outcome]:
+    """`write_batch` on PostgreSQL: the batch's statement on the event loop
+    (`infra.async_postgres`); only a batch the database refused goes to a database thread, to
+    be written row by row. Elsewhere, all of `write_batch` in a database thread."""
+    if not on_postgres():
+        return await _write_batch_in_thread(rows)
+    try:
+        async with _connection.connection() as connection:
+            return [record.cost_usd for record in await ausage_records_create(rows=rows, connection=connection)]
+    except Exception as error:
+        if (outcomes := _when_refused(rows, error)) is not None:
+            return outcomes
+    return await _write_row_by_row_in_thread(rows)
+
+
+def _when_refused(rows: Sequence[UsageRow], error: Exception) -> list[Outcome] | None:
+    """The outcomes of a batch whose write raised `error`, or None when it is to be written row
+    by row (a row's own fault: find it, write the others)."""
+    if isinstance(error, _DATABASE_AWAY):
         return [error] * len(rows)
-    except Exception as error:  # a row's own fault: find it, write the others
-        if len(rows) == 1:
-            return [error]
-        logger.info("a ledger batch of %d rows was refused (%s: %s); writing it row by row", len(rows), type(error).__name__, error)
+    if len(rows) == 1:
+        return [error]
+    logger.info("a ledger batch of %d rows was refused (%s: %s); writing it row by row", len(rows), type(error).__name__, error)
+    return None
+
+
+def write_row_by_row(rows: Sequence[UsageRow]) -> list[Outcome]:
+    """Each row in its own transaction: one outcome per row, in order (sync, DB)."""
     outcomes: list[Outcome] = []
     for index, row in enumerate(rows):
         try:
@@ -76,6 +112,8 @@ def write_batch(rows: Sequence[UsageRow]) -> list[Outcome]:
 
 
 _write_batch_in_thread = db_task(write_batch)
+_write_row_by_row_in_thread = db_task(write_row_by_row)
+_connection = LoopConnection("ledger")
 
 
 class LedgerWriter(GroupCommit[UsageRow, Decimal]):
@@ -84,7 +122,7 @@ class LedgerWriter(GroupCommit[UsageRow, Decimal]):
     def __init__(
         self, write: Callable[[Sequence[UsageRow]], Awaitable[Sequence[Outcome]]] | None = None, *, max_batch: int = MAX_BATCH_ROWS
     ) -> None:
-        super().__init__(write or _write_batch_in_thread, name="llmgateway-ledger-writer", max_batch=max_batch)
+        super().__init__(write or write_batch_on_loop, name="llmgateway-ledger-writer", max_batch=max_batch)
 
 
 _writer: LedgerWriter | None = None

@@ -42,6 +42,7 @@ from decimal import Decimal
 from enum import Enum
 from typing import Any, Final, Literal
 
+import psycopg
 from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, InterfaceError, OperationalError, transaction
 from django.utils import timezone
@@ -51,6 +52,7 @@ from billing._sql import (
     DeleteWhereAtMost,
     DeleteWhereIn,
     RollupAdd,
+    ainsert_add_delete,
     delete_where,
     insert_add_delete,
     insert_or_add,
@@ -490,6 +492,21 @@ def usage_records_create(*, rows: Sequence[UsageRow]) -> list[UsageRecord]:
     `request_id` already in the ledger, a deleted user, a value out of range) rolls the whole
     batch back, holds included; the writer then writes the rows one by one.
     """
+    records, rollups, settled = _ledger_batch(rows)
+    insert_add_delete(UsageRecord, records, rollups=rollups, delete=settled)
+    return records
+
+
+async def ausage_records_create(*, rows: Sequence[UsageRow], connection: psycopg.AsyncConnection[Any]) -> list[UsageRecord]:
+    """`usage_records_create` on a PostgreSQL connection of the event loop (`infra.async_postgres`):
+    the same one statement, its own transaction."""
+    records, rollups, settled = _ledger_batch(rows)
+    await ainsert_add_delete(UsageRecord, records, rollups=rollups, delete=settled, connection=connection)
+    return records
+
+
+def _ledger_batch(rows: Sequence[UsageRow]) -> tuple[list[UsageRecord], list[RollupAdd], DeleteWhereIn]:
+    """A batch's ledger rows (unsaved, costs exact), its rollup rows and the DELETE of its holds."""
     records = [_usage_record(row) for row in rows]
     daily: dict[tuple[int, str, str, date], dict[str, Decimal | int]] = {}
     by_key: dict[tuple[int, date], dict[str, Decimal | int]] = {}
@@ -507,10 +524,9 @@ def usage_records_create(*, rows: Sequence[UsageRow]) -> list[UsageRecord]:
         _add_to(daily.setdefault((record.user_id, record.model, record.endpoint, day), {}), amounts, _DAILY_SUMS)
         if record.api_key_id is not None:
             _add_to(by_key.setdefault((record.api_key_id, day), {}), amounts, _KEY_SUMS)
-    insert_add_delete(
-        UsageRecord,
+    return (
         records,
-        rollups=[
+        [
             RollupAdd(
                 DailyUsage,
                 key=("user", "model", "endpoint", "day"),
@@ -527,9 +543,8 @@ def usage_records_create(*, rows: Sequence[UsageRow]) -> list[UsageRecord]:
                 rows=[{"api_key": api_key_id, "day": day, **sums} for (api_key_id, day), sums in sorted(by_key.items(), key=lambda item: item[0])],
             ),
         ],
-        delete=DeleteWhereIn(Reservation, "request_id", [record.request_id for record in records]),
+        DeleteWhereIn(Reservation, "request_id", [record.request_id for record in records]),
     )
-    return records
 
 
 def _add_to(total: dict[str, Decimal | int], amounts: dict[str, Decimal | int], names: tuple[str, ...]) -> None:

@@ -13,12 +13,13 @@ Settings import this module, so it imports nothing of Django.
 from __future__ import annotations
 
 import select
+from typing import Any
 
 import psycopg
 from psycopg_pool import ConnectionPool
 
 
-def has_pending_input(connection: psycopg.Connection) -> bool:
+def has_pending_input(connection: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool:
     """Whether the server has written to this idle connection (poll, no wait)."""
     poller = select.poll()
     poller.register(connection.fileno(), select.POLLIN)

@@ -49,6 +49,7 @@ async def lifespan(scope: dict[str, Any], receive: Any, send: Any) -> None:
     from billing.services import budget_holds
     from calls import control, live
     from calls.limits import aclose_limiter
+    from infra.async_postgres import aclose_connections
     from llmgateway.auth import forget_verified_keys
     from streaming.providers import aclose_providers
     from upstreams.learned import aclose_learned_limits
@@ -72,6 +73,7 @@ async def lifespan(scope: dict[str, Any], receive: Any, send: Any) -> None:
                 await aclose_learned_limits()
                 await budget_holds.aclose()  # admissions still being held are answered
                 await aclose_ledger_writer()  # the rows handed in are written (or fail) before
+                await aclose_connections()  # the batch writers' connections, now idle
                 await aclose_outbox()  # the outbox's last drain
                 await control.listener.stop()
                 await live.reporting.stop()

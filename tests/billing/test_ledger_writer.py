@@ -14,7 +14,7 @@ import pytest
 from django.db import IntegrityError, OperationalError, connection
 from prometheus_client import REGISTRY
 
-from billing.ledger_writer import LedgerWriter, Outcome, _write_batch_in_thread
+from billing.ledger_writer import LedgerWriter, Outcome, write_batch_on_loop
 from billing.models import DailyKeyUsage, DailyUsage, Reservation, UsageRecord
 from billing.money import Rates, money_sum
 from billing.periods import billing_day
@@ -81,7 +81,7 @@ class Recorder:
         self.started.set()
         if self.gate is not None:
             await self.gate.wait()
-        return await _write_batch_in_thread(rows)
+        return await write_batch_on_loop(rows)
 
 
 def run[T](main: Callable[[], Awaitable[T]]) -> T:
@@ -279,7 +279,11 @@ def test_a_database_that_is_away_fails_the_whole_batch_at_once(user, monkeypatch
     def database_away(**kwargs: object) -> None:
         raise OperationalError("connection refused")
 
+    async def database_away_on_the_loop(**kwargs: object) -> None:
+        database_away()
+
     monkeypatch.setattr("billing.ledger_writer.usage_records_create", database_away)
+    monkeypatch.setattr("billing.ledger_writer.ausage_records_create", database_away_on_the_loop)
     monkeypatch.setattr("billing.ledger_writer.usage_record_create", lambda **row: row_by_row.append(row))
     calls = [row(user.pk, index) for index in range(12)]
 
