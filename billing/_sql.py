@@ -352,6 +352,36 @@ async def ainsert_add_delete(
     _set_keys(objects, [key for (key,) in await cursor.fetchall()], using)
 
 
+async def alock_rows[M: Model](
+    model: type[M], keys: Sequence[object], *, connection: psycopg.AsyncConnection[Any], using: str = DEFAULT_DB_ALIAS
+) -> list[M]:
+    """The rows of `model` with these primary keys, locked (`FOR UPDATE`) in key order, as
+    `select_for_update().filter(pk__in=keys).order_by("pk")` gives them, on a connection of the
+    event loop inside its transaction. A row waited for is read as the transaction that held it
+    left it."""
+    wrapper = connections[using]
+    fields = model._meta.concrete_fields
+    pk = model._meta.pk
+    assert pk is not None
+    quote = wrapper.ops.quote_name
+    table = quote(model._meta.db_table)
+    sql = (
+        f"SELECT {', '.join(f'{table}.{quote(_column(field))}' for field in fields)} FROM {table}"
+        f" WHERE {quote(_column(pk))} = ANY({array_parameter(pk, wrapper)}) ORDER BY {quote(_column(pk))} FOR UPDATE"
+    )
+    cursor = await connection.execute(sql, [[pk.get_db_prep_value(key, wrapper) for key in keys]])
+    converters = [[*wrapper.ops.get_db_converters(col), *col.get_db_converters(wrapper)] for col in (field.get_col(model._meta.db_table) for field in fields)]
+    names = [field.attname for field in fields]
+    objects = []
+    for row in await cursor.fetchall():
+        values = list(row)
+        for position, field_converters in enumerate(converters):
+            for convert in field_converters:
+                values[position] = convert(values[position], fields[position], wrapper)
+        objects.append(model.from_db(using, names, values))
+    return objects
+
+
 def _together_sql_and_params(
     model: type[Model],
     objects: Sequence[Model],

@@ -8,6 +8,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any, cast
 
+import psycopg
 from django.db import DEFAULT_DB_ALIAS, connections
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import (
@@ -249,14 +250,29 @@ def period_usages(*, asked: Sequence[tuple[Account, datetime]], using: str = DEF
     connection = connections[using]
     if connection.vendor != "postgresql" or len(asked) == 1:
         return [period_usage(account=account, at=at, using=using) for account, at in asked]
+    with hot_cursor(connection) as cursor:
+        cursor.execute(_period_usages_statement(connection), _period_usages_params(connection, asked))
+        return [_period_usage_row(connection, row) for row in cursor.fetchall()]
+
+
+async def aperiod_usages(
+    *, asked: Sequence[tuple[Account, datetime]], connection: psycopg.AsyncConnection[Any], using: str = DEFAULT_DB_ALIAS
+) -> list[PeriodUsage]:
+    """`period_usages` on a PostgreSQL connection of the event loop (`infra.async_postgres`)."""
+    if not asked:
+        return []
+    wrapper = connections[using]
+    cursor = await connection.execute(_period_usages_statement(wrapper), _period_usages_params(wrapper, asked))
+    return [_period_usage_row(wrapper, row) for row in await cursor.fetchall()]
+
+
+def _period_usages_params(connection: BaseDatabaseWrapper, asked: Sequence[tuple[Account, datetime]]) -> list[list[object]]:
     columns: list[list[object]] = [[] for _ in range(6)]
     for account, at in asked:
         day, _, user_id, month_first, month_end, account_id, instant = _period_usage_params(connection, account, at)
         for column, value in zip(columns, (day, month_first, month_end, user_id, account_id, instant), strict=True):
             column.append(value)
-    with hot_cursor(connection) as cursor:
-        cursor.execute(_period_usages_statement(connection), columns)
-        return [_period_usage_row(connection, row) for row in cursor.fetchall()]
+    return columns
 
 
 @dataclass(frozen=True, slots=True)

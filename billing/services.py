@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import date, datetime, timedelta
 from decimal import Decimal
@@ -53,6 +53,7 @@ from billing._sql import (
     DeleteWhereIn,
     RollupAdd,
     ainsert_add_delete,
+    alock_rows,
     delete_where,
     insert_add_delete,
     insert_or_add,
@@ -72,7 +73,8 @@ from billing.models import (
 from billing.money import Rates, money_ratio, money_sum, usd, usd_display
 from billing.periods import billing_day, period_containing
 from billing.pricefile import PriceRow, read_price_file
-from billing.selectors import PeriodUsage, period_usage, period_usages, rates_for
+from billing.selectors import PeriodUsage, aperiod_usages, period_usage, period_usages, rates_for
+from infra.async_postgres import LoopConnection, on_postgres
 from infra.db import db_task
 from infra.group_commit import GroupCommit
 
@@ -265,18 +267,7 @@ def budget_reserve_many(*, requests: Sequence[HoldRequest]) -> list[Admission | 
     admitted one by one instead, each at its own instant. Any other failure raises, and then
     nothing is held.
     """
-    outcomes: list[Admission | Exception] = []
-    waiting: dict[int, list[tuple[int, HoldRequest, Admission]]] = {}
-    for index, request in enumerate(requests):
-        try:
-            pricing = _pricing(user_id=request.user_id, model=request.model, upstream_model=request.upstream_model, now=request.now)
-            unheld = _admission_without_hold(pricing, model=request.model)
-        except PriceMissing as refusal:
-            outcomes.append(refusal)
-            continue
-        outcomes.append(unheld)
-        if pricing.has_limits:
-            waiting.setdefault(pricing.account_id, []).append((index, request, unheld))
+    outcomes, waiting = _waiting_for_holds(requests, pricing=_pricing)
     if not waiting:
         return outcomes
     holds: list[Reservation] = []
@@ -287,14 +278,13 @@ def budget_reserve_many(*, requests: Sequence[HoldRequest]) -> list[Admission | 
         accounts = list(Account.objects.select_for_update().filter(pk__in=waiting).order_by("pk"))
         if len(accounts) != len(waiting):
             raise Account.DoesNotExist(f"accounts {sorted(set(waiting) - {account.pk for account in accounts})} are gone")
+        instants = _batch_instants(waiting)
         at_once: list[tuple[Account, datetime]] = []
         for account in accounts:
-            calls = waiting[account.pk]
             if not account.has_limits:
                 continue  # its calls keep their admission without a hold
-            periods = {(period_containing("day", request.now).first_day, period_containing("month", request.now).first_day) for _, request, _ in calls}
-            if len(periods) > 1:  # across a period's end: each call at its own instant, as alone
-                for index, request, unheld in calls:
+            if account.pk not in instants:  # across a period's end: each call at its own instant, as alone
+                for index, request, unheld in waiting[account.pk]:
                     delete_where(Reservation, equal={"account": account.pk}, at_most={"expires_at": request.now})
                     try:
                         hold, outcomes[index] = _hold(account, request, unheld, period_usage(account=account, at=request.now))
@@ -303,23 +293,118 @@ def budget_reserve_many(*, requests: Sequence[HoldRequest]) -> list[Admission | 
                         continue
                     hold.save(force_insert=True)
                 continue
-            at_once.append((account, max(request.now for _, request, _ in calls)))
+            at_once.append((account, instants[account.pk]))
         for (account, now), usage in zip(at_once, period_usages(asked=at_once), strict=True):
             expired.append((account.pk, now))
-            for index, request, unheld in waiting[account.pk]:
-                try:
-                    hold, outcomes[index] = _hold(account, request, unheld, usage)
-                except QuotaExceeded as refusal:
-                    outcomes[index] = refusal
-                    continue
-                holds.append(hold)
-                usage = replace(usage, reserved_usd=money_sum([usage.reserved_usd, hold.cost_usd]), reserved_tokens=usage.reserved_tokens + hold.tokens)
+            holds += _holds_of(account, waiting[account.pk], usage, outcomes)
         # No savepoint: a refused write rolls the whole batch back (and `_budget_reserve_batch`
         # holds its calls one by one).
         insert_add_delete(
             Reservation, holds, rollups=(), delete=DeleteWhereAtMost(Reservation, "account", "expires_at", expired), savepoint=False
         )
     return outcomes
+
+
+async def abudget_reserve_many(*, requests: Sequence[HoldRequest], connection: psycopg.AsyncConnection[Any]) -> list[Admission | Exception]:
+    """`budget_reserve_many` on a PostgreSQL connection of the event loop (`infra.async_postgres`):
+    the same statements and admissions, in one transaction of that connection.
+
+    Prices come from the cache, and those it does not have are read in a database thread. A
+    batch with an account whose calls do not share one billing day and month (across midnight)
+    is `budget_reserve_many`'s, in a database thread.
+    """
+    prices: dict[tuple[int, str, str | None], pricing_cache.Pricing] = {}
+    for request in requests:
+        key = (request.user_id, request.model, request.upstream_model)
+        if key not in prices and (cached := pricing_cache.get(*key)) is not None:
+            prices[key] = cached
+    if missing := [request for request in requests if (request.user_id, request.model, request.upstream_model) not in prices]:
+        prices.update(await _read_prices_in_thread(missing))
+    outcomes, waiting = _waiting_for_holds(
+        requests, pricing=lambda *, user_id, model, upstream_model, now: prices[(user_id, model, upstream_model)]
+    )
+    if not waiting:
+        return outcomes
+    instants = _batch_instants(waiting)
+    if len(instants) != len(waiting):
+        return await _budget_reserve_many_in_thread(requests=requests)
+    holds: list[Reservation] = []
+    expired: list[tuple[int, datetime]] = []
+    async with connection.transaction():
+        accounts = await alock_rows(Account, sorted(waiting), connection=connection)
+        if len(accounts) != len(waiting):
+            raise Account.DoesNotExist(f"accounts {sorted(set(waiting) - {account.pk for account in accounts})} are gone")
+        at_once = [(account, instants[account.pk]) for account in accounts if account.has_limits]
+        for (account, now), usage in zip(at_once, await aperiod_usages(asked=at_once, connection=connection), strict=True):
+            expired.append((account.pk, now))
+            holds += _holds_of(account, waiting[account.pk], usage, outcomes)
+        await ainsert_add_delete(
+            Reservation, holds, rollups=(), delete=DeleteWhereAtMost(Reservation, "account", "expires_at", expired), connection=connection
+        )
+    return outcomes
+
+
+type _Waiting = dict[int, list[tuple[int, HoldRequest, Admission]]]
+"""A batch's calls that need a hold, by account: (their index in the batch, the request, their
+admission without a hold)."""
+
+
+def _read_prices(requests: Sequence[HoldRequest]) -> dict[tuple[int, str, str | None], pricing_cache.Pricing]:
+    """`_pricing` of each request's user and model (read, and cached), by (user, model, upstream model)."""
+    return {
+        (request.user_id, request.model, request.upstream_model): _pricing(
+            user_id=request.user_id, model=request.model, upstream_model=request.upstream_model, now=request.now
+        )
+        for request in requests
+    }
+
+
+def _waiting_for_holds(
+    requests: Sequence[HoldRequest], *, pricing: Callable[..., pricing_cache.Pricing]
+) -> tuple[list[Admission | Exception], _Waiting]:
+    """Each call's outcome without a hold (its admission, or `PriceMissing`), and the calls of
+    accounts with limits, which need one."""
+    outcomes: list[Admission | Exception] = []
+    waiting: _Waiting = {}
+    for index, request in enumerate(requests):
+        try:
+            priced = pricing(user_id=request.user_id, model=request.model, upstream_model=request.upstream_model, now=request.now)
+            unheld = _admission_without_hold(priced, model=request.model)
+        except PriceMissing as refusal:
+            outcomes.append(refusal)
+            continue
+        outcomes.append(unheld)
+        if priced.has_limits:
+            waiting.setdefault(priced.account_id, []).append((index, request, unheld))
+    return outcomes, waiting
+
+
+def _batch_instants(waiting: _Waiting) -> dict[int, datetime]:
+    """The instant each account's calls are admitted at, their latest: for the accounts whose
+    calls share one billing day and month (all but those of a batch across midnight)."""
+    instants: dict[int, datetime] = {}
+    for account_id, calls in waiting.items():
+        periods = {(period_containing("day", request.now).first_day, period_containing("month", request.now).first_day) for _, request, _ in calls}
+        if len(periods) == 1:
+            instants[account_id] = max(request.now for _, request, _ in calls)
+    return instants
+
+
+def _holds_of(
+    account: Account, calls: Sequence[tuple[int, HoldRequest, Admission]], usage: PeriodUsage, outcomes: list[Admission | Exception]
+) -> list[Reservation]:
+    """The holds of one account's calls, admitted in order against `usage` plus the holds granted
+    before them; each call's outcome set (its admission, or `QuotaExceeded`)."""
+    holds: list[Reservation] = []
+    for index, request, unheld in calls:
+        try:
+            hold, outcomes[index] = _hold(account, request, unheld, usage)
+        except QuotaExceeded as refusal:
+            outcomes[index] = refusal
+            continue
+        holds.append(hold)
+        usage = replace(usage, reserved_usd=money_sum([usage.reserved_usd, hold.cost_usd]), reserved_tokens=usage.reserved_tokens + hold.tokens)
+    return holds
 
 
 def _hold(account: Account, request: HoldRequest, unheld: Admission, usage: PeriodUsage) -> tuple[Reservation, Admission]:
@@ -348,12 +433,39 @@ def _budget_reserve_batch(requests: Sequence[HoldRequest]) -> list[Admission | E
     every call at once."""
     try:
         return budget_reserve_many(requests=requests)
-    except (OperationalError, InterfaceError) as error:
-        return [error] * len(requests)
     except Exception as error:
-        if len(requests) == 1:
-            return [error]
-        logger.info("a batch of %d budget holds was refused (%s: %s); holding one by one", len(requests), type(error).__name__, error)
+        if (outcomes := _when_refused(requests, error)) is not None:
+            return outcomes
+    return _hold_one_by_one(requests)
+
+
+async def _budget_reserve_batch_on_loop(requests: Sequence[HoldRequest]) -> list[Admission | Exception]:
+    """`_budget_reserve_batch` on PostgreSQL: the batch's transaction on the event loop
+    (`infra.async_postgres`), and only a batch the database refused held one by one in a database
+    thread. Elsewhere, all of `_budget_reserve_batch` in a database thread."""
+    if not on_postgres():
+        return await _budget_reserve_batch_in_thread(requests)
+    try:
+        async with _holds_connection.connection() as connection:
+            return await abudget_reserve_many(requests=requests, connection=connection)
+    except Exception as error:
+        if (outcomes := _when_refused(requests, error)) is not None:
+            return outcomes
+    return await _hold_one_by_one_in_thread(requests)
+
+
+def _when_refused(requests: Sequence[HoldRequest], error: Exception) -> list[Admission | Exception] | None:
+    """The outcomes of a batch whose holding raised `error`, or None when its calls are to be held
+    one by one (a call's own fault: find it, hold the others)."""
+    if isinstance(error, (OperationalError, InterfaceError)):
+        return [error] * len(requests)
+    if len(requests) == 1:
+        return [error]
+    logger.info("a batch of %d budget holds was refused (%s: %s); holding one by one", len(requests), type(error).__name__, error)
+    return None
+
+
+def _hold_one_by_one(requests: Sequence[HoldRequest]) -> list[Admission | Exception]:
     outcomes: list[Admission | Exception] = []
     for index, request in enumerate(requests):
         try:
@@ -366,10 +478,17 @@ def _budget_reserve_batch(requests: Sequence[HoldRequest]) -> list[Admission | E
     return outcomes
 
 
+_budget_reserve_many_in_thread = db_task(budget_reserve_many)
+_read_prices_in_thread = db_task(_read_prices)
+_budget_reserve_batch_in_thread = db_task(_budget_reserve_batch)
+_hold_one_by_one_in_thread = db_task(_hold_one_by_one)
+_holds_connection = LoopConnection("budget holds")
+
+
 MAX_HOLD_BATCH = 200
 # The process's admissions with a hold, group-committed as its ledger rows are (`infra.group_commit`).
 budget_holds: GroupCommit[HoldRequest, Admission] = GroupCommit(
-    db_task(_budget_reserve_batch), name="llmgateway-budget-holds", max_batch=MAX_HOLD_BATCH
+    _budget_reserve_batch_on_loop, name="llmgateway-budget-holds", max_batch=MAX_HOLD_BATCH
 )
 
 

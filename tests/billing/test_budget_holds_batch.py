@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -19,11 +21,13 @@ from billing.services import (
     Admission,
     HoldRequest,
     abudget_reserve,
+    abudget_reserve_many,
     account_quota_set,
     budget_holds,
     budget_reserve,
     budget_reserve_many,
 )
+from infra.async_postgres import LoopConnection
 
 from .conftest import NOW
 
@@ -41,15 +45,37 @@ def request(user: Any, at: datetime = NOW) -> HoldRequest:
     )
 
 
+type HoldBatch = Callable[[Sequence[HoldRequest]], list[Admission | Exception]]
+
+
+@pytest.fixture(params=["in a database thread", "on the event loop"])
+def hold_batch(request: pytest.FixtureRequest) -> Iterator[HoldBatch]:
+    """A batch of holds as the process writes it: `budget_reserve_many` in a database thread (any
+    database), or `abudget_reserve_many` on a connection of the event loop (PostgreSQL)."""
+    if request.param == "in a database thread":
+        yield lambda requests: budget_reserve_many(requests=requests)
+        return
+    if connection.vendor != "postgresql":
+        pytest.skip("batches run on the event loop on PostgreSQL only")
+    loop_connection = LoopConnection("test holds")
+
+    async def on_the_loop(requests: Sequence[HoldRequest]) -> list[Admission | Exception]:
+        async with loop_connection.connection() as on_loop:
+            return await abudget_reserve_many(requests=requests, connection=on_loop)
+
+    yield lambda requests: asyncio.run(on_the_loop(requests))
+    asyncio.run(loop_connection.aclose())
+
+
 def outcome_kinds(outcomes: list[Any]) -> list[str]:
     return ["held" if isinstance(o, Admission) and o.reserved_usd is not None else type(o).__name__ for o in outcomes]
 
 
-def test_admissions_of_one_moment_are_held_in_order_in_one_transaction(user) -> None:
+def test_admissions_of_one_moment_are_held_in_order_in_one_transaction(user, hold_batch: HoldBatch) -> None:
     account_quota_set(user_id=user.pk, monthly_spend_limit_usd=TEN_HOLDS, soft_threshold=Decimal("0.5"))
     requests = [request(user) for _ in range(14)]
 
-    outcomes = budget_reserve_many(requests=requests)
+    outcomes = hold_batch(requests)
 
     assert outcome_kinds(outcomes) == ["held"] * 10 + ["QuotaExceeded"] * 4
     assert [o.warning != "" for o in outcomes[:10]] == [False] * 4 + [True] * 6  # from 50% on
@@ -60,14 +86,14 @@ def test_admissions_of_one_moment_are_held_in_order_in_one_transaction(user) -> 
             assert cursor.fetchone()[0] == 1
 
 
-def test_a_batch_admits_what_one_by_one_admissions_would(user, user_factory) -> None:
+def test_a_batch_admits_what_one_by_one_admissions_would(user, user_factory, hold_batch: HoldBatch) -> None:
     alone = user_factory()
     for each in (user, alone):
         account_quota_set(user_id=each.pk, monthly_spend_limit_usd=TEN_HOLDS, daily_token_limit=9_000, soft_threshold=Decimal("0.8"))
     for each in (user, alone):  # some of the day's room is held already
         budget_reserve(user_id=each.pk, model=MODEL, upstream_model=MODEL, prompt_tokens=1000, completion_tokens=500, request_id=uuid.uuid4(), now=NOW)
 
-    batched = budget_reserve_many(requests=[request(user) for _ in range(8)])
+    batched = hold_batch([request(user) for _ in range(8)])
     one_by_one: list[Any] = []
     for _ in range(8):
         try:
@@ -81,14 +107,14 @@ def test_a_batch_admits_what_one_by_one_admissions_would(user, user_factory) -> 
     assert [getattr(o, "warning", str(o)) for o in batched] == [getattr(o, "warning", str(o)) for o in one_by_one]
 
 
-def test_a_batch_across_midnight_holds_each_call_at_its_own_instant(user, user_factory) -> None:
+def test_a_batch_across_midnight_holds_each_call_at_its_own_instant(user, user_factory, hold_batch: HoldBatch) -> None:
     alone = user_factory()
     before, after = datetime(2025, 6, 15, 23, 59, 59, 999000, tzinfo=UTC), datetime(2025, 6, 16, 0, 0, 0, 1000, tzinfo=UTC)
     for each in (user, alone):
         account_quota_set(user_id=each.pk, daily_token_limit=4_500)
     instants = [before, before, after, after, before, after, before, after]
 
-    batched = budget_reserve_many(requests=[request(user, at) for at in instants])
+    batched = hold_batch([request(user, at) for at in instants])
     one_by_one: list[Any] = []
     for at in instants:
         try:
@@ -122,6 +148,21 @@ def test_concurrent_admissions_share_batches_and_never_hold_past_the_budget(user
     assert budget_holds.batches - batches_before < 30  # admissions of one moment shared transactions
 
 
+def test_a_call_whose_hold_the_database_refuses_fails_alone(user) -> None:
+    account_quota_set(user_id=user.pk, monthly_spend_limit_usd=TEN_HOLDS)
+    taken = request(user)
+    budget_reserve(**asdict(taken))  # its request_id is held already
+    others = [request(user) for _ in range(3)]
+
+    async def admit_together() -> list[Any]:  # handed in in one turn of the loop: one batch
+        return await asyncio.gather(*(budget_holds.submit(each) for each in [others[0], taken, *others[1:]]), return_exceptions=True)
+
+    outcomes = asyncio.run(admit_together())
+
+    assert outcome_kinds(outcomes) == ["held", "IntegrityError", "held", "held"]
+    assert set(Reservation.objects.values_list("request_id", flat=True)) == {taken.request_id, *(each.request_id for each in others)}
+
+
 def _twins(user_factory: Any, limits: dict[str, Any]) -> tuple[Any, Any]:
     """Two users with the same limits and the same hold already taken: one for a batch, one alone."""
     pair = (user_factory(), user_factory())
@@ -133,7 +174,7 @@ def _twins(user_factory: Any, limits: dict[str, Any]) -> tuple[Any, Any]:
     return pair
 
 
-def test_a_batch_for_several_accounts_admits_each_as_it_would_alone(user_factory) -> None:
+def test_a_batch_for_several_accounts_admits_each_as_it_would_alone(user_factory, hold_batch: HoldBatch) -> None:
     limits = [
         {"monthly_spend_limit_usd": TEN_HOLDS},  # 9 more holds fit
         {"daily_token_limit": 6_000},  # 3 more
@@ -143,7 +184,7 @@ def test_a_batch_for_several_accounts_admits_each_as_it_would_alone(user_factory
     twins = [_twins(user_factory, each) for each in limits]
     order = [twin for _ in range(9) for twin in twins]  # the accounts' calls interleaved
 
-    batched = budget_reserve_many(requests=[request(batch_user, NOW + timedelta(milliseconds=1)) for batch_user, _ in order])
+    batched = hold_batch([request(batch_user, NOW + timedelta(milliseconds=1)) for batch_user, _ in order])
     alone: list[Any] = []
     for _, alone_user in order:
         try:
