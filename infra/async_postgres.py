@@ -85,8 +85,12 @@ class LoopConnection:
         if self._connection is None:
             parameters = connections[self.using].get_connection_params()
             parameters.pop("cursor_factory", None)  # Django's, for its sync cursors
-            async with asyncio.timeout(_connect_timeout(self.using)):
-                self._connection = await psycopg.AsyncConnection.connect(**parameters, autocommit=True)
+            timeout = _connect_timeout(self.using)
+            try:
+                async with asyncio.timeout(timeout):
+                    self._connection = await psycopg.AsyncConnection.connect(**parameters, autocommit=True)
+            except TimeoutError as error:  # raised as Django's OperationalError, as a refusal is
+                raise psycopg.OperationalError(f"no connection to the database within {timeout} s") from error
         return self._connection
 
     def _forget(self) -> None:

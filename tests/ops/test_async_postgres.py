@@ -97,6 +97,20 @@ def test_a_database_that_refuses_connections_fails_at_once_with_djangos_error(lo
     assert time.monotonic() - started < 2.0
 
 
+def test_a_database_that_does_not_answer_fails_within_the_pool_timeout_with_djangos_error(loop_connection, monkeypatch) -> None:
+    with socket.socket() as silent:  # accepts connections (the kernel's backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        monkeypatch.setitem(connection.settings_dict, "PORT", silent.getsockname()[1])
+        monkeypatch.setitem(connection.settings_dict["OPTIONS"]["pool"], "timeout", 0.3)
+        started = time.monotonic()
+
+        with pytest.raises(OperationalError, match="within 0.3 s"):
+            asyncio.run(backend_pid(loop_connection))
+
+        assert 0.3 <= time.monotonic() - started < 2.0
+
+
 def wait_for_goodbye(fileno: int) -> None:
     poller = select.poll()
     poller.register(fileno, select.POLLIN)
