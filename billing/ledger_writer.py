@@ -20,7 +20,7 @@ What a caller does with a failure, and with a row still unwritten at its deadlin
 business (`calls.call.ApiCall._write_row` puts it in the outbox, `billing.outbox`, whose
 replay writes it idempotently by `request_id`). `withdraw()` takes back a row no batch has
 taken yet, so a row given up on is not written twice; a row already in a batch being written
-cannot be taken back (a database thread cannot be cancelled): it may still commit, and the
+cannot be taken back (a batch in flight is never cancelled, only at shutdown): it may still commit, and the
 outbox's copy is then found in the ledger and not written again.
 
 One writer per process, its batches written one at a time: on PostgreSQL on the event loop, on

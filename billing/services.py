@@ -28,7 +28,9 @@ limits reserve nothing and take no lock: their calls are only priced.
 
 Every sync service has an async twin (`a` prefix) that runs it in a worker thread and then hands
 the thread's database connection back (`infra.db.release_connections`), so no request holds
-a connection for a stream's lifetime.
+a connection for a stream's lifetime. The group-committed batches are the exception on
+PostgreSQL: `abudget_reserve_many` and `ausage_records_create` run their statements on the event
+loop, on their writer's own connection (`infra.async_postgres`).
 """
 
 from __future__ import annotations
@@ -305,9 +307,10 @@ def budget_reserve_many(*, requests: Sequence[HoldRequest]) -> list[Admission | 
     return outcomes
 
 
-async def abudget_reserve_many(*, requests: Sequence[HoldRequest], connection: psycopg.AsyncConnection[Any]) -> list[Admission | Exception]:
+async def abudget_reserve_many(*, requests: Sequence[HoldRequest], on: LoopConnection) -> list[Admission | Exception]:
     """`budget_reserve_many` on a PostgreSQL connection of the event loop (`infra.async_postgres`):
-    the same statements and admissions, in one transaction of that connection.
+    the same statements and admissions, in one transaction of that connection, taken only when
+    a call needs a hold.
 
     Prices come from the cache, and those it does not have are read in a database thread. A
     batch with an account whose calls do not share one billing day and month (across midnight)
@@ -330,7 +333,7 @@ async def abudget_reserve_many(*, requests: Sequence[HoldRequest], connection: p
         return await _budget_reserve_many_in_thread(requests=requests)
     holds: list[Reservation] = []
     expired: list[tuple[int, datetime]] = []
-    async with connection.transaction():
+    async with on.connection() as connection, connection.transaction():
         accounts = await alock_rows(Account, sorted(waiting), connection=connection)
         if len(accounts) != len(waiting):
             raise Account.DoesNotExist(f"accounts {sorted(set(waiting) - {account.pk for account in accounts})} are gone")
@@ -446,8 +449,7 @@ async def _budget_reserve_batch_on_loop(requests: Sequence[HoldRequest]) -> list
     if not on_postgres():
         return await _budget_reserve_batch_in_thread(requests)
     try:
-        async with _holds_connection.connection() as connection:
-            return await abudget_reserve_many(requests=requests, connection=connection)
+        return await abudget_reserve_many(requests=requests, on=_holds_connection)
     except Exception as error:
         if (outcomes := _when_refused(requests, error)) is not None:
             return outcomes

@@ -577,7 +577,7 @@ class ApiCall:
         outbox = _outbox()
         # The row joins the process's next ledger batch (`billing.ledger_writer`). At the
         # deadline a row no batch has taken yet is taken back; one being written cannot be (a
-        # database thread cannot be cancelled): it is left to finish (the outbox owns it). Either
+        # batch in flight is never cancelled): it is left to finish (the outbox owns it). Either
         # way the row is deferred; the outbox's write is idempotent.
         writer = get_ledger_writer()
         write = writer.submit(row)

@@ -8,10 +8,12 @@ round trip is an await like any other I/O. SQLite keeps its batches in the datab
 
 A batch writer runs one batch at a time, so each has one `LoopConnection`: a psycopg
 `AsyncConnection` opened when first needed, with Django's own connection parameters (the same
-database, options, adapters and `prepare_threshold`), in autocommit (a batch opens its own
-transaction). Before each use it gets the check the threads' pool gives (`infra.postgres_pool`): a
-round trip only if the server wrote to it while it sat idle. A connection that failed or whose
-batch was cancelled is closed, and the next batch opens a new one. Opening one waits at most
+database, OPTIONS, adapters and `prepare_threshold`; not the OPTIONS Django applies itself once
+connected, `isolation_level` and `assume_role`, which the gateway does not set: the batches run
+READ COMMITTED, as Django's default), in autocommit (a batch opens its own transaction). Before
+each use it gets the check the threads' pool gives (`infra.postgres_pool`): a round trip only if
+the server wrote to it while it sat idle. A connection broken, or left mid-statement or
+mid-transaction by a batch (a cancellation), is closed, and the next batch opens a new one. Opening one waits at most
 `DATABASE_POOL_TIMEOUT` seconds, as a database step in a thread waits for a pooled connection.
 Errors are raised as Django's (`django.db.utils`), as in a thread.
 
@@ -23,6 +25,7 @@ lifespan's shutdown).
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -54,38 +57,49 @@ class LoopConnection:
         self.using = using
         self._connection: psycopg.AsyncConnection[Any] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        _all.append(self)
+        self._in_use = False
+        _all.add(self)
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        """The connection, checked and in autocommit; closed if what runs on it fails."""
-        with connections[self.using].wrap_database_errors:
-            connection = await self._usable()
-            try:
-                yield connection
-            except BaseException:
-                # A failure or a cancellation may leave it mid-statement or mid-transaction.
-                self._connection = None
-                await connection.close()
-                raise
+        """The connection, checked and in autocommit. Kept when what ran on it failed but left
+        it idle (a refused statement, its transaction rolled back); closed when it left it
+        mid-statement or mid-transaction (a cancellation), or broken."""
+        if self._in_use:
+            raise RuntimeError(f"the {self.name} connection serves one task at a time")
+        self._in_use = True
+        try:
+            with connections[self.using].wrap_database_errors:
+                connection = await self._usable()
+                try:
+                    yield connection
+                except BaseException:
+                    if connection.broken or connection.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                        self._connection = None
+                        await connection.close()
+                    raise
+        finally:
+            self._in_use = False
 
     async def _usable(self) -> psycopg.AsyncConnection[Any]:
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             self._forget()
             self._loop = loop
-        connection = self._connection
-        if connection is not None and (connection.closed or connection.broken or has_pending_input(connection)):
-            self._connection = None
+        timeout = _connect_timeout(self.using)
+        connection, self._connection = self._connection, None
+        if connection is not None and not (connection.closed or connection.broken or has_pending_input(connection)):
+            self._connection = connection
+        elif connection is not None:
             try:
-                await AsyncConnectionPool.check_connection(connection)
+                async with asyncio.timeout(timeout):
+                    await AsyncConnectionPool.check_connection(connection)
                 self._connection = connection
-            except psycopg.Error:
+            except (psycopg.Error, TimeoutError):
                 await connection.close()
         if self._connection is None:
             parameters = connections[self.using].get_connection_params()
             parameters.pop("cursor_factory", None)  # Django's, for its sync cursors
-            timeout = _connect_timeout(self.using)
             try:
                 async with asyncio.timeout(timeout):
                     self._connection = await psycopg.AsyncConnection.connect(**parameters, autocommit=True)
@@ -107,10 +121,10 @@ class LoopConnection:
             connection.pgconn.finish()
 
 
-_all: list[LoopConnection] = []
+_all: weakref.WeakSet[LoopConnection] = weakref.WeakSet()
 
 
 async def aclose_connections() -> None:
     """Close every `LoopConnection`'s connection (the lifespan's shutdown)."""
-    for each in _all:
+    for each in list(_all):
         await each.aclose()

@@ -7,8 +7,9 @@ instead runs its ORM work with `db_task`, in a few shared worker threads of its 
 connections are reused: persistent on SQLite, checked out of the pool and straight back on
 PostgreSQL. A connection that saw an error is checked before it is used again.
 
-On PostgreSQL the group-committed batches (the ledger's, the budget holds') do not come here:
-they run on the event loop (`infra.async_postgres`).
+On PostgreSQL the group-committed batches (the ledger's, the budget holds') run on the event
+loop instead (`infra.async_postgres`); only their rarer parts come here: prices not cached yet, a
+batch across midnight, the row-by-row writes of a refused batch.
 
 Those threads are not the event loop's default executor: when the database stalls, each of them
 waits for a connection (up to the pool's timeout), and the other work the gateway does in

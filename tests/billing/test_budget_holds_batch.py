@@ -60,8 +60,7 @@ def hold_batch(request: pytest.FixtureRequest) -> Iterator[HoldBatch]:
     loop_connection = LoopConnection("test holds")
 
     async def on_the_loop(requests: Sequence[HoldRequest]) -> list[Admission | Exception]:
-        async with loop_connection.connection() as on_loop:
-            return await abudget_reserve_many(requests=requests, connection=on_loop)
+        return await abudget_reserve_many(requests=requests, on=loop_connection)
 
     yield lambda requests: asyncio.run(on_the_loop(requests))
     asyncio.run(loop_connection.aclose())

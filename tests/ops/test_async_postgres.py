@@ -59,18 +59,45 @@ def test_one_connection_serves_batch_after_batch_and_one_the_server_ended_is_rep
     assert after != first
 
 
-def test_a_failed_batch_raises_djangos_error_and_the_next_gets_a_new_connection(loop_connection) -> None:
+def test_a_refused_statement_raises_djangos_error_and_the_connection_serves_the_next_batch(loop_connection) -> None:
     async def main() -> tuple[int, int]:
         before = await backend_pid(loop_connection)
         with pytest.raises(DataError):  # psycopg's DivisionByZero, as Django raises it
-            async with loop_connection.connection() as on_loop:
+            async with loop_connection.connection() as on_loop, on_loop.transaction():
                 await on_loop.execute("SELECT 1 / 0")
         return before, await backend_pid(loop_connection)
 
     before, after = asyncio.run(main())
 
+    assert after == before
+
+
+def test_a_batch_cancelled_mid_transaction_leaves_its_connection_closed(loop_connection) -> None:
+    async def main() -> tuple[int, int]:
+        before = await backend_pid(loop_connection)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2), loop_connection.connection() as on_loop:
+                await on_loop.execute("BEGIN")
+                await on_loop.execute("SELECT pg_sleep(5)")
+        return before, await backend_pid(loop_connection)
+
+    before, after = asyncio.run(main())
+
     assert after != before
+    deadline = time.monotonic() + GONE_WITHIN
+    while backends_alive(before) and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert not backends_alive(before)
+
+
+def test_the_connection_serves_one_task_at_a_time(loop_connection) -> None:
+    async def main() -> None:
+        async with loop_connection.connection():
+            with pytest.raises(RuntimeError, match="one task at a time"):
+                async with loop_connection.connection():
+                    pass
+
+    asyncio.run(main())
 
 
 def test_each_event_loop_gets_its_own_connection_and_the_old_one_is_closed(loop_connection) -> None:
