@@ -40,6 +40,7 @@ from django.db import InterfaceError, OperationalError
 from billing.services import (
     UsageRow,
     ausage_records_create,
+    failed_batch_outcomes,
     usage_record_create,
     usage_records_create,
 )
@@ -58,7 +59,7 @@ type Outcome = Decimal | BaseException
 _DATABASE_AWAY = (OperationalError, InterfaceError)
 
 
-def write_batch(rows: Sequence[UsageRow]) -> list[Outcome]:
+def write_batch(rows: Sequence[UsageRow]) -> Sequence[Outcome]:
     """Write `rows` in one transaction, or row by row if the database refuses one of them (sync, DB).
 
     Returns one outcome per row, in order.
@@ -66,12 +67,12 @@ def write_batch(rows: Sequence[UsageRow]) -> list[Outcome]:
     try:
         return [record.cost_usd for record in usage_records_create(rows=rows)]
     except Exception as error:
-        if (outcomes := _when_refused(rows, error)) is not None:
+        if (outcomes := failed_batch_outcomes(len(rows), error, items="ledger rows")) is not None:
             return outcomes
     return write_row_by_row(rows)
 
 
-async def write_batch_on_loop(rows: Sequence[UsageRow]) -> list[Outcome]:
+async def write_batch_on_loop(rows: Sequence[UsageRow]) -> Sequence[Outcome]:
     """`write_batch` on PostgreSQL: the batch's statement on the event loop
     (`infra.async_postgres`); only a batch the database refused goes to a database thread, to
     be written row by row. Elsewhere, all of `write_batch` in a database thread."""
@@ -81,20 +82,9 @@ async def write_batch_on_loop(rows: Sequence[UsageRow]) -> list[Outcome]:
         async with _connection.connection() as connection:
             return [record.cost_usd for record in await ausage_records_create(rows=rows, connection=connection)]
     except Exception as error:
-        if (outcomes := _when_refused(rows, error)) is not None:
+        if (outcomes := failed_batch_outcomes(len(rows), error, items="ledger rows")) is not None:
             return outcomes
     return await _write_row_by_row_in_thread(rows)
-
-
-def _when_refused(rows: Sequence[UsageRow], error: Exception) -> list[Outcome] | None:
-    """The outcomes of a batch whose write raised `error`, or None when it is to be written row
-    by row (a row's own fault: find it, write the others)."""
-    if isinstance(error, _DATABASE_AWAY):
-        return [error] * len(rows)
-    if len(rows) == 1:
-        return [error]
-    logger.info("a ledger batch of %d rows was refused (%s: %s); writing it row by row", len(rows), type(error).__name__, error)
-    return None
 
 
 def write_row_by_row(rows: Sequence[UsageRow]) -> list[Outcome]:

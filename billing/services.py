@@ -430,19 +430,19 @@ def _hold(account: Account, request: HoldRequest, unheld: Admission, usage: Peri
     return hold, admission
 
 
-def _budget_reserve_batch(requests: Sequence[HoldRequest]) -> list[Admission | Exception]:
+def _budget_reserve_batch(requests: Sequence[HoldRequest]) -> Sequence[Admission | Exception]:
     """`budget_reserve_many`, or one by one if a call's hold is refused by the database (a
     `request_id` held already, say), so that call alone fails; a database that is away fails
     every call at once."""
     try:
         return budget_reserve_many(requests=requests)
     except Exception as error:
-        if (outcomes := _when_refused(requests, error)) is not None:
+        if (outcomes := failed_batch_outcomes(len(requests), error, items="budget holds")) is not None:
             return outcomes
     return _hold_one_by_one(requests)
 
 
-async def _budget_reserve_batch_on_loop(requests: Sequence[HoldRequest]) -> list[Admission | Exception]:
+async def _budget_reserve_batch_on_loop(requests: Sequence[HoldRequest]) -> Sequence[Admission | Exception]:
     """`_budget_reserve_batch` on PostgreSQL: the batch's transaction on the event loop
     (`infra.async_postgres`), and only a batch the database refused held one by one in a database
     thread. Elsewhere, all of `_budget_reserve_batch` in a database thread."""
@@ -451,19 +451,21 @@ async def _budget_reserve_batch_on_loop(requests: Sequence[HoldRequest]) -> list
     try:
         return await abudget_reserve_many(requests=requests, on=_holds_connection)
     except Exception as error:
-        if (outcomes := _when_refused(requests, error)) is not None:
+        if (outcomes := failed_batch_outcomes(len(requests), error, items="budget holds")) is not None:
             return outcomes
     return await _hold_one_by_one_in_thread(requests)
 
 
-def _when_refused(requests: Sequence[HoldRequest], error: Exception) -> list[Admission | Exception] | None:
-    """The outcomes of a batch whose holding raised `error`, or None when its calls are to be held
-    one by one (a call's own fault: find it, hold the others)."""
+def failed_batch_outcomes(size: int, error: Exception, *, items: str) -> Sequence[Exception] | None:
+    """The outcomes of a batch of `size` `items` whose write raised `error`: each item fails with it
+    when the database is away (`OperationalError`, `InterfaceError`: none waits its turn to fail
+    again) or the batch is of one; None when its items are to be written one by one (a refusal
+    for one item's sake: find it, write the others). The ledger's batches and the holds' alike."""
     if isinstance(error, (OperationalError, InterfaceError)):
-        return [error] * len(requests)
-    if len(requests) == 1:
+        return [error] * size
+    if size == 1:
         return [error]
-    logger.info("a batch of %d budget holds was refused (%s: %s); holding one by one", len(requests), type(error).__name__, error)
+    logger.info("a batch of %d %s was refused (%s: %s); writing them one by one", size, items, type(error).__name__, error)
     return None
 
 

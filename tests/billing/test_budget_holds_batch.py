@@ -48,15 +48,17 @@ def request(user: Any, at: datetime = NOW) -> HoldRequest:
 type HoldBatch = Callable[[Sequence[HoldRequest]], list[Admission | Exception]]
 
 
-@pytest.fixture(params=["in a database thread", "on the event loop"])
+# Batches run on the event loop on PostgreSQL only.
+HOLD_BATCH_WAYS = ["in a database thread", *(["on the event loop"] if connection.vendor == "postgresql" else [])]
+
+
+@pytest.fixture(params=HOLD_BATCH_WAYS)
 def hold_batch(request: pytest.FixtureRequest) -> Iterator[HoldBatch]:
     """A batch of holds as the process writes it: `budget_reserve_many` in a database thread (any
     database), or `abudget_reserve_many` on a connection of the event loop (PostgreSQL)."""
     if request.param == "in a database thread":
         yield lambda requests: budget_reserve_many(requests=requests)
         return
-    if connection.vendor != "postgresql":
-        pytest.skip("batches run on the event loop on PostgreSQL only")
     loop_connection = LoopConnection("test holds")
 
     async def on_the_loop(requests: Sequence[HoldRequest]) -> list[Admission | Exception]:
